@@ -1,0 +1,90 @@
+"""The library's front: `Index` opens an index folder to add documents, search and ask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ragkit import store
+from ragkit.config import MODES, Settings, load_settings
+from ragkit.errors import ConfigError
+from ragkit.indexer import IndexReport, build_index
+from ragkit.progress import Progress, silent
+
+
+class Index:
+    """An index folder.
+
+    >>> idx = Index("/tmp/no-such-ragkit-index")
+    >>> idx.exists()
+    False
+    """
+
+    def __init__(self, path: str | Path | None = None, settings: Settings | None = None, **overrides: Any) -> None:
+        base = settings or load_settings()
+        self.settings = base.replace(**overrides)
+        self.path = Path(path if path is not None else self.settings.index).expanduser().resolve()
+        self._searcher = None
+
+    def exists(self) -> bool:
+        return (self.path / store.CURRENT).is_file()
+
+    def add(self, folder: str | Path, progress: Progress = silent, rebuild: bool = False) -> IndexReport:
+        """Index `folder` (incrementally: only new and changed files are parsed and encoded)."""
+        report = build_index(Path(folder), self.path, self.settings, progress=progress, rebuild=rebuild)
+        self._searcher = None
+        return report
+
+    def search(self, query: str, k: int | None = None, mode: str | None = None) -> list:
+        """The top `k` hits for `query` (mode: dense, bm25 or hybrid)."""
+        return self.searcher.search(query, k or self.settings.k, self._mode(mode))
+
+    def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None) -> list[list]:
+        """`search` for many queries at once (encoded in one batch)."""
+        return self.searcher.search_many(queries, k or self.settings.k, self._mode(mode))
+
+    def ask(self, question: str, k: int | None = None, mode: str | None = None):
+        """An extractive answer to `question` with numbered citations."""
+        from ragkit.readers.extractive import ExtractiveReader
+
+        mode = self._mode(mode)
+        hits = self.search(question, k or min(self.settings.k, 5), mode)
+        encoder = self.searcher.encoder if mode != "bm25" else None
+        return ExtractiveReader(encoder, self.settings.answer_sentences).answer(question, hits)
+
+    def status(self) -> dict[str, Any]:
+        """Files, chunks, tokens, models, size on disk and the last run of the index."""
+        generation = store.current_generation(self.path)
+        manifest = store.read_manifest(generation)
+        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return {
+            "index": str(self.path),
+            "root": manifest["root"],
+            "generation": manifest["generation"],
+            "created": manifest["created"],
+            "files": manifest["stats"]["files"],
+            "chunks": manifest["stats"]["chunks"],
+            "tokens": manifest["stats"]["tokens"],
+            "models": manifest["models"],
+            "settings": manifest["settings"],
+            "skipped": manifest["skipped"],
+            "size_bytes": size,
+            "last_run": manifest["last_run"],
+        }
+
+    @property
+    def searcher(self):
+        """The searcher of the live generation (reopened when another run has switched it)."""
+        from ragkit.retrieve import Searcher
+
+        generation = store.current_generation(self.path)
+        if self._searcher is None or self._searcher.generation != generation:
+            previous = self._searcher._encoder if self._searcher is not None else None
+            self._searcher = Searcher(generation, self.settings, encoder=previous)
+        return self._searcher
+
+    def _mode(self, mode: str | None) -> str:
+        mode = mode or self.settings.mode
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        return mode

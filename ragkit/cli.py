@@ -1,0 +1,219 @@
+"""The `ragkit` command: parses flags, calls the library, renders results with Rich. Nothing heavy at import."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    help="Local-first search and question answering over folders of long documents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | hybrid [default: hybrid].")]
+KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits.", min=1)]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+@contextmanager
+def _user_errors(as_json: bool) -> Iterator[None]:
+    """Print a RagkitError as one clear message (or a JSON error object) and exit 1; no traceback."""
+    from ragkit.errors import RagkitError
+
+    try:
+        yield
+    except RagkitError as e:
+        if as_json:
+            print(json.dumps({"error": str(e)}))
+        err.print(f"[bold red]Error:[/] {escape(str(e))}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted.[/] The index is as it was before this run.")
+        raise typer.Exit(130) from None
+
+
+def _open(index: Optional[Path], **overrides: Any):
+    from ragkit.api import Index
+    from ragkit.config import load_settings
+
+    settings = load_settings(index=str(index) if index else None, **overrides)
+    return Index(settings.index, settings)
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+@app.command()
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of documents to index.")],
+    index: IndexOpt = None,
+    dense_model: Annotated[Optional[str], typer.Option(help="sentence-transformers model id or local path.")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help="Largest chunk in tokens (bounded by the model).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, … [default: auto].")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-encode everything from scratch.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Index a folder (incremental: only new and changed files are encoded)."""
+    with _user_errors(as_json):
+        idx = _open(index, dense_model=dense_model, chunk_tokens=chunk_tokens, device=device)
+        with _progress_bar(enabled=not as_json) as progress:
+            report = idx.add(folder, progress=progress, rebuild=rebuild)
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            _render_index_report(report, idx.path)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    index: IndexOpt = None,
+    k: KOpt = None,
+    mode: ModeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search the index and list the best chunks."""
+    with _user_errors(as_json):
+        idx = _open(index, mode=mode, k=k)
+        hits = idx.search(query)
+        if as_json:
+            _print_json({"hits": [h.to_json() for h in hits]})
+            return
+        table = Table("#", "score", "where", "snippet", show_lines=True)
+        for rank, hit in enumerate(hits, start=1):
+            table.add_row(str(rank), f"{hit.score:.4f}", escape(_where(hit.chunk)), escape(_snippet(hit.chunk.text)))
+        out.print(table if hits else "[yellow]No hits.[/]")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="A question about the indexed documents.")],
+    index: IndexOpt = None,
+    k: KOpt = None,
+    mode: ModeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a question from the indexed documents, with citations."""
+    with _user_errors(as_json):
+        idx = _open(index, mode=mode)
+        answer = idx.ask(question, k=k)
+        if as_json:
+            _print_json(answer.to_json())
+            return
+        out.print(escape(answer.answer), soft_wrap=True)
+        if answer.citations:
+            out.print()
+        for n, c in enumerate(answer.citations, start=1):
+            page = f" p.{c.page}" if c.page else ""
+            lines = f"{c.start_line}" if c.start_line == c.end_line else f"{c.start_line}-{c.end_line}"
+            out.print(f"[bold][{n}][/] [cyan]{escape(c.hit.chunk.path)}{page}:{lines}[/]"
+                      + (f"  [dim]{escape(c.hit.chunk.heading)}[/]" if c.hit.chunk.heading else ""))
+
+
+@app.command()
+def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+    """Show what the index holds."""
+    with _user_errors(as_json):
+        info = _open(index).status()
+        if as_json:
+            _print_json(info)
+            return
+        table = Table(show_header=False, box=None)
+        dense = info["models"]["dense"]
+        rows = [
+            ("index", info["index"]),
+            ("folder", info["root"]),
+            ("files", f"{info['files']:,}"),
+            ("chunks", f"{info['chunks']:,}"),
+            ("tokens", f"{info['tokens']:,}"),
+            ("dense model", f"{dense['model']} ({dense['dim']}-d, ≤{dense['max_tokens']} tokens)"),
+            ("skipped files", str(len(info["skipped"]))),
+            ("size on disk", _human_bytes(info["size_bytes"])),
+            ("last run", f"{info['created']} ({_run_summary(info['last_run'])})"),
+        ]
+        for key, value in rows:
+            table.add_row(f"[bold]{key}[/]", escape(value))
+        out.print(table)
+
+
+def _render_index_report(report, index_path: Path) -> None:
+    if report.rebuilt:
+        err.print(f"[yellow]Rebuilt every file:[/] {escape(report.rebuilt)}")
+    out.print(f"[bold green]Indexed[/] into {escape(str(index_path))}: {_run_summary(report.to_json())}, "
+              f"{report.chunks:,} chunks in total ({report.seconds:.1f} s)")
+    if report.encoded_tokens and report.seconds:
+        out.print(f"Encoded {report.encoded_chunks:,} chunks, {report.encoded_tokens:,} tokens.")
+    if report.skipped:
+        table = Table("skipped file", "reason", title=f"{len(report.skipped)} skipped", title_justify="left")
+        for s in report.skipped:
+            table.add_row(escape(s.path), escape(s.reason))
+        out.print(table)
+
+
+def _run_summary(run: dict[str, Any]) -> str:
+    return ", ".join(f"{run.get(key, 0)} {key}" for key in ("added", "updated", "removed", "unchanged"))
+
+
+@contextmanager
+def _progress_bar(enabled: bool):
+    """A Rich progress bar on stderr fed by the library's progress events."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not enabled or not err.is_terminal:
+        yield lambda event: None
+        return
+    columns = [TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(event) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=event.total, rate="")
+            task_id = tasks[event.stage]
+            elapsed = bar.tasks[task_id].elapsed or 0.0
+            rate = f"{event.done / elapsed:,.1f} chunks/s" if event.stage == "encode" and elapsed > 0 else ""
+            bar.update(task_id, completed=event.done, total=event.total, rate=rate)
+
+        yield update
+
+
+def _where(chunk) -> str:
+    page = f" p.{chunk.page}" if chunk.page else ""
+    return f"{chunk.path}{page}:{chunk.start_line}-{chunk.end_line}" + (f"\n{chunk.heading}" if chunk.heading else "")
+
+
+def _snippet(text: str, limit: int = 240) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

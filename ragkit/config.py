@@ -1,0 +1,112 @@
+"""One settings object, layered: defaults ← ragkit.toml / [tool.ragkit] ← RAGKIT_* env ← flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ragkit.errors import ConfigError
+
+MODES = ("dense", "bm25", "hybrid")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of ragkit, with its default."""
+
+    index: str = ".ragkit"  # index folder
+    dense_model: str = "Alibaba-NLP/gte-modernbert-base"  # sentence-transformers id or local path
+    chunk_tokens: int = 8192  # upper bound; the encoder's own maximum also bounds it
+    encode_batch_tokens: int = 16384  # padded tokens per encoder batch (batches are length-sorted)
+    max_file_mb: float = 50.0  # files above this size are skipped and reported
+    device: str | None = None  # "cpu", "cuda", …; None lets torch choose
+    mode: str = "hybrid"  # default retrieval mode: dense | bm25 | hybrid
+    k: int = 10  # hits returned by search
+    rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+    candidates: int = 100  # candidates per retriever before fusion
+    dense_exact_max: int = 100_000  # exact FAISS search up to this many chunks, HNSW beyond
+    answer_sentences: int = 3  # evidence sentences in an extractive answer
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with the non-None `changes` applied and validated."""
+        applied = {k: v for k, v in changes.items() if v is not None}
+        return _validated(dataclasses.replace(self, **_coerce(applied)))
+
+
+def load_settings(cwd: Path | None = None, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+    """Settings from files in `cwd`, then RAGKIT_* variables in `env`, then non-None `flags`."""
+    cwd = cwd or Path.cwd()
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    values.update(_from_files(cwd))
+    values.update(_from_env(env))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return _validated(Settings(**_coerce(values)))
+
+
+def _from_files(cwd: Path) -> dict[str, Any]:
+    toml_file = cwd / "ragkit.toml"
+    if toml_file.is_file():
+        return _read_toml(toml_file)
+    pyproject = cwd / "pyproject.toml"
+    if pyproject.is_file():
+        return _read_toml(pyproject).get("tool", {}).get("ragkit", {})
+    return {}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if path.name == "ragkit.toml":
+        return {k.replace("-", "_"): v for k, v in data.items()}
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    names = {f.name for f in fields(Settings)}
+    out = {}
+    for key, value in env.items():
+        if key.startswith("RAGKIT_") and key[7:].lower() in names:
+            out[key[7:].lower()] = value
+    return out
+
+
+def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert strings from files and the environment to each field's type."""
+    types = {f.name: f.type for f in fields(Settings)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(types))})")
+        kind = types[key]
+        try:
+            if "int" in kind and not isinstance(value, int):
+                value = int(value)
+            elif "float" in kind and not isinstance(value, (int, float)):
+                value = float(value)
+            elif kind.startswith("str") and isinstance(value, Path):
+                value = str(value)
+        except ValueError:
+            raise ConfigError(f"setting '{key}' expects a number, got {value!r}") from None
+        out[key] = value
+    return out
+
+
+def _validated(settings: Settings) -> Settings:
+    if settings.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
+    for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"setting '{name}' must be at least 1")
+    if settings.chunk_tokens < 16:
+        raise ConfigError("chunk_tokens must be at least 16")
+    if settings.max_file_mb <= 0:
+        raise ConfigError("max_file_mb must be positive")
+    return settings

@@ -1,0 +1,1 @@
+"""Encoders turn text into vectors."""

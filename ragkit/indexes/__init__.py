@@ -1,0 +1,1 @@
+"""Search structures over the rows of a generation's chunk table."""

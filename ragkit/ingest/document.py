@@ -1,0 +1,102 @@
+"""The shapes that flow through ingestion: a source file, its parsed text and its chunks."""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file found under the indexed folder."""
+
+    path: Path  # absolute path on disk
+    rel: str  # path relative to the indexed folder, with forward slashes
+    size: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not indexed, and why."""
+
+    path: str  # relative to the indexed folder
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heading:
+    """A heading that starts at `start` (a char offset into the document text)."""
+
+    start: int
+    level: int  # 1 = top level
+    title: str
+
+
+@dataclass
+class ParsedDocument:
+    """Plain text of one file plus the structure needed for citations.
+
+    `pages` holds the char offset where each page starts (PDF only, page 1 first);
+    `headings` is sorted by offset.
+    """
+
+    text: str
+    headings: list[Heading] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._line_starts = [0] + [m.end() for m in re.finditer("\n", self.text)]
+
+    def line_at(self, offset: int) -> int:
+        """1-based line number of the char at `offset` (relative to its page for PDFs)."""
+        line = bisect.bisect_right(self._line_starts, offset)
+        page = self.page_at(offset)
+        if page is None:
+            return line
+        page_first_line = bisect.bisect_right(self._line_starts, self.pages[page - 1])
+        return line - page_first_line + 1
+
+    def page_at(self, offset: int) -> int | None:
+        """1-based page number of the char at `offset`, or None for documents without pages."""
+        if not self.pages:
+            return None
+        return max(1, bisect.bisect_right(self.pages, offset))
+
+    def heading_path(self, offset: int) -> str:
+        """The headings enclosing `offset`, outermost first, joined with ' > '."""
+        stack: list[Heading] = []
+        for heading in self.headings:
+            if heading.start > offset:
+                break
+            while stack and stack[-1].level >= heading.level:
+                stack.pop()
+            stack.append(heading)
+        return " > ".join(h.title for h in stack)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A span of a document small enough for the encoder, with its provenance."""
+
+    path: str  # relative to the indexed folder
+    ordinal: int  # position of the chunk within its file
+    text: str
+    char_start: int
+    char_end: int
+    start_line: int  # 1-based, inclusive
+    end_line: int  # 1-based, inclusive
+    page: int | None
+    end_page: int | None
+    heading: str
+    n_tokens: int
+    page_breaks: tuple[int, ...] = ()  # offsets into `text` where a new page starts (PDF)
+
+    def locate(self, offset: int) -> tuple[int, int | None]:
+        """(line, page) of the char at `offset` into `text`; lines count from the page start for PDFs."""
+        page_index = bisect.bisect_right(self.page_breaks, offset)
+        if page_index == 0:
+            return self.start_line + self.text.count("\n", 0, offset), self.page
+        line_base = self.page_breaks[page_index - 1]
+        return 1 + self.text.count("\n", line_base, offset), (self.page or 1) + page_index

@@ -1,0 +1,64 @@
+"""Naming and loading models: Hugging Face ids or local folders, with one clear message on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ragkit.errors import ModelLoadError
+
+T = TypeVar("T")
+
+
+def resolve_model_name(name: str) -> str:
+    """An existing local path becomes absolute (a relative one would be taken for a hub id)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return name
+
+
+def load_model(kind: str, name: str, loader: Callable[[str], T]) -> T:
+    """Call `loader` on the resolved name; turn any failure into a ModelLoadError that says what to do."""
+    resolved = resolve_model_name(name)
+    try:
+        return loader(resolved)
+    except Exception as e:  # loaders raise OSError, ValueError, HF errors, …: all mean "cannot load"
+        raise ModelLoadError(_load_failure_message(kind, name, e)) from None
+
+
+def _load_failure_message(kind: str, name: str, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    local = Path(name).expanduser().exists()
+    lines = [f"Could not load the {kind} model '{name}': {reason[:300]}"]
+    if local:
+        lines.append("The folder exists but does not hold a model that loads; check that it is complete.")
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        where = "it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else (
+            "it could not be found locally or downloaded")
+        lines.append(f"'{name}' is not a local folder and {where}.")
+        lines.append(
+            f"Point ragkit at a local copy: --{kind}-model /path/to/model "
+            f"(or RAGKIT_{kind.upper()}_MODEL, or {kind}_model in ragkit.toml).")
+    return "\n".join(lines)
+
+
+def model_revision(name: str) -> str:
+    """A short id of the weights behind `name`: the hub snapshot it resolves to, or a hash of the local folder."""
+    path = Path(name)
+    if path.is_dir():
+        digest = hashlib.blake2b(digest_size=8)
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an id the hub client rejects has no cached snapshot either
+        return "unknown"
+    return Path(cached).parent.name if isinstance(cached, str) else "unknown"

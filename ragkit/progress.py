@@ -1,0 +1,23 @@
+"""Progress reporting: the library calls a callback; the CLI renders it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """`done` of `total` units of `stage` ("scan", "parse", "encode", "write") are finished."""
+
+    stage: str
+    done: int
+    total: int
+    tokens: int = 0  # tokens encoded so far (encode stage)
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+def silent(event: ProgressEvent) -> None:
+    """A progress callback that ignores every event."""

@@ -1,0 +1,1 @@
+"""Readers turn retrieved hits into answers."""
