@@ -1,0 +1,499 @@
+"""Turn one file into a ParsedDocument: plain text plus headings and pages for citations.
+
+Every parser keeps char offsets meaningful: for text formats (Markdown, reST, code, plain text)
+the document text is the decoded file itself, so offsets and line numbers map to the file's own
+lines. HTML, PDF and DOCX are rendered to plain text first and their structure is recorded
+against that rendering.
+
+Anything that should be skipped (unreadable, binary, empty, corrupt, encrypted) raises
+ParseError with a short reason for the user.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ragkit.ingest.document import Heading, ParsedDocument
+
+if TYPE_CHECKING:
+    from bs4 import Tag
+    from markdown_it.token import Token
+    from pypdf import PdfReader
+
+
+class ParseError(Exception):
+    """A file that cannot be indexed; `reason` is a short message shown to the user."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_TEXT_SUFFIXES = (
+    ".txt .js .jsx .ts .tsx .java .kt .scala .go .rs .c .h .cc .cpp .hpp .cs .rb .php .swift .m"
+    " .sh .bash .zsh .sql .r .lua .pl .hs .ml .ex .exs .erl .clj .jl .dart .vue .css .scss"
+    " .json .yaml .yml .toml .ini .cfg .xml .csv .tsv .tex .org .adoc .log"
+).split()
+_KINDS = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".rst": "rst",
+    ".py": "python",
+    ".pyi": "python",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+    ".docx": "docx",
+} | dict.fromkeys(_TEXT_SUFFIXES, "text")
+_TEXT_NAMES = frozenset({"makefile", "dockerfile", "readme", "license", "changelog"})
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE, whose BOM is its prefix
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_MAX_MESSAGE = 100  # chars of a library's error message kept in a reason
+_SAMPLE = 65536  # chars of a legacy-encoded file judged when choosing its encoding
+
+
+def _kind(path: Path) -> str | None:
+    """The parser name for `path`, or None if the type is not supported."""
+    suffix = path.suffix.lower()
+    if not suffix and path.name.lower() in _TEXT_NAMES:
+        return "text"
+    return _KINDS.get(suffix)
+
+
+def is_supported(path: Path) -> bool:
+    """True if ragkit can parse a file with this name.
+
+    >>> is_supported(Path("notes.MD")), is_supported(Path("Makefile")), is_supported(Path("a.png"))
+    (True, True, False)
+    """
+    return _kind(path) is not None
+
+
+def unsupported_reason(path: Path) -> str:
+    """The reason shown for a file whose type is not supported.
+
+    >>> unsupported_reason(Path("photo.PNG")), unsupported_reason(Path("data"))
+    ('unsupported file type .png', 'unsupported file type')
+    """
+    suffix = path.suffix.lower()
+    return f"unsupported file type {suffix}" if suffix else "unsupported file type"
+
+
+def parse_file(path: Path) -> ParsedDocument:
+    """Read and parse one file; raise ParseError if it should be skipped."""
+    kind = _kind(path)
+    if kind is None:
+        raise ParseError(unsupported_reason(path))
+    return _PARSERS[kind](_read_bytes(path))
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise ParseError("permission denied") from None
+    except OSError as e:
+        raise ParseError(f"unreadable: {e.strerror or e}") from None
+
+
+def _short(error: BaseException) -> str:
+    """A one-line, bounded description of a library error."""
+    lines = str(error).strip().strip("\"'").splitlines()  # KeyError quotes its message
+    message = lines[0] if lines else type(error).__name__
+    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
+
+
+def _normalize_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoding
+
+
+def decode_text(data: bytes) -> str:
+    r"""Decode file bytes to text with "\n" newlines; raise ParseError for binary or empty data.
+
+    >>> decode_text(b"caf\xe9\r\nna\xefve\rend")
+    'café\nnaïve\nend'
+    """
+    text = _normalize_newlines(_decode(data))
+    if not text.strip():
+        raise ParseError("empty file")
+    return text
+
+
+def _decode(data: bytes) -> str:
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding, errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if b"\x00" in data[:8192]:
+        raise ParseError("binary content")
+    return _guess_decode(data)
+
+
+def _guess_decode(data: bytes) -> str:
+    """charset_normalizer's best guess, but Windows-1252 wins whenever it reads no worse.
+
+    On short Western European text the guesser often picks a rarer code page (cp1250,
+    mac_turkish, even UTF-16), and Windows-1252 (a superset of Latin-1's printable range)
+    is by far the most common legacy encoding.
+    """
+    import charset_normalizer
+    from charset_normalizer.md import mess_ratio
+
+    best = charset_normalizer.from_bytes(data).best()
+    try:
+        western = data.decode("cp1252")
+    except UnicodeDecodeError:
+        western = None
+    if western is not None and (best is None or mess_ratio(western[:_SAMPLE], 1.0) <= best.chaos):
+        return western
+    return str(best) if best is not None else data.decode("latin-1")
+
+
+def _parse_text(data: bytes) -> ParsedDocument:
+    return ParsedDocument(decode_text(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown and reStructuredText: the text is the source, headings point at their lines
+
+
+def _line_starts(text: str) -> list[int]:
+    return [0] + [m.end() for m in re.finditer("\n", text)]
+
+
+def _parse_markdown(data: bytes) -> ParsedDocument:
+    from markdown_it import MarkdownIt
+
+    text = decode_text(data)
+    starts = _line_starts(text)
+    tokens = MarkdownIt("commonmark").parse(text)
+    headings = []
+    for token, inline in zip(tokens, tokens[1:]):
+        if token.type != "heading_open" or token.map is None:
+            continue
+        title = _inline_text(inline.children or [])
+        if title:
+            headings.append(Heading(starts[token.map[0]], int(token.tag[1:]), title))
+    return ParsedDocument(text, headings)
+
+
+def _inline_text(children: Iterable[Token]) -> str:
+    """Plain text of a markdown-it inline token's children (markup dropped)."""
+    parts = []
+    for child in children:
+        if child.type in ("text", "code_inline"):
+            parts.append(child.content)
+        elif child.type in ("softbreak", "hardbreak"):
+            parts.append(" ")
+        elif child.children:
+            parts.append(_inline_text(child.children))
+    return " ".join("".join(parts).split())
+
+
+_RST_ADORNMENT = re.compile(r"""([=\-~^"'`#*+:._])\1+""")
+
+
+def _parse_rst(data: bytes) -> ParsedDocument:
+    """Section titles are levelled by the order in which their adornment styles first appear."""
+    text = decode_text(data)
+    styles: list[tuple[str, bool]] = []
+    headings = []
+    for start, title, style in _rst_titles(text.split("\n"), _line_starts(text)):
+        if style not in styles:
+            styles.append(style)
+        headings.append(Heading(start, styles.index(style) + 1, title))
+    return ParsedDocument(text, headings)
+
+
+def _rst_titles(lines: list[str], starts: list[int]) -> Iterator[tuple[int, str, tuple[str, bool]]]:
+    """Yield (start offset, title, (adornment char, has overline)) for each section title."""
+    for i, (line, under) in enumerate(zip(lines, lines[1:])):
+        title, under = line.strip(), under.rstrip()
+        if not title or not _RST_ADORNMENT.fullmatch(under) or len(under) < len(title):
+            continue
+        if _RST_ADORNMENT.fullmatch(line.rstrip()):
+            continue  # an overline or a transition, not a title
+        above = lines[i - 1].rstrip() if i else ""
+        has_overline = above == under
+        if has_overline or (not above and not line[0].isspace()):
+            first = i - 1 if has_overline else i
+            yield starts[first], title, (under[0], has_overline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python: top-level classes and functions, and the methods of top-level classes
+
+_PY_DEF = re.compile(r"([ \t]*)(class|def|async[ \t]+def)[ \t]+(\w+)")
+
+
+def _parse_python(data: bytes) -> ParsedDocument:
+    text = decode_text(data)
+    return ParsedDocument(text, _python_headings(text))
+
+
+def _python_headings(text: str) -> list[Heading]:
+    """Level 1: top-level `class`/`def`; level 2: methods directly inside a top-level class."""
+    headings = []
+    in_class = False
+    method_indent = ""
+    offset = 0
+    for line in text.split("\n"):
+        match = _PY_DEF.match(line)
+        if match:
+            indent, keyword, name = match.groups()
+            title = f"{' '.join(keyword.split())} {name}"
+            if not indent:
+                headings.append(Heading(offset, 1, title))
+                in_class, method_indent = keyword == "class", ""
+            elif in_class and keyword != "class" and indent == (method_indent or indent):
+                method_indent = indent
+                headings.append(Heading(offset + len(indent), 2, title))
+        elif line[:1].isalpha() or line[:1] == "_":
+            in_class = False  # other top-level code ends the class body
+        offset += len(line) + 1
+    return headings
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML: rendered to plain text; blocks are separated by blank lines, list items and table rows
+# by single newlines, table cells by " | "
+
+_HTML_DROP = ["script", "style", "noscript", "template", "head", "title"]
+_HTML_BLOCKS = frozenset(
+    "address article aside blockquote body caption dd details dialog div dl dt fieldset"
+    " figcaption figure footer form header hr html legend main nav ol p section summary"
+    " table tbody tfoot thead ul".split()
+)
+_HTML_LINES = frozenset({"li", "tr"})
+_HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
+_HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
+
+
+class _TextBuilder:
+    """Accumulates rendered text; separators are written lazily, only between two pieces of text."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.block_break = ""  # pending "\n" or "\n\n"
+        self.inline_break = ""  # pending " " or " | "
+
+    def write(self, chunk: str) -> int:
+        """Append `chunk` after any pending separator; return the offset where it starts."""
+        if self.parts:
+            self._append(self.block_break or self.inline_break)
+        self.block_break = self.inline_break = ""
+        start = self.length
+        self._append(chunk)
+        return start
+
+    def inline_text(self, raw: str) -> None:
+        """Append text with whitespace collapsed as a browser would."""
+        collapsed = _HTML_SPACE.sub(" ", raw)
+        if collapsed.startswith(" ") and not self.inline_break:
+            self.inline_break = " "
+        if collapsed.strip(" "):
+            self.write(collapsed.strip(" "))
+            self.inline_break = " " if collapsed.endswith(" ") else ""
+
+    def end_cell(self) -> None:
+        self.inline_break = " | "
+
+    def end_block(self, separator: str = "\n\n") -> None:
+        if len(separator) > len(self.block_break):
+            self.block_break = separator
+        self.inline_break = ""
+
+    def line_break(self) -> None:
+        self.block_break = (self.block_break + "\n")[:2]
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def _append(self, chunk: str) -> None:
+        self.parts.append(chunk)
+        self.length += len(chunk)
+
+
+def _parse_html(data: bytes) -> ParsedDocument:
+    """Render HTML to text. The <title> becomes a level-1 heading at offset 0 when there is no <h1>."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(decode_text(data), "html.parser")
+    title = " ".join(soup.title.get_text(" ").split()) if soup.title else ""
+    for tag in soup.find_all(_HTML_DROP):
+        tag.decompose()
+    builder = _TextBuilder()
+    headings = _render_html(soup, builder)
+    if not builder.parts:
+        raise ParseError("no extractable text")
+    if title and not any(h.level == 1 for h in headings):
+        headings.insert(0, Heading(0, 1, title))
+    return ParsedDocument(builder.text(), headings)
+
+
+def _render_html(root: Tag, builder: _TextBuilder) -> list[Heading]:
+    """Walk the tree with an explicit stack (pages can nest deeper than Python's recursion limit).
+
+    The stack holds nodes still to visit and callbacks that close the elements being visited.
+    """
+    from bs4 import NavigableString, Tag
+    from bs4.element import PreformattedString
+
+    headings: list[Heading] = []
+    stack: list[Any] = list(reversed(root.contents))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Tag):
+            if node.name in _HTML_HEADINGS or node.name == "pre":
+                _render_atomic(node, builder, headings)
+            else:
+                stack.extend(_html_closer(node.name, builder))
+                stack.extend(reversed(node.contents))
+        elif isinstance(node, PreformattedString):
+            continue  # comments, doctypes, CDATA, processing instructions
+        elif isinstance(node, NavigableString):
+            builder.inline_text(str(node))
+        else:
+            node()
+    return headings
+
+
+def _html_closer(name: str, builder: _TextBuilder) -> list[Callable[[], None]]:
+    """Open element `name`; return the callback (if any) that closes it."""
+    if name == "br":
+        builder.line_break()
+    elif name in ("td", "th"):
+        return [builder.end_cell]
+    elif name in _HTML_BLOCKS or name in _HTML_LINES:
+        separator = "\n" if name in _HTML_LINES else "\n\n"
+        builder.end_block(separator)
+        return [lambda: builder.end_block(separator)]
+    return []
+
+
+def _render_atomic(node: Tag, builder: _TextBuilder, headings: list[Heading]) -> None:
+    """A heading (collapsed, recorded) or a <pre> block (verbatim) as a block of its own."""
+    builder.end_block()
+    content = node.get_text()
+    if node.name == "pre":
+        content = content.removeprefix("\n").rstrip()
+    else:
+        content = " ".join(content.split())
+    if content.strip():
+        start = builder.write(content)
+        if node.name != "pre":
+            headings.append(Heading(start, int(node.name[1]), content))
+    builder.end_block()
+
+
+# ---------------------------------------------------------------------------------------------
+# PDF: page texts joined by blank lines; `pages` records where each page starts
+
+
+def _parse_pdf(data: bytes) -> ParsedDocument:
+    reader = _open_pdf(data)
+    try:
+        texts = [_normalize_newlines(page.extract_text() or "") for page in reader.pages]
+    except Exception as e:  # pypdf raises many kinds of errors on damaged files
+        raise ParseError(f"corrupt PDF: {_short(e)}") from None
+    if not any(text.strip() for text in texts):
+        raise ParseError("no extractable text (scanned PDF?)")
+    pages = []
+    offset = 0
+    for text in texts:
+        pages.append(offset)
+        offset += len(text) + 2
+    return ParsedDocument("\n\n".join(texts), pages=pages)
+
+
+def _open_pdf(data: bytes) -> PdfReader:
+    """A pypdf reader, decrypted with the empty password when the file is encrypted."""
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        readable = not reader.is_encrypted or reader.decrypt("")
+    except DependencyError as e:  # e.g. AES without the `cryptography` package
+        raise ParseError(f"encrypted PDF ({_short(e)})") from None
+    except Exception as e:
+        raise ParseError(f"corrupt PDF: {_short(e)}") from None
+    if not readable:
+        raise ParseError("encrypted PDF (password required)")
+    return reader
+
+
+# ---------------------------------------------------------------------------------------------
+# DOCX: paragraphs and tables in document order, separated by blank lines.
+# Heading levels: "Title" -> 1 and "Heading N" -> N, so Title and Heading 1 are both top level.
+
+_DOCX_HEADING = re.compile(r"heading ?([1-9])", re.IGNORECASE)
+
+
+def _parse_docx(data: bytes) -> ParsedDocument:
+    try:
+        blocks = list(_docx_blocks(data))
+    except Exception as e:  # not a zip, missing parts, malformed XML
+        raise ParseError(f"corrupt DOCX: {_short(e)}") from None
+    parts: list[str] = []
+    headings = []
+    offset = 0
+    for text, level in blocks:
+        if level is not None:
+            headings.append(Heading(offset, level, " ".join(text.split())))
+        parts.append(text)
+        offset += len(text) + 2
+    if not parts:
+        raise ParseError("no extractable text")
+    return ParsedDocument("\n\n".join(parts), headings)
+
+
+def _docx_blocks(data: bytes) -> Iterator[tuple[str, int | None]]:
+    """Yield (text, heading level or None) for each non-empty paragraph and table."""
+    import docx
+    from docx.table import Table
+
+    for item in docx.Document(io.BytesIO(data)).iter_inner_content():
+        if isinstance(item, Table):
+            rows = [" | ".join(" ".join(cell.text.split()) for cell in row.cells) for row in item.rows]
+            table = "\n".join(row for row in rows if row.strip(" |"))
+            if table:
+                yield table, None
+        elif item.text.strip():
+            yield _normalize_newlines(item.text), _docx_level(item.style.name if item.style else "")
+
+
+def _docx_level(style: str | None) -> int | None:
+    if style == "Title":
+        return 1
+    match = _DOCX_HEADING.fullmatch(style or "")
+    return int(match.group(1)) if match else None
+
+
+_PARSERS: dict[str, Callable[[bytes], ParsedDocument]] = {
+    "text": _parse_text,
+    "markdown": _parse_markdown,
+    "rst": _parse_rst,
+    "python": _parse_python,
+    "html": _parse_html,
+    "pdf": _parse_pdf,
+    "docx": _parse_docx,
+}
