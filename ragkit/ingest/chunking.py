@@ -26,6 +26,7 @@ class _Boundaries:
         text = doc.text
         levels = sorted({h.level for h in doc.headings})
         self.levels: list[list[int]] = [sorted({h.start for h in doc.headings if h.level <= lv}) for lv in levels]
+        self.heading_levels = len(levels)
         for pattern in (_PARAGRAPH, _LINE, _SENTENCE, _WORD):
             self.levels.append([m.end() for m in pattern.finditer(text)])
         self.levels.append(list(token_starts))
@@ -43,9 +44,7 @@ class _Boundaries:
 
 def split_spans(doc: ParsedDocument, token_starts: Sequence[int], budget: int) -> list[tuple[int, int]]:
     """Char spans [start, end) that cover the document, each holding at most `budget` tokens."""
-    bounds = _Boundaries(doc, token_starts)
-    spans = _split(bounds, 0, len(doc.text), 0, budget)
-    return _pack(bounds, spans, budget)
+    return _split(_Boundaries(doc, token_starts), 0, len(doc.text), 0, budget)
 
 
 def _split(bounds: _Boundaries, start: int, end: int, level: int, budget: int) -> list[tuple[int, int]]:
@@ -55,10 +54,20 @@ def _split(bounds: _Boundaries, start: int, end: int, level: int, budget: int) -
     if not cuts:
         return _split(bounds, start, end, level + 1, budget)
     edges = [start, *cuts, end]
-    pieces: list[tuple[int, int]] = []
-    for a, b in zip(edges, edges[1:]):
-        pieces.extend(_split(bounds, a, b, level + 1, budget))
-    return _pack(bounds, pieces, budget)
+    groups = [_split(bounds, a, b, level + 1, budget) for a, b in zip(edges, edges[1:])]
+    if level >= bounds.heading_levels:
+        return _pack(bounds, [piece for group in groups for piece in group], budget)
+    # Sections: whole ones may share a chunk; a section that had to be split keeps its chunks to itself.
+    out: list[tuple[int, int]] = []
+    whole: list[tuple[int, int]] = []
+    for group in groups:
+        if len(group) == 1:
+            whole.append(group[0])
+            continue
+        out.extend(_pack(bounds, whole, budget))
+        out.extend(group)
+        whole = []
+    return out + _pack(bounds, whole, budget)
 
 
 def _pack(bounds: _Boundaries, pieces: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:

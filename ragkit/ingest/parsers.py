@@ -137,13 +137,12 @@ def _decode(data: bytes) -> str:
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             return data.decode(encoding, errors="replace")
+    if b"\x00" in data[:8192]:  # valid UTF-8 may hold NULs, but text files do not
+        raise ParseError("binary content")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        pass
-    if b"\x00" in data[:8192]:
-        raise ParseError("binary content")
-    return _guess_decode(data)
+        return _guess_decode(data)
 
 
 def _guess_decode(data: bytes) -> str:

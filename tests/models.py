@@ -1,0 +1,54 @@
+"""Tiny models made at test time (no download): a ModernBERT sentence encoder with its own tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TRAINING_TEXT = """
+The quick brown fox jumps over the lazy dog. Oil prices rose sharply in October 1973.
+Retrieval augmented generation cites the lines and pages it used. Contracts, filings, papers,
+source code and transcripts are long documents. The reader streams whole documents through memory.
+def function(argument): return value  # code is text too
+""" * 20
+
+
+def build_tokenizer(folder: Path):
+    """A small WordPiece tokenizer (BERT-style specials) trained on TRAINING_TEXT, saved to `folder`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator([TRAINING_TEXT], trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                   ("[CLS]", tok.token_to_id("[CLS]")))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_modernbert_encoder(folder: Path, max_seq_length: int = 64, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer ModernBERT saved as a sentence-transformers model in `folder`."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import ModernBertConfig, ModernBertModel
+
+    torch.manual_seed(seed)
+    backbone = folder / "backbone"
+    tokenizer = build_tokenizer(backbone)
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=512, global_attn_every_n_layers=2, local_attention=16,
+        pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+    ModernBertModel(config).save_pretrained(backbone)
+    transformer = models.Transformer(str(backbone), max_seq_length=max_seq_length)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    encoder_dir = folder / "encoder"
+    SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(encoder_dir))
+    return encoder_dir

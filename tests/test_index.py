@@ -1,0 +1,254 @@
+"""Indexing end to end with a tiny model: incremental runs, rebuilds, crash safety, the lock, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ragkit import store
+from ragkit.api import Index
+from ragkit.config import Settings
+from ragkit.errors import IndexLockedError, IndexNotFoundError, ModelLoadError, RagkitError
+
+DOCS = {
+    "oil.md": "# Oil crisis\n\nThe oil crisis began in October 1973. " + "The embargo lasted months. " * 12
+    + "\n\n## Effects\n\nPrices rose fourfold.\n",
+    "fox.txt": "The quick brown fox jumps over the lazy dog.\nIt was a sunny day.\n",
+    "code/app.py": "def retrieve(query):\n    return index.search(query)\n",
+}
+
+
+def write_docs(folder: Path, docs: dict[str, str]) -> None:
+    for rel, text in docs.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    write_docs(folder, DOCS)
+    return folder
+
+
+@pytest.fixture
+def idx(tmp_path, tiny_encoder) -> Index:
+    return Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder)))
+
+
+def paths_of(hits) -> set[str]:
+    return {h.chunk.path for h in hits}
+
+
+def test_first_run_indexes_every_file(idx, docs):
+    report = idx.add(docs)
+    assert (report.added, report.updated, report.removed, report.unchanged) == (3, 0, 0, 0)
+    assert report.skipped == []
+    status = idx.status()
+    assert status["files"] == 3 and status["chunks"] == report.chunks >= 3
+    assert status["models"]["dense"]["max_tokens"] == 64
+    assert "oil.md" in paths_of(idx.search("oil crisis October", k=3, mode="bm25"))
+
+
+def test_hits_carry_provenance(idx, docs):
+    idx.add(docs)
+    hits = idx.search("Prices rose fourfold", k=1, mode="bm25")
+    hit = hits[0].to_json()
+    assert hit["path"] == "oil.md"
+    assert hit["heading"] == "Oil crisis > Effects"
+    assert "Prices rose fourfold" in hit["text"]
+    lines = (docs / "oil.md").read_text().splitlines()
+    assert "Prices rose fourfold." in "\n".join(lines[hit["start_line"] - 1 : hit["end_line"]])
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_every_mode_returns_k_hits(idx, docs, mode):
+    idx.add(docs)
+    hits = idx.search("oil", k=2, mode=mode)
+    assert 1 <= len(hits) <= 2
+    assert all(h.score > 0 for h in hits)
+
+
+def test_second_run_without_changes_writes_nothing(idx, docs):
+    idx.add(docs)
+    generation = store.current_generation(idx.path)
+    report = idx.add(docs)
+    assert (report.added, report.updated, report.removed, report.unchanged) == (0, 0, 0, 3)
+    assert report.encoded_chunks == 0
+    assert store.current_generation(idx.path) == generation
+
+
+def test_incremental_modify_add_delete(idx, docs):
+    idx.add(docs)
+    before = {h.chunk_id for h in idx.search("fox", k=50, mode="bm25")}
+    (docs / "oil.md").write_text("# Oil crisis\n\nThe embargo ended in March 1974.\n")
+    (docs / "new.txt").write_text("Zebras graze on the savanna.\n")
+    (docs / "code" / "app.py").unlink()
+    report = idx.add(docs)
+    assert (report.added, report.updated, report.removed, report.unchanged) == (1, 1, 1, 1)
+    # only the changed and new files were encoded
+    assert report.encoded_chunks == 2
+    assert paths_of(idx.search("zebras savanna", k=1, mode="bm25")) == {"new.txt"}
+    assert "oil.md" in paths_of(idx.search("embargo ended March", k=1, mode="bm25"))
+    assert idx.search("October fourfold", k=10, mode="bm25") == []  # the old text is gone
+    for mode in ("dense", "bm25", "hybrid"):
+        assert "code/app.py" not in paths_of(idx.search("retrieve query index search", k=10, mode=mode))
+    assert {h.chunk_id for h in idx.search("fox", k=50, mode="bm25")} == before  # unchanged file, same chunks
+    assert idx.status()["files"] == 3
+
+
+def test_dense_vectors_of_kept_files_are_reused_exactly(idx, docs):
+    import numpy as np
+
+    from ragkit.indexes.faiss_index import load_vectors
+
+    idx.add(docs)
+    gen1 = store.current_generation(idx.path)
+    rows1 = store.read_manifest(gen1)["files"]["fox.txt"]["rows"]
+    vec1 = np.array(load_vectors(gen1 / "dense")[rows1[0] : rows1[0] + rows1[1]])
+    (docs / "another.txt").write_text("Another file that sorts before fox.\n")
+    idx.add(docs)
+    gen2 = store.current_generation(idx.path)
+    rows2 = store.read_manifest(gen2)["files"]["fox.txt"]["rows"]
+    vec2 = np.array(load_vectors(gen2 / "dense")[rows2[0] : rows2[0] + rows2[1]])
+    assert rows2[0] != rows1[0]
+    assert np.array_equal(vec1, vec2)
+
+
+def test_changing_chunk_size_rebuilds_everything(idx, docs, tiny_encoder):
+    idx.add(docs)
+    smaller = Index(idx.path, Settings(dense_model=str(tiny_encoder), chunk_tokens=24))
+    report = smaller.add(docs)
+    assert report.rebuilt and "chunk_tokens" in report.rebuilt
+    assert report.encoded_chunks == report.chunks
+    assert all(h.chunk.n_tokens <= 24 - 2 for h in smaller.search("the", k=50, mode="bm25"))
+
+
+def test_changing_the_model_never_mixes_vectors(idx, docs, tmp_path):
+    from models import build_modernbert_encoder
+
+    idx.add(docs)
+    other = build_modernbert_encoder(tmp_path / "other", seed=1)
+    report = Index(idx.path, Settings(dense_model=str(other))).add(docs)
+    assert report.rebuilt and "dense_model" in report.rebuilt
+    assert report.encoded_chunks == report.chunks
+    manifest = store.read_manifest(store.current_generation(idx.path))
+    assert manifest["models"]["dense"]["model"] == str(other.resolve())
+
+
+def test_search_uses_the_model_recorded_in_the_index(idx, docs):
+    idx.add(docs)
+    reader = Index(idx.path, Settings(dense_model="no/such-model"))  # the setting only matters for indexing
+    assert reader.search("oil", k=1, mode="dense")
+
+
+def test_a_different_folder_needs_rebuild(idx, docs, tmp_path):
+    idx.add(docs)
+    other = tmp_path / "other"
+    write_docs(other, {"a.txt": "alpha beta gamma\n"})
+    with pytest.raises(RagkitError, match="--rebuild"):
+        idx.add(other)
+    report = idx.add(other, rebuild=True)
+    assert report.rebuilt == "--rebuild"
+    assert idx.status()["files"] == 1
+
+
+def test_bad_input_is_reported_not_fatal(idx, docs):
+    (docs / "empty.txt").write_text("")
+    (docs / "blob.txt").write_bytes(b"\x00\x01\x02binary\x00" * 100)
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 garbage that is not a pdf")
+    (docs / "image.png").write_bytes(b"\x89PNG\r\n")
+    (docs / "loop").symlink_to(docs, target_is_directory=True)
+    (docs / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me br\xfbl\xe9e is a dessert.".encode("latin-1"))
+    report = idx.add(docs)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert reasons["empty.txt"] == "empty file"
+    assert reasons["blob.txt"] == "binary content"
+    assert reasons["broken.pdf"].startswith("corrupt PDF")
+    assert reasons["image.png"].startswith("unsupported file type")
+    assert "loop" in reasons
+    assert report.added == 4  # the three good files and the latin-1 one
+    assert "latin1.txt" in paths_of(idx.search("crème brûlée dessert", k=1, mode="bm25"))
+    # a failed file is not parsed again while unchanged, but stays reported
+    again = idx.add(docs)
+    assert {s.path for s in again.skipped} == set(reasons)
+    assert again.unchanged == 4 and again.encoded_chunks == 0
+
+
+def test_unreadable_model_gives_one_clear_message(tmp_path, docs):
+    idx = Index(tmp_path / "index", Settings(dense_model="nobody/no-such-model-xyz"))
+    with pytest.raises(ModelLoadError) as info:
+        idx.add(docs)
+    message = str(info.value)
+    assert "nobody/no-such-model-xyz" in message and "--dense-model /path/to/model" in message
+    assert not (tmp_path / "index" / store.CURRENT).exists()
+
+
+def test_missing_index_and_missing_folder(tmp_path, idx):
+    with pytest.raises(IndexNotFoundError):
+        idx.search("anything")
+    with pytest.raises(RagkitError, match="not a folder"):
+        idx.add(tmp_path / "nope")
+
+
+def test_second_writer_is_refused(idx, docs):
+    with store.write_lock(idx.path):
+        with pytest.raises(IndexLockedError, match="being written"):
+            idx.add(docs)
+    assert idx.add(docs).added == 3  # the lock is released
+
+
+def _index_command(folder: Path, index: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "ragkit.cli", "index", str(folder), "--index", str(index),
+            "--dense-model", str(model), "--json"]
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.parametrize("kill_when", ["encoding", "writing"])
+def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, kill_when):
+    folder = tmp_path / "docs"
+    write_docs(folder, {f"f{i:03d}.txt": f"Document {i} about topic{i}.\n" + "filler words here. " * 400
+                        for i in range(60)})
+    index = tmp_path / "index"
+    idx = Index(index, Settings(dense_model=str(tiny_encoder)))
+    idx.add(folder)
+    generation = store.current_generation(index)
+    for i in range(60):  # every file changes: the next run has real work to do
+        (folder / f"f{i:03d}.txt").write_text(f"Changed {i} now mentions zeppelin{i}.\n" + "other words. " * 400)
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(_index_command(folder, index, tiny_encoder), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if kill_when == "encoding":
+        started = _wait_for(lambda: "pid" in (index / store.LOCK).read_text(), 60)
+        time.sleep(1.0)
+    else:
+        started = _wait_for(lambda: any(index.glob("*" + store.TMP_SUFFIX)), 60)
+    child.send_signal(signal.SIGKILL)
+    assert started and child.wait() == -signal.SIGKILL
+
+    # the previous generation is live and whole
+    assert store.current_generation(index) == generation
+    assert Index(index, Settings(dense_model=str(tiny_encoder))).search("topic7", k=1, mode="bm25")[0].chunk.path \
+        == "f007.txt"
+    # the next run completes and cleans up what the killed one left
+    report = Index(index, Settings(dense_model=str(tiny_encoder))).add(folder)
+    assert report.updated == 60
+    assert not list(index.glob("*" + store.TMP_SUFFIX))
+    assert Index(index, Settings()).search("zeppelin7", k=1, mode="bm25")[0].chunk.path == "f007.txt"
