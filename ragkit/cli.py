@@ -43,7 +43,7 @@ def _user_errors(as_json: bool) -> Iterator[None]:
     except RagkitError as e:
         if as_json:
             print(json.dumps({"error": str(e)}))
-        err.print(f"[bold red]Error:[/] {escape(str(e))}")
+        err.print(f"[bold red]Error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted.[/] The index is as it was before this run.")

@@ -45,3 +45,14 @@ def _isolated_settings(monkeypatch, tmp_path):
         if key.startswith("RAGKIT_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def squad_index(tmp_path_factory, minilm, shared_data):
+    """The SQuAD v1.1 dev articles indexed once with MiniLM (about a minute on two cores)."""
+    from ragkit.api import Index
+    from ragkit.config import Settings
+
+    idx = Index(tmp_path_factory.mktemp("squad") / "index", Settings(dense_model=str(minilm)))
+    idx.add(shared_data / "squad-v1.1-dev" / "docs")
+    return idx

@@ -1,0 +1,135 @@
+"""The `ragkit` command as a user meets it: JSON shapes, clear errors, configuration, fast start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ragkit import store
+from ragkit.cli import app
+
+runner = CliRunner()
+HIT_KEYS = {"path", "start_line", "end_line", "page", "heading", "score", "text"}
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_json(*args: str) -> dict:
+    code, stdout, stderr = run(*args, "--json")
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "oil.txt").write_text("The oil crisis began in October 1973.\nPrices rose fourfold.\n")
+    (folder / "fox.md").write_text("# Animals\n\nThe quick brown fox jumps over the lazy dog.\n")
+    (folder / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    return folder
+
+
+@pytest.fixture
+def indexed(tmp_path, docs, tiny_encoder) -> Path:
+    index = tmp_path / "index"
+    run_json("index", str(docs), "--index", str(index), "--dense-model", str(tiny_encoder))
+    return index
+
+
+def test_index_json_shape(tmp_path, docs, tiny_encoder):
+    data = run_json("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", str(tiny_encoder))
+    assert {"added", "updated", "removed", "unchanged", "skipped", "chunks"} <= set(data)
+    assert data["added"] == 2 and data["chunks"] >= 2
+    assert data["skipped"] == [{"path": "photo.jpg", "reason": "unsupported file type .jpg"}]
+
+
+def test_search_json_shape(indexed):
+    data = run_json("search", "oil crisis", "--index", str(indexed), "-k", "2", "--mode", "bm25")
+    assert len(data["hits"]) == 1
+    hit = data["hits"][0]
+    assert HIT_KEYS <= set(hit)
+    assert hit["path"] == "oil.txt" and hit["start_line"] == 1 and hit["end_line"] == 2 and hit["page"] is None
+
+
+def test_ask_json_cites_lines(indexed):
+    data = run_json("ask", "When did the oil crisis begin?", "--index", str(indexed), "--mode", "bm25")
+    assert "October 1973" in data["answer"] and "[1]" in data["answer"]
+    first = data["citations"][0]
+    assert HIT_KEYS <= set(first)
+    assert (first["path"], first["start_line"], first["end_line"]) == ("oil.txt", 1, 1)
+
+
+def test_ask_renders_citations(indexed):
+    code, stdout, _ = run("ask", "When did the oil crisis begin?", "--index", str(indexed))
+    assert code == 0
+    assert "[1] oil.txt:1" in stdout
+
+
+def test_status_json(indexed, tiny_encoder):
+    data = run_json("status", "--index", str(indexed))
+    assert data["files"] == 2 and data["chunks"] >= 2
+    assert data["models"]["dense"]["model"] == str(tiny_encoder.resolve())
+    assert data["size_bytes"] > 0 and data["skipped"][0]["path"] == "photo.jpg"
+
+
+def test_search_table(indexed):
+    code, stdout, _ = run("search", "fox", "--index", str(indexed), "--mode", "bm25")
+    assert code == 0 and "fox.md" in stdout and "Animals" in stdout
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    code, stdout, stderr = run("search", "x", "--index", str(tmp_path / "none"))
+    assert code == 1
+    assert "no index at" in stderr and "Traceback" not in stderr + stdout
+    code, stdout, _ = run("search", "x", "--index", str(tmp_path / "none"), "--json")
+    assert code == 1 and "no index at" in json.loads(stdout)["error"]
+
+
+def test_bad_model_is_a_clear_error(tmp_path, docs):
+    code, stdout, stderr = run("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", "typo/nope")
+    assert code == 1
+    assert "typo/nope" in stderr and "--dense-model /path/to/model" in stderr
+    assert "Traceback" not in stderr + stdout
+
+
+def test_bad_mode_is_a_clear_error(indexed):
+    code, _, stderr = run("search", "x", "--index", str(indexed), "--mode", "fuzzy")
+    assert code == 1 and "mode must be one of" in stderr
+
+
+def test_locked_index_is_a_clear_error(indexed, docs):
+    with store.write_lock(indexed):
+        code, _, stderr = run("index", str(docs), "--index", str(indexed))
+    assert code == 1 and "being written" in stderr
+
+
+def test_settings_from_ragkit_toml_and_environment(tmp_path, docs, tiny_encoder, monkeypatch):
+    (tmp_path / "ragkit.toml").write_text(f'index = "from-toml"\ndense_model = "{tiny_encoder}"\n')
+    run_json("index", str(docs))
+    assert (tmp_path / "from-toml" / store.CURRENT).is_file()
+    monkeypatch.setenv("RAGKIT_INDEX", str(tmp_path / "from-env"))
+    run_json("index", str(docs))
+    assert (tmp_path / "from-env" / store.CURRENT).is_file()
+    run_json("index", str(docs), "--index", str(tmp_path / "from-flag"))  # flags beat both
+    assert (tmp_path / "from-flag" / store.CURRENT).is_file()
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys, ragkit.cli; heavy = {'torch', 'transformers', 'sentence_transformers', 'faiss', "
+            "'bm25s', 'pyarrow', 'numpy', 'pylate'}; print(sorted(heavy & set(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "ragkit.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "index" in result.stdout and "ask" in result.stdout
+    assert time.perf_counter() - started < 3.0  # well under a second on an idle machine; CI is shared
