@@ -252,3 +252,29 @@ def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, kill_wh
     assert report.updated == 60
     assert not list(index.glob("*" + store.TMP_SUFFIX))
     assert Index(index, Settings()).search("zeppelin7", k=1, mode="bm25")[0].chunk.path == "f007.txt"
+
+
+def test_large_collections_use_hnsw(tmp_path, docs, tiny_encoder):
+    import json as _json
+
+    flat = Index(tmp_path / "flat", Settings(dense_model=str(tiny_encoder)))
+    hnsw = Index(tmp_path / "hnsw", Settings(dense_model=str(tiny_encoder), dense_exact_max=2))
+    flat.add(docs)
+    hnsw.add(docs)
+    params = _json.loads((store.current_generation(hnsw.path) / "dense" / "params.json").read_text())
+    assert params["kind"] == "hnsw" and (store.current_generation(hnsw.path) / "dense" / "index.faiss").is_file()
+    for query in ("oil crisis", "fox", "retrieve"):
+        assert [h.chunk_id for h in hnsw.search(query, k=3, mode="dense")] == \
+            [h.chunk_id for h in flat.search(query, k=3, mode="dense")]
+
+
+def test_progress_events_cover_every_stage(idx, docs):
+    events = []
+    report = idx.add(docs, progress=events.append)
+    stages = [e.stage for e in events]
+    assert stages.index("scan") < stages.index("parse") < stages.index("encode") < stages.index("write")
+    last_encode = [e for e in events if e.stage == "encode"][-1]
+    assert last_encode.done == last_encode.total == report.encoded_chunks
+    assert last_encode.tokens == report.encoded_tokens
+    parse = [e.done for e in events if e.stage == "parse"]
+    assert parse == sorted(parse) and parse[-1] == 3

@@ -67,6 +67,8 @@ def _kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if not suffix and path.name.lower() in _TEXT_NAMES:
         return "text"
+    if suffix == ".txt" and Path(path.stem).suffix.lower() in (".md", ".rst"):  # e.g. Sphinx's page.rst.txt
+        return _KINDS[Path(path.stem).suffix.lower()]
     return _KINDS.get(suffix)
 
 

@@ -1,0 +1,90 @@
+"""What every benchmark shares: machine and commit, percentiles, the ratio table, RESULTS.md and JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = (REPO / ".." / "shared" / "data").resolve()
+RESULTS_MD = HERE / "RESULTS.md"
+
+
+def machine() -> str:
+    """CPU model, cores, memory and torch version, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}, torch {torch.__version__}"
+
+
+def commit() -> str:
+    """The short commit of the checkout, marked dirty when it has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def percentiles(seconds: Sequence[float]) -> dict[str, float]:
+    """p50 and p95 in milliseconds."""
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    """(result, seconds) of one call."""
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def ratio_table(rows: list[tuple[str, str, float, str, float, str]]) -> str:
+    """Markdown table: what, ragkit, baseline, ratio; each row (what, label, ragkit, baseline label, baseline, unit).
+
+    The ratio is ragkit ÷ baseline for rates (higher is better) and baseline ÷ ragkit for times, so > 1 is a win.
+    """
+    lines = ["| measurement | ragkit | baseline | ratio (>1: ragkit better) |", "|---|---|---|---|"]
+    for what, label, ours, base_label, base, unit in rows:
+        better = ours / base if unit.endswith("/s") else base / ours
+        lines.append(f"| {what} | {label}: {ours:,.1f} {unit} | {base_label}: {base:,.1f} {unit} | {better:.2f}× |")
+    return "\n".join(lines)
+
+
+def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = "") -> None:
+    """Write raw numbers to results/NAME.json, print the table last, and add a dated entry to RESULTS.md."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    header = {"benchmark": name, "date": stamp, "machine": machine(), "commit": commit()}
+    out = HERE / "results" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({**header, **raw}, indent=2) + "\n")
+    entry = (f"\n## {title} — {stamp}\n\nMachine: {header['machine']}. Commit: `{header['commit']}`. "
+             f"Command: `python benchmarks/{name}.py`. Raw numbers: `benchmarks/results/{name}.json`.\n\n"
+             f"{table}\n" + (f"\n{notes.strip()}\n" if notes.strip() else ""))
+    if not RESULTS_MD.exists():
+        RESULTS_MD.write_text("# Benchmark results\n\nNewest entries last. Ratios matter more than absolute numbers: "
+                              "the machines are shared and noisy.\n")
+    with RESULTS_MD.open("a") as f:
+        f.write(entry)
+    print(table)

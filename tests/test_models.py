@@ -1,0 +1,61 @@
+"""Model loading by hub id (from an offline cache) and by local path, and its failure messages."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ragkit.encoders.dense import DenseEncoder
+from ragkit.errors import ModelLoadError
+from ragkit.models import model_revision, resolve_model_name
+
+
+def test_hub_id_loads_from_the_local_cache(tmp_path, tiny_encoder, monkeypatch):
+    """A hub id resolves through the Hugging Face cache layout, offline, and records the snapshot."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-encoder" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_encoder, snapshot)
+    (cache / "models--acme--tiny-encoder" / "refs").mkdir()
+    (cache / "models--acme--tiny-encoder" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("SENTENCE_TRANSFORMERS_HOME", str(cache))
+
+    encoder = DenseEncoder("acme/tiny-encoder")
+    assert encoder.name == "acme/tiny-encoder"
+    assert encoder.revision == snapshot.name
+    assert encoder.encode_queries(["hello"]).shape == (1, encoder.dim)
+
+
+def test_relative_local_path_is_made_absolute(tmp_path, tiny_encoder, monkeypatch):
+    shutil.copytree(tiny_encoder, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_name("models/tiny") == str((tmp_path / "models" / "tiny").resolve())
+    assert resolve_model_name("org/not-here") == "org/not-here"
+    assert DenseEncoder("models/tiny").name == str((tmp_path / "models" / "tiny").resolve())
+
+
+def test_local_revision_changes_with_the_weights(tmp_path, tiny_encoder):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_encoder, copy)
+    before = model_revision(str(copy))
+    (copy / "extra.txt").write_text("changed")
+    assert model_revision(str(copy)) != before
+
+
+def test_incomplete_local_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="does not hold a model that loads"):
+        DenseEncoder(str(tmp_path / "broken"))
+
+
+def test_uncached_hub_id_offline_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        DenseEncoder("acme/never-downloaded")
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" in message and "--dense-model /path/to/model" in message
