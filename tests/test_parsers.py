@@ -533,3 +533,20 @@ def test_docx_that_is_another_zip(tmp_path: Path) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("hello.txt", "hi")
     assert reason(path).startswith("corrupt DOCX: ")
+
+
+def test_form_feeds_in_text_are_pages(tmp_path):
+    path = tmp_path / "filing.txt"
+    path.write_text("Cover page\nline two\fSecond page first line\nsecond line\fThird\n")
+    doc = parse_file(path)
+    assert doc.pages == [0, 20, 55]
+    offset = doc.text.index("second line")
+    assert (doc.page_at(offset), doc.line_at(offset)) == (2, 2)
+    assert doc.page_at(doc.text.index("Third")) == 3
+
+
+def test_sphinx_rst_txt_is_parsed_as_rst(tmp_path):
+    path = tmp_path / "page.rst.txt"
+    path.write_text("Title\n=====\n\nBody text.\n\nSection\n-------\n\nMore.\n")
+    doc = parse_file(path)
+    assert [(h.level, h.title) for h in doc.headings] == [(1, "Title"), (2, "Section")]

@@ -168,7 +168,15 @@ def _guess_decode(data: bytes) -> str:
 
 
 def _parse_text(data: bytes) -> ParsedDocument:
-    return ParsedDocument(decode_text(data))
+    text = decode_text(data)
+    return ParsedDocument(text, pages=_form_feed_pages(text))
+
+
+def _form_feed_pages(text: str) -> list[int]:
+    """Page starts of a text export of a paged document (pdftotext separates pages with form feeds)."""
+    if "\f" not in text:
+        return []
+    return [0] + [m.end() for m in re.finditer("\f", text) if m.end() < len(text)]
 
 
 # ---------------------------------------------------------------------------------------------
