@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ragkit import store
 from ragkit.config import MODES, Settings, load_settings
@@ -35,22 +35,35 @@ class Index:
         self._searcher = None
         return report
 
-    def search(self, query: str, k: int | None = None, mode: str | None = None) -> list:
-        """The top `k` hits for `query` (mode: dense, bm25 or hybrid)."""
-        return self.searcher.search(query, k or self.settings.k, self._mode(mode))
+    def search(self, query: str, k: int | None = None, mode: str | None = None,
+               paths: Sequence[str] | None = None) -> list:
+        """The top `k` hits for `query` (mode: dense, bm25 or hybrid), optionally only in files matching `paths`.
+
+        `paths` are paths relative to the indexed folder or glob patterns ("contracts/*.pdf").
+        """
+        return self.searcher.search(query, k or self.settings.k, self._mode(mode), paths)
 
     def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None) -> list[list]:
         """`search` for many queries at once (encoded in one batch)."""
         return self.searcher.search_many(queries, k or self.settings.k, self._mode(mode))
 
-    def ask(self, question: str, k: int | None = None, mode: str | None = None):
-        """An extractive answer to `question` with numbered citations."""
+    def ask(self, question: str, k: int | None = None, mode: str | None = None,
+            paths: Sequence[str] | None = None):
+        """An extractive answer to `question` with numbered citations, from the top `k` hits (default 5)."""
+        mode = self._mode(mode)
+        hits = self.search(question, k or min(self.settings.k, 5), mode, paths)
+        return self.answer_from_hits(question, hits, mode)
+
+    def answer_from_hits(self, question: str, hits: list, mode: str | None = None):
+        """The extractive reader's answer to `question` from the given hits."""
         from ragkit.readers.extractive import ExtractiveReader
 
-        mode = self._mode(mode)
-        hits = self.search(question, k or min(self.settings.k, 5), mode)
-        encoder = self.searcher.encoder if mode != "bm25" else None
+        encoder = self.searcher.encoder if self._mode(mode) != "bm25" else None
         return ExtractiveReader(encoder, self.settings.answer_sentences).answer(question, hits)
+
+    def manifest(self) -> dict[str, Any]:
+        """The live generation's manifest (see docs/index-format.md)."""
+        return self.searcher.manifest
 
     def status(self) -> dict[str, Any]:
         """Files, chunks, tokens, models, size on disk and the last run of the index."""

@@ -26,6 +26,8 @@ IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | hybrid [default: hybrid].")]
 KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits.", min=1)]
+PathsOpt = Annotated[Optional[list[str]], typer.Option(
+    "--path", help="Only search files with this relative path or glob (repeatable).")]
 
 
 def main() -> None:
@@ -89,12 +91,13 @@ def search(
     index: IndexOpt = None,
     k: KOpt = None,
     mode: ModeOpt = None,
+    paths: PathsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index and list the best chunks."""
     with _user_errors(as_json):
         idx = _open(index, mode=mode, k=k)
-        hits = idx.search(query)
+        hits = idx.search(query, paths=paths)
         if as_json:
             _print_json({"hits": [h.to_json() for h in hits]})
             return
@@ -110,12 +113,13 @@ def ask(
     index: IndexOpt = None,
     k: KOpt = None,
     mode: ModeOpt = None,
+    paths: PathsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question from the indexed documents, with citations."""
     with _user_errors(as_json):
         idx = _open(index, mode=mode)
-        answer = idx.ask(question, k=k)
+        answer = idx.ask(question, k=k, paths=paths)
         if as_json:
             _print_json(answer.to_json())
             return
@@ -153,6 +157,47 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
         for key, value in rows:
             table.add_row(f"[bold]{key}[/]", escape(value))
         out.print(table)
+
+
+@app.command(name="eval")
+def eval_(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder: docs/ and questions.jsonl.")],
+    questions: Annotated[Optional[Path], typer.Option(help="Another questions file of the same format.")] = None,
+    index: Annotated[Optional[Path], typer.Option(
+        "--index", help="Index folder [default: a cache folder per dataset and model].")] = None,
+    mode: ModeOpt = None,
+    k: Annotated[int, typer.Option("-k", help="Depth of the ranking metrics.", min=1)] = 10,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.", min=1)] = None,
+    dense_model: Annotated[Optional[str], typer.Option(help="Model for a new index (id or local path).")] = None,
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="Per-question results (JSONL) [default: ./ragkit-eval-DATASET-MODE.jsonl].")] = None,
+    answers: Annotated[bool, typer.Option(help="Also run the reader and score its answers.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure retrieval and answers on a dataset with gold documents and answers."""
+    with _user_errors(as_json):
+        from ragkit.config import load_settings
+        from ragkit.evaluate import run_dataset
+
+        settings = load_settings(dense_model=dense_model, mode=mode)
+        with _progress_bar(enabled=not as_json) as progress:
+            report, _ = run_dataset(dataset, settings, index_dir=index, questions_file=questions, k=k,
+                                    limit=limit, answer=answers, progress=progress)
+        summary = report.summary
+        out_path = out_file or Path(f"ragkit-eval-{summary['dataset']}-{summary['mode']}.jsonl")
+        with open(out_path, "w", encoding="utf-8") as f:
+            for record in report.per_question:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if as_json:
+            _print_json(summary)
+            return
+        table = Table("metric", "value", title=f"{summary['dataset']} · {summary['mode']} · "
+                      f"{summary['questions']} questions", title_justify="left")
+        for key, value in summary.items():
+            if key not in ("dataset", "mode", "index", "questions"):
+                table.add_row(key, "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+        out.print(table)
+        out.print(f"Per-question results: {escape(str(out_path))}")
 
 
 def _render_index_report(report, index_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from ragkit import store
 from ragkit.config import Settings
@@ -93,19 +96,21 @@ class Searcher:
             self._lexical = LexicalIndex.load(self.generation / "bm25")
         return self._lexical
 
-    def search(self, query: str, k: int, mode: str) -> list[Hit]:
-        return self.search_many([query], k, mode)[0]
+    def search(self, query: str, k: int, mode: str, paths: Sequence[str] | None = None) -> list[Hit]:
+        return self.search_many([query], k, mode, paths)[0]
 
-    def search_many(self, queries: Sequence[str], k: int, mode: str) -> list[list[Hit]]:
-        """Top `k` hits per query; `mode` is dense, bm25 or hybrid."""
-        if self.table.num_rows == 0 or not queries:
+    def search_many(self, queries: Sequence[str], k: int, mode: str,
+                    paths: Sequence[str] | None = None) -> list[list[Hit]]:
+        """Top `k` hits per query; `mode` is dense, bm25 or hybrid; `paths` (names or globs) restricts the files."""
+        rows = self.rows_of(paths) if paths else None
+        if self.table.num_rows == 0 or not queries or (rows is not None and len(rows) == 0):
             return [[] for _ in queries]
         depth = max(k, self.settings.candidates) if mode == "hybrid" else k
         runs: dict[str, SearchResults] = {}
         if mode in ("dense", "hybrid"):
-            runs["dense"] = self.dense.search(self.encoder.encode_queries(queries), depth)
+            runs["dense"] = self.dense.search(self.encoder.encode_queries(queries), depth, rows)
         if mode in ("bm25", "hybrid"):
-            runs["bm25"] = self.lexical.search(queries, depth)
+            runs["bm25"] = self.lexical.search(queries, depth, rows)
         out = []
         for q in range(len(queries)):
             if mode == "hybrid":
@@ -115,6 +120,13 @@ class Searcher:
                 fused = [(row, score, {mode: rank}) for rank, (row, score) in enumerate(runs[mode][q], start=1)]
             out.append([self._hit(row, score, ranks) for row, score, ranks in fused])
         return out
+
+    def rows_of(self, paths: Sequence[str]) -> np.ndarray:
+        """Sorted chunk rows of the indexed files that match any of `paths` (relative names or globs)."""
+        files = self.manifest["files"]
+        chosen = [rel for rel in files if any(rel == p or fnmatch.fnmatchcase(rel, p) for p in paths)]
+        ranges = [np.arange(first, first + count) for first, count in (files[rel]["rows"] for rel in chosen)]
+        return np.sort(np.concatenate(ranges)) if ranges else np.zeros(0, dtype=np.int64)
 
     def _hit(self, row: int, score: float, ranks: dict[str, int]) -> Hit:
         record = store.chunk_record(self.table, row)

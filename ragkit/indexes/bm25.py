@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ragkit.indexes.base import SearchResults
 
 PARAMS = "ragkit.json"
@@ -40,12 +42,17 @@ class LexicalIndex:
     def __len__(self) -> int:
         return self.count
 
-    def search(self, queries: Sequence, k: int) -> SearchResults:
-        """Top `k` rows with a positive BM25 score for each query string."""
+    def search(self, queries: Sequence, k: int, rows: np.ndarray | None = None) -> SearchResults:
+        """Top `k` rows with a positive BM25 score for each query string, among `rows` when given."""
         k = min(k, self.count)
         if k == 0:
             return [[] for _ in queries]
-        results = self.retriever.retrieve(tokenize(queries), k=k, show_progress=False, n_threads=1)
+        mask = None
+        if rows is not None:
+            mask = np.zeros(self.count, dtype=np.float32)
+            mask[rows] = 1.0
+        results = self.retriever.retrieve(tokenize(queries), k=k, show_progress=False, n_threads=1,
+                                          weight_mask=mask)
         return [
             [(int(r), float(s)) for r, s in zip(rows, scores) if s > 0]
             for rows, scores in zip(results.documents, results.scores)

@@ -41,12 +41,15 @@ class DenseIndex:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def search(self, queries: Sequence, k: int) -> SearchResults:
-        """Top `k` rows by inner product for each query vector."""
+    def search(self, queries: Sequence, k: int, rows: np.ndarray | None = None) -> SearchResults:
+        """Top `k` rows by inner product for each query vector, among `rows` (sorted) when given."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if rows is not None:
+            return _exact_subset(self.vectors, queries, k, rows)
         k = min(k, len(self.vectors))
         if k == 0:
             return [[] for _ in queries]
-        scores, rows = self.index.search(np.asarray(queries, dtype=np.float32), k)
+        scores, rows = self.index.search(queries, k)
         return [[(int(r), float(s)) for r, s in zip(rs, ss) if r >= 0] for rs, ss in zip(rows, scores)]
 
     def save(self, folder: Path) -> None:
@@ -84,3 +87,17 @@ def _build(faiss, vectors: np.ndarray, kind: str):
     if len(vectors):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
+
+
+def _exact_subset(vectors: np.ndarray, queries: np.ndarray, k: int, rows: np.ndarray) -> SearchResults:
+    """Exact search over a subset of rows: a filtered search touches only those vectors."""
+    k = min(k, len(rows))
+    if k == 0:
+        return [[] for _ in queries]
+    scores = queries @ np.asarray(vectors[rows]).T  # (queries, len(rows))
+    out = []
+    for row_scores in scores:
+        top = np.argpartition(-row_scores, k - 1)[:k]
+        top = top[np.argsort(-row_scores[top], kind="stable")]
+        out.append([(int(rows[i]), float(row_scores[i])) for i in top])
+    return out
