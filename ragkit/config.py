@@ -54,7 +54,10 @@ def _from_files(cwd: Path) -> dict[str, Any]:
         return _read_toml(toml_file)
     pyproject = cwd / "pyproject.toml"
     if pyproject.is_file():
-        return _read_toml(pyproject).get("tool", {}).get("ragkit", {})
+        section = _read_toml(pyproject).get("tool", {}).get("ragkit", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[tool.ragkit] in {pyproject} must be a table of settings")
+        return section
     return {}
 
 
@@ -87,14 +90,21 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(types))})")
         kind = types[key]
         try:
+            numeric = "int" in kind or "float" in kind
+            if numeric and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+                raise ValueError  # lists, tables and booleans are not numbers
             if "int" in kind and not isinstance(value, int):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
                 value = int(value)
             elif "float" in kind and not isinstance(value, (int, float)):
                 value = float(value)
             elif kind.startswith("str") and isinstance(value, Path):
                 value = str(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ConfigError(f"setting '{key}' expects a number, got {value!r}") from None
+        if kind.startswith("str") and not isinstance(value, str):
+            raise ConfigError(f"setting '{key}' expects text, got {value!r}")
         out[key] = value
     return out
 
@@ -107,6 +117,9 @@ def _validated(settings: Settings) -> Settings:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens < 16:
         raise ConfigError("chunk_tokens must be at least 16")
-    if settings.max_file_mb <= 0:
+    if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")
+    for name in ("rrf_k", "dense_exact_max"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"setting '{name}' must be at least 0")
     return settings

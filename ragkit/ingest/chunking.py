@@ -111,8 +111,10 @@ def chunk_document(
             continue
         text = doc.text[a:b]
         n_tokens = len(token_starts(text))
-        if n_tokens > budget:
-            inner = split_spans(ParsedDocument(text), token_starts(text), max(1, budget - (n_tokens - budget) - 1))
+        if n_tokens > budget and b - a > 1:
+            # the estimate undercounted (token merges differ at the cut): split again, proportionally tighter
+            tighter = max(1, budget * budget // n_tokens - 1)
+            inner = split_spans(ParsedDocument(text), token_starts(text), tighter)
             pending.extend((a + x, a + y) for x, y in reversed(inner))
             continue
         chunks.append(

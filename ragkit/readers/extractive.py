@@ -11,7 +11,7 @@ import numpy as np
 
 from ragkit.retrieve import Hit
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)|\n[ \t]*\n\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*(\s+)(?=\S)|\n[ \t]*\n\s*")  # group 1: the gap after closers
 _MAX_SENTENCE_CHARS = 600
 _DENSE_CANDIDATES = 48  # sentences re-scored with the dense encoder
 _LEXICAL_WEIGHT = 0.5  # weight of query-term coverage next to cosine similarity
@@ -79,7 +79,7 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     """
     spans, start = [], 0
     for match in _SENTENCE_END.finditer(text):
-        spans.append((start, match.start()))
+        spans.append((start, match.start(1) if match.group(1) is not None else match.start()))
         start = match.end()
     spans.append((start, len(text)))
     out = []
