@@ -37,7 +37,7 @@ class Index:
 
     def search(self, query: str, k: int | None = None, mode: str | None = None,
                paths: Sequence[str] | None = None) -> list:
-        """The top `k` hits for `query` (mode: dense, bm25 or hybrid), optionally only in files matching `paths`.
+        """The top `k` hits for `query` (mode: dense, bm25, late or hybrid), optionally only in files matching `paths`.
 
         `paths` are paths relative to the indexed folder or glob patterns ("contracts/*.pdf").
         """
@@ -92,8 +92,9 @@ class Index:
 
         generation = store.current_generation(self.path)
         if self._searcher is None or self._searcher.generation != generation:
-            previous = self._searcher._encoder if self._searcher is not None else None
-            self._searcher = Searcher(generation, self.settings, encoder=previous)
+            old = self._searcher
+            self._searcher = Searcher(generation, self.settings, encoder=old._encoder if old else None,
+                                      late_encoder=old._late_encoder if old else None)
         return self._searcher
 
     def _mode(self, mode: str | None) -> str:

@@ -24,7 +24,9 @@ err = Console(stderr=True)
 
 IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | hybrid [default: hybrid].")]
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | late | hybrid [default: hybrid].")]
+FusionOpt = Annotated[Optional[str], typer.Option(
+    "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
 KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits.", min=1)]
 PathsOpt = Annotated[Optional[list[str]], typer.Option(
     "--path", help="Only search files with this relative path or glob (repeatable).")]
@@ -69,14 +71,20 @@ def index(
     folder: Annotated[Path, typer.Argument(help="Folder of documents to index.")],
     index: IndexOpt = None,
     dense_model: Annotated[Optional[str], typer.Option(help="sentence-transformers model id or local path.")] = None,
-    chunk_tokens: Annotated[Optional[int], typer.Option(help="Largest chunk in tokens (bounded by the model).")] = None,
+    late_model: Annotated[Optional[str], typer.Option(help="PyLate ColBERT model id or local path.")] = None,
+    late: Annotated[Optional[bool], typer.Option(
+        "--late/--no-late", help="Build the late-interaction (ColBERT + PLAID) stage [default: on].")] = None,
+    pool_factor: Annotated[Optional[int], typer.Option(
+        help="Pool document token vectors by this factor (2 halves the late index).", min=1)] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help="Largest chunk in tokens (bounded by the models).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, … [default: auto].")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-encode everything from scratch.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Index a folder (incremental: only new and changed files are encoded)."""
     with _user_errors(as_json):
-        idx = _open(index, dense_model=dense_model, chunk_tokens=chunk_tokens, device=device)
+        idx = _open(index, dense_model=dense_model, late_model=late_model, late=late, pool_factor=pool_factor,
+                    chunk_tokens=chunk_tokens, device=device)
         with _progress_bar(enabled=not as_json) as progress:
             report = idx.add(folder, progress=progress, rebuild=rebuild)
         if as_json:
@@ -91,19 +99,20 @@ def search(
     index: IndexOpt = None,
     k: KOpt = None,
     mode: ModeOpt = None,
+    fusion: FusionOpt = None,
     paths: PathsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search the index and list the best chunks."""
+    """Search the index and list the best chunks (evidence highlighted)."""
     with _user_errors(as_json):
-        idx = _open(index, mode=mode, k=k)
+        idx = _open(index, mode=mode, k=k, fusion=fusion)
         hits = idx.search(query, paths=paths)
         if as_json:
             _print_json({"hits": [h.to_json() for h in hits]})
             return
         table = Table("#", "score", "where", "snippet", show_lines=True)
         for rank, hit in enumerate(hits, start=1):
-            table.add_row(str(rank), f"{hit.score:.4f}", escape(_where(hit.chunk)), escape(_snippet(hit.chunk.text)))
+            table.add_row(str(rank), f"{hit.score:.4f}", escape(_where(hit.chunk)), _snippet(hit))
         out.print(table if hits else "[yellow]No hits.[/]")
 
 
@@ -113,12 +122,13 @@ def ask(
     index: IndexOpt = None,
     k: KOpt = None,
     mode: ModeOpt = None,
+    fusion: FusionOpt = None,
     paths: PathsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question from the indexed documents, with citations."""
     with _user_errors(as_json):
-        idx = _open(index, mode=mode)
+        idx = _open(index, mode=mode, fusion=fusion)
         answer = idx.ask(question, k=k, paths=paths)
         if as_json:
             _print_json(answer.to_json())
@@ -168,7 +178,10 @@ def eval_(
     mode: ModeOpt = None,
     k: Annotated[int, typer.Option("-k", help="Depth of the ranking metrics.", min=1)] = 10,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.", min=1)] = None,
-    dense_model: Annotated[Optional[str], typer.Option(help="Model for a new index (id or local path).")] = None,
+    dense_model: Annotated[Optional[str], typer.Option(help="Dense model for a new index (id or local path).")] = None,
+    late_model: Annotated[Optional[str], typer.Option(help="ColBERT model for a new index (id or local path).")] = None,
+    late: Annotated[Optional[bool], typer.Option("--late/--no-late", help="Build the late stage [default: on].")] = None,
+    fusion: FusionOpt = None,
     out_file: Annotated[Optional[Path], typer.Option(
         "--out", help="Per-question results (JSONL) [default: ./ragkit-eval-DATASET-MODE.jsonl].")] = None,
     answers: Annotated[bool, typer.Option(help="Also run the reader and score its answers.")] = True,
@@ -179,7 +192,7 @@ def eval_(
         from ragkit.config import load_settings
         from ragkit.evaluate import run_dataset
 
-        settings = load_settings(dense_model=dense_model, mode=mode)
+        settings = load_settings(dense_model=dense_model, late_model=late_model, late=late, mode=mode, fusion=fusion)
         with _progress_bar(enabled=not as_json) as progress:
             report, _ = run_dataset(dataset, settings, index_dir=index, questions_file=questions, k=k,
                                     limit=limit, answer=answers, progress=progress)
@@ -247,9 +260,34 @@ def _where(chunk) -> str:
     return f"{chunk.path}{page}:{chunk.start_line}-{chunk.end_line}" + (f"\n{chunk.heading}" if chunk.heading else "")
 
 
-def _snippet(text: str, limit: int = 240) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+def _snippet(hit, limit: int = 240):
+    """A window of the hit's text around its best evidence, evidence spans highlighted."""
+    from rich.text import Text
+
+    text = hit.chunk.text
+    center = hit.evidence[0].start if hit.evidence else 0
+    start = max(0, min(center - limit // 3, len(text) - limit))
+    end = min(len(text), start + limit)
+    window = Text(("…" if start else "") + text[start:end] + ("…" if end < len(text) else ""))
+    shift = 1 if start else 0
+    for e in hit.evidence:
+        a, b = max(e.start, start), min(e.end, end)
+        if a < b:
+            window.stylize("bold yellow", a - start + shift, b - start + shift)
+    return _fold(window)
+
+
+def _fold(text):
+    """Collapse runs of whitespace in a Rich Text, keeping its styles."""
+    import re
+
+    from rich.text import Text
+
+    out = Text()
+    for match in re.finditer(r"\S+|\s+", text.plain):
+        piece = text[match.start() : match.end()]
+        out.append(" " if match.group().isspace() else piece)
+    return out
 
 
 def _human_bytes(n: int) -> str:

@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 from ragkit.errors import ConfigError
 
-MODES = ("dense", "bm25", "hybrid")
+MODES = ("dense", "bm25", "late", "hybrid")
+FUSIONS = ("rrf", "convex")
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,19 @@ class Settings:
     encode_batch_tokens: int = 16384  # padded tokens per encoder batch (batches are length-sorted)
     max_file_mb: float = 50.0  # files above this size are skipped and reported
     device: str | None = None  # "cpu", "cuda", …; None lets torch choose
-    mode: str = "hybrid"  # default retrieval mode: dense | bm25 | hybrid
+    mode: str = "hybrid"  # default retrieval mode: dense | bm25 | late | hybrid
     k: int = 10  # hits returned by search
     rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
     candidates: int = 100  # candidates per retriever before fusion
     dense_exact_max: int = 100_000  # exact FAISS search up to this many chunks, HNSW beyond
     answer_sentences: int = 3  # evidence sentences in an extractive answer
+    late: bool = True  # build and use the late-interaction (ColBERT) stage
+    late_model: str = "lightonai/GTE-ModernColBERT-v1"  # PyLate model id or local path
+    pool_factor: int = 1  # token pooling of document vectors (2 halves the late index; evidence is re-derived)
+    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID beyond
+    plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
+    rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode
+    fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with the non-None `changes` applied and validated."""
@@ -89,6 +97,9 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
         if key not in types:
             raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(types))})")
         kind = types[key]
+        if kind == "bool":
+            out[key] = _boolean(key, value)
+            continue
         try:
             numeric = "int" in kind or "float" in kind
             if numeric and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
@@ -109,10 +120,23 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _boolean(key: str, value: Any) -> bool:
+    """A bool from TOML, or from the words people put in environment variables."""
+    if isinstance(value, bool):
+        return value
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ConfigError(f"setting '{key}' expects true or false, got {value!r}")
+
+
 def _validated(settings: Settings) -> Settings:
+    if settings.fusion not in FUSIONS:
+        raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got '{settings.fusion}'")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
-    for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences"):
+    for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
+                 "plaid_candidates", "rerank_depth"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens < 16:

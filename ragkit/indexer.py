@@ -1,4 +1,11 @@
-"""`ragkit index`: bring an index folder up to date with a documents folder, incrementally and atomically."""
+"""`ragkit index`: bring an index folder up to date with a documents folder, incrementally and atomically.
+
+Three stages, each with its own fingerprint in the manifest:
+- chunks: chunk size and the tokenizers that measure it; a change re-chunks and re-encodes every file;
+- dense: the single-vector model; a change re-encodes the dense vectors of every chunk, nothing else;
+- late: the ColBERT model and token pooling; a change re-encodes the token vectors of every chunk.
+Within a stage, content hashes decide which files are parsed and encoded again.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from ragkit import store
 from ragkit.config import Settings
 from ragkit.errors import RagkitError
 from ragkit.ingest.document import Chunk, Skipped, SourceFile
-from ragkit.models import model_revision, resolve_model_name
+from ragkit.models import model_revision, resolve_model_name, tokenizer_fingerprint
 from ragkit.progress import Progress, ProgressEvent, silent
 
 CHUNKER_VERSION = 1  # bump when chunk boundaries change for the same input
@@ -32,7 +39,8 @@ class IndexReport:
     chunks: int = 0
     encoded_chunks: int = 0
     encoded_tokens: int = 0
-    rebuilt: str | None = None  # why every file was re-encoded, when it was
+    late_encoded_chunks: int = 0
+    rebuilt: str | None = None  # why every chunk was encoded again, when it was
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -45,20 +53,35 @@ class IndexReport:
             "chunks": self.chunks,
             "encoded_chunks": self.encoded_chunks,
             "encoded_tokens": self.encoded_tokens,
+            "late_encoded_chunks": self.late_encoded_chunks,
             "rebuilt": self.rebuilt,
             "seconds": round(self.seconds, 3),
         }
 
 
-def fingerprint(settings: Settings) -> dict[str, Any]:
-    """Everything that shapes chunks and vectors; a change re-encodes every file."""
-    name = resolve_model_name(settings.dense_model)
-    return {
-        "dense_model": name,
-        "dense_revision": model_revision(name),
+def fingerprints(settings: Settings) -> dict[str, Any]:
+    """Per stage, everything that shapes its output (see the module docstring)."""
+    dense_name = resolve_model_name(settings.dense_model)
+    dense = {"model": dense_name, "revision": model_revision(dense_name)}
+    late = None
+    if settings.late:
+        late_name = resolve_model_name(settings.late_model)
+        late = {"model": late_name, "revision": model_revision(late_name), "pool_factor": settings.pool_factor}
+    chunks = {
         "chunk_tokens": settings.chunk_tokens,
         "chunker_version": CHUNKER_VERSION,
+        "dense_tokenizer": tokenizer_fingerprint(dense_name),
+        "late_tokenizer": tokenizer_fingerprint(late["model"]) if late else None,
     }
+    return {"chunks": chunks, "dense": dense, "late": late}
+
+
+@dataclass
+class _Plan:
+    """Which stages must encode every chunk (not only those of new and changed files)."""
+
+    dense_all: bool = False
+    late_all: bool = False
 
 
 def build_index(
@@ -83,10 +106,9 @@ def build_index(
                 f"the index at {index_dir} holds {old['manifest']['root']}; "
                 f"use --index DIR for another folder, or --rebuild to replace it")
         report = IndexReport()
-        new_fingerprint = fingerprint(settings)
-        if old and (rebuild or old["manifest"]["fingerprint"] != new_fingerprint):
-            report.rebuilt = "--rebuild" if rebuild else _what_changed(old["manifest"]["fingerprint"], new_fingerprint)
-            old = None
+        new_fp = fingerprints(settings)
+        before: dict[str, Any] = old["manifest"]["files"] if old and not rebuild else {}  # for the counts
+        old, plan = _reuse_plan(old, new_fp, rebuild, report)
 
         progress(ProgressEvent("scan", 0, 1))
         scan = scan_folder(folder, exclude=[index_dir], max_file_bytes=int(settings.max_file_mb * 2**20))
@@ -107,24 +129,54 @@ def build_index(
                 changed.add(rel)
         unparsable = {s.path: known_bad[s.path] for s in report.skipped if s.path in known_bad}
 
-        new_chunks, encoder = _parse_and_chunk(hashed, changed, settings, report, unparsable, progress)
+        encoders = _Encoders(settings)
+        new_chunks = _parse_and_chunk(hashed, changed, settings, encoders, report, unparsable, progress)
         current = {rel for rel in hashed if rel in new_chunks or rel in old_files and rel not in changed}
-        report.added = len(set(new_chunks) - set(old_files))
-        report.updated = len(set(new_chunks) & set(old_files))
-        report.removed = len(set(old_files) - current)
+        report.added = len(set(new_chunks) - set(before))
+        report.updated = len(set(new_chunks) & set(before))
+        report.removed = len(set(before) - current)
         report.skipped.sort(key=lambda s: s.path)
         skipped_json = [{"path": s.path, "reason": s.reason} for s in report.skipped]
-        if old and not new_chunks and not report.removed and manifest.get("skipped") == skipped_json:
+        nothing_to_do = not new_chunks and not report.removed and not plan.dense_all and not plan.late_all
+        if old and nothing_to_do and manifest.get("skipped") == skipped_json and manifest["fingerprint"] == new_fp:
             report.chunks = manifest["stats"]["chunks"]
             report.seconds = time.perf_counter() - started
             return report
 
-        vectors = _encode(encoder, new_chunks, settings, report, progress)
         hashed = {rel: hashed[rel] for rel in current}
-        _write_generation(folder, index_dir, settings, new_fingerprint, old, hashed, new_chunks, vectors,
-                          encoder, unparsable, report, progress)
+        _write_generation(folder, index_dir, settings, new_fp, old, plan, hashed, new_chunks, encoders,
+                          unparsable, report, progress)
         report.seconds = time.perf_counter() - started
         return report
+
+
+def _reuse_plan(old, new_fp: dict[str, Any], rebuild: bool, report: IndexReport):
+    """Decide what of the old generation can be reused; returns (old or None, plan)."""
+    if not old:
+        return None, _Plan()
+    old_fp = old["manifest"].get("fingerprint", {})
+    if rebuild:
+        report.rebuilt = "--rebuild"
+        return None, _Plan()
+    if not _chunks_still_valid(old_fp.get("chunks"), new_fp["chunks"]):
+        changed = [key for key, value in new_fp["chunks"].items() if (old_fp.get("chunks") or {}).get(key) != value]
+        report.rebuilt = "changed chunk settings: " + ", ".join(changed)
+        return None, _Plan()
+    plan = _Plan(dense_all=old_fp.get("dense") != new_fp["dense"],
+                 late_all=new_fp["late"] is not None and old_fp.get("late") != new_fp["late"])
+    stale = [name for name, redo in (("dense model", plan.dense_all), ("late model", plan.late_all)) if redo]
+    if stale:
+        report.rebuilt = "changed " + " and ".join(stale)
+    return old, plan
+
+
+def _chunks_still_valid(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Same chunks; turning late interaction off keeps chunks that also fit the late tokenizer."""
+    if old is None:
+        return False
+    if new["late_tokenizer"] is None:
+        return {**old, "late_tokenizer": None} == new
+    return old == new
 
 
 def _previous(index_dir: Path) -> dict[str, Any] | None:
@@ -134,11 +186,6 @@ def _previous(index_dir: Path) -> dict[str, Any] | None:
         return {"folder": generation, "manifest": store.read_manifest(generation)}
     except RagkitError:
         return None
-
-
-def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = [k for k in new if old.get(k) != new[k]]
-    return "changed settings: " + ", ".join(keys)
 
 
 def _hash_files(files: list[SourceFile], skipped: list[Skipped]) -> dict[str, tuple[SourceFile, str]]:
@@ -157,9 +204,52 @@ def _hash_files(files: list[SourceFile], skipped: list[Skipped]) -> dict[str, tu
     return out
 
 
-def _parse_and_chunk(hashed, changed: set[str], settings: Settings, report: IndexReport,
-                     unparsable: dict[str, Any], progress: Progress):
-    """Parse and chunk the changed files; returns their chunks by path and the encoder (None if idle).
+class _Encoders:
+    """The models of this run, loaded on first use (a run with nothing to encode loads none)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._dense = None
+        self._late = None
+
+    @property
+    def dense(self):
+        if self._dense is None:
+            from ragkit.encoders.dense import DenseEncoder
+
+            self._dense = DenseEncoder(self.settings.dense_model, device=self.settings.device)
+        return self._dense
+
+    @property
+    def late(self):
+        if self._late is None and self.settings.late:
+            from ragkit.encoders.late import LateEncoder
+
+            self._late = LateEncoder(self.settings.late_model, self.settings.chunk_tokens + LateEncoder.SPECIAL_TOKENS,
+                                     device=self.settings.device)
+        return self._late
+
+    def chunk_budget(self) -> int:
+        """Most tokens a chunk may hold so that every encoder reads it whole (the late one reads that much)."""
+        budget = min(self.settings.chunk_tokens, self.dense.max_tokens - self.dense.special_tokens)
+        if self.late is not None:
+            budget = min(budget, self.late.document_length - self.late.SPECIAL_TOKENS)
+            self.late.fit_to_chunks(budget)
+        return budget
+
+    def token_starts(self, text: str) -> list[int]:
+        """Token starts by the tokenizer that cuts `text` finer, so a chunk fits both encoders."""
+        starts = self.dense.token_starts(text)
+        if self.late is not None:
+            late = self.late.token_starts(text)
+            if len(late) > len(starts):
+                return late
+        return starts
+
+
+def _parse_and_chunk(hashed, changed: set[str], settings: Settings, encoders: _Encoders, report: IndexReport,
+                     unparsable: dict[str, Any], progress: Progress) -> dict[str, list[Chunk]]:
+    """Parse and chunk the changed files, by path.
 
     Files that fail to parse join `report.skipped` and, with their hash, `unparsable`.
     """
@@ -167,9 +257,8 @@ def _parse_and_chunk(hashed, changed: set[str], settings: Settings, report: Inde
     from ragkit.ingest.parsers import ParseError, parse_file
 
     if not changed:
-        return {}, None
-    encoder = _load_encoder(settings)
-    budget = min(settings.chunk_tokens, encoder.max_tokens) - encoder.special_tokens
+        return {}
+    budget = encoders.chunk_budget()
     out: dict[str, list[Chunk]] = {}
     todo = sorted(changed)
     for i, rel in enumerate(todo):
@@ -180,36 +269,8 @@ def _parse_and_chunk(hashed, changed: set[str], settings: Settings, report: Inde
             report.skipped.append(Skipped(rel, e.reason))
             unparsable[rel] = {"hash": digest, "reason": e.reason}
         else:
-            out[rel] = chunk_document(doc, rel, encoder.token_starts, budget)
+            out[rel] = chunk_document(doc, rel, encoders.token_starts, budget)
         progress(ProgressEvent("parse", i + 1, len(todo)))
-    return out, encoder
-
-
-def _load_encoder(settings: Settings):
-    from ragkit.encoders.dense import DenseEncoder
-
-    return DenseEncoder(settings.dense_model, device=settings.device)
-
-
-def _encode(encoder, new_chunks: dict[str, list[Chunk]], settings: Settings, report: IndexReport,
-            progress: Progress) -> dict[str, np.ndarray]:
-    """Vectors for the new chunks, by path."""
-    flat = [c for rel in sorted(new_chunks) for c in new_chunks[rel]]
-    if not flat:
-        return {}
-    report.encoded_chunks = len(flat)
-    report.encoded_tokens = sum(c.n_tokens for c in flat)
-    vectors = encoder.encode_documents(
-        [c.text for c in flat],
-        [c.n_tokens for c in flat],
-        batch_tokens=settings.encode_batch_tokens,
-        progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)),
-    )
-    out, row = {}, 0
-    for rel in sorted(new_chunks):
-        n = len(new_chunks[rel])
-        out[rel] = vectors[row : row + n]
-        row += n
     return out
 
 
@@ -217,53 +278,57 @@ def _chunk_id(rel: str, digest: str, ordinal: int) -> str:
     return hashlib.blake2b(f"{rel}\0{digest}\0{ordinal}".encode(), digest_size=8).hexdigest()
 
 
-def _write_generation(folder, index_dir, settings, new_fingerprint, old, hashed, new_chunks, new_vectors,
-                      encoder, unparsable, report: IndexReport, progress: Progress) -> None:
-    """Assemble kept and new rows in path order, build the indexes, write and switch generations."""
+def _write_generation(folder, index_dir, settings: Settings, new_fp, old, plan: _Plan, hashed, new_chunks,
+                      encoders: _Encoders, unparsable, report: IndexReport, progress: Progress) -> None:
+    """Assemble kept and new rows in path order, encode what is missing, build the indexes, switch over."""
     import pyarrow as pa
 
-    from ragkit.indexes.bm25 import LexicalIndex
-    from ragkit.indexes.faiss_index import DenseIndex, load_vectors
-
     old_table = store.load_chunks(old["folder"]) if old else None
-    old_vectors = load_vectors(old["folder"] / "dense") if old else None
     old_files = old["manifest"]["files"] if old else {}
 
     writer = store.GenerationWriter(index_dir)
-    tables, vector_parts, files, row = [], [], {}, 0
+    tables, files, sources, row = [], {}, [], 0  # sources: (first new row, old first row or None, count)
     for rel in sorted(hashed):
         source, digest = hashed[rel]
         if rel in new_chunks:
             chunks = new_chunks[rel]
             tables.append(store.chunks_to_table(chunks, [_chunk_id(rel, digest, c.ordinal) for c in chunks]))
-            vector_parts.append(new_vectors.get(rel, np.zeros((0, _dim(encoder, old_vectors)), np.float32)))
-            n, tokens = len(chunks), sum(c.n_tokens for c in chunks)
+            n, tokens, old_first = len(chunks), sum(c.n_tokens for c in chunks), None
         else:
-            first, n = old_files[rel]["rows"]
-            tables.append(old_table.slice(first, n))
-            vector_parts.append(np.asarray(old_vectors[first : first + n]))
+            old_first, n = old_files[rel]["rows"]
+            tables.append(old_table.slice(old_first, n))
             tokens = old_files[rel]["tokens"]
         files[rel] = {"hash": digest, "size": source.size, "rows": [row, n], "tokens": tokens}
+        sources.append((row, old_first, n))
         row += n
-
-    progress(ProgressEvent("write", 0, 3))
     schema = store.chunk_schema()
     table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
-    dim = _dim(encoder, old_vectors)
-    vectors = np.concatenate(vector_parts) if vector_parts else np.zeros((0, dim), np.float32)
+    texts = table.column("text").to_pylist()
+    n_tokens = table.column("n_tokens").to_pylist()
+
+    models = {}
+    dense_info = _write_dense(writer.folder / "dense", settings, old, plan, sources, texts, n_tokens, encoders,
+                              report, progress)
+    models["dense"] = dense_info
+    if settings.late:
+        chunk_ids = table.column("chunk_id").to_pylist()
+        old_ids = old_table.column("chunk_id").to_pylist() if old_table is not None else None
+        models["late"] = _write_late(writer.folder / "late", settings, old, plan, sources, texts, n_tokens,
+                                     chunk_ids, old_ids, encoders, report, progress)
+    progress(ProgressEvent("write", 0, 2))
+    from ragkit.indexes.bm25 import LexicalIndex
+
+    LexicalIndex.build(texts).save(writer.folder / "bm25")
     writer.write_chunks(table)
-    DenseIndex.build(vectors, settings.dense_exact_max).save(writer.folder / "dense")
-    progress(ProgressEvent("write", 1, 3))
-    LexicalIndex.build(table.column("text").to_pylist()).save(writer.folder / "bm25")
-    progress(ProgressEvent("write", 2, 3))
     report.chunks = table.num_rows
-    dense_info = encoder.fingerprint() if encoder else old["manifest"]["models"]["dense"]
+    progress(ProgressEvent("write", 1, 2))
     writer.write_manifest({
         "created": store.now_iso(),
         "root": str(folder),
-        "fingerprint": new_fingerprint,
-        "models": {"dense": dense_info},
-        "settings": {"chunk_tokens": settings.chunk_tokens, "dense_exact_max": settings.dense_exact_max},
+        "fingerprint": new_fp,
+        "models": models,
+        "settings": {"chunk_tokens": settings.chunk_tokens, "dense_exact_max": settings.dense_exact_max,
+                     "late": settings.late, "pool_factor": settings.pool_factor},
         "files": files,
         "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
         "unparsable": unparsable,
@@ -271,8 +336,70 @@ def _write_generation(folder, index_dir, settings, new_fingerprint, old, hashed,
         "last_run": {k: v for k, v in report.to_json().items() if k != "skipped"},
     })
     writer.commit()
-    progress(ProgressEvent("write", 3, 3))
+    progress(ProgressEvent("write", 2, 2))
 
 
-def _dim(encoder, old_vectors) -> int:
-    return encoder.dim if encoder is not None else int(old_vectors.shape[1])
+def _rows_to_encode(sources, reuse: bool) -> list[int]:
+    """Rows with no reusable result: new files' rows, or every row when the stage's output is stale."""
+    return [first + i for first, old_first, n in sources for i in range(n) if old_first is None or not reuse]
+
+
+def _check_fits(stage: str, limit: int, n_tokens: list[int]) -> None:
+    """Kept chunks re-encoded by a new model must still fit it whole."""
+    if n_tokens and max(n_tokens) > limit:
+        raise RagkitError(f"the new {stage} model reads at most {limit} tokens per chunk but the index holds chunks "
+                          f"of up to {max(n_tokens)}; run `ragkit index` again with --rebuild to re-chunk")
+
+
+def _write_dense(folder: Path, settings, old, plan: _Plan, sources, texts, n_tokens, encoders: _Encoders,
+                 report: IndexReport, progress: Progress) -> dict:
+    from ragkit.indexes.faiss_index import DenseIndex, load_vectors
+
+    reuse = old is not None and not plan.dense_all
+    todo = _rows_to_encode(sources, reuse)
+    dim = encoders.dense.dim if todo or not reuse else int(old["manifest"]["models"]["dense"]["dim"])
+    vectors = np.zeros((len(texts), dim), dtype=np.float32)
+    if reuse:
+        old_vectors = load_vectors(old["folder"] / "dense")
+        for first, old_first, n in sources:
+            if old_first is not None:
+                vectors[first : first + n] = old_vectors[old_first : old_first + n]
+    if todo:
+        _check_fits("dense", encoders.dense.max_tokens - encoders.dense.special_tokens, [n_tokens[r] for r in todo])
+        report.encoded_chunks = len(todo)
+        report.encoded_tokens = sum(n_tokens[r] for r in todo)
+        vectors[todo] = encoders.dense.encode_documents(
+            [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
+            progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
+    DenseIndex.build(vectors, settings.dense_exact_max).save(folder)
+    return encoders.dense.fingerprint() if todo else old["manifest"]["models"]["dense"]
+
+
+def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_tokens, chunk_ids, old_ids,
+                encoders: _Encoders, report: IndexReport, progress: Progress) -> dict:
+    from ragkit.indexes.late import LateIndex, write_late_index
+
+    old_late_dir = old["folder"] / "late" if old else None
+    reuse = old is not None and not plan.late_all and old_late_dir.is_dir()
+    previous = LateIndex.load(old_late_dir) if reuse else None
+    todo = _rows_to_encode(sources, reuse)
+    parts: list = [None] * len(texts)
+    if previous is not None:
+        for first, old_first, n in sources:
+            if old_first is not None:
+                for i in range(n):
+                    parts[first + i] = previous.stored(old_first + i)
+    if todo:
+        encoders.chunk_budget()  # the late model reads exactly the chunk limit
+        _check_fits("late", encoders.late.document_length - encoders.late.SPECIAL_TOKENS, [n_tokens[r] for r in todo])
+        report.late_encoded_chunks = len(todo)
+        encoded = encoders.late.encode_documents(
+            [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
+            pool_factor=settings.pool_factor,
+            progress=lambda done, total, tokens: progress(ProgressEvent("late", done, total, tokens)))
+        for r, item in zip(todo, encoded):
+            parts[r] = (item.vectors, item.spans)
+    info = encoders.late.fingerprint() if todo else old["manifest"]["models"]["late"]
+    params = {"model": info["model"], "dim": info["dim"], "pool_factor": settings.pool_factor}
+    write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None)
+    return info

@@ -46,6 +46,37 @@ def _load_failure_message(kind: str, name: str, error: Exception) -> str:
     return "\n".join(lines)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_fingerprint(name: str) -> str:
+    """A hash of a model's tokenizer files (local folder or hub cache), so that two models that cut text the
+    same way share it; falls back to the model's revision when no tokenizer file is found."""
+    digest = hashlib.blake2b(digest_size=8)
+    found = False
+    for file_name in TOKENIZER_FILES:
+        path = _model_file(name, file_name)
+        if path is not None:
+            digest.update(file_name.encode() + b"\0" + path.read_bytes())
+            found = True
+    return digest.hexdigest() if found else model_revision(name)
+
+
+def _model_file(name: str, file_name: str) -> Path | None:
+    """A file of a model, from its local folder or its cached hub snapshot."""
+    local = Path(name) / file_name
+    if Path(name).is_dir():
+        return local if local.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, file_name)
+    except Exception:  # an id the hub client rejects has no cached files either
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def model_revision(name: str) -> str:
     """A short id of the weights behind `name`: the hub snapshot it resolves to, or a hash of the local folder."""
     path = Path(name)

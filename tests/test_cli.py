@@ -40,14 +40,14 @@ def docs(tmp_path) -> Path:
 
 
 @pytest.fixture
-def indexed(tmp_path, docs, tiny_encoder) -> Path:
+def indexed(tmp_path, docs, tiny_encoder, tiny_colbert) -> Path:
     index = tmp_path / "index"
-    run_json("index", str(docs), "--index", str(index), "--dense-model", str(tiny_encoder))
+    run_json("index", str(docs), "--index", str(index), "--dense-model", str(tiny_encoder), "--late-model", str(tiny_colbert))
     return index
 
 
-def test_index_json_shape(tmp_path, docs, tiny_encoder):
-    data = run_json("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", str(tiny_encoder))
+def test_index_json_shape(tmp_path, docs, tiny_encoder, tiny_colbert):
+    data = run_json("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", str(tiny_encoder), "--late-model", str(tiny_colbert))
     assert {"added", "updated", "removed", "unchanged", "skipped", "chunks"} <= set(data)
     assert data["added"] == 2 and data["chunks"] >= 2
     assert data["skipped"] == [{"path": "photo.jpg", "reason": "unsupported file type .jpg"}]
@@ -75,7 +75,7 @@ def test_ask_renders_citations(indexed):
     assert "[1] oil.txt:1" in stdout
 
 
-def test_status_json(indexed, tiny_encoder):
+def test_status_json(indexed, tiny_encoder, tiny_colbert):
     data = run_json("status", "--index", str(indexed))
     assert data["files"] == 2 and data["chunks"] >= 2
     assert data["models"]["dense"]["model"] == str(tiny_encoder.resolve())
@@ -113,8 +113,8 @@ def test_locked_index_is_a_clear_error(indexed, docs):
     assert code == 1 and "being written" in stderr
 
 
-def test_settings_from_ragkit_toml_and_environment(tmp_path, docs, tiny_encoder, monkeypatch):
-    (tmp_path / "ragkit.toml").write_text(f'index = "from-toml"\ndense_model = "{tiny_encoder}"\n')
+def test_settings_from_ragkit_toml_and_environment(tmp_path, docs, tiny_encoder, tiny_colbert, monkeypatch):
+    (tmp_path / "ragkit.toml").write_text(f'index = "from-toml"\ndense_model = "{tiny_encoder}"\nlate_model = "{tiny_colbert}"\n')
     run_json("index", str(docs))
     assert (tmp_path / "from-toml" / store.CURRENT).is_file()
     monkeypatch.setenv("RAGKIT_INDEX", str(tmp_path / "from-env"))

@@ -111,10 +111,10 @@ def make_dataset(folder: Path) -> Path:
     return folder
 
 
-def test_eval_end_to_end(tmp_path, tiny_encoder):
+def test_eval_end_to_end(tmp_path, tiny_encoder, tiny_colbert):
     dataset = make_dataset(tmp_path / "set")
     result = CliRunner().invoke(app, ["eval", str(dataset), "--index", str(tmp_path / "index"), "--mode", "bm25",
-                                      "--dense-model", str(tiny_encoder), "--json",
+                                      "--dense-model", str(tiny_encoder), "--late-model", str(tiny_colbert), "--json",
                                       "--out", str(tmp_path / "per-question.jsonl")])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -130,12 +130,12 @@ def test_eval_end_to_end(tmp_path, tiny_encoder):
     assert "2030" in records[2]["answer"]
 
 
-def test_eval_reuses_its_index(tmp_path, tiny_encoder):
+def test_eval_reuses_its_index(tmp_path, tiny_encoder, tiny_colbert):
     from ragkit.config import Settings
     from ragkit.evaluate import run_dataset
 
     dataset = make_dataset(tmp_path / "set")
-    settings = Settings(dense_model=str(tiny_encoder), mode="bm25")
+    settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), mode="bm25")
     _, first = run_dataset(dataset, settings, index_dir=tmp_path / "index", answer=False)
     report, second = run_dataset(dataset, settings, index_dir=tmp_path / "index", limit=1, answer=False)
     assert first.added == 4 and second.unchanged == 4 and second.encoded_chunks == 0

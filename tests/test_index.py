@@ -40,8 +40,8 @@ def docs(tmp_path) -> Path:
 
 
 @pytest.fixture
-def idx(tmp_path, tiny_encoder) -> Index:
-    return Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder)))
+def idx(tmp_path, tiny_encoder, tiny_colbert) -> Index:
+    return Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert)))
 
 
 def paths_of(hits) -> set[str]:
@@ -123,22 +123,22 @@ def test_dense_vectors_of_kept_files_are_reused_exactly(idx, docs):
     assert np.array_equal(vec1, vec2)
 
 
-def test_changing_chunk_size_rebuilds_everything(idx, docs, tiny_encoder):
+def test_changing_chunk_size_rebuilds_everything(idx, docs, tiny_encoder, tiny_colbert):
     idx.add(docs)
-    smaller = Index(idx.path, Settings(dense_model=str(tiny_encoder), chunk_tokens=24))
+    smaller = Index(idx.path, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), chunk_tokens=24))
     report = smaller.add(docs)
     assert report.rebuilt and "chunk_tokens" in report.rebuilt
     assert report.encoded_chunks == report.chunks
     assert all(h.chunk.n_tokens <= 24 - 2 for h in smaller.search("the", k=50, mode="bm25"))
 
 
-def test_changing_the_model_never_mixes_vectors(idx, docs, tmp_path):
+def test_changing_the_model_never_mixes_vectors(idx, docs, tmp_path, tiny_colbert):
     from models import build_modernbert_encoder
 
     idx.add(docs)
     other = build_modernbert_encoder(tmp_path / "other", seed=1)
-    report = Index(idx.path, Settings(dense_model=str(other))).add(docs)
-    assert report.rebuilt and "dense_model" in report.rebuilt
+    report = Index(idx.path, Settings(dense_model=str(other), late_model=str(tiny_colbert))).add(docs)
+    assert report.rebuilt and "dense" in report.rebuilt
     assert report.encoded_chunks == report.chunks
     manifest = store.read_manifest(store.current_generation(idx.path))
     assert manifest["models"]["dense"]["model"] == str(other.resolve())
@@ -206,9 +206,9 @@ def test_second_writer_is_refused(idx, docs):
     assert idx.add(docs).added == 3  # the lock is released
 
 
-def _index_command(folder: Path, index: Path, model: Path) -> list[str]:
+def _index_command(folder: Path, index: Path, model: Path, late_model: Path) -> list[str]:
     return [sys.executable, "-m", "ragkit.cli", "index", str(folder), "--index", str(index),
-            "--dense-model", str(model), "--json"]
+            "--dense-model", str(model), "--late-model", str(late_model), "--json"]
 
 
 def _wait_for(condition, timeout: float) -> bool:
@@ -221,19 +221,19 @@ def _wait_for(condition, timeout: float) -> bool:
 
 
 @pytest.mark.parametrize("kill_when", ["encoding", "writing"])
-def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, kill_when):
+def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, tiny_colbert, kill_when):
     folder = tmp_path / "docs"
     write_docs(folder, {f"f{i:03d}.txt": f"Document {i} about topic{i}.\n" + "filler words here. " * 400
                         for i in range(60)})
     index = tmp_path / "index"
-    idx = Index(index, Settings(dense_model=str(tiny_encoder)))
+    idx = Index(index, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert)))
     idx.add(folder)
     generation = store.current_generation(index)
     for i in range(60):  # every file changes: the next run has real work to do
         (folder / f"f{i:03d}.txt").write_text(f"Changed {i} now mentions zeppelin{i}.\n" + "other words. " * 400)
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    child = subprocess.Popen(_index_command(folder, index, tiny_encoder), env=env,
+    child = subprocess.Popen(_index_command(folder, index, tiny_encoder, tiny_colbert), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if kill_when == "encoding":
         started = _wait_for(lambda: "pid" in (index / store.LOCK).read_text(), 60)
@@ -245,20 +245,20 @@ def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, kill_wh
 
     # the previous generation is live and whole
     assert store.current_generation(index) == generation
-    assert Index(index, Settings(dense_model=str(tiny_encoder))).search("topic7", k=1, mode="bm25")[0].chunk.path \
+    assert Index(index, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).search("topic7", k=1, mode="bm25")[0].chunk.path \
         == "f007.txt"
     # the next run completes and cleans up what the killed one left
-    report = Index(index, Settings(dense_model=str(tiny_encoder))).add(folder)
+    report = Index(index, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).add(folder)
     assert report.updated == 60
     assert not list(index.glob("*" + store.TMP_SUFFIX))
     assert Index(index, Settings()).search("zeppelin7", k=1, mode="bm25")[0].chunk.path == "f007.txt"
 
 
-def test_large_collections_use_hnsw(tmp_path, docs, tiny_encoder):
+def test_large_collections_use_hnsw(tmp_path, docs, tiny_encoder, tiny_colbert):
     import json as _json
 
-    flat = Index(tmp_path / "flat", Settings(dense_model=str(tiny_encoder)))
-    hnsw = Index(tmp_path / "hnsw", Settings(dense_model=str(tiny_encoder), dense_exact_max=2))
+    flat = Index(tmp_path / "flat", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert)))
+    hnsw = Index(tmp_path / "hnsw", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), dense_exact_max=2))
     flat.add(docs)
     hnsw.add(docs)
     params = _json.loads((store.current_generation(hnsw.path) / "dense" / "params.json").read_text())

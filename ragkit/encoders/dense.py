@@ -64,7 +64,7 @@ class DenseEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: n_tokens[i], reverse=True)
         done = tokens = 0
-        for batch in _token_batches(order, n_tokens, batch_tokens):
+        for batch in token_batches(order, n_tokens, batch_tokens):
             vectors = self._encode([texts[i] for i in batch], is_query=False)
             out[batch] = vectors
             done += len(batch)
@@ -89,7 +89,7 @@ class DenseEncoder:
         return np.asarray(vectors, dtype=np.float32)
 
 
-def _token_batches(order: list[int], n_tokens: Sequence[int], batch_tokens: int) -> list[list[int]]:
+def token_batches(order: list[int], n_tokens: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Split length-sorted (longest first) indices so that longest × count ≤ batch_tokens."""
     batches: list[list[int]] = []
     current: list[int] = []

@@ -16,6 +16,7 @@ _MAX_SENTENCE_CHARS = 600
 _DENSE_CANDIDATES = 48  # sentences re-scored with the dense encoder
 _LEXICAL_WEIGHT = 0.5  # weight of query-term coverage next to cosine similarity
 _KEEP_RATIO = 0.8  # further sentences must score this close to the best one
+_EVIDENCE_WEIGHT = 0.3  # weight of the share of a hit's MaxSim evidence that falls in the sentence
 _MIN_WORDS = 4  # shorter "sentences" (titles, labels) are cited only when nothing longer matches
 
 
@@ -102,7 +103,8 @@ def _cut_long(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 class ExtractiveReader:
-    """Scores every sentence of the hits by query-term coverage and, when an encoder is given, cosine."""
+    """Scores every sentence of the hits by query-term coverage, the hit's MaxSim evidence inside it and,
+    when an encoder is given, cosine similarity to the question."""
 
     def __init__(self, encoder=None, max_sentences: int = 3) -> None:
         self.encoder = encoder
@@ -127,7 +129,7 @@ class ExtractiveReader:
         lexical = _coverage(set(q_terms), [set(t) for t in s_terms])
         rank_of = {id(h): r for r, h in enumerate(hits)}
         prior = np.array([0.05 / (1 + rank_of[id(s.hit)]) for s in sentences])
-        scores = _LEXICAL_WEIGHT * lexical + prior
+        scores = _LEXICAL_WEIGHT * lexical + prior + _EVIDENCE_WEIGHT * _evidence_share(sentences)
         scores -= np.array([1.0 if len(s.text.split()) < _MIN_WORDS else 0.0 for s in sentences])
         if self.encoder is not None:
             top = np.argsort(-scores, kind="stable")[:_DENSE_CANDIDATES]
@@ -143,6 +145,17 @@ class ExtractiveReader:
         start_line, page = chunk.locate(sentence.start)
         end_line, _ = chunk.locate(max(sentence.start, sentence.end - 1))
         return Citation(sentence.hit, sentence.text, start_line, end_line, page, score)
+
+
+def _evidence_share(sentences: list[Sentence]) -> np.ndarray:
+    """Share of its hit's evidence score (late-interaction alignments) that each sentence holds."""
+    shares = np.zeros(len(sentences))
+    for i, s in enumerate(sentences):
+        total = sum(e.score for e in s.hit.evidence)
+        if total > 0:
+            inside = sum(e.score for e in s.hit.evidence if e.start < s.end and s.start < e.end)
+            shares[i] = inside / total
+    return shares
 
 
 def _coverage(query: set[str], sentences: list[set[str]]) -> np.ndarray:

@@ -1,0 +1,239 @@
+"""Late interaction: every chunk's token vectors, scored by exact MaxSim, with PLAID for large collections.
+
+Folder layout (all plain files):
+    tokens.npy      float16 (T, dim): token vectors of all chunks, row after row, unit length
+    spans.npy       int32 (T, 2): char span of each token in its chunk's text (-1: none)
+    offsets.npy     int64 (n + 1): chunk row r owns tokens offsets[r]:offsets[r + 1]
+    params.json     model, dim, pool factor, counts, PLAID bookkeeping
+    plaid/          fast-plaid index (centroids, codes, residuals; npy + json)
+    plaid_rows.npy  int64: chunk row of each PLAID document id
+
+MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over a memory-mapped token matrix beats PLAID up
+to a few million tokens (faster and exact); above `exact_max_tokens` PLAID proposes candidates and exact MaxSim
+re-ranks them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ragkit.indexes.base import SearchResults
+
+TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
+    "tokens.npy", "spans.npy", "offsets.npy", "params.json", "plaid", "plaid_rows.npy")
+MIN_PLAID_TOKENS = 1000  # below this PLAID may not train its codec; exact search serves such tiny indexes
+RETRAIN_SHARE = 0.05  # retrain PLAID's centroids once this share of documents arrived after training
+BLOCK_TOKENS = 1 << 16  # tokens scored per block in exhaustive search (bounds memory)
+
+
+@dataclass
+class PlaidState:
+    """What PLAID was trained on, to know when to retrain."""
+
+    trained_docs: int = 0
+    added_since_training: int = 0
+
+    def needs_retraining(self, new_docs: int) -> bool:
+        return self.added_since_training + new_docs > RETRAIN_SHARE * max(self.trained_docs, 1)
+
+
+class LateIndex:
+    """Token vectors of rows 0..n-1 of the chunk table."""
+
+    def __init__(self, folder: Path | None, tokens: np.ndarray, spans: np.ndarray, offsets: np.ndarray,
+                 params: dict) -> None:
+        self.folder = folder
+        self.tokens = tokens
+        self.spans = spans
+        self.offsets = offsets
+        self.params = params
+        self._plaid = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def token_data(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 (t, dim), spans (t, 2)) of one chunk."""
+        vectors, spans = self.stored(row)
+        return np.asarray(vectors, dtype=np.float32), np.asarray(spans)
+
+    def stored(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored (float16 vectors, spans) of one chunk, as memory-mapped views (no copy)."""
+        a, b = int(self.offsets[row]), int(self.offsets[row + 1])
+        return self.tokens[a:b], self.spans[a:b]
+
+    # ---------------------------------------------------------------------------------------------- search
+
+    def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
+               exact_max_tokens: int = 4_000_000, plaid_candidates: int = 256) -> SearchResults:
+        """Top `k` rows by MaxSim for each query (tokens, dim), among `rows` when given."""
+        if len(self) == 0 or k == 0:
+            return [[] for _ in queries]
+        if rows is not None:
+            return [_top(self.maxsim(q, rows), rows, k) for q in queries]
+        if self.total_tokens <= exact_max_tokens or not self.has_plaid:
+            all_rows = np.arange(len(self))
+            return [_top(self.maxsim_all(q), all_rows, k) for q in queries]
+        out = []
+        for q, candidates in zip(queries, self.plaid_search(queries, max(k, plaid_candidates))):
+            candidate_rows = np.array(sorted({row for row, _ in candidates}), dtype=np.int64)
+            out.append(_top(self.maxsim(q, candidate_rows), candidate_rows, k))
+        return out
+
+    def maxsim(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact MaxSim of one query (q_tokens, dim) against each of `rows`."""
+        scores = np.empty(len(rows), dtype=np.float32)
+        for i, row in enumerate(rows):
+            vectors, _ = self.token_data(int(row))
+            scores[i] = (vectors @ query.T).max(axis=0).sum() if len(vectors) else 0.0
+        return scores
+
+    def maxsim_all(self, query: np.ndarray) -> np.ndarray:
+        """Exact MaxSim against every row, streaming the token matrix in blocks of whole chunks."""
+        n = len(self)
+        scores = np.zeros(n, dtype=np.float32)
+        row = 0
+        while row < n:
+            end = int(np.searchsorted(self.offsets, self.offsets[row] + BLOCK_TOKENS, side="right")) - 1
+            end = min(max(end, row + 1), n)
+            a, b = int(self.offsets[row]), int(self.offsets[end])
+            sims = np.asarray(self.tokens[a:b], dtype=np.float32) @ query.T  # (block tokens, q_tokens)
+            starts = self.offsets[row:end] - a
+            scores[row:end] = np.maximum.reduceat(sims, starts, axis=0).sum(axis=1)
+            row = end
+        return scores
+
+    # ----------------------------------------------------------------------------------------------- PLAID
+
+    @property
+    def has_plaid(self) -> bool:
+        return self.folder is not None and (self.folder / PLAID_ROWS).is_file()
+
+    def plaid_search(self, queries: Sequence[np.ndarray], k: int) -> SearchResults:
+        """PLAID's approximate top `k` rows per query."""
+        import torch
+
+        plaid_rows = np.load(self.folder / PLAID_ROWS)
+        batch = torch.from_numpy(np.stack(_pad(queries)))
+        results = self._plaid_handle().search(queries_embeddings=batch, top_k=min(k, len(plaid_rows)),
+                                              show_progress=False)
+        return [[(int(plaid_rows[doc]), float(score)) for doc, score in result] for result in results]
+
+    def _plaid_handle(self):
+        if self._plaid is None:
+            from fast_plaid import search
+
+            self._plaid = search.FastPlaid(index=str(self.folder / PLAID), device="cpu")
+        return self._plaid
+
+    # ------------------------------------------------------------------------------------------ persistence
+
+    @classmethod
+    def load(cls, folder: Path) -> "LateIndex":
+        return cls(folder, np.load(folder / TOKENS, mmap_mode="r"), np.load(folder / SPANS, mmap_mode="r"),
+                   np.load(folder / OFFSETS), json.loads((folder / PARAMS).read_text()))
+
+
+def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]], chunk_ids: Sequence[str],
+                     params: dict, previous: "LateIndex | None", previous_chunk_ids: Sequence[str] | None) -> dict:
+    """Write token vectors of every row and bring PLAID up to date; returns the params written.
+
+    PLAID is carried over from `previous` when it was built by the same model: the documents of removed
+    chunks are deleted, new chunks appended, and the centroids retrained from scratch once more than
+    RETRAIN_SHARE of the collection arrived after the last training.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(v) for v, _ in parts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    dim = int(params["dim"])
+    tokens = np.lib.format.open_memmap(folder / TOKENS, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), dim))
+    spans = np.lib.format.open_memmap(folder / SPANS, mode="w+", dtype=np.int32, shape=(int(offsets[-1]), 2))
+    for (vectors, token_spans), a, b in zip(parts, offsets[:-1], offsets[1:]):
+        tokens[a:b] = vectors
+        spans[a:b] = token_spans
+    tokens.flush()
+    spans.flush()
+    del tokens, spans
+    np.save(folder / OFFSETS, offsets)
+    state = _update_plaid(folder, parts, list(chunk_ids), previous, previous_chunk_ids)
+    params = {**params, "count": len(parts), "tokens": int(offsets[-1]),
+              "plaid": {"trained_docs": state.trained_docs, "added_since_training": state.added_since_training}}
+    (folder / PARAMS).write_text(json.dumps(params, indent=2))
+    return params
+
+
+def _update_plaid(folder: Path, parts, chunk_ids: list[str], previous: "LateIndex | None",
+                  previous_chunk_ids: Sequence[str] | None) -> PlaidState:
+    import torch
+    from fast_plaid import search
+
+    row_of = {cid: row for row, cid in enumerate(chunk_ids)}
+    if not chunk_ids:
+        return PlaidState()
+    carried = previous is not None and previous.has_plaid and previous_chunk_ids is not None
+    if carried:
+        state = PlaidState(**previous.params.get("plaid", {}))
+        old_order = [previous_chunk_ids[r] for r in np.load(previous.folder / PLAID_ROWS)]
+        kept = [cid for cid in old_order if cid in row_of]
+        new = [cid for cid in chunk_ids if cid not in set(kept)]
+        carried = not state.needs_retraining(len(new)) and len(kept) > 0
+    if carried:
+        shutil.copytree(previous.folder / PLAID, folder / PLAID)
+        plaid = search.FastPlaid(index=str(folder / PLAID), device="cpu")
+        removed = [i for i, cid in enumerate(old_order) if cid not in row_of]
+        if removed:
+            plaid.delete(removed)  # later ids shift down: `kept` keeps that order
+        if new:
+            plaid.update(documents_embeddings=[_tensor(parts[row_of[c]][0], torch) for c in new],
+                         use_triton_kmeans=False)
+        order = kept + new
+        state = PlaidState(state.trained_docs, state.added_since_training + len(new))
+    else:
+        plaid = search.FastPlaid(index=str(folder / PLAID), device="cpu")
+        try:
+            plaid.create(documents_embeddings=[_tensor(v, torch) for v, _ in parts], seed=42,
+                         use_triton_kmeans=False)
+        except Exception:
+            if sum(len(v) for v, _ in parts) >= MIN_PLAID_TOKENS:
+                raise
+            shutil.rmtree(folder / PLAID, ignore_errors=True)  # too few tokens to train a codec: exact search only
+            return PlaidState()
+        order = chunk_ids
+        state = PlaidState(trained_docs=len(chunk_ids))
+    _remove_lock(folder / PLAID)
+    np.save(folder / PLAID_ROWS, np.array([row_of[c] for c in order], dtype=np.int64))
+    return state
+
+
+def _remove_lock(plaid_folder: Path) -> None:
+    """fast-plaid leaves a lock file behind; a finished generation has no writer."""
+    (plaid_folder / "plaid.lock").unlink(missing_ok=True)
+
+
+def _tensor(vectors: np.ndarray, torch):
+    return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+
+
+def _pad(queries: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Queries of one length (PyLate pads queries to query_length already; this guards the rest)."""
+    length = max(len(q) for q in queries)
+    return [np.pad(q, ((0, length - len(q)), (0, 0))) for q in queries]
+
+
+def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
+    k = min(k, len(rows))
+    if k == 0:
+        return []
+    top = np.argpartition(-scores, k - 1)[:k]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [(int(rows[i]), float(scores[i])) for i in top]

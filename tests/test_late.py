@@ -1,0 +1,168 @@
+"""Late interaction: the ColBERT encoder, the token store and PLAID, incremental consistency, evidence spans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ragkit import store
+from ragkit.api import Index
+from ragkit.config import Settings
+from ragkit.errors import RagkitError
+from ragkit.indexes.late import LateIndex, PlaidState, write_late_index
+
+TOPICS = ["zeppelin", "volcano", "harpsichord", "glacier", "saxophone", "meteorite", "lighthouse", "cathedral"]
+
+
+def write_corpus(folder, n: int = 40) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        text = f"Report {i} on the {topic} number {i}.\n\n" + " ".join(
+            f"The {topic} sentence {j} says something about item{i}x{j}." for j in range(6))
+        (folder / f"doc{i:02d}.txt").write_text(text + "\n")
+
+
+@pytest.fixture
+def settings(tiny_encoder, tiny_colbert) -> Settings:
+    return Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))
+
+
+def random_parts(rng, n: int, dim: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    parts = []
+    for _ in range(n):
+        v = rng.normal(size=(int(rng.integers(20, 40)), dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        parts.append((v.astype(np.float16), np.full((len(v), 2), -1, dtype=np.int32)))
+    return parts
+
+
+def test_token_store_round_trip_and_exact_maxsim(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = random_parts(rng, 60)
+    ids = [f"c{i}" for i in range(60)]
+    write_late_index(tmp_path / "late", parts, ids, {"model": "m", "dim": 8}, None, None)
+    late = LateIndex.load(tmp_path / "late")
+    assert len(late) == 60 and late.total_tokens == sum(len(v) for v, _ in parts)
+    query = parts[17][0][:5].astype(np.float32)
+    expected = [float((v.astype(np.float32) @ query.T).max(axis=0).sum()) for v, _ in parts]
+    assert np.allclose(late.maxsim_all(query), expected, atol=1e-3)
+    assert late.search([query], 3, exact_max_tokens=10**9)[0][0][0] == 17
+    assert late.has_plaid
+    assert late.search([query], 3, exact_max_tokens=0)[0][0][0] == 17  # PLAID candidates, exact re-rank
+
+
+def test_plaid_carried_over_stays_consistent_with_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    parts = random_parts(rng, 80)
+    ids = [f"c{i}" for i in range(80)]
+    write_late_index(tmp_path / "g1", parts, ids, {"model": "m", "dim": 8}, None, None)
+    first = LateIndex.load(tmp_path / "g1")
+    # delete three chunks and add two new ones (few enough that PLAID is updated, not retrained)
+    kept = [i for i in range(80) if i not in (3, 40, 79)]
+    new_parts = random_parts(rng, 2)
+    parts2 = [parts[i] for i in kept] + new_parts
+    ids2 = [ids[i] for i in kept] + ["n0", "n1"]
+    params = write_late_index(tmp_path / "g2", parts2, ids2, {"model": "m", "dim": 8}, first, ids)
+    assert params["plaid"] == {"trained_docs": 80, "added_since_training": 2}
+    second = LateIndex.load(tmp_path / "g2")
+    for row, (vectors, _) in enumerate(parts2):  # every row is found by PLAID at its own row number
+        query = vectors[:4].astype(np.float32)
+        assert second.plaid_search([query], 1)[0][0][0] == row
+    returned = {r for row in range(len(parts2))
+                for r, _ in second.plaid_search([parts2[row][0][:4].astype(np.float32)], 20)[0]}
+    assert returned <= set(range(len(parts2)))
+
+
+def test_plaid_retrains_when_much_is_new(tmp_path):
+    assert PlaidState(trained_docs=100, added_since_training=4).needs_retraining(2)
+    assert not PlaidState(trained_docs=100, added_since_training=0).needs_retraining(5)
+    rng = np.random.default_rng(2)
+    parts = random_parts(rng, 40)
+    ids = [f"c{i}" for i in range(40)]
+    write_late_index(tmp_path / "g1", parts, ids, {"model": "m", "dim": 8}, None, None)
+    more = parts + random_parts(rng, 10)
+    params = write_late_index(tmp_path / "g2", more, ids + [f"n{i}" for i in range(10)], {"model": "m", "dim": 8},
+                              LateIndex.load(tmp_path / "g1"), ids)
+    assert params["plaid"] == {"trained_docs": 50, "added_since_training": 0}
+
+
+def test_index_builds_all_three_stages(tmp_path, settings):
+    write_corpus(tmp_path / "docs")
+    idx = Index(tmp_path / "index", settings)
+    report = idx.add(tmp_path / "docs")
+    assert report.late_encoded_chunks == report.chunks == report.encoded_chunks
+    generation = store.current_generation(idx.path)
+    assert (generation / "late" / "plaid" / "metadata.json").is_file()
+    manifest = store.read_manifest(generation)
+    # the late model reads exactly the chunk length: 64 - 2 dense special tokens, + CLS, [D], SEP
+    assert manifest["models"]["late"]["document_length"] == 62 + 3
+    for mode in ("late", "hybrid"):
+        hits = idx.search("harpsichord", k=5, mode=mode)
+        assert len(hits) == 5 and all(h.evidence for h in hits)
+        for h in hits:
+            assert all(0 <= e.start < e.end <= len(h.chunk.text) for e in h.evidence)
+
+
+def test_deleted_files_never_come_back_in_any_mode(tmp_path, settings):
+    write_corpus(tmp_path / "docs")
+    # PLAID serves late search here (exact_max_tokens=0), so its delete semantics are what is tested
+    idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0))
+    idx.add(tmp_path / "docs")
+    gone = {f"doc{i:02d}.txt" for i in (2, 10, 18)}  # all about "harpsichord"
+    for name in gone:
+        (tmp_path / "docs" / name).unlink()
+    (tmp_path / "docs" / "doc05.txt").write_text("Now this file is about a harpsichord restoration.\n")
+    report = idx.add(tmp_path / "docs")
+    assert (report.removed, report.updated) == (3, 1)
+    assert report.late_encoded_chunks == 1
+    for mode in ("dense", "bm25", "late", "hybrid"):
+        paths = {h.chunk.path for h in idx.search("harpsichord number", k=50, mode=mode)}
+        assert not paths & gone, mode
+    assert "doc05.txt" in {h.chunk.path for h in idx.search("harpsichord restoration", k=5, mode="late")}
+
+
+def test_each_stage_rebuilds_alone(tmp_path, settings, tiny_encoder):
+    from models import build_colbert
+
+    write_corpus(tmp_path / "docs", n=12)
+    idx = Index(tmp_path / "index", settings)
+    first = idx.add(tmp_path / "docs")
+    other_late = build_colbert(tmp_path / "other-colbert", tiny_encoder.parent / "backbone", seed=3)
+    report = Index(idx.path, settings.replace(late_model=str(other_late))).add(tmp_path / "docs")
+    assert report.rebuilt == "changed late model"
+    assert report.encoded_chunks == 0 and report.late_encoded_chunks == first.chunks
+    off = Index(idx.path, settings.replace(late_model=str(other_late), late=False)).add(tmp_path / "docs")
+    assert off.encoded_chunks == 0 and off.late_encoded_chunks == 0 and off.rebuilt is None
+    with pytest.raises(RagkitError, match="no late-interaction stage"):
+        Index(idx.path, settings).search("volcano", mode="late")
+    assert Index(idx.path, settings).search("volcano", k=3, mode="hybrid")  # hybrid uses what there is
+
+
+def test_pooled_index_is_smaller_and_still_has_evidence(tmp_path, settings):
+    write_corpus(tmp_path / "docs", n=12)
+    plain = Index(tmp_path / "plain", settings)
+    pooled = Index(tmp_path / "pooled", settings.replace(pool_factor=2))
+    plain.add(tmp_path / "docs")
+    pooled.add(tmp_path / "docs")
+    assert pooled.searcher.late.total_tokens < 0.7 * plain.searcher.late.total_tokens
+    hits = pooled.search("glacier", k=3, mode="late")
+    assert hits and all(h.evidence for h in hits)
+
+
+def test_evidence_lands_on_the_query_terms(tmp_path, minilm):
+    """With real MiniLM token vectors (through an untrained projection), identical words align."""
+    from models import build_colbert
+
+    late_model = build_colbert(tmp_path / "colbert", minilm, document_length=256)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The committee met on Tuesday. Afterwards the zeppelin landed near the harbour, "
+                                "and everyone went home for dinner.\n")
+    idx = Index(tmp_path / "index", Settings(dense_model=str(minilm), late_model=str(late_model)))
+    idx.add(docs)
+    hit = idx.search("zeppelin harbour", k=1, mode="late")[0]
+    marked = [hit.chunk.text[e.start:e.end] for e in hit.evidence[:2]]
+    assert any("zeppelin" in m for m in marked) and any("harbour" in m for m in marked)
+    answer = idx.ask("Where did the zeppelin land?", mode="hybrid")
+    assert "zeppelin landed near the harbour" in answer.citations[0].text
