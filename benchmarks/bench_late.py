@@ -23,18 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_index import default_model  # noqa: E402
-from benchmarks.common import DATA, percentiles, ratio_table, record, timed  # noqa: E402
-
-
-def build_colbert(backbone: str, folder: Path) -> str:
-    """A PyLate ColBERT over the MiniLM backbone (128-d projection, untrained), saved to `folder`."""
-    import torch
-    from pylate import models
-
-    torch.manual_seed(0)
-    models.ColBERT(backbone, embedding_size=128, document_length=256, device="cpu").save(str(folder))
-    return str(folder)
+from benchmarks.common import DATA, minilm_colbert, minilm_model, percentiles, ratio_table, record, timed  # noqa: E402
 
 
 def folder_bytes(folder: Path) -> int:
@@ -62,8 +51,8 @@ def main() -> None:
     docs = DATA / "squad-v1.1-dev" / "docs"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        colbert = build_colbert(default_model(), work / "colbert")
-        settings = Settings(dense_model=default_model(), late_model=colbert)
+        colbert = minilm_colbert(work / "colbert", identity=False)  # 128-d, the usual ColBERT width
+        settings = Settings(dense_model=minilm_model(), late_model=colbert)
         idx = Index(work / "index", settings)
         report, index_seconds = timed(idx.add, docs)
         pooled = Index(work / "pooled", settings.replace(pool_factor=2))

