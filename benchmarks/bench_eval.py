@@ -38,7 +38,9 @@ METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "evidence_h
 def groups_of(questions_file: Path) -> dict[str, str]:
     """Question id → its category, for sets that have one."""
     out = {}
-    for line in questions_file.read_text().splitlines():
+    for line in questions_file.read_text().split("\n"):
+        if not line.strip():
+            continue
         q = json.loads(line)
         for name in GROUP_FIELDS:
             if name in q:

@@ -70,7 +70,7 @@ def latency(model: str, work: Path, n_queries: int) -> dict:
     from ragkit.indexes.faiss_index import load_vectors
 
     questions = [json.loads(line)["question"] for line in
-                 (DATA / "squad-v1.1-dev" / "questions.jsonl").read_text().splitlines()[:n_queries]]
+                 (DATA / "squad-v1.1-dev" / "questions.jsonl").read_text().split("\n")[:n_queries]]
     idx = Index(work / "squad-index")
     vectors = load_vectors(store.current_generation(idx.path) / "dense")
     flat = faiss.IndexFlatIP(vectors.shape[1])

@@ -36,7 +36,7 @@ class Settings:
     pool_factor: int = 1  # token pooling of document vectors (2 halves the late index; evidence is re-derived)
     late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID beyond
     plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
-    rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode
+    rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
 
     def replace(self, **changes: Any) -> "Settings":
@@ -136,14 +136,14 @@ def _validated(settings: Settings) -> Settings:
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates", "rerank_depth"):
+                 "plaid_candidates"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens < 16:
         raise ConfigError("chunk_tokens must be at least 16")
     if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")
-    for name in ("rrf_k", "dense_exact_max"):
+    for name in ("rrf_k", "dense_exact_max", "rerank_depth"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting '{name}' must be at least 0")
     return settings

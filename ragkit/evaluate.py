@@ -150,7 +150,7 @@ class EvalReport:
 def load_questions(path: Path, docs: Path, limit: int | None = None) -> list[Question]:
     """Questions from a JSONL file; evidence is located as char spans in the gold document."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # JSON strings may hold U+2028: not a line end
     except OSError as e:
         raise RagkitError(f"cannot read questions file {path}: {e.strerror or e}") from None
     questions = []

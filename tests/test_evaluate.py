@@ -175,3 +175,10 @@ def test_eval_on_real_squad_questions(squad_index, shared_data):
     # measured 2026-11-26 on the first 100 questions: recall@5 0.99, evidence_hit@5 0.96, answer in citations 0.83
     assert summary["recall@5"] >= 0.95 and summary["evidence_hit@5"] >= 0.85
     assert summary["answer_in_citations"] >= 0.6
+
+
+def test_questions_may_hold_unicode_line_separators(tmp_path):
+    record = {"id": "u", "question": "line\u2028separator?", "answers": ["x\u2029y"], "doc": "d.txt"}
+    (tmp_path / "q.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    [question] = load_questions(tmp_path / "q.jsonl", tmp_path)
+    assert question.question == "line\u2028separator?" and question.answers == ["x\u2029y"]
