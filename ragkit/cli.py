@@ -160,6 +160,7 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
             ("chunks", f"{info['chunks']:,}"),
             ("tokens", f"{info['tokens']:,}"),
             ("dense model", f"{dense['model']} ({dense['dim']}-d, ≤{dense['max_tokens']} tokens)"),
+            ("late model", _late_summary(info["models"].get("late"), info["settings"])),
             ("skipped files", str(len(info["skipped"]))),
             ("size on disk", _human_bytes(info["size_bytes"])),
             ("last run", f"{info['created']} ({_run_summary(info['last_run'])})"),
@@ -211,6 +212,13 @@ def eval_(
                 table.add_row(key, "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
         out.print(table)
         out.print(f"Per-question results: {escape(str(out_path))}")
+
+
+def _late_summary(late: dict[str, Any] | None, settings: dict[str, Any]) -> str:
+    if not late:
+        return "none (built with --no-late)"
+    pooled = f", pool factor {settings['pool_factor']}" if settings.get("pool_factor", 1) > 1 else ""
+    return f"{late['model']} ({late['dim']}-d per token, ≤{late['document_length']} tokens{pooled})"
 
 
 def _render_index_report(report, index_path: Path) -> None:
