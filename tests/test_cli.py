@@ -133,3 +133,9 @@ def test_help_is_fast_and_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-m", "ragkit.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "index" in result.stdout and "ask" in result.stdout
     assert time.perf_counter() - started < 3.0  # well under a second on an idle machine; CI is shared
+
+
+def test_status_table_names_both_models(indexed, tiny_encoder, tiny_colbert):
+    code, stdout, _ = run("status", "--index", str(indexed))
+    flat = " ".join(stdout.split())
+    assert code == 0 and "dense model" in flat and "late model" in flat and "chunks" in flat
