@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from ragkit import store
 from ragkit.config import MODES, Settings, load_settings
-from ragkit.errors import ConfigError
+from ragkit.errors import ConfigError, RagkitError
 from ragkit.indexer import IndexReport, build_index
 from ragkit.progress import Progress, silent
 
@@ -25,6 +25,7 @@ class Index:
         self.settings = base.replace(**overrides)
         self.path = Path(path if path is not None else self.settings.index).expanduser().resolve()
         self._searcher = None
+        self._reader = None
 
     def exists(self) -> bool:
         return (self.path / store.CURRENT).is_file()
@@ -48,11 +49,30 @@ class Index:
         return self.searcher.search_many(queries, k or self.settings.k, self._mode(mode))
 
     def ask(self, question: str, k: int | None = None, mode: str | None = None,
-            paths: Sequence[str] | None = None):
-        """An extractive answer to `question` with numbered citations, from the top `k` hits (default 5)."""
+            paths: Sequence[str] | None = None, reader: str | None = None):
+        """An answer to `question` with numbered citations, from the top `k` hits (default 5).
+
+        reader: "extractive" (cited sentences of the hits) or "infini" (a causal LM with memory reads the whole
+        documents of the hits, then answers with the hits in its local window).
+        """
         mode = self._mode(mode)
         hits = self.search(question, k or min(self.settings.k, 5), mode, paths)
-        return self.answer_from_hits(question, hits, mode)
+        reader = reader or self.settings.reader
+        if reader == "extractive":
+            return self.answer_from_hits(question, hits, mode)
+        from ragkit.readers.generative import document_texts
+
+        documents = document_texts(Path(self.manifest()["root"]), [h.chunk.path for h in hits])
+        return self.memory_reader(reader).answer(question, hits, documents)
+
+    def memory_reader(self, kind: str):
+        """The memory reader `kind` built from the settings, loaded once."""
+        from ragkit.readers.generative import MemoryReader, spec_from_settings
+
+        spec = spec_from_settings(self.settings, kind)
+        if self._reader is None or self._reader.spec != spec:
+            self._reader = MemoryReader(spec)
+        return self._reader
 
     def answer_from_hits(self, question: str, hits: list, mode: str | None = None):
         """The extractive reader's answer to `question` from the given hits."""
@@ -102,3 +122,21 @@ class Index:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         return mode
+
+
+def summarize_file(path: str | Path, settings: Settings | None = None, reader: str | None = None) -> dict[str, str]:
+    """Stream a whole file through a memory reader and summarize it: {"summary", "source"}."""
+    from ragkit.ingest.parsers import ParseError, parse_file
+    from ragkit.readers.generative import MemoryReader, spec_from_settings
+
+    settings = settings or load_settings()
+    kind = reader or (settings.reader if settings.reader != "extractive" else "infini")
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise RagkitError(f"{source} is not a file")
+    try:
+        text = parse_file(source).text
+    except ParseError as e:
+        raise RagkitError(f"cannot summarize {source}: {e.reason}") from None
+    summary = MemoryReader(spec_from_settings(settings, kind)).summarize(text)
+    return {"summary": summary, "source": str(source.resolve())}

@@ -28,6 +28,11 @@ ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | l
 FusionOpt = Annotated[Optional[str], typer.Option(
     "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
 KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits.", min=1)]
+ReaderOpt = Annotated[Optional[str], typer.Option(
+    "--reader", help="extractive (cited sentences) | infini (causal LM with memory) [default: extractive].")]
+ReaderModelOpt = Annotated[Optional[str], typer.Option(
+    "--reader-model", help="Backbone of the memory reader: HF causal LM id or local path.")]
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Folder of a trained memory adapter.")]
 PathsOpt = Annotated[Optional[list[str]], typer.Option(
     "--path", help="Only search files with this relative path or glob (repeatable).")]
 
@@ -124,11 +129,14 @@ def ask(
     mode: ModeOpt = None,
     fusion: FusionOpt = None,
     paths: PathsOpt = None,
+    reader: ReaderOpt = None,
+    reader_model: ReaderModelOpt = None,
+    adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question from the indexed documents, with citations."""
     with _user_errors(as_json):
-        idx = _open(index, mode=mode, fusion=fusion)
+        idx = _open(index, mode=mode, fusion=fusion, reader=reader, reader_model=reader_model, adapter=adapter)
         answer = idx.ask(question, k=k, paths=paths)
         if as_json:
             _print_json(answer.to_json())
@@ -141,6 +149,27 @@ def ask(
             lines = f"{c.start_line}" if c.start_line == c.end_line else f"{c.start_line}-{c.end_line}"
             out.print(f"[bold][{n}][/] [cyan]{escape(c.hit.chunk.path)}{page}:{lines}[/]"
                       + (f"  [dim]{escape(c.hit.chunk.heading)}[/]" if c.hit.chunk.heading else ""))
+
+
+@app.command()
+def summarize(
+    path: Annotated[Path, typer.Argument(help="The document to summarize (any format ragkit reads).")],
+    reader: ReaderOpt = None,
+    reader_model: ReaderModelOpt = None,
+    adapter: AdapterOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Summarize a whole document with a memory reader (it streams the document in bounded memory)."""
+    with _user_errors(as_json):
+        from ragkit.api import summarize_file
+        from ragkit.config import load_settings
+
+        settings = load_settings(reader=reader, reader_model=reader_model, adapter=adapter)
+        result = summarize_file(path, settings, reader=reader)
+        if as_json:
+            _print_json(result)
+        else:
+            out.print(escape(result["summary"]), soft_wrap=True)
 
 
 @app.command()

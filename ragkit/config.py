@@ -13,6 +13,7 @@ from ragkit.errors import ConfigError
 
 MODES = ("dense", "bm25", "late", "hybrid")
 FUSIONS = ("rrf", "convex")
+READERS = ("extractive", "infini")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class Settings:
     plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
+    reader: str = "extractive"  # extractive (cited sentences) or infini (a causal LM with compressive memory)
+    reader_model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # backbone of a memory reader: HF causal LM id or local path
+    adapter: str | None = None  # folder of a trained memory adapter (gates and config)
+    reader_segment: int = 2048  # tokens per memory segment; the question and top passages share the last one
+    answer_tokens: int = 256  # most tokens a memory reader generates
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with the non-None `changes` applied and validated."""
@@ -131,12 +137,14 @@ def _boolean(key: str, value: Any) -> bool:
 
 
 def _validated(settings: Settings) -> Settings:
+    if settings.reader not in READERS:
+        raise ConfigError(f"reader must be one of {', '.join(READERS)}, got '{settings.reader}'")
     if settings.fusion not in FUSIONS:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got '{settings.fusion}'")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates"):
+                 "plaid_candidates", "reader_segment", "answer_tokens"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens < 16:

@@ -74,3 +74,18 @@ def build_colbert(folder: Path, backbone: Path, document_length: int = 64, seed:
         colbert[1].linear.weight.data = torch.eye(size)
     colbert.save(str(folder))
     return folder
+
+
+def build_llama_reader(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama causal LM (GQA: 4 query, 2 KV heads) with a small tokenizer, saved to `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
