@@ -72,7 +72,7 @@ def ratio_table(rows: list[tuple[str, str, float, str, float, str]]) -> str:
     return "\n".join(lines)
 
 
-def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = "") -> None:
+def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = "", command: str | None = None) -> None:
     """Write raw numbers to results/NAME.json, print the table last, and add a dated entry to RESULTS.md."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = {"benchmark": name, "date": stamp, "machine": machine(), "commit": commit()}
@@ -80,7 +80,7 @@ def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = 
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({**header, **raw}, indent=2) + "\n")
     entry = (f"\n## {title} — {stamp}\n\nMachine: {header['machine']}. Commit: `{header['commit']}`. "
-             f"Command: `python benchmarks/{name}.py`. Raw numbers: `benchmarks/results/{name}.json`.\n\n"
+             f"Command: `{command or f'python benchmarks/{name}.py'}`. Raw numbers: `benchmarks/results/{name}.json`.\n\n"
              f"{table}\n" + (f"\n{notes.strip()}\n" if notes.strip() else ""))
     if not RESULTS_MD.exists():
         RESULTS_MD.write_text("# Benchmark results\n\nNewest entries last. Ratios matter more than absolute numbers: "
