@@ -1,0 +1,369 @@
+"""HMT reader: a Hugging Face causal LM, left unchanged, wrapped in the Hierarchical Memory Transformer, so that it
+streams a document of any length with a state of bounded size.
+
+HMT (He et al., arXiv 2405.06067, §3) splits the input into segments of L tokens. For segment n, with token
+embeddings H_n (b, L, C) from the backbone's own embedding layer, it runs four steps:
+
+    S_n = BBM([T ‖ H_n[0, j) ‖ T])[trailing T]          representation extraction, j = L/2       (Eq. 1)
+    P_n = softmax((S_n W_q)(M W_k)ᵀ / √d_h) M            memory search over the last N memories   (Eqs. 2-3)
+    H   = BBM([P_n ‖ H_{n-1}[L-k, L) ‖ H_n ‖ P_n])       sensory memory: the previous k tokens    (Eq. 4)
+    logits_n = H[positions of H_n],  M_n = H[trailing P_n] → pushed into the cache M               (Eq. 5)
+
+BBM is the backbone read with `inputs_embeds` and the last layer's hidden state (`output_hidden_states=True`,
+after the final norm) is what S_n and M_n are. T (the summary prompt), W_q, W_k and the initial memory are the
+only new parameters; the memory embedding M_n, a last-layer state, is fed back as an input embedding, which is
+why the paper fine-tunes the backbone with them (../shared/reference/readers.md §3, §4.3).
+
+Choices where the paper is silent (as in the official code, OswaldHe/HMT-pytorch, unless said otherwise):
+- Every segment is an independent backbone pass with positions from 0, so the backbone never sees more than
+  L + k + 2 positions: no positional extrapolation. The trailing P_n comes last, so the causal mask keeps it out
+  of the segment's logits: they equal the backbone reading [P_n ‖ sensory ‖ H_n].
+- Empty cache (the first segment): P_1 is a learned initial memory embedding (official code: randn · std of the
+  embedding table, as T). Searching a cache of one memory returns that memory.
+- `memory_search=False` is the paper's training stage 1: no search, P_n = M_{n-1} (the RMT recurrence; the
+  initial memory for the first segment).
+- `disable_memory(True)` is the ablation "no memory at all": no P_n tokens, no summary pass, no cache write.
+  Segment n is then exactly the backbone reading [sensory ‖ H_n] alone; the sensory tokens stay.
+- Sensory memory: the last k token embeddings of everything read before the segment (for full segments with
+  L ≥ k, the last k tokens of the previous segment, as in the paper). They are kept as embeddings, not ids, so
+  `inputs_embeds` and gradients work.
+- A partial last segment of m < L tokens is summarized from its first min(j, m) tokens (official code too).
+- The cache holds at most N memories, oldest dropped first; memories, the search and the new parameters are
+  fp32 whatever the backbone's dtype (P_n is cast to the backbone's dtype when fed; casting the wrapper itself
+  with `.to(dtype)` casts the new parameters too), and the cache lives on the backbone's device (the official
+  code moves it to CPU and back every segment).
+- The search divides by √d_h in training and generation alike (the official code divides by d_h for d ≥ 4096
+  outside `generate`, a train/inference mismatch that is not copied).
+- The state (cache and sensory embeddings) is not detached between segments, so that gradients flow through
+  memory (backpropagation through time); `detach_state()` cuts the graph explicitly. Batches hold sequences of
+  equal length (no padding masks); every call to `read` starts a new segment.
+
+The new parameters are saved apart from the backbone as a small safetensors file plus JSON, so that the backbone
+stays any HF causal LM id or local path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ragkit.errors import ConfigError, ModelLoadError
+
+ADAPTER_WEIGHTS = "hmt_adapter.safetensors"
+ADAPTER_CONFIG = "hmt_config.json"
+ADAPTER_VERSION = 1
+
+
+@dataclass
+class HMTConfig:
+    segment_length: int = 1024  # L, tokens per segment; each backbone pass reads L + k + 2 positions (paper: 1024)
+    sensory_tokens: int = 32  # k, raw token embeddings carried over from before the segment (paper: 32, Table 8)
+    cache_size: int = 300  # N, memory embeddings kept for the search, oldest dropped first (paper: 300 or 400)
+    search_dim: int | None = None  # d_h, width of W_q and W_k; None: the backbone's embedding width (7B paper: 4096)
+    summary_fraction: float = 0.5  # j = round(L × this): the share of a segment read to make its query S_n (0.5)
+    memory_search: bool = True  # False: P_n = M_{n-1}, no search (training stage 1: 2 segments, no retrieval)
+    bptt_segments: int | None = None  # forward() detaches the state every this many segments; None: never
+
+    def __post_init__(self) -> None:
+        if self.segment_length < 1:
+            raise ConfigError(f"segment_length must be at least 1, got {self.segment_length}")
+        if self.sensory_tokens < 0:
+            raise ConfigError(f"sensory_tokens must be 0 or more, got {self.sensory_tokens}")
+        if self.cache_size < 1:
+            raise ConfigError(f"cache_size must be at least 1, got {self.cache_size}")
+        if self.search_dim is not None and self.search_dim < 1:
+            raise ConfigError(f"search_dim must be at least 1 or None, got {self.search_dim}")
+        if not 0.0 < self.summary_fraction <= 1.0:
+            raise ConfigError(f"summary_fraction must be in (0, 1], got {self.summary_fraction}")
+        if self.bptt_segments is not None and self.bptt_segments < 1:
+            raise ConfigError(f"bptt_segments must be at least 1 or None, got {self.bptt_segments}")
+
+    @property
+    def summary_length(self) -> int:
+        """j: tokens of a full segment read by the representation extraction."""
+        return max(1, round(self.segment_length * self.summary_fraction))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory search, as a plain function
+
+
+def memory_search(query: Tensor, memories: Tensor, w_q: Tensor, w_k: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-attention from S_n to the cached memories, without value or output projection (Eqs. 2-3).
+    query: (b, 1, C) S_n; memories: (b, m, C); w_q, w_k: (d_h, C) as nn.Linear weights.
+    Returns P_n (b, 1, C), a convex combination of the memories, and its weights (b, 1, m)."""
+    q = query @ w_q.t()  # (b, 1, d_h)
+    k = memories @ w_k.t()  # (b, m, d_h)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(w_q.shape[0]), dim=-1)  # (b, 1, m)
+    return weights @ memories, weights  # (b, 1, C), (b, 1, m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reader: an unchanged causal LM, streamed segment by segment through HMT's memory
+
+
+class HMTLM(nn.Module):
+    """A Hugging Face causal LM (Llama, Qwen2, SmolLM, OPT, …) wrapped in HMT. The backbone is not modified: it is
+    only ever called with `inputs_embeds`."""
+
+    def __init__(self, model: nn.Module, config: HMTConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or HMTConfig()
+        self.model = model
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        if weight is None or weight.dim() != 2 or not hasattr(model, "config"):
+            raise ModelLoadError(f"{type(model).__name__} is not a Hugging Face causal LM with an input embedding "
+                                 "table: the HMT reader cannot wrap it")
+        self.dim: int = weight.shape[1]  # C, the embedding width (OPT: word_embed_proj_dim)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions and self.config.segment_length + self.config.sensory_tokens + 2 > max_positions:
+            raise ConfigError(f"segment_length + sensory_tokens + 2 = {self.config.segment_length} + "
+                              f"{self.config.sensory_tokens} + 2 exceeds the backbone's {max_positions} positions")
+        # new parameters, fp32 on the backbone's device; T and the initial memory start at the embeddings' scale
+        std = float(weight.detach().float().std())
+        kw = {"device": weight.device, "dtype": torch.float32}
+        self.prompt = nn.Parameter(torch.randn(self.dim, **kw) * std)  # T, the summary prompt (C,)
+        self.memory_init = nn.Parameter(torch.randn(self.dim, **kw) * std)  # P_1 while the cache is empty (C,)
+        d_h = self.config.search_dim or self.dim
+        self.w_q = nn.Linear(self.dim, d_h, bias=False, **kw)  # S_n → query (C → d_h)
+        self.w_k = nn.Linear(self.dim, d_h, bias=False, **kw)  # memory → key (C → d_h)
+        self.memory_disabled = False  # True: no P_n tokens at all (ablations); see the module docstring
+        self.cache: Tensor | None = None  # (b, ≤ N, C) fp32, the last N memory embeddings, oldest first
+        self.sensory: Tensor | None = None  # (b, ≤ k, C) backbone dtype, the last k token embeddings read
+        self.last_weights: Tensor | None = None  # (b, 1, m) the latest search's weights over the cache, detached
+        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: HMTConfig | None = None,
+                        adapter: str | Path | None = None, **model_kwargs: Any) -> HMTLM:
+        """Load the backbone by HF id or local path (`model_kwargs` go to AutoModelForCausalLM), then the adapter
+        folder if given (its config replaces `config`)."""
+        from transformers import AutoModelForCausalLM
+
+        from ragkit.models import resolve_model_name
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name_or_path), **model_kwargs)
+        except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load"
+            raise ModelLoadError(f"Could not load the reader model '{name_or_path}': {str(e).strip()[:300]}\n"
+                                 "Point ragkit at a local folder that holds a Hugging Face causal LM "
+                                 "(config.json and weights).") from None
+        reader = cls(model, config)
+        if adapter is not None:
+            reader.load_adapter(adapter)
+        return reader
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget everything read so far."""
+        self.cache = self.sensory = self.last_weights = None
+
+    def detach_state(self) -> None:
+        """Cut the state's autograd history, keeping its values."""
+        if self.cache is not None:
+            self.cache = self.cache.detach()
+        if self.sensory is not None:
+            self.sensory = self.sensory.detach()
+
+    def state_bytes(self) -> int:
+        """Bytes of the carried state, whatever the length read:
+        batch × (≤ N memories × C × 4 + ≤ k sensory embeddings × C × the backbone's dtype size)."""
+        return sum(t.numel() * t.element_size() for t in (self.cache, self.sensory) if t is not None)
+
+    def disable_memory(self, disabled: bool = True) -> None:
+        """Turn the memory off (or back on): off, no P_n tokens are read or written and each segment is exactly
+        the backbone reading [sensory tokens ‖ segment]."""
+        self.memory_disabled = disabled
+
+    def shut_gates(self, shut: bool = True) -> None:
+        """`disable_memory` under InfiniLM's name, so that code written for either reader runs the ablation."""
+        self.disable_memory(shut)
+
+    def hmt_parameters(self) -> list[nn.Parameter]:
+        """The new parameters T, the initial memory, W_q and W_k (the adapter): give them their own optimizer
+        group."""
+        return [self.prompt, self.memory_init, self.w_q.weight, self.w_k.weight]
+
+    # --- one segment -------------------------------------------------------------------------------------------
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(input_ids)  # (b, n, C)
+
+    def _last_hidden(self, inputs_embeds: Tensor) -> Tensor:
+        """The backbone's last-layer hidden state at the last position, fp32. inputs_embeds: (b, n, C)."""
+        kwargs = {"logits_to_keep": 1} if self._keep else {}
+        out = self.model(inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=True, **kwargs)
+        return out.hidden_states[-1][:, -1:].float()  # (b, 1, C)
+
+    def _memory_prompt(self, h: Tensor) -> Tensor | None:
+        """P_n for a segment with embeddings h (b, m, C): fp32 (b, 1, C), or None with the memory disabled."""
+        if self.memory_disabled:
+            return None
+        b = h.shape[0]
+        if self.cache is not None and self.cache.shape[0] != b:
+            raise ValueError(f"the memory holds a batch of {self.cache.shape[0]}, got {b}: call reset() first")
+        if self.cache is None:
+            return self.memory_init.view(1, 1, -1).expand(b, 1, self.dim)
+        if not self.config.memory_search:
+            return self.cache[:, -1:]  # M_{n-1}
+        t = self.prompt.to(h.dtype).view(1, 1, -1).expand(b, 1, self.dim)  # (b, 1, C)
+        s = self._last_hidden(torch.cat([t, h[:, : self.config.summary_length], t], dim=1))  # S_n (b, 1, C)
+        p, weights = memory_search(s, self.cache, self.w_q.weight.float(), self.w_k.weight.float())
+        self.last_weights = weights.detach()
+        return p  # (b, 1, C)
+
+    def _inputs(self, p: Tensor | None, h: Tensor, trailing: bool) -> tuple[Tensor, int]:
+        """[P_n ‖ sensory ‖ h (‖ P_n)] as backbone input embeddings, and where h starts in it."""
+        parts = [] if p is None else [p.to(h.dtype)]
+        if self.sensory is not None:
+            parts.append(self.sensory)
+        start = sum(x.shape[1] for x in parts)
+        parts.append(h)
+        if trailing and p is not None:
+            parts.append(p.to(h.dtype))
+        return torch.cat(parts, dim=1), start
+
+    def _remember(self, h: Tensor) -> None:
+        """Keep the last k token embeddings read, h (b, m, C) being the newest."""
+        k = self.config.sensory_tokens
+        if k:
+            self.sensory = (h if self.sensory is None else torch.cat([self.sensory, h], dim=1))[:, -k:]
+
+    def _segment(self, h: Tensor) -> Tensor:
+        """One segment of embeddings h (b, m, C): logits (b, m, V); pushes M_n into the cache."""
+        p = self._memory_prompt(h)  # (b, 1, C) or None
+        x, start = self._inputs(p, h, trailing=True)  # (b, 1 + s + m + 1, C)
+        out = self.model(inputs_embeds=x, use_cache=False, output_hidden_states=p is not None)
+        logits = out.logits[:, start : start + h.shape[1]]  # (b, m, V)
+        if p is not None:
+            m_n = out.hidden_states[-1][:, -1:].float()  # M_n at the trailing P_n, (b, 1, C)
+            cache = m_n if self.cache is None else torch.cat([self.cache, m_n], dim=1)
+            self.cache = cache[:, -self.config.cache_size :]  # (b, ≤ N, C)
+        self._remember(h)
+        return logits
+
+    # --- reading -----------------------------------------------------------------------------------------------
+
+    def _segments(self, n: int) -> list[slice]:
+        step = self.config.segment_length
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                reset: bool = True) -> Tensor:
+        """Logits (b, n, V) for a whole sequence, processed segment by segment, with gradients through the memory
+        (truncated every `bptt_segments` segments if set). input_ids: (b, n), or inputs_embeds: (b, n, C).
+        With reset=False the sequence continues what was read before."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if reset:
+            self.reset()
+        h = self._embed(input_ids) if input_ids is not None else inputs_embeds  # (b, n, C)
+        logits = []
+        for i, seg in enumerate(self._segments(h.shape[1])):
+            if self.config.bptt_segments and i > 0 and i % self.config.bptt_segments == 0:
+                self.detach_state()
+            logits.append(self._segment(h[:, seg]))  # (b, L, V)
+        return torch.cat(logits, dim=1)  # (b, n, V)
+
+    @torch.no_grad()
+    def read(self, input_ids: Tensor) -> Tensor:
+        """Stream input_ids (b, n) into memory, segment by segment, after what was read before; keeps only the
+        cache and the sensory tokens. Returns the logits of the last segment read, (b, L_last, V)."""
+        if input_ids.shape[1] == 0:
+            raise ValueError("read() needs at least one token")
+        h = self._embed(input_ids)  # (b, n, C)
+        for seg in self._segments(h.shape[1]):
+            logits = self._segment(h[:, seg])
+        self.detach_state()
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
+        """Greedy answer to prompt_ids (b, n). Everything before the last `segment_length` tokens is streamed
+        into memory; that last window (put the question and the top passages there) is read as
+        [P ‖ sensory ‖ window], P searched with the window's query, and the answer follows with a KV cache
+        (positions from 0); the window is not written into memory. Returns the new ids, (b, ≤ max_new_tokens);
+        a row that has produced eos_token_id is padded with it."""
+        from transformers import DynamicCache
+
+        self.reset()
+        n = prompt_ids.shape[1]
+        window = min(n, self.config.segment_length)
+        if n > window:
+            self.read(prompt_ids[:, : n - window])
+        h = self._embed(prompt_ids[:, n - window :])  # (b, window, C)
+        x, _ = self._inputs(self._memory_prompt(h), h, trailing=False)  # (b, 1 + s + window, C)
+        cache = DynamicCache(config=self.model.config)
+        kwargs = {"logits_to_keep": 1} if self._keep else {}
+        logits = self.model(inputs_embeds=x, past_key_values=cache, use_cache=True, **kwargs).logits
+        new, done = [], torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        for _ in range(max_new_tokens):
+            token = logits[:, -1].argmax(dim=-1)  # (b,)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            new.append(token)
+            if bool(done.all()):
+                break
+            logits = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits
+        if not new:
+            return prompt_ids.new_zeros((prompt_ids.shape[0], 0))
+        return torch.stack(new, dim=1)  # (b, t)
+
+    # --- the adapter: new parameters and config, apart from the backbone ---------------------------------------
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """Write T, the initial memory, W_q, W_k (safetensors) and the config (JSON) to `folder`; the backbone is
+        not saved."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"prompt": self.prompt, "memory_init": self.memory_init, "w_q": self.w_q.weight,
+                   "w_k": self.w_k.weight}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        meta = {
+            "version": ADAPTER_VERSION,
+            "backbone": getattr(self.model.config, "_name_or_path", ""),
+            "embedding_dim": self.dim,
+            "hmt": asdict(self.config),
+        }
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    def load_adapter(self, folder: str | Path) -> None:
+        """Restore the new parameters and the config saved by `save_adapter`."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+            tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"Could not read the HMT adapter in {folder}: {e}") from None
+        if meta.get("version") != ADAPTER_VERSION:
+            raise ModelLoadError(f"{folder} holds adapter version {meta.get('version')}, expected {ADAPTER_VERSION}")
+        if meta.get("embedding_dim") != self.dim or set(tensors) != {"prompt", "memory_init", "w_q", "w_k"}:
+            raise ModelLoadError(f"the HMT adapter in {folder} was made for embeddings of width "
+                                 f"{meta.get('embedding_dim')}, this backbone's are {self.dim}")
+        known = {f.name for f in fields(HMTConfig)}
+        self.config = HMTConfig(**{k: v for k, v in meta["hmt"].items() if k in known})
+        d_h = tensors["w_q"].shape[0]
+        if self.w_q.weight.shape[0] != d_h:  # another search width: new W_q, W_k of the saved shape
+            kw = {"device": self.prompt.device, "dtype": self.prompt.dtype}
+            self.w_q = nn.Linear(self.dim, d_h, bias=False, **kw)
+            self.w_k = nn.Linear(self.dim, d_h, bias=False, **kw)
+        with torch.no_grad():
+            for p, name in zip(self.hmt_parameters(), ("prompt", "memory_init", "w_q", "w_k")):
+                p.copy_(tensors[name])

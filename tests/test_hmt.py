@@ -1,0 +1,191 @@
+"""The HMT reader on tiny random Llama and Qwen2 models built at test time (hidden 32, 4 query heads over 2 KV
+heads, vocab 64); segments of 16 tokens, 4 sensory tokens, a cache of 3 memories."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ragkit.errors import ModelLoadError
+from ragkit.readers.hmt import HMTConfig, HMTLM, memory_search
+
+SEG = 16
+K = 4
+N = 3
+VOCAB = 64
+
+
+def tiny_backbone(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A random causal LM: hidden 32, 2 layers, 4 query heads / 2 KV heads, vocab 64, 512 positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    return model.eval()
+
+
+def reader_for(backbone: torch.nn.Module, seed: int = 0, **config) -> HMTLM:
+    """Wrap `backbone` (HMT never modifies it) with seeded new parameters."""
+    torch.manual_seed(seed)
+    return HMTLM(backbone, HMTConfig(segment_length=SEG, sensory_tokens=K, cache_size=N, **config)).eval()
+
+
+def ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_memory_search_is_a_convex_combination_of_the_memories():
+    g = torch.Generator().manual_seed(0)
+    memories = torch.randn(2, 5, 32, generator=g)  # (b, m, C)
+    query = torch.randn(2, 1, 32, generator=g)  # (b, 1, C)
+    w_q, w_k = torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)  # (d_h, C)
+    p, weights = memory_search(query, memories, w_q, w_k)
+    assert p.shape == (2, 1, 32) and weights.shape == (2, 1, 5)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 1))
+    for i in range(2):  # softmax((S W_q)(M W_k)ᵀ / √d_h) M, written out
+        scores = torch.stack([(w_q @ query[i, 0]) @ (w_k @ memories[i, j]) for j in range(5)]) / 8**0.5
+        manual = torch.softmax(scores, 0) @ memories[i]  # (C,)
+        torch.testing.assert_close(p[i, 0], manual)
+        coef = torch.linalg.lstsq(memories[i].T, p[i, 0, :, None]).solution  # P lies in the memories' span
+        torch.testing.assert_close(memories[i].T @ coef, p[i, 0, :, None], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_and_state_stay_bounded():
+    reader = reader_for(tiny_backbone("qwen2"))
+    x = ids(40 * SEG, batch=2)
+    assert reader.state_bytes() == 0
+    reader.read(x[:, :SEG])
+    assert reader.cache.shape == (2, 1, 32)
+    for i in range(1, 10):
+        reader.read(x[:, i * SEG : (i + 1) * SEG])
+        assert reader.cache.shape[1] <= N
+    after_ten = reader.state_bytes()
+    reader.read(x[:, 10 * SEG :])
+    assert reader.cache.shape == (2, N, 32) and reader.cache.dtype == torch.float32
+    assert reader.state_bytes() == after_ten == 2 * (N * 32 * 4 + K * 32 * 4)  # batch·(N·C·fp32 + k·C·fp32)
+    weights = reader.last_weights  # the last search looked at exactly N memories
+    assert weights.shape == (2, 1, N) and torch.allclose(weights.sum(-1), torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_disabled_memory_is_the_backbone_on_sensory_tokens_and_segment(family):
+    backbone = tiny_backbone(family)
+    reader = reader_for(backbone)
+    x = ids(2 * SEG + 8, batch=2)  # two full segments and a partial one
+    with torch.no_grad():
+        want = []
+        for i in range(0, x.shape[1], SEG):
+            start = max(0, i - K)  # segment n reads the k tokens before it, positions from 0
+            want.append(backbone(x[:, start : i + SEG], use_cache=False).logits[:, i - start :])
+        want = torch.cat(want, dim=1)
+        reader.disable_memory()
+        off = reader(x)
+        assert reader.cache is None  # nothing written
+        reader.disable_memory(False)
+        on = reader(x)
+    torch.testing.assert_close(off, want, atol=1e-5, rtol=1e-5)
+    assert (on - want).abs().max() > 1e-3  # the memory tokens do change the logits
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_streaming_reads_equal_one_call(search):
+    reader = reader_for(tiny_backbone(), memory_search=search)
+    x = ids(5 * SEG, batch=2)
+    with torch.no_grad():
+        whole = reader(x)
+        assert whole.shape == (2, 5 * SEG, VOCAB)
+        reader.reset()
+        for i in range(0, 5 * SEG, SEG):
+            last = reader.read(x[:, i : i + SEG])
+        torch.testing.assert_close(last, whole[:, 4 * SEG :], atol=1e-5, rtol=1e-5)
+        reader.reset()
+        reader.read(x[:, : 2 * SEG])
+        rest = reader(x[:, 2 * SEG :], reset=False)
+    torch.testing.assert_close(rest, whole[:, 2 * SEG :], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_memory_across_segments():
+    reader = reader_for(tiny_backbone())
+    x = ids(3 * SEG)
+
+    def grads() -> torch.Tensor:
+        embeds = reader.model.get_input_embeddings()(x).detach().requires_grad_()  # (1, 48, C)
+        reader.zero_grad()
+        logits = reader(inputs_embeds=embeds)
+        logits[:, 2 * SEG :].logsumexp(-1).sum().backward()  # a loss on segment 3 only
+        return embeds.grad
+
+    g = grads()
+    assert g[:, :SEG].abs().sum() > 0  # segment 1 reaches segment 3 only through its memory M_1
+    for p in reader.hmt_parameters():  # T, P_1, W_q, W_k: the search over [M_1, M_2] depends on all of them
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    reader.config.bptt_segments = 1  # detach every segment: nothing flows back
+    assert grads()[:, :SEG].abs().sum() == 0
+    reader.config.bptt_segments = None
+    reader.config.memory_search = False  # stage 1: P_n = M_{n-1}, still a path from segment 1
+    assert grads()[:, :SEG].abs().sum() > 0
+    assert reader.w_q.weight.grad is None or reader.w_q.weight.grad.abs().sum() == 0
+    reader.config.memory_search = True
+    reader.disable_memory()  # no memory: only the sensory tokens link segments, and k < L
+    assert grads()[:, :SEG].abs().sum() == 0
+
+
+def test_adapter_round_trip(tmp_path):
+    backbone = tiny_backbone("qwen2")
+    saved = reader_for(backbone, seed=3, search_dim=8)
+    folder = saved.save_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["hmt_adapter.safetensors", "hmt_config.json"]
+
+    loaded = HMTLM(backbone, HMTConfig(segment_length=64)).eval()  # d_h = 32 until the adapter says otherwise
+    loaded.load_adapter(folder)
+    assert loaded.config == saved.config
+    for a, b in zip(saved.hmt_parameters(), loaded.hmt_parameters()):
+        assert torch.equal(a, b)
+    x = ids(5 * SEG)
+    with torch.no_grad():
+        assert torch.equal(saved(x), loaded(x))
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ModelLoadError):
+        HMTLM(wider).load_adapter(folder)
+    with pytest.raises(ModelLoadError):
+        HMTLM(wider).load_adapter(tmp_path / "missing")
+
+
+def test_generate_with_memory():
+    reader = reader_for(tiny_backbone())
+    prompt = ids(3 * SEG)
+    new = reader.generate(prompt, max_new_tokens=5)
+    assert new.shape == (1, 5) and new.dtype == torch.long and 0 <= int(new.min()) and int(new.max()) < VOCAB
+    # the first answer token reads the same memory as the segmented forward pass over the prompt
+    with torch.no_grad():
+        assert int(new[0, 0]) == int(reader(prompt)[0, -1].argmax())
+    eos = int(new[0, 0])
+    assert reader.generate(prompt, max_new_tokens=5, eos_token_id=eos).tolist() == [[eos]]
+
+
+def test_generate_with_memory_disabled_is_the_backbone_on_the_last_window():
+    backbone = tiny_backbone("qwen2")
+    reader = reader_for(backbone)
+    reader.disable_memory()
+    prompt = ids(5 * SEG + 3)
+    new = reader.generate(prompt, max_new_tokens=6)
+    seq = prompt[:, -(SEG + K) :]  # the window and its sensory tokens
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, backbone(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(new, seq[:, SEG + K :])
+
+
+def test_only_causal_lms_are_wrapped():
+    with pytest.raises(ModelLoadError):
+        HMTLM(torch.nn.Linear(2, 2))
