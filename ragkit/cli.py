@@ -29,7 +29,7 @@ FusionOpt = Annotated[Optional[str], typer.Option(
     "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
 KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits.", min=1)]
 ReaderOpt = Annotated[Optional[str], typer.Option(
-    "--reader", help="extractive (cited sentences) | infini (causal LM with memory) [default: extractive].")]
+    "--reader", help="extractive (cited sentences) | infini | hmt (causal LM with memory) [default: extractive].")]
 ReaderModelOpt = Annotated[Optional[str], typer.Option(
     "--reader-model", help="Backbone of the memory reader: HF causal LM id or local path.")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Folder of a trained memory adapter.")]

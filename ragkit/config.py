@@ -13,7 +13,7 @@ from ragkit.errors import ConfigError
 
 MODES = ("dense", "bm25", "late", "hybrid")
 FUSIONS = ("rrf", "convex")
-READERS = ("extractive", "infini")
+READERS = ("extractive", "infini", "hmt")
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,12 @@ class Settings:
     late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID beyond
     plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
+    evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
-    reader: str = "extractive"  # extractive (cited sentences) or infini (a causal LM with compressive memory)
+    reader: str = "extractive"  # extractive (cited sentences), infini or hmt (a causal LM with memory)
     reader_model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # backbone of a memory reader: HF causal LM id or local path
     adapter: str | None = None  # folder of a trained memory adapter (gates and config)
-    reader_segment: int = 2048  # tokens per memory segment; the question and top passages share the last one
+    reader_segment: int = 1024  # tokens per memory segment; the question and top passages share the last one
     answer_tokens: int = 256  # most tokens a memory reader generates
 
     def replace(self, **changes: Any) -> "Settings":
@@ -151,7 +152,7 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError("chunk_tokens must be at least 16")
     if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")
-    for name in ("rrf_k", "dense_exact_max", "rerank_depth"):
+    for name in ("rrf_k", "dense_exact_max", "rerank_depth", "evidence_hits"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting '{name}' must be at least 0")
     return settings

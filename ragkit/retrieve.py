@@ -177,9 +177,11 @@ class Searcher:
             else:
                 fused = [(row, score, {mode: rank}) for rank, (row, score) in enumerate(runs[mode][q], start=1)]
             hits = [self._hit(row, score, ranks) for row, score, ranks in fused[:k]]
-            if use_late:
+            if use_late:  # evidence for the hits a user reads, not for every candidate of a deep search
                 words = late_queries[q][self.late_encoder.word_positions(queries[q])]
-                self._timed("evidence", self._add_evidence, words, [row for row, _, _ in fused[:k]], hits)
+                shown = min(k, self.settings.evidence_hits)
+                self._timed("evidence", self._add_evidence, words, [row for row, _, _ in fused[:shown]],
+                            hits[:shown])
             out.append(hits)
         return out
 

@@ -84,7 +84,7 @@ def build_llama_reader(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                          eos_token_id=tokenizer.sep_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)

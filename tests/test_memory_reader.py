@@ -32,27 +32,29 @@ def indexed(tmp_path, tiny_encoder, tiny_colbert) -> Path:
     return tmp_path / "index"
 
 
-def test_ask_with_the_infini_reader(indexed, tiny_llama):
+@pytest.mark.parametrize("reader", ["infini", "hmt"])
+def test_ask_with_a_memory_reader(indexed, tiny_llama, reader):
     result = runner.invoke(app, ["ask", "When did the oil crisis begin?", "--index", str(indexed), "--mode", "bm25",
-                                 "--reader", "infini", "--reader-model", str(tiny_llama), "--json"])
+                                 "--reader", reader, "--reader-model", str(tiny_llama), "--json"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert isinstance(data["answer"], str)
     assert [c["path"] for c in data["citations"]][0] == "oil.txt"
 
 
-def test_whole_documents_stream_through_memory(indexed, tiny_llama):
-    idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=4))
+@pytest.mark.parametrize("reader", ["infini", "hmt"])
+def test_whole_documents_stream_through_memory(indexed, tiny_llama, reader):
+    idx = Index(indexed, Settings(reader=reader, reader_model=str(tiny_llama), reader_segment=32, answer_tokens=4))
     answer = idx.ask("When did the oil crisis begin?", mode="bm25")
-    reader = idx.memory_reader("infini")
-    assert reader.model.state_bytes() > 0  # the documents did not fit one segment: memory was written
+    assert idx.memory_reader(reader).model.state_bytes() > 0  # the documents did not fit one segment
     assert answer.citations and answer.citations[0].hit.chunk.path == "oil.txt"
 
 
-def test_summarize_a_file(tmp_path, tiny_llama):
+@pytest.mark.parametrize("reader", ["infini", "hmt"])
+def test_summarize_a_file(tmp_path, tiny_llama, reader):
     doc = tmp_path / "report.md"
     doc.write_text("# Report\n\n" + "The committee reviewed the budget and approved it. " * 100)
-    result = runner.invoke(app, ["summarize", str(doc), "--reader", "infini", "--reader-model", str(tiny_llama),
+    result = runner.invoke(app, ["summarize", str(doc), "--reader", reader, "--reader-model", str(tiny_llama),
                                  "--json"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)

@@ -1,4 +1,4 @@
-"""Readers with memory (Infini-attention; HMT to come) behind `ask --reader …` and `summarize`.
+"""Readers with memory (Infini-attention, HMT) behind `ask --reader …` and `summarize`.
 
 Prompt layout (../shared/reference/readers.md §4.4): the whole documents of the top hits are streamed through
 the memory first; the question and the top retrieved passages come last, inside the local window, so that they
@@ -16,6 +16,7 @@ from ragkit.models import resolve_model_name
 from ragkit.readers.extractive import Answer, Citation
 from ragkit.retrieve import Hit
 
+MEMORY_READERS = ("infini", "hmt")
 ANSWER_INSTRUCTION = ("Answer the question using the documents read above and the numbered passages below. "
                       "Cite passages as [n].")
 SUMMARY_INSTRUCTION = "Summarize the document above in a few sentences."
@@ -28,7 +29,7 @@ class ReaderSpec:
     kind: str
     model: str
     adapter: str | None = None
-    segment_length: int = 2048
+    segment_length: int = 1024
     device: str | None = None
     max_new_tokens: int = 256
 
@@ -37,12 +38,11 @@ class MemoryReader:
     """A causal LM with memory and its tokenizer; answers questions and summarizes documents of any length."""
 
     def __init__(self, spec: ReaderSpec) -> None:
-        if spec.kind != "infini":
-            raise RagkitError(f"'{spec.kind}' is not a reader with memory (known: infini)")
+        if spec.kind not in MEMORY_READERS:
+            raise RagkitError(f"'{spec.kind}' is not a reader with memory (known: {', '.join(MEMORY_READERS)})")
         from transformers import AutoTokenizer
 
         from ragkit.encoders.dense import quiet_transformers
-        from ragkit.readers.infini import InfiniConfig, InfiniLM
 
         quiet_transformers()
         self.spec = spec
@@ -53,8 +53,7 @@ class MemoryReader:
             raise ModelLoadError(f"Could not load the tokenizer of the reader model '{spec.model}': "
                                  f"{str(e).strip()[:300]}\nPoint ragkit at a local copy: --reader-model "
                                  "/path/to/model (or reader_model in ragkit.toml).") from None
-        self.model = InfiniLM.from_pretrained(name, InfiniConfig(segment_length=spec.segment_length),
-                                              adapter=spec.adapter)
+        self.model = _load_memory_model(spec.kind, name, spec.segment_length, spec.adapter)
         self.model.eval()
         if spec.device:
             self.model.to(spec.device)
@@ -91,6 +90,17 @@ class MemoryReader:
 
     def _device(self):
         return next(self.model.parameters()).device
+
+
+def _load_memory_model(kind: str, name: str, segment_length: int, adapter: str | None):
+    """InfiniLM or HMTLM around the backbone `name`, with the adapter if given (its config then applies)."""
+    if kind == "infini":
+        from ragkit.readers.infini import InfiniConfig, InfiniLM
+
+        return InfiniLM.from_pretrained(name, InfiniConfig(segment_length=segment_length), adapter=adapter)
+    from ragkit.readers.hmt import HMTConfig, HMTLM
+
+    return HMTLM.from_pretrained(name, HMTConfig(segment_length=segment_length), adapter=adapter)
 
 
 def _whole_hit(hit: Hit) -> Citation:

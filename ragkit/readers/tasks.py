@@ -1,0 +1,165 @@
+"""Synthetic recall tasks for memory readers, in a tiny vocabulary of token ids.
+
+A sequence is filler with K facts scattered across its segments, then a question that names one of them:
+
+    … filler … KEY 7 = 3 1 4 1 5 … filler … KEY 2 = 9 2 6 5 3 … filler … QUERY 2 = 9 2 6 5 3
+                                                                              └── answer: loss here only
+
+K = 1 is the passkey task ([INF] App. B, readers.md §4.5 and §7); K > 1 is multi-query associative recall (MQAR),
+which needs content-addressed reads: the question's id must pick its value out of the memory. Facts never straddle a
+segment boundary (readers.md §4.4) and never fall within `protect` tokens of the question, so a reader cannot answer
+from its local window (Infini-attention) or its sensory tokens (HMT): the fact has to come through memory.
+
+The question and its answer close the sequence, whose length is a whole number of segments; the answer digits are
+fed teacher-forced, so a sequence is scored in one forward pass, and "every digit right" equals greedy exact match.
+
+>>> task = RecallTask(segment_length=32, keys=2)
+>>> batch = make_recall_batch(task, batch_size=3, segments=4, generator=torch.Generator().manual_seed(0))
+>>> batch.input_ids.shape, batch.answer.shape, int((batch.labels != IGNORE).sum())
+(torch.Size([3, 128]), torch.Size([3, 5]), 15)
+>>> bool((batch.input_ids[:, -5:] == batch.answer).all())
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# --- the vocabulary ---------------------------------------------------------------------------------------------
+DIGITS = tuple(range(10))  # token d is the digit d
+FILLER = (10, 11, 12, 13)  # haystack tokens, drawn uniformly
+KEY = 14  # starts a fact: KEY <id> = <digits>
+EQUALS = 15  # between a fact's id and its digits, and after the question's id
+QUERY = 16  # starts the question: QUERY <id> = <answer digits>
+KEY_IDS = tuple(range(17, 33))  # 16 key ids; K facts of one sequence get K distinct ids
+VOCAB_SIZE = 33
+IGNORE = -100  # label of every position that is not scored (torch cross_entropy's ignore_index)
+
+
+@dataclass
+class RecallTask:
+    """What a recall sequence looks like; the length (number of segments) is chosen per batch."""
+
+    segment_length: int = 32  # tokens per segment: the reader's segment (Infini) or window
+    keys: int = 1  # facts per sequence, K; 1 is the passkey task
+    digits: int = 5  # digits per value
+    protect: int | None = None  # tokens before the question that hold no fact; None: all of the question's segment
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.keys <= len(KEY_IDS):
+            raise ValueError(f"keys must be between 1 and {len(KEY_IDS)}, got {self.keys}")
+        if self.digits < 1 or self.segment_length < self.fact_length:
+            raise ValueError(f"a fact of {self.fact_length} tokens must fit in a segment of {self.segment_length}")
+        if self.question_length > self.segment_length:
+            raise ValueError(f"the question ({self.question_length} tokens) must fit in one segment")
+        if self.protect is not None and self.protect < 0:
+            raise ValueError(f"protect must be at least 0, got {self.protect}")
+
+    @property
+    def fact_length(self) -> int:
+        """Tokens of one fact: KEY id = d…d."""
+        return 3 + self.digits
+
+    @property
+    def question_length(self) -> int:
+        """Tokens of the question and its answer: QUERY id = d…d."""
+        return 3 + self.digits
+
+    def fact_limit(self, segments: int) -> int:
+        """Facts end at or before this position in a sequence of `segments` segments."""
+        length = segments * self.segment_length
+        question = length - self.question_length
+        protect = self.segment_length - self.question_length if self.protect is None else self.protect
+        return question - protect
+
+
+@dataclass
+class RecallBatch:
+    """A batch of recall sequences. b: batch, n: tokens, d: digits, K: facts per sequence."""
+
+    input_ids: Tensor  # (b, n) int64
+    labels: Tensor  # (b, n) int64: labels[:, t] is the target of the logits at t; IGNORE except the answer digits
+    answer: Tensor  # (b, d) the queried value's digits
+    answer_positions: Tensor  # (d,) positions whose logits predict the answer digits (the same in every row)
+    depth: Tensor  # (b,) float: where the queried fact starts, as a share of the room facts may use, in [0, 1)
+    key_positions: Tensor  # (b, K) where each fact starts (column 0 is the queried one)
+
+    def to(self, device: str | torch.device) -> RecallBatch:
+        """The same batch on `device`."""
+        return RecallBatch(**{name: value.to(device) for name, value in vars(self).items()})
+
+
+def make_recall_batch(task: RecallTask, batch_size: int, segments: int,
+                      generator: torch.Generator | None = None) -> RecallBatch:
+    """`batch_size` sequences of `segments` segments each; deterministic for a seeded CPU `generator`."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    length = segments * task.segment_length
+    limit = task.fact_limit(segments)
+    if limit < task.keys * task.fact_length:
+        raise ValueError(f"{task.keys} facts of {task.fact_length} tokens do not fit in {segments} segments of "
+                         f"{task.segment_length} tokens with {task.protect} protected tokens: add segments")
+    filler = torch.tensor(FILLER)
+    ids = filler[torch.randint(len(FILLER), (batch_size, length), generator=g)]  # (b, n)
+    values = torch.randint(10, (batch_size, task.keys, task.digits), generator=g)  # (b, K, d)
+    starts = _fact_starts(task, batch_size, limit, g)  # (b, K)
+    names = torch.stack([torch.randperm(len(KEY_IDS), generator=g)[: task.keys] for _ in range(batch_size)])
+    names = torch.tensor(KEY_IDS)[names]  # (b, K) distinct key ids per row
+    fact = torch.cat([torch.full((batch_size, task.keys, 1), KEY), names[..., None],
+                      torch.full((batch_size, task.keys, 1), EQUALS), values], dim=-1)  # (b, K, fact_length)
+    offsets = starts[..., None] + torch.arange(task.fact_length)  # (b, K, fact_length)
+    ids.scatter_(1, offsets.view(batch_size, -1), fact.view(batch_size, -1))
+
+    # the question asks for fact 0 (the facts' order in the sequence is random, so that is any of them)
+    q0 = length - task.question_length
+    question = torch.cat([torch.full((batch_size, 1), QUERY), names[:, :1], torch.full((batch_size, 1), EQUALS),
+                          values[:, 0]], dim=-1)  # (b, question_length)
+    ids[:, q0:] = question
+    answer_positions = torch.arange(length - task.digits - 1, length - 1)  # logits at t predict token t + 1
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, answer_positions] = values[:, 0]
+    depth = starts[:, 0].float() / max(limit - task.fact_length + 1, 1)
+    return RecallBatch(ids, labels, values[:, 0].clone(), answer_positions, depth, starts)
+
+
+def _fact_starts(task: RecallTask, batch_size: int, limit: int, g: torch.Generator) -> Tensor:
+    """Start positions (b, K) of K facts that neither overlap, nor straddle a segment, nor end past `limit`.
+
+    Each row places its facts one by one, uniformly among the starts still free (random sequential placement)."""
+    n_starts = limit - task.fact_length + 1
+    pos = torch.arange(max(n_starts, 0))
+    allowed = (pos % task.segment_length) <= task.segment_length - task.fact_length  # within one segment
+    rows = []
+    for _ in range(batch_size):
+        free = allowed.clone()
+        row = []
+        for _ in range(task.keys):
+            choices = free.nonzero().squeeze(1)
+            if len(choices) == 0:
+                raise ValueError(f"no room for {task.keys} facts before position {limit}: add segments")
+            start = int(choices[torch.randint(len(choices), (1,), generator=g)])
+            row.append(start)
+            free[max(start - task.fact_length + 1, 0): start + task.fact_length] = False  # no overlap
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)  # (b, K)
+
+
+def tiny_llama_config(vocab_size: int = VOCAB_SIZE, d_model: int = 64, layers: int = 2, heads: int = 2,
+                      kv_heads: int | None = None, segment_length: int = 32, **overrides: Any):
+    """A `LlamaConfig` for a small model trained from scratch on these tasks (readers.md §7: 2 layers, d_model 64,
+    2 heads, 32-token segments). Positions restart in every segment, so the window is one segment."""
+    from transformers import LlamaConfig
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=segment_length,
+        initializer_range=0.02, tie_word_embeddings=False, attention_dropout=0.0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    kwargs.update(overrides)
+    config = LlamaConfig(**kwargs)
+    config._attn_implementation = "sdpa"
+    return config

@@ -1,0 +1,558 @@
+"""Training and recall evaluation for memory readers.
+
+Any reader whose `forward(input_ids) -> logits` streams a whole sequence segment by segment, carrying its memory with
+gradients, can be trained here; what is specific to Infini-attention (its gates) is found by duck typing
+(`gate_parameters()`, `gate_values()`, `shut_gates()`). Two objectives:
+
+- recall: the synthetic tasks of `ragkit.readers.tasks` (passkey, K-key associative recall), loss on the answer only;
+- lm: next-token loss over every token of long documents from a folder, the segments of a window in order.
+
+What readers.md taught (§2.5, §4.2, §7), and what this loop therefore does:
+- The gates get their own AdamW group: a learning rate of ~10× the base and no weight decay ([HF-BLOG]).
+- Gate warm-up: the gates are held (at sigmoid 0.5 for a model trained from scratch) for the first share of steps,
+  then trained. Trained from step 0, the layer-2 gate of a tiny passkey model shut within ~600 steps and training
+  stalled at ~0.87 nats (the model knew which digits, not their order); holding the gates fixed it (§7).
+- Gradients flow through the memory across every segment of a sample: a reader that detaches every segment cannot
+  learn what to write ([BEOMI]), so the loop refuses one.
+- On CPU, denormal floats are flushed: steps slowed ~5× once a tiny model's loss fell near 1e-4 (§8).
+
+Checkpoints are plain files: the reader's adapter (gates and config), the whole backbone in safetensors when its
+weights were trained (config.json + model.safetensors, loadable by transformers), and `train.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ragkit.errors import ConfigError, ModelLoadError, RagkitError
+from ragkit.progress import ProgressEvent
+from ragkit.readers.tasks import IGNORE, RecallTask, make_recall_batch
+
+TRAIN_META = "train.json"
+BACKBONE_WEIGHTS = "model.safetensors"
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDivergedError(RagkitError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. A "share" is a fraction of the run (of its steps, or of `max_seconds` if that ends first)."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    segments: tuple[int, int] = (4, 4)  # segments per sequence, drawn per batch from this closed range
+    length_curriculum: float = 0.0  # share of the run over which the longest length drawn rises from A to B
+    lr: float = 1e-3  # peak learning rate of the trained weights
+    gate_lr: float | None = None  # peak learning rate of the gates; None: 10 × lr
+    weight_decay: float = 0.1  # AdamW decay of matrices; norms, biases and gates are never decayed
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup: float = 0.02  # share of the run with a linear learning-rate warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
+    gate_warmup: float = 0.4  # share of the run with the gates held fixed (readers.md §7); 0: train them at once
+    gate_hold: float | None = 0.0  # β the gates are set to and held at during the warm-up (0: sigmoid 0.5); None: as is
+    train_all: bool = True  # train every weight; False: only the gates (a pretrained backbone, frozen)
+    grad_clip: float = 1.0  # max global gradient norm
+    max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
+    log_every: int = 10  # steps between progress events
+    checkpoint_every: int = 0  # steps between checkpoints written to the output folder; 0: only at the end
+    seed: int = 0  # data order and segment counts
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", …
+
+    def __post_init__(self) -> None:
+        lo, hi = self.segments = tuple(self.segments)
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"segments must be a range A-B with 1 ≤ A ≤ B, got {lo}-{hi}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be at least 1")
+        if not (self.lr > 0 and (self.gate_lr is None or self.gate_lr > 0)):
+            raise ConfigError("learning rates must be positive")
+        for name in ("warmup", "gate_warmup", "min_lr_ratio", "length_curriculum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be positive, got {self.max_seconds}")
+
+    @property
+    def gate_learning_rate(self) -> float:
+        return self.gate_lr if self.gate_lr is not None else 10 * self.lr
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Progress of a run, sent every `log_every` steps and at the end."""
+
+    step: int  # steps done
+    steps: int  # steps planned (a run with max_seconds may stop sooner)
+    loss: float  # mean loss over the steps since the last event
+    lr: float  # current learning rate of the trained weights
+    gates_frozen: bool  # True during the gate warm-up
+    gates: list[list[float]] | None  # sigmoid(β) per layer and head, or None for a reader without gates
+    seconds: float  # wall time since the start
+    tokens: int  # tokens trained on so far
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    steps: int
+    seconds: float
+    tokens: int
+    loss: float  # mean loss over the last logging window
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss) at every event
+    gates: list[list[float]] | None = None  # final sigmoid(β) per layer and head
+    checkpoint: str | None = None  # the folder written, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Batches(Protocol):
+    """A source of training batches: (input_ids, labels), both (batch_size, segments × segment_length)."""
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# objectives
+
+
+class RecallBatches:
+    """Synthetic recall batches (passkey for keys = 1): loss on the answer digits only."""
+
+    def __init__(self, task: RecallTask) -> None:
+        self.task = task
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        batch = make_recall_batch(self.task, batch_size, segments, generator)
+        return batch.input_ids, batch.labels
+
+
+class DocumentBatches:
+    """Windows of `segments × segment_length` consecutive tokens from long documents, for plain language modelling:
+    every token is a target. Documents are parsed like `ragkit index` parses them and tokenized once."""
+
+    def __init__(self, folder: str | Path, tokenizer: Any, segment_length: int, max_tokens: int = 50_000_000,
+                 progress: Callable[[ProgressEvent], None] | None = None) -> None:
+        from ragkit.ingest.parsers import ParseError, parse_file
+        from ragkit.ingest.sources import scan_folder
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"the training data folder {folder} does not exist")
+        self.segment_length = segment_length
+        files = scan_folder(folder).files
+        docs: list[Tensor] = []
+        total = 0
+        for i, source in enumerate(files):
+            try:
+                text = parse_file(source.path).text
+            except ParseError:
+                continue
+            ids = _tokenize(tokenizer, text)
+            if len(ids) > 1:
+                docs.append(torch.tensor(ids, dtype=torch.long))
+                total += len(ids)
+            if progress:
+                progress(ProgressEvent("tokenize", i + 1, len(files), total))
+            if total >= max_tokens:
+                break
+        if not docs:
+            raise ConfigError(f"no readable documents in {folder}")
+        self.docs = sorted(docs, key=len, reverse=True)  # (n_i,) token ids each, longest first
+        self.tokens = total
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = segments * self.segment_length
+        room = torch.tensor([max(len(d) - n + 1, 0) for d in self.docs], dtype=torch.float)  # windows per document
+        if room.sum() == 0:
+            raise ConfigError(f"no document has {n} tokens ({segments} segments of {self.segment_length}); the "
+                              f"longest has {len(self.docs[0])}: use fewer or shorter segments, or longer documents")
+        picks = torch.multinomial(room, batch_size, replacement=True, generator=generator)  # uniform over windows
+        rows = []
+        for d in picks.tolist():
+            start = int(torch.randint(int(room[d]), (1,), generator=generator))
+            rows.append(self.docs[d][start : start + n])
+        ids = torch.stack(rows)  # (b, n)
+        labels = torch.cat([ids[:, 1:], torch.full((batch_size, 1), IGNORE)], dim=1)  # next token; none after the last
+        return ids, labels
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a whole document, without special tokens or the length warning of `tokenizer.encode`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode"):
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices, undecayed vectors (norms, biases), and the gates with their own LR, no decay.
+    Only parameters that require gradients are included."""
+    gates = _gates(model)
+    gate_ids = {id(p) for p in gates}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if id(p) in gate_ids or not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "base_lr": config.lr, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": config.lr, "name": "no_decay"},
+        {"params": gates, "weight_decay": 0.0, "base_lr": config.gate_learning_rate, "name": "gates"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(progress: float, config: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup` share of the run, then cosine decay to `min_lr_ratio`."""
+    if config.warmup > 0 and progress < config.warmup:
+        return max(progress / config.warmup, 1e-3)
+    t = min((progress - config.warmup) / max(1.0 - config.warmup, 1e-9), 1.0)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train(model: nn.Module, batches: Batches, config: TrainConfig,
+          progress: Callable[[TrainEvent], None] | None = None, out: str | Path | None = None,
+          meta: dict[str, Any] | None = None) -> TrainResult:
+    """Train `model` on `batches` with AdamW; write checkpoints to `out` (every `checkpoint_every` steps and at the
+    end) with `meta` added to train.json. Returns what the run did; the model is left trained, in eval mode."""
+    device = torch.device(config.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals made late steps ~5× slower (readers.md §8)
+    if getattr(getattr(model, "config", None), "bptt_segments", None) == 1:
+        raise ConfigError("the reader detaches its memory after every segment (bptt_segments=1): it could not learn "
+                          "what to write; use None (all segments) or at least 2")
+    model.to(device).train()
+    gates = _gates(model)
+    gate_ids = {id(p) for p in gates}
+    if not config.train_all:
+        if not gates:
+            raise ConfigError("this reader has no gates: train all weights (train_all=True)")
+        if config.gate_warmup > 0:
+            raise ConfigError("with only the gates trained, a gate warm-up would train nothing: set gate_warmup=0")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in gate_ids)
+    if gates and config.gate_warmup > 0 and config.gate_hold is not None:
+        with torch.no_grad():
+            for g in gates:
+                g.fill_(config.gate_hold)
+    groups = param_groups(model, config)
+    trained = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(config.seed)
+    lo, hi = config.segments
+    meta = {**(meta or {}), "train": asdict(config)}
+
+    started = time.perf_counter()
+    step = tokens = 0
+    window: list[float] = []
+    history: list[tuple[int, float]] = []
+    last_loss = float("nan")
+    checkpoint = None
+    while step < config.steps:
+        elapsed = time.perf_counter() - started
+        if config.max_seconds is not None and elapsed >= config.max_seconds:
+            break
+        share = step / config.steps
+        if config.max_seconds is not None:
+            share = max(share, elapsed / config.max_seconds)
+        frozen = bool(gates) and share < config.gate_warmup
+        factor = lr_factor(share, config)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+        top = hi if share >= config.length_curriculum else lo + round((hi - lo) * share / config.length_curriculum)
+        segments = int(torch.randint(lo, top + 1, (1,), generator=generator))  # mixed lengths
+        ids, labels = batches(config.batch_size, segments, generator)
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(ids)  # (b, n, V): every segment in order, gradients through the memory
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if frozen:
+            for g in gates:
+                g.grad = None  # AdamW skips a parameter without a gradient: the gate stays where it is held
+        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens += ids.numel()
+
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDivergedError(f"the loss became {value} at step {step}: lower the learning rate "
+                                        f"(now {config.lr:g}, gates {config.gate_learning_rate:g})")
+        window.append(value)
+        if step % config.log_every == 0 or step == config.steps:
+            last_loss = sum(window) / len(window)
+            history.append((step, last_loss))
+            window = []
+            if progress:
+                progress(TrainEvent(step, config.steps, last_loss, config.lr * factor, frozen, _gate_values(model),
+                                    time.perf_counter() - started, tokens))
+        if out is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
+
+    if window:  # a run cut short by max_seconds between two events
+        last_loss = sum(window) / len(window)
+        history.append((step, last_loss))
+        if progress:
+            progress(TrainEvent(step, config.steps, last_loss, optimizer.param_groups[0]["lr"], False,
+                                _gate_values(model), time.perf_counter() - started, tokens))
+    model.eval()
+    if hasattr(model, "reset"):
+        model.reset()  # drop the last batch's memory and its autograd graph
+    if out is not None:
+        checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
+    return TrainResult(step, time.perf_counter() - started, tokens, last_loss, history, _gate_values(model),
+                       str(checkpoint) if checkpoint else None)
+
+
+def _gates(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.gate_parameters()) if hasattr(model, "gate_parameters") else []
+
+
+def _gate_values(model: nn.Module) -> list[list[float]] | None:
+    return model.gate_values().tolist() if hasattr(model, "gate_values") else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building readers and their checkpoints
+
+
+def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = False, segment_length: int = 32,
+                 update: str = "linear", d_model: int = 64, layers: int = 2, heads: int = 2,
+                 vocab_size: int | None = None, seed: int = 0, **model_kwargs: Any) -> tuple[nn.Module, Any]:
+    """A reader to train and the backbone's tokenizer (None for a tiny model, which reads task token ids).
+
+    tiny: a Llama of `layers` × `d_model` with `heads` heads, randomly initialised (readers.md §7 sizes); its gates
+    start at β = 0 (sigmoid 0.5). Otherwise `model` names a Hugging Face causal LM (id or local path) and the gates
+    start at InfiniConfig's default (≈ 0.01), so that step 0 is the pretrained model."""
+    if reader != "infini":
+        raise ConfigError(f"unknown reader {reader!r}: the trainable reader is 'infini'")
+    from ragkit.readers.infini import InfiniConfig, InfiniLM
+
+    if tiny == (model is not None):
+        raise ConfigError("name a backbone (a Hugging Face id or local path) or ask for a tiny model, not both")
+    if tiny:
+        from transformers import LlamaForCausalLM
+
+        from ragkit.readers.tasks import VOCAB_SIZE, tiny_llama_config
+
+        torch.manual_seed(seed)
+        backbone = LlamaForCausalLM(tiny_llama_config(vocab_size or VOCAB_SIZE, d_model, layers, heads,
+                                                      segment_length=segment_length))
+        return InfiniLM(backbone, InfiniConfig(segment_length=segment_length, update=update, gate_init=0.0)), None
+    infini = InfiniLM.from_pretrained(model, InfiniConfig(segment_length=segment_length, update=update),
+                                      **model_kwargs)
+    return infini, load_tokenizer(model)
+
+
+def load_tokenizer(name: str) -> Any:
+    """The backbone's tokenizer, by Hugging Face id or local path."""
+    from transformers import AutoTokenizer
+
+    from ragkit.models import load_model
+
+    return load_model("reader tokenizer", name, AutoTokenizer.from_pretrained)
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path, full: bool, meta: dict[str, Any] | None = None) -> Path:
+    """Write the reader's adapter to `folder`, the backbone too if `full` (config.json + model.safetensors, without
+    the reader's own parameters), and train.json. Files are written beside and moved in, so a killed run leaves the
+    previous checkpoint whole."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / ".writing"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_adapter(staging)
+    backbone = model.model
+    if full:
+        tensors, seen = {}, set()
+        for name, tensor in backbone.state_dict().items():
+            if name.endswith("self_attn.gate"):  # the reader's own parameters live in the adapter
+                continue
+            if tensor.data_ptr() in seen:  # a tied weight (lm_head = embeddings): transformers ties it on load
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().cpu().contiguous()
+        save_file(tensors, str(staging / BACKBONE_WEIGHTS), metadata={"format": "pt"})
+        backbone.config.save_pretrained(staging)
+    name = getattr(backbone.config, "_name_or_path", "") or ""
+    record = {"version": CHECKPOINT_VERSION, "reader": "infini", "full": full,
+              "backbone": "." if full else name, **(meta or {})}
+    (staging / TRAIN_META).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    for path in staging.iterdir():
+        os.replace(path, folder / path.name)
+    staging.rmdir()
+    if not full:
+        (folder / BACKBONE_WEIGHTS).unlink(missing_ok=True)  # a stale backbone from an earlier full run
+    return folder
+
+
+def load_checkpoint(folder: str | Path, device: str = "cpu") -> nn.Module:
+    """The reader saved by `save_checkpoint` (or by `ragkit reader train`), in eval mode on `device`."""
+    from ragkit.readers.infini import InfiniLM
+
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / TRAIN_META).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder} does not hold a reader checkpoint ({TRAIN_META}): {e}") from None
+    if record.get("version") != CHECKPOINT_VERSION or record.get("reader") != "infini":
+        raise ModelLoadError(f"{folder} holds an unsupported checkpoint: {record.get('reader')} "
+                             f"version {record.get('version')}")
+    backbone = str(folder) if record["full"] else record["backbone"]
+    if not backbone:
+        raise ModelLoadError(f"the checkpoint in {folder} does not name its backbone")
+    return InfiniLM.from_pretrained(backbone, adapter=folder).to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class DepthCell:
+    """Accuracy of the sequences whose queried fact starts in [lo, hi) of the room facts may use."""
+
+    lo: float
+    hi: float
+    n: int
+    digit: float  # share of answer digits right (teacher-forced, argmax)
+    value: float  # share of answers with every digit right (= greedy exact match)
+
+
+@dataclass
+class RecallCell:
+    """Recall of one reading mode at one length.
+
+    mode: "on" (the memory as trained), "shut" (every gate shut: the backbone's own local attention),
+    or "other" (the memory of a different sequence: its segments, then the final segment of this one)."""
+
+    mode: str
+    segments: int
+    tokens: int
+    keys: int
+    n: int
+    digit: float
+    value: float
+    by_depth: list[DepthCell]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MODES = ("on", "shut", "other")
+
+
+@torch.no_grad()
+def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], sequences: int = 256,
+                    batch_size: int = 64, modes: Sequence[str] = MODES, depth_buckets: int = 4, seed: int = 1234,
+                    device: str | None = None,
+                    progress: Callable[[ProgressEvent], None] | None = None) -> list[RecallCell]:
+    """Digit and whole-value accuracy of `model` on `task` for every length (in segments) and mode, overall and per
+    depth bucket of the queried fact. The same sequences (fixed `seed`) are used for every mode.
+
+    The prefix is streamed with `read` and the final segment, which holds the question, scored with
+    `forward(reset=False)`. With gates shut no segment reads the memory, so the prefix cannot change the answer:
+    "shut" scores the final segment alone, with `shut_gates()` on and restored afterwards."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    if "shut" in modes and not hasattr(model, "shut_gates"):
+        raise ConfigError("this reader has no gates to shut: leave 'shut' out of modes")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cells = []
+    S = task.segment_length
+    try:
+        for segments in lengths:
+            n_batches = -(-sequences // batch_size)
+            for mode in modes:
+                right, depths = [], []
+                for j in range(n_batches):  # batch j is the same for every mode: its generators are seeded by j
+                    size = min(batch_size, sequences - j * batch_size)
+                    batch = make_recall_batch(task, size, segments, _seeded(seed, segments, j))
+                    ids = batch.input_ids.to(device)
+                    last = ids[:, -S:]  # (b, S): the question's segment
+                    if hasattr(model, "reset"):
+                        model.reset()
+                    if mode == "shut":
+                        logits = _shut_forward(model, last)
+                    else:
+                        if mode == "on":
+                            prefix = ids[:, :-S]
+                        else:  # a different sequence of the same length: other facts, other positions
+                            donor = make_recall_batch(task, size, segments, _seeded(seed + 1, segments, j))
+                            prefix = donor.input_ids[:, :-S].to(device)
+                        if prefix.shape[1]:
+                            model.read(prefix)
+                        logits = model(last, reset=prefix.shape[1] == 0)  # (b, S, V)
+                    pos = batch.answer_positions - (ids.shape[1] - S)  # (d,) within the last segment
+                    pred = logits[:, pos].argmax(dim=-1).cpu()  # (b, d)
+                    right.append(pred == batch.answer)
+                    depths.append(batch.depth)
+                    if progress:
+                        progress(ProgressEvent(f"eval {mode} ×{segments}", j + 1, n_batches))
+                if hasattr(model, "reset"):
+                    model.reset()
+                cells.append(_cell(mode, segments, S, task.keys, torch.cat(right), torch.cat(depths), depth_buckets))
+    finally:
+        model.train(was_training)
+    return cells
+
+
+def _seeded(seed: int, segments: int, batch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + segments * 10_007 + batch)
+
+
+def _shut_forward(model: nn.Module, ids: Tensor) -> Tensor:
+    layers = getattr(model, "layers", [])
+    before = [getattr(attn, "gate_shut", False) for attn in layers]
+    model.shut_gates(True)
+    try:
+        return model(ids)
+    finally:
+        if layers:
+            for attn, shut in zip(layers, before):
+                attn.gate_shut = shut
+        else:
+            model.shut_gates(False)
+
+
+def _cell(mode: str, segments: int, segment_length: int, keys: int, right: Tensor, depth: Tensor,
+          buckets: int) -> RecallCell:
+    """right: (n, d) bool per digit; depth: (n,) in [0, 1)."""
+    whole = right.all(dim=1)
+    by_depth = []
+    for k in range(buckets):
+        lo, hi = k / buckets, (k + 1) / buckets
+        inside = (depth >= lo) & (depth < hi) if k < buckets - 1 else depth >= lo
+        n = int(inside.sum())
+        by_depth.append(DepthCell(lo, hi, n, float(right[inside].float().mean()) if n else float("nan"),
+                                  float(whole[inside].float().mean()) if n else float("nan")))
+    return RecallCell(mode, segments, segments * segment_length, keys, len(right), float(right.float().mean()),
+                      float(whole.float().mean()), by_depth)
