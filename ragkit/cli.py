@@ -335,5 +335,9 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} TB"
 
 
+from ragkit.cli_reader import reader_app  # noqa: E402  (after `app`: the sub-app imports nothing heavy)
+
+app.add_typer(reader_app, name="reader")
+
 if __name__ == "__main__":
     sys.exit(main())

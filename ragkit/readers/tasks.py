@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ragkit.errors import ConfigError
+
 # --- the vocabulary ---------------------------------------------------------------------------------------------
 DIGITS = tuple(range(10))  # token d is the digit d
 FILLER = (10, 11, 12, 13)  # haystack tokens, drawn uniformly
@@ -51,13 +53,13 @@ class RecallTask:
 
     def __post_init__(self) -> None:
         if not 1 <= self.keys <= len(KEY_IDS):
-            raise ValueError(f"keys must be between 1 and {len(KEY_IDS)}, got {self.keys}")
+            raise ConfigError(f"keys must be between 1 and {len(KEY_IDS)}, got {self.keys}")
         if self.digits < 1 or self.segment_length < self.fact_length:
-            raise ValueError(f"a fact of {self.fact_length} tokens must fit in a segment of {self.segment_length}")
+            raise ConfigError(f"a fact of {self.fact_length} tokens must fit in a segment of {self.segment_length}")
         if self.question_length > self.segment_length:
-            raise ValueError(f"the question ({self.question_length} tokens) must fit in one segment")
+            raise ConfigError(f"the question ({self.question_length} tokens) must fit in one segment")
         if self.protect is not None and self.protect < 0:
-            raise ValueError(f"protect must be at least 0, got {self.protect}")
+            raise ConfigError(f"protect must be at least 0, got {self.protect}")
 
     @property
     def fact_length(self) -> int:
@@ -100,8 +102,9 @@ def make_recall_batch(task: RecallTask, batch_size: int, segments: int,
     length = segments * task.segment_length
     limit = task.fact_limit(segments)
     if limit < task.keys * task.fact_length:
-        raise ValueError(f"{task.keys} facts of {task.fact_length} tokens do not fit in {segments} segments of "
-                         f"{task.segment_length} tokens with {task.protect} protected tokens: add segments")
+        raise ConfigError(f"{task.keys} facts of {task.fact_length} tokens do not fit before position {limit} of "
+                          f"{segments} segments of {task.segment_length} (the question's protected window follows): "
+                          "add segments")
     filler = torch.tensor(FILLER)
     ids = filler[torch.randint(len(FILLER), (batch_size, length), generator=g)]  # (b, n)
     values = torch.randint(10, (batch_size, task.keys, task.digits), generator=g)  # (b, K, d)
@@ -139,7 +142,7 @@ def _fact_starts(task: RecallTask, batch_size: int, limit: int, g: torch.Generat
         for _ in range(task.keys):
             choices = free.nonzero().squeeze(1)
             if len(choices) == 0:
-                raise ValueError(f"no room for {task.keys} facts before position {limit}: add segments")
+                raise ConfigError(f"no room for {task.keys} facts before position {limit}: add segments")
             start = int(choices[torch.randint(len(choices), (1,), generator=g)])
             row.append(start)
             free[max(start - task.fact_length + 1, 0): start + task.fact_length] = False  # no overlap

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ class TrainConfig:
     warmup: float = 0.02  # share of the run with a linear learning-rate warm-up, then cosine decay
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
     gate_warmup: float = 0.4  # share of the run with the gates held fixed (readers.md §7); 0: train them at once
-    gate_hold: float | None = 0.0  # β the gates are set to and held at during the warm-up (0: sigmoid 0.5); None: as is
+    gate_hold: float | None = 0.0  # β the gates are held at during the warm-up (0: sigmoid 0.5); None: as they are
     train_all: bool = True  # train every weight; False: only the gates (a pretrained backbone, frozen)
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
@@ -235,7 +235,8 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
           progress: Callable[[TrainEvent], None] | None = None, out: str | Path | None = None,
           meta: dict[str, Any] | None = None) -> TrainResult:
     """Train `model` on `batches` with AdamW; write checkpoints to `out` (every `checkpoint_every` steps and at the
-    end) with `meta` added to train.json. Returns what the run did; the model is left trained, in eval mode."""
+    end) with `meta` added to train.json. Returns what the run did; the model is left trained, in eval mode (with
+    train_all=False, its backbone is left with requires_grad off)."""
     device = torch.device(config.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals made late steps ~5× slower (readers.md §8)
@@ -287,6 +288,10 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(ids)  # (b, n, V): every segment in order, gradients through the memory
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDivergedError(f"the loss became {value} at step {step + 1}: lower the learning rate "
+                                        f"(now {config.lr:g}, gates {config.gate_learning_rate:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if frozen:
@@ -296,11 +301,6 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         optimizer.step()
         step += 1
         tokens += ids.numel()
-
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDivergedError(f"the loss became {value} at step {step}: lower the learning rate "
-                                        f"(now {config.lr:g}, gates {config.gate_learning_rate:g})")
         window.append(value)
         if step % config.log_every == 0 or step == config.steps:
             last_loss = sum(window) / len(window)

@@ -1,0 +1,231 @@
+"""`ragkit reader …`: train memory readers and check their recall. Thin: parses flags, calls ragkit.readers.train,
+renders progress and results with Rich. Nothing heavy at import."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from ragkit.progress import ProgressEvent
+    from ragkit.readers.train import TrainEvent
+
+reader_app = typer.Typer(help="Train memory readers (Infini-attention) and measure their recall.", no_args_is_help=True,
+                         add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+
+@reader_app.callback()
+def _readers() -> None:
+    """Train memory readers (Infini-attention) and measure their recall."""
+
+
+@reader_app.command()
+def train(
+    reader: Annotated[str, typer.Option("--reader", help="Which reader to train: infini.")] = "infini",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Backbone: a Hugging Face causal LM id or local path (only the gates are trained).")] = None,
+    tiny: Annotated[bool, typer.Option(
+        "--tiny", help="A tiny Llama trained from scratch, all weights, on the synthetic recall task.")] = False,
+    objective: Annotated[str, typer.Option("--objective", help="recall (synthetic keys) | lm (documents).")] = "recall",
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of long documents (--objective lm).")] = None,
+    keys: Annotated[int, typer.Option("--keys", help="Facts per sequence (1: passkey).", min=1)] = 1,
+    segment_length: Annotated[Optional[int], typer.Option(
+        "--segment-length", help="Tokens per segment [default: 32 with --tiny, else 2048].", min=8)] = None,
+    segments: Annotated[str, typer.Option(
+        "--segments", help="Segments per sequence: N, or A-B to draw each batch's length from A..B.")] = "4",
+    curriculum: Annotated[float, typer.Option(
+        "--curriculum", help="Share of the run over which the longest length rises from A to B.", min=0, max=1)] = 0.0,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.", min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
+    gate_lr: Annotated[Optional[float], typer.Option(
+        "--gate-lr", help="Learning rate of the gates [default: 10 × --lr; 1e-2 when only gates train].")] = None,
+    gate_warmup: Annotated[Optional[float], typer.Option(
+        "--gate-warmup", help="Share of the run with the gates held at 0.5 [default: 0.4 when all weights train, "
+                              "else 0].", min=0, max=1)] = None,
+    train_all: Annotated[bool, typer.Option("--train-all", help="Train every weight of --model, not only the gates.")]
+    = False,
+    update: Annotated[str, typer.Option("--update", help="Memory update rule: linear | delta.")] = "linear",
+    d_model: Annotated[int, typer.Option("--d-model", help="Width of the --tiny model.", min=8)] = 64,
+    layers: Annotated[int, typer.Option("--layers", help="Layers of the --tiny model.", min=1)] = 2,
+    heads: Annotated[int, typer.Option("--heads", help="Attention heads of the --tiny model.", min=1)] = 2,
+    max_seconds: Annotated[Optional[float], typer.Option(
+        "--max-seconds", help="Stop after this much wall time (the schedule follows time).", min=1)] = None,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", help="Steps between checkpoints (0: only at the end).", min=0)] = 0,
+    eval_sequences: Annotated[int, typer.Option(
+        "--eval-sequences", help="Recall sequences scored at the end (memory on / gates shut / another sequence's "
+                                 "memory); 0: none.", min=0)] = 64,
+    out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("reader-checkpoint"),
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 … [default: cuda if "
+                                                                   "available, else cpu].")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.", min=1)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and the data.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Train a memory reader and write its checkpoint to --out.
+
+    --tiny trains a small Llama from scratch (all weights) on synthetic key recall; --model wraps a pretrained
+    causal LM and trains only its memory gates (or everything, with --train-all).
+    """
+    opts = dict(locals())
+    from ragkit.cli import _user_errors
+
+    with _user_errors(as_json):
+        try:
+            _train(opts)
+        except KeyboardInterrupt:
+            err.print(f"[yellow]Interrupted.[/] The last checkpoint written to {escape(str(out_dir))}, if any, "
+                      "is whole.")
+            raise typer.Exit(130) from None
+
+
+def _train(opts: dict[str, Any]) -> None:
+    import torch
+
+    from ragkit.errors import ConfigError
+    from ragkit.readers.tasks import RecallTask
+    from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, build_reader, evaluate_recall,
+                                      train)
+
+    tiny, model_name, objective = opts["tiny"], opts["model"], opts["objective"]
+    if tiny == (model_name is not None):
+        raise ConfigError("choose the backbone: --model ID|PATH (a pretrained causal LM) or --tiny (from scratch)")
+    if objective not in ("recall", "lm"):
+        raise ConfigError(f"--objective must be recall or lm, got {objective!r}")
+    if objective == "lm" and tiny:
+        raise ConfigError("--objective lm needs a backbone with a tokenizer: use --model, or --objective recall")
+    if objective == "lm" and opts["data"] is None:
+        raise ConfigError("--objective lm needs --data FOLDER (long documents to model)")
+    if opts["update"] not in ("linear", "delta"):
+        raise ConfigError(f"--update must be linear or delta, got {opts['update']!r}")
+    lo, hi = parse_segments(opts["segments"])
+    train_all = tiny or opts["train_all"]
+    segment_length = opts["segment_length"] or (32 if tiny else 2048)
+    lr = opts["lr"] or (1e-3 if tiny else 1e-4)
+    gate_lr = opts["gate_lr"] or (None if train_all else 1e-2)
+    gate_warmup = opts["gate_warmup"] if opts["gate_warmup"] is not None else (0.4 if train_all else 0.0)
+    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available; use --device cpu")
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+
+    model, tokenizer = build_reader(opts["reader"], model=model_name, tiny=tiny, segment_length=segment_length,
+                                    update=opts["update"], d_model=opts["d_model"], layers=opts["layers"],
+                                    heads=opts["heads"], seed=opts["seed"])
+    task = RecallTask(segment_length=segment_length, keys=opts["keys"]) if objective == "recall" else None
+    config = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
+                         gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
+                         train_all=train_all, length_curriculum=opts["curriculum"], max_seconds=opts["max_seconds"],
+                         log_every=max(1, min(10, opts["steps"] // 100 or 1)),
+                         checkpoint_every=opts["checkpoint_every"], seed=opts["seed"], device=device)
+    meta = {"objective": objective, "task": asdict(task) if task else None, "data": str(opts["data"] or "")}
+    with _Bar(enabled=not opts["as_json"], steps=config.steps) as bar:
+        if task is not None:
+            batches = RecallBatches(task)
+        else:
+            batches = DocumentBatches(opts["data"], tokenizer, segment_length, progress=bar.on_tokenize)
+        result = train(model, batches, config, progress=bar.on_event, out=opts["out_dir"], meta=meta)
+    cells = []
+    if task is not None and opts["eval_sequences"]:
+        cells = evaluate_recall(model, task, [hi], sequences=opts["eval_sequences"], device=device)
+    summary = {**result.to_json(), "device": device, "eval": [c.to_json() for c in cells]}
+    if opts["as_json"]:
+        print(json.dumps(summary))
+        return
+    _render(summary, cells)
+
+
+def parse_segments(text: str) -> tuple[int, int]:
+    """'4' → (4, 4); '4-16' → (4, 16).
+
+    >>> parse_segments("4"), parse_segments("4-16")
+    ((4, 4), (4, 16))
+    """
+    from ragkit.errors import ConfigError
+
+    try:
+        parts = [int(p) for p in text.split("-")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise ConfigError(f"--segments must be N or A-B with 1 ≤ A ≤ B, got {text!r}")
+    return parts[0], parts[1]
+
+
+class _Bar:
+    """A Rich progress bar on stderr fed by the training callback (or nothing, for --json)."""
+
+    def __init__(self, enabled: bool, steps: int) -> None:
+        self.progress: Progress | None = None
+        self.steps = steps
+        self.train_task: Any = None
+        self.tokenize_task: Any = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=err)
+
+    def __enter__(self) -> _Bar:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def on_event(self, event: TrainEvent) -> None:
+        """Render a TrainEvent: step, loss and the mean gate value of each layer."""
+        if self.progress is None:
+            return
+        if self.train_task is None:
+            self.train_task = self.progress.add_task("train", total=self.steps, info="")
+        info = f"loss {event.loss:.4f}"
+        if event.gates:
+            info += "  gates " + " ".join(f"{sum(layer) / len(layer):.2f}" for layer in event.gates)
+            info += " (held)" if event.gates_frozen else ""
+        self.progress.update(self.train_task, completed=event.step, info=info)
+
+    def on_tokenize(self, event: ProgressEvent) -> None:
+        """Render the tokenization of the --data documents."""
+        if self.progress is None:
+            return
+        if self.tokenize_task is None:
+            self.tokenize_task = self.progress.add_task("tokenize", total=event.total, info="")
+        self.progress.update(self.tokenize_task, completed=event.done, info=f"{event.tokens:,} tokens")
+
+
+def _render(summary: dict[str, Any], cells: list[Any]) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_row("steps", f"{summary['steps']:,} in {summary['seconds']:.0f} s ({summary['device']})")
+    table.add_row("tokens", f"{summary['tokens']:,}")
+    table.add_row("final loss", f"{summary['loss']:.4f}")
+    if summary["gates"]:
+        for i, layer in enumerate(summary["gates"]):
+            table.add_row(f"gates, layer {i}", " ".join(f"{g:.3f}" for g in layer))
+    table.add_row("checkpoint", escape(str(summary["checkpoint"])))
+    out.print(table)
+    if cells:
+        recall = Table("mode", "segments", "digits right", "whole values right", title="Recall at the longest length")
+        for c in cells:
+            recall.add_row(c.mode, str(c.segments), f"{c.digit:.3f}", f"{c.value:.3f}")
+        out.print(recall)

@@ -1,0 +1,297 @@
+"""Training memory readers: the synthetic recall tasks, the training loop (gate warm-up, loss), recall evaluation
+(memory on / gates shut / another sequence's memory), checkpoints and `ragkit reader train`. Tiny models, one thread;
+the slow test reproduces the CPU passkey ablation of readers.md §7."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ragkit.errors import ConfigError
+from ragkit.readers.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
+                                  make_recall_batch)
+from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, _seeded, build_reader,
+                                  evaluate_recall, load_checkpoint, save_checkpoint, train)
+
+torch.set_num_threads(1)
+
+SEG = 16
+
+
+def tiny(seed: int = 0, segment_length: int = SEG):
+    model, _ = build_reader(tiny=True, segment_length=segment_length, d_model=32, layers=2, heads=2, seed=seed)
+    return model
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- the task generator ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys,segments,protect", [(1, 2, None), (1, 6, None), (3, 4, None), (4, 8, 40),
+                                                   (2, 5, 0)])
+def test_no_fact_inside_the_protected_window(keys, segments, protect):
+    task = RecallTask(segment_length=SEG, keys=keys, digits=3, protect=protect)
+    batch = make_recall_batch(task, 64, segments, gen(keys + segments))
+    n = segments * SEG
+    question = n - task.question_length
+    window = SEG - task.question_length if protect is None else protect
+    ends = batch.key_positions + task.fact_length  # (b, K), exclusive
+    assert int(ends.max()) <= question - window
+    if protect is None:  # the default keeps every fact out of the question's segment
+        assert int(ends.max()) <= n - SEG
+    # facts never straddle a segment boundary, never overlap, and KEY appears only where a fact starts
+    assert bool(((batch.key_positions // SEG) == ((ends - 1) // SEG)).all())
+    starts = batch.key_positions.sort(dim=1).values
+    assert bool((starts[:, 1:] - starts[:, :-1] >= task.fact_length).all())
+    assert bool(((batch.input_ids == KEY).sum(dim=1) == keys).all())
+    assert bool((batch.input_ids[:, :question - window] != QUERY).all())
+
+
+def test_one_key_is_the_passkey_task():
+    task = RecallTask(segment_length=SEG, keys=1, digits=5)
+    batch = make_recall_batch(task, 32, 4, gen(1))
+    ids = batch.input_ids
+    assert bool(((ids == KEY).sum(dim=1) == 1).all())
+    assert bool(((ids == QUERY).sum(dim=1) == 1).all())
+    for row, start in zip(ids, batch.key_positions[:, 0].tolist()):
+        fact = row[start : start + task.fact_length]
+        assert fact[0] == KEY and int(fact[1]) in KEY_IDS and fact[2] == EQUALS
+        question = row[-task.question_length :]
+        assert question[0] == QUERY and question[1] == fact[1] and question[2] == EQUALS  # it asks for that key
+        assert torch.equal(question[3:], fact[3:])  # and its answer is that key's value
+    others = ids.clone()
+    for row, start in zip(others, batch.key_positions[:, 0].tolist()):
+        row[start : start + task.fact_length] = FILLER[0]
+    assert bool((others[:, : -task.question_length] < 10).sum() == 0)  # no digit anywhere but the fact
+    assert bool(((batch.depth >= 0) & (batch.depth < 1)).all())
+
+
+def test_many_keys_have_distinct_ids_and_the_question_names_one():
+    task = RecallTask(segment_length=SEG, keys=4, digits=3)
+    batch = make_recall_batch(task, 16, 8, gen(2))
+    for row, starts in zip(batch.input_ids, batch.key_positions.tolist()):
+        names = [int(row[s + 1]) for s in starts]
+        assert len(set(names)) == 4
+        assert int(row[-task.question_length + 1]) == names[0]
+
+
+def test_labels_mark_only_the_answer_digits():
+    task = RecallTask(segment_length=SEG, keys=2, digits=4)
+    batch = make_recall_batch(task, 8, 3, gen(3))
+    marked = (batch.labels != IGNORE).nonzero()[:, 1].view(8, 4)
+    assert bool((marked == batch.answer_positions).all())
+    ids = batch.input_ids
+    assert torch.equal(batch.labels[:, batch.answer_positions], ids[:, batch.answer_positions + 1])
+    assert torch.equal(batch.labels[:, batch.answer_positions], batch.answer)
+    assert int(batch.input_ids.max()) < VOCAB_SIZE
+
+
+def test_the_generator_is_deterministic():
+    task = RecallTask(segment_length=SEG, keys=3, digits=3)
+    a, b = (make_recall_batch(task, 4, 5, gen(7)) for _ in range(2))
+    c = make_recall_batch(task, 4, 5, gen(8))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.key_positions, b.key_positions)
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_a_task_that_cannot_fit_is_refused():
+    with pytest.raises(ConfigError, match="keys must be"):
+        RecallTask(keys=len(KEY_IDS) + 1)
+    with pytest.raises(ConfigError, match="add segments"):
+        make_recall_batch(RecallTask(segment_length=SEG, keys=3, digits=3), 2, 2, gen())
+
+
+# --- the training loop ----------------------------------------------------------------------------------------------
+
+
+def test_training_reduces_the_loss_and_moves_the_gates_only_after_the_warmup():
+    model = tiny()
+    events = []
+    config = TrainConfig(steps=24, batch_size=8, lr=3e-3, gate_warmup=0.5, log_every=1, seed=0)
+    result = train(model, RecallBatches(RecallTask(segment_length=SEG, digits=3)), config, progress=events.append)
+    assert result.steps == 24 and len(events) == 24
+    first = sum(e.loss for e in events[:3]) / 3
+    last = sum(e.loss for e in events[-3:]) / 3
+    assert last < first - 0.3
+    held = [e for e in events if e.gates_frozen]
+    assert len(held) == 12 and all(e.step <= 12 for e in held)
+    for e in held:  # sigmoid(0) = 0.5 exactly while held
+        assert all(g == 0.5 for layer in e.gates for g in layer)
+    assert any(abs(g - 0.5) > 1e-3 for layer in events[-1].gates for g in layer)
+
+
+def test_only_the_gates_train_on_a_frozen_backbone():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(steps=3, batch_size=4, train_all=False, gate_warmup=0.0, gate_lr=0.05, log_every=1)
+    train(model, RecallBatches(RecallTask(segment_length=SEG, digits=3)), config)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith("self_attn.gate") for k in changed)
+
+
+def test_the_loop_refuses_a_reader_that_detaches_every_segment():
+    model = tiny()
+    model.config.bptt_segments = 1
+    with pytest.raises(ConfigError, match="every segment"):
+        train(model, RecallBatches(RecallTask(segment_length=SEG, digits=3)), TrainConfig(steps=1))
+
+
+def test_mixed_lengths_are_drawn_from_the_range():
+    seen = []
+
+    def batches(batch_size, segments, generator):
+        seen.append(segments)
+        return RecallBatches(RecallTask(segment_length=SEG, digits=3))(batch_size, segments, generator)
+
+    train(tiny(), batches, TrainConfig(steps=12, batch_size=2, segments=(2, 5)))
+    assert set(seen) <= {2, 3, 4, 5} and len(set(seen)) > 1
+
+
+def test_language_modelling_over_a_folder(tmp_path):
+    from models import TRAINING_TEXT, build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(TRAINING_TEXT)
+    (docs / "short.md").write_text("# Too short\n\nA line.\n")
+    batches = DocumentBatches(docs, tokenizer, segment_length=SEG)
+    ids, labels = batches(3, 4, gen())
+    assert ids.shape == labels.shape == (3, 4 * SEG)
+    assert torch.equal(labels[:, :-1], ids[:, 1:]) and bool((labels[:, -1] == IGNORE).all())
+    model, _ = build_reader(tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, vocab_size=len(tokenizer))
+    result = train(model, batches, TrainConfig(steps=2, batch_size=2, segments=(2, 3), log_every=1))
+    assert result.steps == 2
+    with pytest.raises(ConfigError, match="no document has"):
+        batches(1, 10_000, gen())
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_recall_scores_every_mode_and_length_and_shuts_the_gates_only_for_shut():
+    model = tiny()
+    seen: list[tuple[bool, ...]] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(attn.gate_shut for attn in model.layers))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    task = RecallTask(segment_length=SEG, digits=3)
+    cells = evaluate_recall(model, task, [2, 4], sequences=10, batch_size=4)
+    assert [(c.mode, c.segments) for c in cells] == [(m, s) for s in (2, 4) for m in ("on", "shut", "other")]
+    for c in cells:
+        assert 0 <= c.digit <= 1 and 0 <= c.value <= c.digit + 1e-9 and c.n == 10
+        assert sum(d.n for d in c.by_depth) == 10
+    # 2 lengths × 3 batches: "on", then "shut" (gates shut), then "other"
+    assert seen == [(False, False)] * 3 + [(True, True)] * 3 + [(False, False)] * 3 + \
+        [(False, False)] * 3 + [(True, True)] * 3 + [(False, False)] * 3
+    assert not any(attn.gate_shut for attn in model.layers)  # restored
+    model.shut_gates(True)
+    evaluate_recall(model, task, [2], sequences=2, modes=("shut",))
+    assert all(attn.gate_shut for attn in model.layers)  # a caller's own setting is restored too
+
+
+def test_gate_shut_recall_equals_the_backbone_reading_the_last_segment_alone():
+    model = tiny()
+    with torch.no_grad():
+        for g in model.gate_parameters():
+            g.fill_(3.0)  # mostly memory: shutting the gates must matter
+    task = RecallTask(segment_length=SEG, digits=3)
+    shut = evaluate_recall(model, task, [3], sequences=8, modes=("shut",))[0]
+    batch = make_recall_batch(task, 8, 3, _seeded(1234, 3, 0))  # the batch evaluate_recall scored
+    with torch.no_grad():
+        logits = model.model(input_ids=batch.input_ids[:, -SEG:], use_cache=False).logits  # the plain backbone
+    pred = logits[:, batch.answer_positions - 2 * SEG].argmax(-1)
+    assert shut.digit == pytest.approx(float((pred == batch.answer).float().mean()))
+
+
+# --- checkpoints and the CLI ----------------------------------------------------------------------------------------
+
+
+def test_full_checkpoint_round_trip(tmp_path):
+    model = tiny(seed=3)
+    with torch.no_grad():
+        for i, g in enumerate(model.gate_parameters()):
+            g.fill_(0.5 * i - 1)
+    save_checkpoint(model, tmp_path / "ck", full=True, meta={"step": 7})
+    loaded = load_checkpoint(tmp_path / "ck")
+    x = torch.randint(0, VOCAB_SIZE, (2, 3 * SEG), generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+    assert torch.equal(loaded.gate_values(), model.gate_values())
+    assert json.loads((tmp_path / "ck" / "train.json").read_text())["step"] == 7
+
+
+def test_adapter_checkpoint_names_its_backbone(tmp_path):
+    from ragkit.readers.infini import InfiniConfig, InfiniLM
+
+    tiny(seed=4).model.save_pretrained(tmp_path / "backbone")  # a "pretrained" causal LM in a local folder
+    reader = InfiniLM.from_pretrained(str(tmp_path / "backbone"), InfiniConfig(segment_length=SEG))
+    config = TrainConfig(steps=2, batch_size=2, train_all=False, gate_warmup=0.0, gate_lr=0.1)
+    train(reader, RecallBatches(RecallTask(segment_length=SEG, digits=3)), config, out=tmp_path / "ck")
+    assert not (tmp_path / "ck" / "model.safetensors").exists()
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.gate_values(), reader.gate_values())
+    x = torch.randint(0, VOCAB_SIZE, (1, 2 * SEG), generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reader(x))
+
+
+def test_cli_reader_train_tiny_writes_a_checkpoint(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from ragkit.cli_reader import reader_app
+
+    app = typer.Typer()
+    app.add_typer(reader_app, name="reader")
+    out = tmp_path / "ck"
+    args = ["reader", "train", "--tiny", "--steps", "3", "--json", "--out", str(out), "--segment-length", "16",
+            "--d-model", "32", "--eval-sequences", "4", "--threads", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 3 and report["checkpoint"] == str(out)
+    assert {c["mode"] for c in report["eval"]} == {"on", "shut", "other"}
+    assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "infini_config.json", "config.json",
+                                               "model.safetensors", "train.json"}
+    assert load_checkpoint(out).config.segment_length == 16
+
+
+def test_cli_reader_train_errors_are_one_message(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from ragkit.cli_reader import reader_app
+
+    app = typer.Typer()
+    app.add_typer(reader_app, name="reader")
+    for args, message in [(["--steps", "1"], "choose the backbone"),
+                          (["--tiny", "--segments", "5-2"], "--segments"),
+                          (["--tiny", "--objective", "lm"], "tokenizer")]:
+        result = CliRunner().invoke(app, ["reader", "train", *args, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+# --- the CPU ablation of readers.md §7 ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cpu_passkey_ablation_memory_carries_the_key():
+    """readers.md §7: 2 layers, d_model 64, 2 heads, 32-token segments, trained on 4 segments with the gates held at
+    0.5 for 40% of the steps; the memory must carry the key (≥ 0.9 of digits) and nothing else may (≤ 0.2 shut)."""
+    model, _ = build_reader(tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0)
+    task = RecallTask(segment_length=32, keys=1)
+    train(model, RecallBatches(task), TrainConfig(steps=4500, batch_size=16, lr=1e-3, seed=0))
+    on, shut, other = evaluate_recall(model, task, [4], sequences=256)
+    assert on.digit >= 0.9, on
+    assert shut.digit <= 0.2 and other.digit <= 0.2, (shut, other)
+    assert on.digit - shut.digit >= 0.6
