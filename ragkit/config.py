@@ -35,7 +35,7 @@ class Settings:
     late: bool = True  # build and use the late-interaction (ColBERT) stage
     late_model: str = "lightonai/GTE-ModernColBERT-v1"  # PyLate model id or local path
     pool_factor: int = 1  # token pooling of document vectors (2 halves the late index; evidence is re-derived)
-    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID beyond
+    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size; PLAID built and used beyond
     plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)

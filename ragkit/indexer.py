@@ -401,5 +401,7 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
             parts[r] = (item.vectors, item.spans)
     info = encoders.late.fingerprint() if todo else old["manifest"]["models"]["late"]
     params = {"model": info["model"], "dim": info["dim"], "pool_factor": settings.pool_factor}
-    write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None)
+    total_tokens = sum(len(vectors) for vectors, _ in parts)
+    write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None,
+                     plaid=total_tokens > settings.late_exact_max_tokens)
     return info

@@ -41,7 +41,7 @@ def test_token_store_round_trip_and_exact_maxsim(tmp_path):
     rng = np.random.default_rng(0)
     parts = random_parts(rng, 60)
     ids = [f"c{i}" for i in range(60)]
-    write_late_index(tmp_path / "late", parts, ids, {"model": "m", "dim": 8}, None, None)
+    write_late_index(tmp_path / "late", parts, ids, {"model": "m", "dim": 8}, None, None, plaid=True)
     late = LateIndex.load(tmp_path / "late")
     assert len(late) == 60 and late.total_tokens == sum(len(v) for v, _ in parts)
     query = parts[17][0][:5].astype(np.float32)
@@ -89,11 +89,15 @@ def test_plaid_retrains_when_much_is_new(tmp_path):
 
 def test_index_builds_all_three_stages(tmp_path, settings):
     write_corpus(tmp_path / "docs")
-    idx = Index(tmp_path / "index", settings)
+    idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0))  # large enough for PLAID
     report = idx.add(tmp_path / "docs")
     assert report.late_encoded_chunks == report.chunks == report.encoded_chunks
     generation = store.current_generation(idx.path)
     assert (generation / "late" / "plaid" / "metadata.json").is_file()
+    small = Index(tmp_path / "small", settings)  # below late_exact_max_tokens: exact MaxSim, no PLAID to train
+    small.add(tmp_path / "docs")
+    assert not (store.current_generation(small.path) / "late" / "plaid").exists()
+    assert small.search("harpsichord", k=3, mode="late")
     manifest = store.read_manifest(generation)
     # the late model reads exactly the chunk length: 64 - 2 dense special tokens, + CLS, [D], SEP
     assert manifest["models"]["late"]["document_length"] == 62 + 3

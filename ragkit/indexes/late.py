@@ -9,8 +9,8 @@ Folder layout (all plain files):
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
 MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over a memory-mapped token matrix beats PLAID up
-to a few million tokens (faster and exact); above `exact_max_tokens` PLAID proposes candidates and exact MaxSim
-re-ranks them.
+to a few million tokens (faster and exact), and training PLAID's centroids costs minutes there: so PLAID is built
+only for collections above `exact_max_tokens`, where it proposes candidates and exact MaxSim re-ranks them.
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ class LateIndex:
 
 
 def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]], chunk_ids: Sequence[str],
-                     params: dict, previous: "LateIndex | None", previous_chunk_ids: Sequence[str] | None) -> dict:
-    """Write token vectors of every row and bring PLAID up to date; returns the params written.
+                     params: dict, previous: "LateIndex | None", previous_chunk_ids: Sequence[str] | None,
+                     plaid: bool = True) -> dict:
+    """Write token vectors of every row and, with `plaid`, bring PLAID up to date; returns the params written.
 
     PLAID is carried over from `previous` when it was built by the same model: the documents of removed
     chunks are deleted, new chunks appended, and the centroids retrained from scratch once more than
@@ -165,7 +166,7 @@ def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]
     spans.flush()
     del tokens, spans
     np.save(folder / OFFSETS, offsets)
-    state = _update_plaid(folder, parts, list(chunk_ids), previous, previous_chunk_ids)
+    state = _update_plaid(folder, parts, list(chunk_ids), previous, previous_chunk_ids) if plaid else PlaidState()
     params = {**params, "count": len(parts), "tokens": int(offsets[-1]),
               "plaid": {"trained_docs": state.trained_docs, "added_since_training": state.added_since_training}}
     (folder / PARAMS).write_text(json.dumps(params, indent=2))
