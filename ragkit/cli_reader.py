@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from ragkit.progress import ProgressEvent
     from ragkit.readers.train import TrainEvent
 
-reader_app = typer.Typer(help="Train memory readers (Infini-attention) and measure their recall.", no_args_is_help=True,
+reader_app = typer.Typer(help="Train memory readers (Infini-attention, HMT) and measure their recall.",
+                         no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
 out = Console()
 err = Console(stderr=True)
@@ -27,14 +28,15 @@ err = Console(stderr=True)
 
 @reader_app.callback()
 def _readers() -> None:
-    """Train memory readers (Infini-attention) and measure their recall."""
+    """Train memory readers (Infini-attention, HMT) and measure their recall."""
 
 
 @reader_app.command()
 def train(
-    reader: Annotated[str, typer.Option("--reader", help="Which reader to train: infini.")] = "infini",
+    reader: Annotated[str, typer.Option("--reader", help="Which reader to train: infini | hmt.")] = "infini",
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="Backbone: a Hugging Face causal LM id or local path (only the gates are trained).")] = None,
+        "--model", help="Backbone: a Hugging Face causal LM id or local path (only the gates, or HMT's parameters, "
+                        "are trained).")] = None,
     tiny: Annotated[bool, typer.Option(
         "--tiny", help="A tiny Llama trained from scratch, all weights, on the synthetic recall task.")] = False,
     objective: Annotated[str, typer.Option("--objective", help="recall (synthetic keys) | lm (documents).")] = "recall",
@@ -46,7 +48,22 @@ def train(
         "--segments", help="Segments per sequence: N, or A-B to draw each batch's length from A..B.")] = "4",
     curriculum: Annotated[float, typer.Option(
         "--curriculum", help="Share of the run over which the longest length rises from A to B.", min=0, max=1)] = 0.0,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.", min=1)] = 1000,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (for hmt: both stages together).", min=1)]
+    = 1000,
+    stage1_steps: Annotated[Optional[int], typer.Option(
+        "--stage1-steps", help="hmt: steps of stage 1 (no memory search, --stage1-segments segments) [default: 2/7 of "
+                               "--steps, the paper's 200 of 700].", min=0)] = None,
+    stage2_steps: Annotated[Optional[int], typer.Option(
+        "--stage2-steps", help="hmt: steps of stage 2 (memory search, --segments) [default: --steps minus stage 1].",
+        min=1)] = None,
+    stage1_segments: Annotated[int, typer.Option(
+        "--stage1-segments", help="hmt: segments per sequence in stage 1.", min=1)] = 2,
+    sensory_tokens: Annotated[Optional[int], typer.Option(
+        "--sensory-tokens", help="hmt: k, token embeddings carried over from the previous segment [default: 8 with "
+                                 "--tiny, else 32].", min=0)] = None,
+    cache_size: Annotated[Optional[int], typer.Option(
+        "--cache-size", help="hmt: N, memories kept for the search [default: 64 with --tiny, else 300].", min=1)]
+    = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
@@ -78,7 +95,9 @@ def train(
     """Train a memory reader and write its checkpoint to --out.
 
     --tiny trains a small Llama from scratch (all weights) on synthetic key recall; --model wraps a pretrained
-    causal LM and trains only its memory gates (or everything, with --train-all).
+    causal LM and trains only its memory gates or HMT parameters (or everything, with --train-all). --reader hmt
+    trains in the paper's two stages: --stage1-steps on --stage1-segments segments without memory search, then
+    --stage2-steps on --segments with it.
     """
     opts = dict(locals())
     from ragkit.cli import _user_errors
@@ -98,7 +117,7 @@ def _train(opts: dict[str, Any]) -> None:
     from ragkit.errors import ConfigError
     from ragkit.readers.tasks import RecallTask
     from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, build_reader, evaluate_recall,
-                                      train)
+                                      train, train_two_stage)
 
     tiny, model_name, objective = opts["tiny"], opts["model"], opts["objective"]
     if tiny == (model_name is not None):
@@ -109,6 +128,11 @@ def _train(opts: dict[str, Any]) -> None:
         raise ConfigError("--objective lm needs a backbone with a tokenizer: use --model, or --objective recall")
     if objective == "lm" and opts["data"] is None:
         raise ConfigError("--objective lm needs --data FOLDER (long documents to model)")
+    hmt = opts["reader"] == "hmt"
+    if opts["reader"] not in ("infini", "hmt"):
+        raise ConfigError(f"--reader must be infini or hmt, got {opts['reader']!r}")
+    if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size")):
+        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens and --cache-size are for --reader hmt")
     if opts["update"] not in ("linear", "delta"):
         raise ConfigError(f"--update must be linear or delta, got {opts['update']!r}")
     lo, hi = parse_segments(opts["segments"])
@@ -125,20 +149,37 @@ def _train(opts: dict[str, Any]) -> None:
 
     model, tokenizer = build_reader(opts["reader"], model=model_name, tiny=tiny, segment_length=segment_length,
                                     update=opts["update"], d_model=opts["d_model"], layers=opts["layers"],
-                                    heads=opts["heads"], seed=opts["seed"])
-    task = RecallTask(segment_length=segment_length, keys=opts["keys"]) if objective == "recall" else None
-    config = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
+                                    heads=opts["heads"], seed=opts["seed"], sensory_tokens=opts["sensory_tokens"],
+                                    cache_size=opts["cache_size"])
+    protect = None
+    if hmt:  # keep the facts out of the question's segment and out of the sensory tokens before it
+        protect = segment_length - (3 + RecallTask.digits) + model.config.sensory_tokens
+        stage1 = opts["stage1_steps"] if opts["stage1_steps"] is not None else round(opts["steps"] * 2 / 7)
+        stage2 = opts["stage2_steps"] or opts["steps"] - stage1
+        if stage2 < 1:
+            raise ConfigError(f"--stage1-steps {stage1} leaves no step for stage 2 of --steps {opts['steps']}: "
+                              "give --stage2-steps")
+    else:
+        stage1, stage2 = 0, opts["steps"]
+    task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect)
+            if objective == "recall" else None)
+    config = TrainConfig(steps=stage2, batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
                          train_all=train_all, length_curriculum=opts["curriculum"], max_seconds=opts["max_seconds"],
-                         log_every=max(1, min(10, opts["steps"] // 100 or 1)),
+                         log_every=max(1, min(10, (stage1 + stage2) // 100 or 1)),
                          checkpoint_every=opts["checkpoint_every"], seed=opts["seed"], device=device)
     meta = {"objective": objective, "task": asdict(task) if task else None, "data": str(opts["data"] or "")}
-    with _Bar(enabled=not opts["as_json"], steps=config.steps) as bar:
+    with _Bar(enabled=not opts["as_json"], steps=stage1 + stage2) as bar:
         if task is not None:
             batches = RecallBatches(task)
         else:
             batches = DocumentBatches(opts["data"], tokenizer, segment_length, progress=bar.on_tokenize)
-        result = train(model, batches, config, progress=bar.on_event, out=opts["out_dir"], meta=meta)
+        if hmt:
+            result = train_two_stage(model, batches, config, stage1_steps=stage1,
+                                     stage1_segments=opts["stage1_segments"], progress=bar.on_event,
+                                     out=opts["out_dir"], meta=meta)
+        else:
+            result = train(model, batches, config, progress=bar.on_event, out=opts["out_dir"], meta=meta)
     cells = []
     if task is not None and opts["eval_sequences"]:
         cells = evaluate_recall(model, task, [hi], sequences=opts["eval_sequences"], device=device)
@@ -225,7 +266,9 @@ def _render(summary: dict[str, Any], cells: list[Any]) -> None:
     table.add_row("checkpoint", escape(str(summary["checkpoint"])))
     out.print(table)
     if cells:
-        recall = Table("mode", "segments", "digits right", "whole values right", title="Recall at the longest length")
+        recall = Table("mode", "segments", "digits right", "whole values right", "search hit",
+                       title="Recall at the longest length")
         for c in cells:
-            recall.add_row(c.mode, str(c.segments), f"{c.digit:.3f}", f"{c.value:.3f}")
+            hit = "" if c.search_hit is None else f"{c.search_hit:.3f}"
+            recall.add_row(c.mode, str(c.segments), f"{c.digit:.3f}", f"{c.value:.3f}", hit)
         out.print(recall)

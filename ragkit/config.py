@@ -35,7 +35,8 @@ class Settings:
     late: bool = True  # build and use the late-interaction (ColBERT) stage
     late_model: str = "lightonai/GTE-ModernColBERT-v1"  # PyLate model id or local path
     pool_factor: int = 1  # token pooling of document vectors (2 halves the late index; evidence is re-derived)
-    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size; PLAID built and used beyond
+    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID candidates beyond
+    plaid_min_tokens: int = 0  # build PLAID for collections above this many tokens (raise it to save CPU time)
     plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)
@@ -152,7 +153,7 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError("chunk_tokens must be at least 16")
     if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")
-    for name in ("rrf_k", "dense_exact_max", "rerank_depth", "evidence_hits"):
+    for name in ("rrf_k", "dense_exact_max", "rerank_depth", "evidence_hits", "plaid_min_tokens"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting '{name}' must be at least 0")
     return settings

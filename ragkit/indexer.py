@@ -403,5 +403,5 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
     params = {"model": info["model"], "dim": info["dim"], "pool_factor": settings.pool_factor}
     total_tokens = sum(len(vectors) for vectors, _ in parts)
     write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None,
-                     plaid=total_tokens > settings.late_exact_max_tokens)
+                     plaid=total_tokens > settings.plaid_min_tokens)
     return info

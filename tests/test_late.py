@@ -94,7 +94,7 @@ def test_index_builds_all_three_stages(tmp_path, settings):
     assert report.late_encoded_chunks == report.chunks == report.encoded_chunks
     generation = store.current_generation(idx.path)
     assert (generation / "late" / "plaid" / "metadata.json").is_file()
-    small = Index(tmp_path / "small", settings)  # below late_exact_max_tokens: exact MaxSim, no PLAID to train
+    small = Index(tmp_path / "small", settings.replace(plaid_min_tokens=10**9))  # PLAID skipped: exact MaxSim
     small.add(tmp_path / "docs")
     assert not (store.current_generation(small.path) / "late" / "plaid").exists()
     assert small.search("harpsichord", k=3, mode="late")

@@ -281,6 +281,144 @@ def test_cli_reader_train_errors_are_one_message(tmp_path):
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
+# --- HMT: two-stage training, the adapter in checkpoints, evaluation, the CLI ------------------------------------
+
+
+def tiny_hmt(seed: int = 0):
+    model, _ = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=2, heads=2, seed=seed,
+                            sensory_tokens=4, cache_size=8)
+    return model
+
+
+def hmt_task() -> RecallTask:  # facts out of the question's segment and out of the 4 sensory tokens before it
+    return RecallTask(segment_length=SEG, digits=3, protect=SEG - 6 + 4)
+
+
+def test_build_reader_hmt_tiny_fits_the_memory_tokens_in_its_positions():
+    model = tiny_hmt()
+    assert type(model).__name__ == "HMTLM"
+    assert model.model.config.max_position_embeddings == SEG + 4 + 2
+    assert (model.config.sensory_tokens, model.config.cache_size, model.config.memory_search) == (4, 8, True)
+    with pytest.raises(ConfigError, match="unknown reader"):
+        build_reader("rmt", tiny=True)
+
+
+def test_hmt_parameters_get_their_own_group_without_decay():
+    from ragkit.readers.train import param_groups
+
+    model = tiny_hmt()
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-3, hmt_lr=5e-3))}
+    assert {id(p) for p in groups["hmt"]["params"]} == {id(p) for p in model.hmt_parameters()}
+    assert groups["hmt"]["weight_decay"] == 0.0 and groups["hmt"]["base_lr"] == 5e-3
+    assert not {id(p) for p in groups["decay"]["params"]} & {id(p) for p in model.hmt_parameters()}
+
+
+def test_two_stage_training_reduces_the_loss_searches_only_in_stage_two_and_saves_the_search_on(tmp_path):
+    from ragkit.readers.train import train_two_stage
+
+    model = tiny_hmt()
+    events, searches = [], []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        searches.append((model.config.memory_search, kwargs.get("input_ids", args[0] if args else None).shape[1]))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    config = TrainConfig(steps=10, batch_size=8, segments=(3, 3), lr=3e-3, log_every=1, seed=0)
+    result = train_two_stage(model, RecallBatches(hmt_task()), config, stage1_steps=12, progress=events.append,
+                             out=tmp_path / "ck")
+    assert result.steps == 22 and [e.step for e in events] == list(range(1, 23))
+    assert all(e.steps == 22 for e in events)
+    assert searches[:12] == [(False, 2 * SEG)] * 12 and searches[12:] == [(True, 3 * SEG)] * 10
+    first = sum(e.loss for e in events[:3]) / 3
+    last = sum(e.loss for e in events[-3:]) / 3
+    assert last < first - 0.3
+    assert model.config.memory_search
+    saved = json.loads((tmp_path / "ck" / "hmt_config.json").read_text())
+    assert saved["hmt"]["memory_search"] is True
+    record = json.loads((tmp_path / "ck" / "train.json").read_text())
+    assert record["reader"] == "hmt" and record["stages"]["stage1_steps"] == 12
+
+
+def test_only_the_hmt_parameters_train_on_a_frozen_backbone():
+    model = tiny_hmt()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(steps=2, batch_size=4, segments=(2, 2), train_all=False, gate_warmup=0.0, lr=1e-2)
+    train(model, RecallBatches(hmt_task()), config)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and not any(n.startswith("model.") for n in changed)
+
+
+def test_hmt_full_checkpoint_round_trip(tmp_path):
+    model = tiny_hmt(seed=5)
+    model.config.cache_size = 5
+    save_checkpoint(model, tmp_path / "ck", full=True, meta={"step": 3})
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert type(loaded).__name__ == "HMTLM" and loaded.config == model.config
+    for a, b in zip(loaded.hmt_parameters(), model.hmt_parameters()):
+        assert torch.equal(a, b)
+    x = torch.randint(0, VOCAB_SIZE, (2, 4 * SEG), generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search_hits():
+    model = tiny_hmt()
+    task = hmt_task()
+    on, off, other = evaluate_recall(model, task, [3], sequences=4, batch_size=4)
+    assert (on.mode, off.mode, other.mode) == ("on", "shut", "other")
+    assert on.search_hit is not None and 0.0 <= on.search_hit <= 1.0
+    assert off.search_hit is None and other.search_hit is None
+    assert not model.memory_disabled
+    # "shut" is the final segment read with the memory disabled (the same sequences: one batch of 4)
+    batch = make_recall_batch(task, 4, 3, _seeded(1234, 3, 0))
+    model.disable_memory(True)
+    with torch.no_grad():
+        logits = model(batch.input_ids[:, -SEG:])
+    model.disable_memory(False)
+    right = logits[:, batch.answer_positions - 2 * SEG].argmax(-1) == batch.answer
+    assert off.digit == pytest.approx(float(right.float().mean()))
+
+
+def test_search_hits_point_at_the_key_segment_among_the_cached_memories():
+    from ragkit.readers.train import _search_hits
+
+    class Reader:
+        config = type("C", (), {"memory_search": True})()
+        memory_disabled = False
+        last_weights = torch.tensor([[[0.1, 0.8, 0.1]], [[0.7, 0.2, 0.1]], [[0.1, 0.1, 0.8]]])  # (3, 1, m=3)
+
+    # 5 segments read before the question: the cache holds the memories of segments 2, 3, 4
+    hits = _search_hits(Reader(), torch.tensor([3, 0, 4]), 5)
+    assert hits.tolist() == [True, False, True]  # segment 0 was evicted: a miss
+
+
+def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from ragkit.cli_reader import reader_app
+
+    app = typer.Typer()
+    app.add_typer(reader_app, name="reader")
+    out = tmp_path / "ck"
+    args = ["reader", "train", "--reader", "hmt", "--tiny", "--steps", "5", "--stage1-steps", "2", "--json",
+            "--out", str(out), "--segment-length", "16", "--segments", "3", "--d-model", "32", "--batch-size", "4",
+            "--eval-sequences", "4", "--threads", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 5 and report["checkpoint"] == str(out)
+    assert {c["mode"] for c in report["eval"]} == {"on", "shut", "other"}
+    assert {p.name for p in out.iterdir()} >= {"hmt_adapter.safetensors", "hmt_config.json", "config.json",
+                                               "model.safetensors", "train.json"}
+    loaded = load_checkpoint(out)
+    assert loaded.config.segment_length == 16 and loaded.config.memory_search
+    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--stage1-steps", "2", "--out", str(out)])
+    assert result.exit_code == 1 and "--reader hmt" in result.output
+
+
 # --- the CPU ablation of readers.md §7 ------------------------------------------------------------------------------
 
 

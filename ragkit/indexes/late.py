@@ -9,8 +9,9 @@ Folder layout (all plain files):
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
 MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over a memory-mapped token matrix beats PLAID up
-to a few million tokens (faster and exact), and training PLAID's centroids costs minutes there: so PLAID is built
-only for collections above `exact_max_tokens`, where it proposes candidates and exact MaxSim re-ranks them.
+to a few million tokens (faster and exact): search uses PLAID only above `exact_max_tokens`, where it proposes
+candidates and exact MaxSim re-ranks them. PLAID is kept up to date in every generation (unless the caller
+skips it for small collections), so it is ready when the collection grows past that size.
 """
 
 from __future__ import annotations

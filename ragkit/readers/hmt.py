@@ -281,9 +281,8 @@ class HMTLM(nn.Module):
         cache and the sensory tokens. Returns the logits of the last segment read, (b, L_last, V)."""
         if input_ids.shape[1] == 0:
             raise ValueError("read() needs at least one token")
-        h = self._embed(input_ids)  # (b, n, C)
-        for seg in self._segments(h.shape[1]):
-            logits = self._segment(h[:, seg])
+        for seg in self._segments(input_ids.shape[1]):  # embed one segment at a time: memory stays flat
+            logits = self._segment(self._embed(input_ids[:, seg]))  # (b, L, V)
         self.detach_state()
         return logits
 

@@ -16,8 +16,14 @@ What readers.md taught (§2.5, §4.2, §7), and what this loop therefore does:
   learn what to write ([BEOMI]), so the loop refuses one.
 - On CPU, denormal floats are flushed: steps slowed ~5× once a tiny model's loss fell near 1e-4 (§8).
 
-Checkpoints are plain files: the reader's adapter (gates and config), the whole backbone in safetensors when its
-weights were trained (config.json + model.safetensors, loadable by transformers), and `train.json`.
+HMT (`ragkit.readers.hmt`) trains with the paper's two stages (readers.md §3.3, §8): `train_two_stage` runs stage 1
+on 2 segments with `memory_search=False` (P_n = M_{n-1}: the model learns to store the key in a memory embedding),
+then stage 2 with the search on longer unrolls; trained plainly from scratch, the memory never held a usable
+encoding. HMT's new parameters (T, the initial memory, W_q, W_k) get their own AdamW group without weight decay.
+
+Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
+safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
+`train.json`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,7 +71,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
     gate_warmup: float = 0.4  # share of the run with the gates held fixed (readers.md §7); 0: train them at once
     gate_hold: float | None = 0.0  # β the gates are held at during the warm-up (0: sigmoid 0.5); None: as they are
-    train_all: bool = True  # train every weight; False: only the gates (a pretrained backbone, frozen)
+    train_all: bool = True  # train every weight; False: only the gates or HMT parameters (a frozen backbone)
+    hmt_lr: float | None = None  # peak learning rate of HMT's new parameters (T, memory, W_q, W_k); None: lr
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
     log_every: int = 10  # steps between progress events
@@ -79,7 +86,7 @@ class TrainConfig:
             raise ConfigError(f"segments must be a range A-B with 1 ≤ A ≤ B, got {lo}-{hi}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be at least 1")
-        if not (self.lr > 0 and (self.gate_lr is None or self.gate_lr > 0)):
+        if not (self.lr > 0 and all(x is None or x > 0 for x in (self.gate_lr, self.hmt_lr))):
             raise ConfigError("learning rates must be positive")
         for name in ("warmup", "gate_warmup", "min_lr_ratio", "length_curriculum"):
             if not 0 <= getattr(self, name) <= 1:
@@ -206,19 +213,22 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: decayed matrices, undecayed vectors (norms, biases), and the gates with their own LR, no decay.
-    Only parameters that require gradients are included."""
-    gates = _gates(model)
-    gate_ids = {id(p) for p in gates}
+    """AdamW groups: decayed matrices, undecayed vectors (norms, biases), the gates with their own LR, no decay, and
+    HMT's new parameters (T, the initial memory, W_q, W_k) at `hmt_lr` without decay (decay would blunt the search's
+    near-exact lookup). Only parameters that require gradients are included."""
+    gates = [p for p in _gates(model) if p.requires_grad]
+    hmt = [p for p in _hmt_params(model) if p.requires_grad]
+    own = {id(p) for p in gates + hmt}
     decay, no_decay = [], []
     for p in model.parameters():
-        if id(p) in gate_ids or not p.requires_grad:
+        if id(p) in own or not p.requires_grad:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay, "base_lr": config.lr, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "base_lr": config.lr, "name": "no_decay"},
         {"params": gates, "weight_decay": 0.0, "base_lr": config.gate_learning_rate, "name": "gates"},
+        {"params": hmt, "weight_decay": 0.0, "base_lr": config.hmt_lr or config.lr, "name": "hmt"},
     ]
     return [g for g in groups if g["params"]]
 
@@ -245,14 +255,14 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
                           "what to write; use None (all segments) or at least 2")
     model.to(device).train()
     gates = _gates(model)
-    gate_ids = {id(p) for p in gates}
+    adapter_ids = {id(p) for p in gates + _hmt_params(model)}
     if not config.train_all:
-        if not gates:
+        if not adapter_ids:
             raise ConfigError("this reader has no gates: train all weights (train_all=True)")
-        if config.gate_warmup > 0:
+        if gates and config.gate_warmup > 0:
             raise ConfigError("with only the gates trained, a gate warm-up would train nothing: set gate_warmup=0")
         for p in model.parameters():
-            p.requires_grad_(id(p) in gate_ids)
+            p.requires_grad_(id(p) in adapter_ids)
     if gates and config.gate_warmup > 0 and config.gate_hold is not None:
         with torch.no_grad():
             for g in gates:
@@ -331,6 +341,59 @@ def _gates(model: nn.Module) -> list[nn.Parameter]:
     return list(model.gate_parameters()) if hasattr(model, "gate_parameters") else []
 
 
+def _hmt_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.hmt_parameters()) if hasattr(model, "hmt_parameters") else []
+
+
+def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, stage1_steps: int,
+                    stage1_segments: int = 2, progress: Callable[[TrainEvent], None] | None = None,
+                    out: str | Path | None = None, meta: dict[str, Any] | None = None) -> TrainResult:
+    """HMT's multi-stage training ([HMT] App. F; readers.md §3.3, §8). Stage 1: `stage1_steps` steps on
+    `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}); stage 2: `config` as given (its steps,
+    its segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
+    `max_seconds`, stage 1 gets its share of it by steps. Events and history count steps across both stages.
+    The checkpoint is written by stage 2 only, so the saved adapter has `memory_search=True`; the model is left with
+    the search on whatever happens. stage1_steps=0 is plain training with the search."""
+    from dataclasses import replace
+
+    hmt_config = getattr(model, "config", None)
+    if not hasattr(hmt_config, "memory_search"):
+        raise ConfigError("two-stage training is for the HMT reader (a config with memory_search)")
+    if stage1_steps < 0 or stage1_segments < 1:
+        raise ConfigError("stage1_steps must be 0 or more and stage1_segments at least 1")
+    total = stage1_steps + config.steps
+    meta = {**(meta or {}), "stages": {"stage1_steps": stage1_steps, "stage1_segments": stage1_segments,
+                                       "stage2_steps": config.steps, "stage2_segments": list(config.segments)}}
+
+    def shifted(offset: int) -> Callable[[TrainEvent], None] | None:
+        if progress is None:
+            return None
+        return lambda e: progress(replace(e, step=e.step + offset, steps=total, seconds=e.seconds + spent))
+
+    first = None
+    spent = 0.0
+    try:
+        if stage1_steps:
+            seconds = None if config.max_seconds is None else config.max_seconds * stage1_steps / total
+            stage1 = replace(config, steps=stage1_steps, segments=(stage1_segments, stage1_segments),
+                             length_curriculum=0.0, max_seconds=seconds, checkpoint_every=0)
+            hmt_config.memory_search = False
+            first = train(model, batches, stage1, progress=shifted(0))
+            spent = first.seconds
+        hmt_config.memory_search = True
+        stage2 = config if config.max_seconds is None else replace(config, max_seconds=max(config.max_seconds - spent,
+                                                                                           1e-3))
+        second = train(model, batches, stage2, progress=shifted(first.steps if first else 0), out=out, meta=meta)
+    finally:
+        hmt_config.memory_search = True
+    if first is None:
+        return second
+    offset = first.steps
+    history = first.history + [(step + offset, loss) for step, loss in second.history]
+    return TrainResult(first.steps + second.steps, first.seconds + second.seconds, first.tokens + second.tokens,
+                       second.loss, history, second.gates, second.checkpoint)
+
+
 def _gate_values(model: nn.Module) -> list[list[float]] | None:
     return model.gate_values().tolist() if hasattr(model, "gate_values") else None
 
@@ -341,18 +404,25 @@ def _gate_values(model: nn.Module) -> list[list[float]] | None:
 
 def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = False, segment_length: int = 32,
                  update: str = "linear", d_model: int = 64, layers: int = 2, heads: int = 2,
-                 vocab_size: int | None = None, seed: int = 0, **model_kwargs: Any) -> tuple[nn.Module, Any]:
+                 vocab_size: int | None = None, seed: int = 0, sensory_tokens: int | None = None,
+                 cache_size: int | None = None, **model_kwargs: Any) -> tuple[nn.Module, Any]:
     """A reader to train and the backbone's tokenizer (None for a tiny model, which reads task token ids).
 
-    tiny: a Llama of `layers` × `d_model` with `heads` heads, randomly initialised (readers.md §7 sizes); its gates
-    start at β = 0 (sigmoid 0.5). Otherwise `model` names a Hugging Face causal LM (id or local path) and the gates
-    start at InfiniConfig's default (≈ 0.01), so that step 0 is the pretrained model."""
-    if reader != "infini":
-        raise ConfigError(f"unknown reader {reader!r}: the trainable reader is 'infini'")
-    from ragkit.readers.infini import InfiniConfig, InfiniLM
-
+    reader: "infini" or "hmt". tiny: a Llama of `layers` × `d_model` with `heads` heads, randomly initialised
+    (readers.md §7 sizes); Infini's gates start at β = 0 (sigmoid 0.5); HMT gets k = `sensory_tokens` (default 8)
+    and N = `cache_size` (default 64) as in readers.md §8, and the Llama's positions cover a segment plus the sensory
+    tokens and the two memory tokens. Otherwise `model` names a Hugging Face causal LM (id or local path): Infini's
+    gates start at InfiniConfig's default (≈ 0.01), so that step 0 is the pretrained model; HMT uses HMTConfig's
+    defaults for k and N unless given. `update` is Infini's only."""
+    if reader not in ("infini", "hmt"):
+        raise ConfigError(f"unknown reader {reader!r}: the trainable readers are 'infini' and 'hmt'")
     if tiny == (model is not None):
         raise ConfigError("name a backbone (a Hugging Face id or local path) or ask for a tiny model, not both")
+    if reader == "hmt":
+        return _build_hmt(model, tiny, segment_length, d_model, layers, heads, vocab_size, seed, sensory_tokens,
+                          cache_size, **model_kwargs)
+    from ragkit.readers.infini import InfiniConfig, InfiniLM
+
     if tiny:
         from transformers import LlamaForCausalLM
 
@@ -365,6 +435,32 @@ def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = 
     infini = InfiniLM.from_pretrained(model, InfiniConfig(segment_length=segment_length, update=update),
                                       **model_kwargs)
     return infini, load_tokenizer(model)
+
+
+def _build_hmt(model: str | None, tiny: bool, segment_length: int, d_model: int, layers: int, heads: int,
+               vocab_size: int | None, seed: int, sensory_tokens: int | None, cache_size: int | None,
+               **model_kwargs: Any) -> tuple[nn.Module, Any]:
+    from ragkit.readers.hmt import HMTConfig, HMTLM
+
+    extra = {k: v for k, v in (("sensory_tokens", sensory_tokens), ("cache_size", cache_size)) if v is not None}
+    if tiny:
+        from transformers import LlamaForCausalLM
+
+        from ragkit.readers.tasks import VOCAB_SIZE, tiny_llama_config
+
+        config = HMTConfig(segment_length=segment_length, **{"sensory_tokens": 8, "cache_size": 64, **extra})
+        torch.manual_seed(seed)
+        positions = segment_length + config.sensory_tokens + 2  # [P ‖ sensory ‖ segment ‖ P]
+        backbone = LlamaForCausalLM(tiny_llama_config(vocab_size or VOCAB_SIZE, d_model, layers, heads,
+                                                      segment_length=positions))
+        return HMTLM(backbone, config), None
+    hmt = HMTLM.from_pretrained(model, HMTConfig(segment_length=segment_length, **extra), **model_kwargs)
+    return hmt, load_tokenizer(model)
+
+
+def reader_kind(model: nn.Module) -> str:
+    """"hmt" or "infini", by what the reader exposes."""
+    return "hmt" if hasattr(model, "hmt_parameters") else "infini"
 
 
 def load_tokenizer(name: str) -> Any:
@@ -400,7 +496,7 @@ def save_checkpoint(model: nn.Module, folder: str | Path, full: bool, meta: dict
         save_file(tensors, str(staging / BACKBONE_WEIGHTS), metadata={"format": "pt"})
         backbone.config.save_pretrained(staging)
     name = getattr(backbone.config, "_name_or_path", "") or ""
-    record = {"version": CHECKPOINT_VERSION, "reader": "infini", "full": full,
+    record = {"version": CHECKPOINT_VERSION, "reader": reader_kind(model), "full": full,
               "backbone": "." if full else name, **(meta or {})}
     (staging / TRAIN_META).write_text(json.dumps(record, indent=2, default=str) + "\n")
     for path in staging.iterdir():
@@ -413,19 +509,29 @@ def save_checkpoint(model: nn.Module, folder: str | Path, full: bool, meta: dict
 
 def load_checkpoint(folder: str | Path, device: str = "cpu") -> nn.Module:
     """The reader saved by `save_checkpoint` (or by `ragkit reader train`), in eval mode on `device`."""
-    from ragkit.readers.infini import InfiniLM
-
     folder = Path(folder)
     try:
         record = json.loads((folder / TRAIN_META).read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{folder} does not hold a reader checkpoint ({TRAIN_META}): {e}") from None
-    if record.get("version") != CHECKPOINT_VERSION or record.get("reader") != "infini":
+    if record.get("version") != CHECKPOINT_VERSION or record.get("reader") not in ("infini", "hmt"):
         raise ModelLoadError(f"{folder} holds an unsupported checkpoint: {record.get('reader')} "
                              f"version {record.get('version')}")
     backbone = str(folder) if record["full"] else record["backbone"]
     if not backbone:
         raise ModelLoadError(f"the checkpoint in {folder} does not name its backbone")
+    if record["reader"] == "hmt":
+        from ragkit.readers.hmt import ADAPTER_CONFIG, HMTConfig, HMTLM
+
+        try:  # the adapter's config first: HMTConfig's defaults may not fit the backbone's positions
+            saved = json.loads((folder / ADAPTER_CONFIG).read_text())["hmt"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"Could not read the HMT adapter in {folder}: {e}") from None
+        known = {f.name for f in fields(HMTConfig)}
+        config = HMTConfig(**{k: v for k, v in saved.items() if k in known})
+        return HMTLM.from_pretrained(backbone, config, adapter=folder).to(device).eval()
+    from ragkit.readers.infini import InfiniLM
+
     return InfiniLM.from_pretrained(backbone, adapter=folder).to(device).eval()
 
 
@@ -448,8 +554,12 @@ class DepthCell:
 class RecallCell:
     """Recall of one reading mode at one length.
 
-    mode: "on" (the memory as trained), "shut" (every gate shut: the backbone's own local attention),
-    or "other" (the memory of a different sequence: its segments, then the final segment of this one)."""
+    mode: "on" (the memory as trained), "shut" (every gate shut: the backbone's own local attention; for HMT, the
+    memory disabled: the final segment read alone), or "other" (the memory of a different sequence: its segments,
+    then the final segment of this one).
+    search_hit (HMT with memory search, mode "on" only): the share of sequences whose final segment's search gives
+    its highest weight to the memory of the segment that holds the queried fact (a fact evicted from the cache
+    counts as a miss); None otherwise."""
 
     mode: str
     segments: int
@@ -459,6 +569,7 @@ class RecallCell:
     digit: float
     value: float
     by_depth: list[DepthCell]
+    search_hit: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -477,7 +588,10 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
 
     The prefix is streamed with `read` and the final segment, which holds the question, scored with
     `forward(reset=False)`. With gates shut no segment reads the memory, so the prefix cannot change the answer:
-    "shut" scores the final segment alone, with `shut_gates()` on and restored afterwards."""
+    "shut" scores the final segment alone, with `shut_gates()` on and restored afterwards. For HMT, `shut_gates` is
+    `disable_memory`: "shut" is the final segment read without memory tokens (its sensory tokens, which only the
+    prefix could fill, are empty too: keep facts out of them with the task's `protect`), and "on" also measures the
+    search hit rate (`RecallCell.search_hit`) from the final segment's `last_weights`."""
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
@@ -492,7 +606,7 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
         for segments in lengths:
             n_batches = -(-sequences // batch_size)
             for mode in modes:
-                right, depths = [], []
+                right, depths, hits = [], [], []
                 for j in range(n_batches):  # batch j is the same for every mode: its generators are seeded by j
                     size = min(batch_size, sequences - j * batch_size)
                     batch = make_recall_batch(task, size, segments, _seeded(seed, segments, j))
@@ -511,6 +625,10 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                         if prefix.shape[1]:
                             model.read(prefix)
                         logits = model(last, reset=prefix.shape[1] == 0)  # (b, S, V)
+                        if mode == "on":
+                            hit = _search_hits(model, batch.key_positions[:, 0] // S, segments - 1)
+                            if hit is not None:
+                                hits.append(hit)
                     pos = batch.answer_positions - (ids.shape[1] - S)  # (d,) within the last segment
                     pred = logits[:, pos].argmax(dim=-1).cpu()  # (b, d)
                     right.append(pred == batch.answer)
@@ -519,10 +637,26 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                         progress(ProgressEvent(f"eval {mode} ×{segments}", j + 1, n_batches))
                 if hasattr(model, "reset"):
                     model.reset()
-                cells.append(_cell(mode, segments, S, task.keys, torch.cat(right), torch.cat(depths), depth_buckets))
+                cell = _cell(mode, segments, S, task.keys, torch.cat(right), torch.cat(depths), depth_buckets)
+                if hits:
+                    cell.search_hit = float(torch.cat(hits).float().mean())
+                cells.append(cell)
     finally:
         model.train(was_training)
     return cells
+
+
+def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int) -> Tensor | None:
+    """(b,) bool: did the latest memory search weigh the memory of `key_segment` (b,) highest? The cache holds the
+    memories of the last m ≤ N of the `prefix_segments` segments read, oldest first. None for a reader without a
+    search (Infini, HMT with memory_search off or memory disabled, nothing cached)."""
+    weights = getattr(model, "last_weights", None)
+    config = getattr(model, "config", None)
+    if weights is None or not getattr(config, "memory_search", False) or getattr(model, "memory_disabled", False):
+        return None
+    m = weights.shape[-1]
+    index = key_segment.to(weights.device) - (prefix_segments - m)  # (b,) position of that memory in the cache
+    return ((index >= 0) & (weights[:, 0].argmax(dim=-1) == index)).cpu()
 
 
 def _seeded(seed: int, segments: int, batch: int) -> torch.Generator:
