@@ -112,7 +112,7 @@ def main() -> None:
                                  documents_embeddings=doc_vectors)
         retriever = retrieve.ColBERT(index=voyager)
         voyager_found, voyager_times = run(lambda q: [int(r["id"]) for r in retriever.retrieve(
-            queries_embeddings=[torch.from_numpy(q)], k=10, show_progress=False)[0]])
+            queries_embeddings=[torch.from_numpy(q)], k=10)[0]])
 
         for q in questions[:5]:  # warm the hybrid path
             idx.search(q, k=10, mode="hybrid")
