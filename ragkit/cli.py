@@ -251,6 +251,8 @@ def _late_summary(late: dict[str, Any] | None, settings: dict[str, Any]) -> str:
 
 
 def _render_index_report(report, index_path: Path) -> None:
+    for warning in report.warnings:
+        err.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
     if report.rebuilt:
         err.print(f"[yellow]Rebuilt every file:[/] {escape(report.rebuilt)}")
     out.print(f"[bold green]Indexed[/] into {escape(str(index_path))}: {_run_summary(report.to_json())}, "

@@ -41,6 +41,7 @@ class IndexReport:
     encoded_tokens: int = 0
     late_encoded_chunks: int = 0
     rebuilt: str | None = None  # why every chunk was encoded again, when it was
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class IndexReport:
             "encoded_tokens": self.encoded_tokens,
             "late_encoded_chunks": self.late_encoded_chunks,
             "rebuilt": self.rebuilt,
+            "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
 
@@ -106,6 +108,7 @@ def build_index(
                 f"the index at {index_dir} holds {old['manifest']['root']}; "
                 f"use --index DIR for another folder, or --rebuild to replace it")
         report = IndexReport()
+        settings, late_encoder = _default_late_model(settings, report)
         new_fp = fingerprints(settings)
         before: dict[str, Any] = old["manifest"]["files"] if old and not rebuild else {}  # for the counts
         old, plan = _reuse_plan(old, new_fp, rebuild, report)
@@ -129,7 +132,7 @@ def build_index(
                 changed.add(rel)
         unparsable = {s.path: known_bad[s.path] for s in report.skipped if s.path in known_bad}
 
-        encoders = _Encoders(settings)
+        encoders = _Encoders(settings, late_encoder)
         new_chunks = _parse_and_chunk(hashed, changed, settings, encoders, report, unparsable, progress)
         current = {rel for rel in hashed if rel in new_chunks or rel in old_files and rel not in changed}
         report.added = len(set(new_chunks) - set(before))
@@ -148,6 +151,24 @@ def build_index(
                           unparsable, report, progress)
         report.seconds = time.perf_counter() - started
         return report
+
+
+def _default_late_model(settings: Settings, report: IndexReport):
+    """The default late model may be out of reach (offline, not cached): then index without the late stage and
+    say so, rather than fail. A late model the user named must load. Returns (settings, the loaded encoder)."""
+    if not settings.late or settings.late_model != Settings().late_model:
+        return settings, None
+    from ragkit.encoders.late import LateEncoder
+    from ragkit.errors import ModelLoadError
+
+    try:
+        return settings, LateEncoder(settings.late_model, settings.chunk_tokens + LateEncoder.SPECIAL_TOKENS,
+                                     device=settings.device)
+    except ModelLoadError as e:
+        reason = str(e).splitlines()[0]
+        report.warnings.append(f"late interaction skipped ({reason}); pass --late-model /path/to/a/PyLate/model, "
+                               "or --no-late to silence this")
+        return settings.replace(late=False), None
 
 
 def _reuse_plan(old, new_fp: dict[str, Any], rebuild: bool, report: IndexReport):
@@ -207,10 +228,10 @@ def _hash_files(files: list[SourceFile], skipped: list[Skipped]) -> dict[str, tu
 class _Encoders:
     """The models of this run, loaded on first use (a run with nothing to encode loads none)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, late=None) -> None:
         self.settings = settings
         self._dense = None
-        self._late = None
+        self._late = late
 
     @property
     def dense(self):

@@ -278,3 +278,11 @@ def test_progress_events_cover_every_stage(idx, docs):
     assert last_encode.tokens == report.encoded_tokens
     parse = [e.done for e in events if e.stage == "parse"]
     assert parse == sorted(parse) and parse[-1] == 3
+
+
+def test_default_late_model_out_of_reach_falls_back_with_a_warning(tmp_path, docs, tiny_encoder):
+    idx = Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder)))  # default late model: not cached here
+    report = idx.add(docs)
+    assert report.added == 3 and len(report.warnings) == 1 and "late interaction skipped" in report.warnings[0]
+    assert "late" not in idx.status()["models"]
+    assert idx.search("oil crisis", k=1)  # hybrid uses what the index has
