@@ -93,3 +93,16 @@ def model_revision(name: str) -> str:
     except Exception:  # an id the hub client rejects has no cached snapshot either
         return "unknown"
     return Path(cached).parent.name if isinstance(cached, str) else "unknown"
+
+
+def load_causal_lm(name: str, **model_kwargs: Any):
+    """A Hugging Face causal LM (the backbone of a memory reader) by id or local path; one clear message when it
+    cannot be loaded. `model_kwargs` go to AutoModelForCausalLM.from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model_name(name), **model_kwargs)
+    except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load"
+        raise ModelLoadError(f"Could not load the reader model '{name}': {str(e).strip()[:300]}\n"
+                             "Point ragkit at a local folder that holds a Hugging Face causal LM "
+                             "(config.json and weights).") from None

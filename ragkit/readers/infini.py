@@ -226,17 +226,9 @@ class InfiniLM(nn.Module):
                         adapter: str | Path | None = None, **model_kwargs: Any) -> InfiniLM:
         """Load the backbone by HF id or local path (`model_kwargs` go to AutoModelForCausalLM), then the adapter
         folder if given (its config replaces `config`)."""
-        from transformers import AutoModelForCausalLM
+        from ragkit.models import load_causal_lm
 
-        from ragkit.models import resolve_model_name
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name_or_path), **model_kwargs)
-        except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load"
-            raise ModelLoadError(f"Could not load the reader model '{name_or_path}': {str(e).strip()[:300]}\n"
-                                 "Point ragkit at a local folder that holds a Hugging Face causal LM "
-                                 "(config.json and weights).") from None
-        reader = cls(model, config)
+        reader = cls(load_causal_lm(name_or_path, **model_kwargs), config)
         if adapter is not None:
             reader.load_adapter(adapter)
         return reader
