@@ -52,6 +52,25 @@ def test_token_store_round_trip_and_exact_maxsim(tmp_path):
     assert late.search([query], 3, exact_max_tokens=0)[0][0][0] == 17  # PLAID candidates, exact re-rank
 
 
+def test_exact_maxsim_of_many_queries_across_blocks_and_groups(tmp_path, monkeypatch):
+    from ragkit.indexes import late as late_module
+
+    monkeypatch.setattr(late_module, "BLOCK_TOKENS", 100)  # several blocks of whole chunks
+    monkeypatch.setattr(late_module, "MAX_BLOCK_SCORES", 100 * 12)  # a handful of queries per group
+    rng = np.random.default_rng(1)
+    parts = random_parts(rng, 30)
+    write_late_index(tmp_path / "late", parts, [f"c{i}" for i in range(30)], {"model": "m", "dim": 8}, None, None,
+                     plaid=False)
+    late = LateIndex.load(tmp_path / "late")
+    queries = [parts[i][0][: 2 + i % 5].astype(np.float32) for i in range(0, 30, 3)]  # lengths 2 to 6
+    many = late.maxsim_all_many(queries)
+    for query, scores in zip(queries, many):
+        expected = [float((v.astype(np.float32) @ query.T).max(axis=0).sum()) for v, _ in parts]
+        assert np.allclose(scores, expected, atol=1e-3)
+    hits = late.search(queries, 1)
+    assert [h[0][0] for h in hits] == list(range(0, 30, 3))
+
+
 def test_plaid_carried_over_stays_consistent_with_rows(tmp_path):
     rng = np.random.default_rng(1)
     parts = random_parts(rng, 80)

@@ -31,6 +31,7 @@ TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
 MIN_PLAID_TOKENS = 1000  # below this PLAID may not train its codec; exact search serves such tiny indexes
 RETRAIN_SHARE = 0.05  # retrain PLAID's centroids once this share of documents arrived after training
 BLOCK_TOKENS = 1 << 16  # tokens scored per block in exhaustive search (bounds memory)
+MAX_BLOCK_SCORES = 1 << 25  # similarities held at once in exhaustive search (128 MiB of float32)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class LateIndex:
             return [_top(self.maxsim(q, rows), rows, k) for q in queries]
         if self.total_tokens <= exact_max_tokens or not self.has_plaid:
             all_rows = np.arange(len(self))
-            return [_top(self.maxsim_all(q), all_rows, k) for q in queries]
+            return [_top(scores, all_rows, k) for scores in self.maxsim_all_many(queries)]
         out = []
         for q, candidates in zip(queries, self.plaid_search(queries, max(k, plaid_candidates))):
             candidate_rows = np.array(sorted({row for row, _ in candidates}), dtype=np.int64)
@@ -100,19 +101,34 @@ class LateIndex:
         return scores
 
     def maxsim_all(self, query: np.ndarray) -> np.ndarray:
-        """Exact MaxSim against every row, streaming the token matrix in blocks of whole chunks."""
+        """Exact MaxSim of one query (q_tokens, dim) against every row."""
+        return self.maxsim_all_many([query])[0]
+
+    def maxsim_all_many(self, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Exact MaxSim of each query (q_tokens, dim) against every row. The token matrix is streamed in blocks
+        of whole chunks, each converted to float32 once and scored against a group of queries at a time."""
         n = len(self)
-        scores = np.zeros(n, dtype=np.float32)
+        out = [np.zeros(n, dtype=np.float32) for _ in queries]
+        if not queries:
+            return out
+        q_tokens = max(len(q) for q in queries)
+        group = max(1, MAX_BLOCK_SCORES // (BLOCK_TOKENS * max(q_tokens, 1)))  # queries scored per block
         row = 0
         while row < n:
             end = int(np.searchsorted(self.offsets, self.offsets[row] + BLOCK_TOKENS, side="right")) - 1
             end = min(max(end, row + 1), n)
             a, b = int(self.offsets[row]), int(self.offsets[end])
-            sims = np.asarray(self.tokens[a:b], dtype=np.float32) @ query.T  # (block tokens, q_tokens)
+            block = np.asarray(self.tokens[a:b], dtype=np.float32)  # (block tokens, dim)
             starts = self.offsets[row:end] - a
-            scores[row:end] = np.maximum.reduceat(sims, starts, axis=0).sum(axis=1)
+            for g in range(0, len(queries), group):
+                batch = [np.asarray(q, dtype=np.float32) for q in queries[g : g + group]]
+                sims = block @ np.concatenate(batch).T  # (block tokens, Σ q_tokens)
+                best = np.maximum.reduceat(sims, starts, axis=0)  # (rows in block, Σ q_tokens)
+                bounds = np.cumsum([0] + [len(q) for q in batch])
+                for i in range(len(batch)):
+                    out[g + i][row:end] = best[:, bounds[i] : bounds[i + 1]].sum(axis=1)
             row = end
-        return scores
+        return out
 
     # ----------------------------------------------------------------------------------------------- PLAID
 
