@@ -117,7 +117,7 @@ def _train(opts: dict[str, Any]) -> None:
     from ragkit.errors import ConfigError
     from ragkit.readers.tasks import RecallTask
     from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, build_reader, evaluate_recall,
-                                      train, train_two_stage)
+                                      stage1_recall_batches, train, train_two_stage)
 
     tiny, model_name, objective = opts["tiny"], opts["model"], opts["objective"]
     if tiny == (model_name is not None):
@@ -172,12 +172,14 @@ def _train(opts: dict[str, Any]) -> None:
     with _Bar(enabled=not opts["as_json"], steps=stage1 + stage2) as bar:
         if task is not None:
             batches = RecallBatches(task)
+            stage1_batches = stage1_recall_batches(task) if hmt else None
         else:
             batches = DocumentBatches(opts["data"], tokenizer, segment_length, progress=bar.on_tokenize)
+            stage1_batches = None
         if hmt:
             result = train_two_stage(model, batches, config, stage1_steps=stage1,
                                      stage1_segments=opts["stage1_segments"], progress=bar.on_event,
-                                     out=opts["out_dir"], meta=meta)
+                                     out=opts["out_dir"], meta=meta, stage1_batches=stage1_batches)
         else:
             result = train(model, batches, config, progress=bar.on_event, out=opts["out_dir"], meta=meta)
     cells = []

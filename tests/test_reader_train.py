@@ -341,6 +341,38 @@ def test_two_stage_training_reduces_the_loss_searches_only_in_stage_two_and_save
     assert record["reader"] == "hmt" and record["stages"]["stage1_steps"] == 12
 
 
+def test_stage_one_recall_batches_open_only_the_sensory_window():
+    from ragkit.readers.tasks import make_recall_batch
+    from ragkit.readers.train import stage1_recall_batches
+
+    task = hmt_task()
+    opened = stage1_recall_batches(task).task
+    assert opened.protect is None and (opened.keys, opened.digits, opened.segment_length) == (1, 3, SEG)
+    starts = make_recall_batch(opened, 512, 2, torch.Generator().manual_seed(0)).key_positions[:, 0]
+    assert int(starts.max()) + opened.fact_length <= SEG  # never in the question's segment
+    assert bool((starts + opened.fact_length > SEG - 4).any())  # but some reach the 4 sensory tokens
+    kept = make_recall_batch(task, 512, 3, torch.Generator().manual_seed(0)).key_positions[:, 0]
+    assert int(kept.max()) + task.fact_length <= 2 * SEG - 4  # the task itself keeps them out
+
+
+def test_two_stage_training_draws_stage_one_from_its_own_batches():
+    from ragkit.readers.train import train_two_stage
+
+    calls = []
+
+    def source(name, batches):
+        def draw(batch_size, segments, generator):
+            calls.append((name, segments))
+            return batches(batch_size, segments, generator)
+        return draw
+
+    batches = RecallBatches(hmt_task())
+    config = TrainConfig(steps=2, batch_size=4, segments=(3, 3), log_every=1)
+    train_two_stage(tiny_hmt(), source("two", batches), config, stage1_steps=3,
+                    stage1_batches=source("one", batches))
+    assert calls == [("one", 2)] * 3 + [("two", 3)] * 2
+
+
 def test_only_the_hmt_parameters_train_on_a_frozen_backbone():
     model = tiny_hmt()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -433,3 +465,22 @@ def test_cpu_passkey_ablation_memory_carries_the_key():
     assert on.digit >= 0.9, on
     assert shut.digit <= 0.2 and other.digit <= 0.2, (shut, other)
     assert on.digit - shut.digit >= 0.6
+
+
+@pytest.mark.slow
+def test_cpu_hmt_passkey_memory_carries_the_key_beyond_the_trained_length():
+    """readers.md §8 on a Llama backbone: 2 layers, d_model 64, k = 8, N = 64; stage 1 on 2 segments (facts may reach
+    the sensory window), stage 2 on 4 segments with the search. Memory on must recall the key at the trained length
+    and at 16× it; off and another sequence's memory must stay near chance (0.1)."""
+    from ragkit.readers.train import stage1_recall_batches, train_two_stage
+
+    torch.set_flush_denormal(True)
+    model, _ = build_reader("hmt", tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0,
+                            sensory_tokens=8, cache_size=64)
+    task = RecallTask(segment_length=32, keys=1, protect=32 - 8 + 8)  # out of the sensory window
+    config = TrainConfig(steps=600, batch_size=32, segments=(4, 4), lr=1e-3, seed=0)
+    train_two_stage(model, RecallBatches(task), config, stage1_steps=800, stage1_batches=stage1_recall_batches(task))
+    cells = evaluate_recall(model, task, [4, 64], sequences=128, batch_size=64)
+    by = {(c.segments, c.mode): c for c in cells}
+    assert by[4, "on"].digit >= 0.95 and by[64, "on"].digit >= 0.9, cells
+    assert all(by[n, mode].digit <= 0.2 for n in (4, 64) for mode in ("shut", "other")), cells

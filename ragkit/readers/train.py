@@ -19,7 +19,8 @@ What readers.md taught (§2.5, §4.2, §7), and what this loop therefore does:
 HMT (`ragkit.readers.hmt`) trains with the paper's two stages (readers.md §3.3, §8): `train_two_stage` runs stage 1
 on 2 segments with `memory_search=False` (P_n = M_{n-1}: the model learns to store the key in a memory embedding),
 then stage 2 with the search on longer unrolls; trained plainly from scratch, the memory never held a usable
-encoding. HMT's new parameters (T, the initial memory, W_q, W_k) get their own AdamW group without weight decay.
+encoding. On recall tasks stage 1 lets facts reach the sensory tokens (`stage1_recall_batches`): with every fact
+kept out of them, stage 1 never left ln 10 on a Llama backbone. HMT's new parameters (T, the initial memory, W_q, W_k) get their own AdamW group without weight decay.
 
 Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
 safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
@@ -208,6 +209,18 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def stage1_recall_batches(task: RecallTask) -> RecallBatches:
+    """HMT's stage-1 batches for a recall task: the same facts, but allowed in the sensory window before the
+    question's segment (`protect=None`). With every fact out of reach of the sensory tokens, stage 1 of a model
+    trained from scratch never left ln 10 (800-2,000 steps, CPU and H200): reading the digits and writing them to
+    memory must be learnt at once, and neither has a gradient until the other works. The few facts that reach the
+    sensory tokens teach the readout first; the memory follows within a few hundred steps. Stage 2 and every
+    evaluation keep the task's own protection."""
+    from dataclasses import replace
+
+    return RecallBatches(replace(task, protect=None))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -347,10 +360,12 @@ def _hmt_params(model: nn.Module) -> list[nn.Parameter]:
 
 def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, stage1_steps: int,
                     stage1_segments: int = 2, progress: Callable[[TrainEvent], None] | None = None,
-                    out: str | Path | None = None, meta: dict[str, Any] | None = None) -> TrainResult:
+                    out: str | Path | None = None, meta: dict[str, Any] | None = None,
+                    stage1_batches: Batches | None = None) -> TrainResult:
     """HMT's multi-stage training ([HMT] App. F; readers.md §3.3, §8). Stage 1: `stage1_steps` steps on
-    `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}); stage 2: `config` as given (its steps,
-    its segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
+    `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}), drawn from `stage1_batches` (None: from
+    `batches`; for recall tasks pass `stage1_recall_batches(task)`); stage 2: `config` as given (its steps, its
+    segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
     `max_seconds`, stage 1 gets its share of it by steps. Events and history count steps across both stages.
     The checkpoint is written by stage 2 only, so the saved adapter has `memory_search=True`; the model is left with
     the search on whatever happens. stage1_steps=0 is plain training with the search."""
@@ -378,7 +393,7 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
             stage1 = replace(config, steps=stage1_steps, segments=(stage1_segments, stage1_segments),
                              length_curriculum=0.0, max_seconds=seconds, checkpoint_every=0)
             hmt_config.memory_search = False
-            first = train(model, batches, stage1, progress=shifted(0))
+            first = train(model, stage1_batches or batches, stage1, progress=shifted(0))
             spent = first.seconds
         hmt_config.memory_search = True
         stage2 = config if config.max_seconds is None else replace(config, max_seconds=max(config.max_seconds - spent,
