@@ -50,6 +50,20 @@ def test_whole_documents_stream_through_memory(indexed, tiny_llama, reader):
     assert answer.citations and answer.citations[0].hit.chunk.path == "oil.txt"
 
 
+def test_the_question_opens_and_closes_the_final_window(indexed, tiny_llama, monkeypatch):
+    from ragkit.readers.generative import MemoryReader
+
+    idx = Index(indexed, Settings(reader="hmt", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=2))
+    windows = []
+    generate = MemoryReader._generate
+    monkeypatch.setattr(MemoryReader, "_generate", lambda self, docs, window: windows.append(window) or
+                        generate(self, docs, window))
+    idx.ask("When did the oil crisis begin?", mode="bm25")
+    question = "Question: When did the oil crisis begin?"
+    assert windows[0].startswith(question) and windows[0].endswith(question)
+    assert "[1] The oil crisis began in October 1973." in windows[0]
+
+
 @pytest.mark.parametrize("reader", ["infini", "hmt"])
 def test_summarize_a_file(tmp_path, tiny_llama, reader):
     doc = tmp_path / "report.md"

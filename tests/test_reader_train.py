@@ -80,6 +80,21 @@ def test_many_keys_have_distinct_ids_and_the_question_names_one():
         assert int(row[-task.question_length + 1]) == names[0]
 
 
+def test_the_cue_opens_the_question_segment_without_giving_the_answer():
+    task = RecallTask(segment_length=SEG, keys=4, digits=3, cue=True)
+    plain = make_recall_batch(RecallTask(segment_length=SEG, keys=4, digits=3), 16, 6, gen(4))
+    batch = make_recall_batch(task, 16, 6, gen(4))
+    c0 = 5 * SEG
+    assert bool((batch.input_ids[:, c0] == QUERY).all() and (batch.input_ids[:, c0 + 2] == EQUALS).all())
+    assert torch.equal(batch.input_ids[:, c0 + 1], batch.input_ids[:, -task.question_length + 1])  # the asked id
+    assert bool((batch.input_ids[:, c0 : -task.question_length] < 10).sum() == 0)  # no digit before the answer
+    changed = (batch.input_ids != plain.input_ids).any(dim=0).nonzero().squeeze(1)
+    assert set(changed.tolist()) <= {c0, c0 + 1, c0 + 2}  # everything else is the same sequence
+    assert torch.equal(batch.labels, plain.labels)
+    with pytest.raises(ConfigError, match="out of the question's segment"):
+        RecallTask(segment_length=SEG, cue=True, protect=2)
+
+
 def test_labels_mark_only_the_answer_digits():
     task = RecallTask(segment_length=SEG, keys=2, digits=4)
     batch = make_recall_batch(task, 8, 3, gen(3))

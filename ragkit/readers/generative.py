@@ -2,7 +2,8 @@
 
 Prompt layout (../shared/reference/readers.md §4.4): the whole documents of the top hits are streamed through
 the memory first; the question and the top retrieved passages come last, inside the local window, so that they
-are read with exact attention and the answer is conditioned on them.
+are read with exact attention and the answer is conditioned on them. The question opens the window as well as
+closing it: HMT searches its memory with a summary of the window's first half, which then reads the question.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class MemoryReader:
     def answer(self, question: str, hits: Sequence[Hit], documents: Sequence[str]) -> Answer:
         """Stream `documents`, then answer from the question and the hits (cited [1]…[n] in hit order)."""
         passages = "\n\n".join(f"[{n}] {h.chunk.text}" for n, h in enumerate(hits, start=1))
-        window = f"{ANSWER_INSTRUCTION}\n\n{passages}\n\nQuestion: {question}"
+        window = f"Question: {question}\n\n{ANSWER_INSTRUCTION}\n\n{passages}\n\nQuestion: {question}"
         text = self._generate(documents, window)
         citations = [_whole_hit(h) for h in hits]
         return Answer(text, citations, list(hits))

@@ -10,6 +10,11 @@ which needs content-addressed reads: the question's id must pick its value out o
 segment boundary (readers.md §4.4) and never fall within `protect` tokens of the question, so a reader cannot answer
 from its local window (Infini-attention) or its sensory tokens (HMT): the fact has to come through memory.
 
+With `cue`, the question's segment also opens with the question without its answer (QUERY <id> =), as ragkit's
+memory readers put the question first and last in their final window: HMT searches its memory with a summary of
+a segment's first half, which would otherwise never see the question, so without the cue its search cannot be
+content-addressed. The cue holds no value, so it gives nothing away.
+
 The question and its answer close the sequence, whose length is a whole number of segments; the answer digits are
 fed teacher-forced, so a sequence is scored in one forward pass, and "every digit right" equals greedy exact match.
 
@@ -39,6 +44,7 @@ EQUALS = 15  # between a fact's id and its digits, and after the question's id
 QUERY = 16  # starts the question: QUERY <id> = <answer digits>
 KEY_IDS = tuple(range(17, 33))  # 16 key ids; K facts of one sequence get K distinct ids
 VOCAB_SIZE = 33
+CUE_LENGTH = 3  # QUERY <id> =, the question without its answer
 IGNORE = -100  # label of every position that is not scored (torch cross_entropy's ignore_index)
 
 
@@ -50,6 +56,7 @@ class RecallTask:
     keys: int = 1  # facts per sequence, K; 1 is the passkey task
     digits: int = 5  # digits per value
     protect: int | None = None  # tokens before the question that hold no fact; None: all of the question's segment
+    cue: bool = False  # the question's segment opens with QUERY <id> = (no answer): see the module docstring
 
     def __post_init__(self) -> None:
         if not 1 <= self.keys <= len(KEY_IDS):
@@ -60,6 +67,12 @@ class RecallTask:
             raise ConfigError(f"the question ({self.question_length} tokens) must fit in one segment")
         if self.protect is not None and self.protect < 0:
             raise ConfigError(f"protect must be at least 0, got {self.protect}")
+        if self.cue and self.segment_length < CUE_LENGTH + self.question_length:
+            raise ConfigError(f"the cue and the question ({CUE_LENGTH + self.question_length} tokens) must fit in "
+                              f"one segment of {self.segment_length}")
+        if self.cue and self.protect is not None and self.protect < self.segment_length - self.question_length:
+            raise ConfigError("with a cue, facts must stay out of the question's segment: protect must be at least "
+                              f"{self.segment_length - self.question_length} (or None)")
 
     @property
     def fact_length(self) -> int:
@@ -121,6 +134,9 @@ def make_recall_batch(task: RecallTask, batch_size: int, segments: int,
     question = torch.cat([torch.full((batch_size, 1), QUERY), names[:, :1], torch.full((batch_size, 1), EQUALS),
                           values[:, 0]], dim=-1)  # (b, question_length)
     ids[:, q0:] = question
+    if task.cue:  # the question's segment opens with QUERY <id> =
+        c0 = (segments - 1) * task.segment_length
+        ids[:, c0 : c0 + CUE_LENGTH] = question[:, :CUE_LENGTH]
     answer_positions = torch.arange(length - task.digits - 1, length - 1)  # logits at t predict token t + 1
     labels = torch.full_like(ids, IGNORE)
     labels[:, answer_positions] = values[:, 0]
