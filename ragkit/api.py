@@ -32,9 +32,8 @@ class Index:
 
     def add(self, folder: str | Path, progress: Progress = silent, rebuild: bool = False) -> IndexReport:
         """Index `folder` (incrementally: only new and changed files are parsed and encoded)."""
-        report = build_index(Path(folder), self.path, self.settings, progress=progress, rebuild=rebuild)
-        self._searcher = None
-        return report
+        # the searcher notices the new generation itself and reopens it with the models it already loaded
+        return build_index(Path(folder), self.path, self.settings, progress=progress, rebuild=rebuild)
 
     def search(self, query: str, k: int | None = None, mode: str | None = None,
                paths: Sequence[str] | None = None) -> list:
@@ -113,8 +112,7 @@ class Index:
         generation = store.current_generation(self.path)
         if self._searcher is None or self._searcher.generation != generation:
             old = self._searcher
-            self._searcher = Searcher(generation, self.settings, encoder=old._encoder if old else None,
-                                      late_encoder=old._late_encoder if old else None)
+            self._searcher = old.reopen(generation) if old else Searcher(generation, self.settings)
         return self._searcher
 
     def _mode(self, mode: str | None) -> str:

@@ -97,6 +97,10 @@ class Searcher:
             late_encoder.name == late_info["model"] else None
         self.timings: dict[str, float] = {}  # seconds per stage of the last search
 
+    def reopen(self, generation: Path) -> "Searcher":
+        """A searcher of `generation` that keeps this one's loaded encoders where the models are the same."""
+        return Searcher(generation, self.settings, encoder=self._encoder, late_encoder=self._late_encoder)
+
     @property
     def dense_model(self) -> str:
         return self.manifest["models"]["dense"]["model"]

@@ -105,6 +105,19 @@ def test_incremental_modify_add_delete(idx, docs):
     assert idx.status()["files"] == 3
 
 
+def test_a_new_generation_is_searched_with_the_encoders_already_loaded(idx, docs):
+    idx.add(docs)
+    idx.search("fox", mode="hybrid")
+    first = idx.searcher
+    encoder, late_encoder = first._encoder, first._late_encoder
+    assert encoder is not None and late_encoder is not None
+    (docs / "new.txt").write_text("Zebras graze on the savanna.\n")
+    idx.add(docs)
+    assert paths_of(idx.search("zebras savanna", k=1, mode="hybrid")) == {"new.txt"}
+    assert idx.searcher is not first  # the new generation, opened with the same models
+    assert idx.searcher._encoder is encoder and idx.searcher._late_encoder is late_encoder
+
+
 def test_dense_vectors_of_kept_files_are_reused_exactly(idx, docs):
     import numpy as np
 

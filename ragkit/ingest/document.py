@@ -47,7 +47,7 @@ class ParsedDocument:
     pages: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._line_starts = [0] + [m.end() for m in re.finditer("\n", self.text)]
+        self._line_starts = line_starts(self.text)
 
     def line_at(self, offset: int) -> int:
         """1-based line number of the char at `offset` (relative to its page for PDFs)."""
@@ -100,3 +100,8 @@ class Chunk:
             return self.start_line + self.text.count("\n", 0, offset), self.page
         line_base = self.page_breaks[page_index - 1]
         return 1 + self.text.count("\n", line_base, offset), (self.page or 1) + page_index
+
+
+def line_starts(text: str) -> list[int]:
+    """Char offset where each line of `text` starts (line 1 first)."""
+    return [0] + [m.end() for m in re.finditer("\n", text)]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ragkit.ingest.document import Heading, ParsedDocument
+from ragkit.ingest.document import Heading, ParsedDocument, line_starts
 
 if TYPE_CHECKING:
     from bs4 import Tag
@@ -183,15 +183,11 @@ def _form_feed_pages(text: str) -> list[int]:
 # Markdown and reStructuredText: the text is the source, headings point at their lines
 
 
-def _line_starts(text: str) -> list[int]:
-    return [0] + [m.end() for m in re.finditer("\n", text)]
-
-
 def _parse_markdown(data: bytes) -> ParsedDocument:
     from markdown_it import MarkdownIt
 
     text = decode_text(data)
-    starts = _line_starts(text)
+    starts = line_starts(text)
     tokens = MarkdownIt("commonmark").parse(text)
     headings = []
     for token, inline in zip(tokens, tokens[1:]):
@@ -224,7 +220,7 @@ def _parse_rst(data: bytes) -> ParsedDocument:
     text = decode_text(data)
     styles: list[tuple[str, bool]] = []
     headings = []
-    for start, title, style in _rst_titles(text.split("\n"), _line_starts(text)):
+    for start, title, style in _rst_titles(text.split("\n"), line_starts(text)):
         if style not in styles:
             styles.append(style)
         headings.append(Heading(start, styles.index(style) + 1, title))
