@@ -90,7 +90,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
                              segments=(args.segments, args.segments), lr=args.lr, max_seconds=args.budget,
                              log_every=100, seed=args.seed, device=args.device)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
-                                 stage1_batches=stage1_recall_batches(replace(task, keys=1, cue=False)))
+                                 stage1_batches=stage1_recall_batches(task))
     else:
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=(args.segments, args.segments),
                              lr=args.lr, max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device)

@@ -41,7 +41,8 @@ def train(
         "--tiny", help="A tiny Llama trained from scratch, all weights, on the synthetic recall task.")] = False,
     objective: Annotated[str, typer.Option("--objective", help="recall (synthetic keys) | lm (documents).")] = "recall",
     data: Annotated[Optional[Path], typer.Option("--data", help="Folder of long documents (--objective lm).")] = None,
-    keys: Annotated[int, typer.Option("--keys", help="Facts per sequence (1: passkey).", min=1)] = 1,
+    keys: Annotated[int, typer.Option("--keys", help="Facts per sequence (1: passkey; more: associative recall, the question's segment opening "
+                  "with its cue).", min=1)] = 1,
     segment_length: Annotated[Optional[int], typer.Option(
         "--segment-length", help="Tokens per segment [default: 32 with --tiny, else 2048].", min=8)] = None,
     segments: Annotated[str, typer.Option(
@@ -161,7 +162,7 @@ def _train(opts: dict[str, Any]) -> None:
                               "give --stage2-steps")
     else:
         stage1, stage2 = 0, opts["steps"]
-    task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect)
+    task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect, cue=opts["keys"] > 1)
             if objective == "recall" else None)
     config = TrainConfig(steps=stage2, batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,

@@ -5,6 +5,7 @@ the slow test reproduces the CPU passkey ablation of readers.md §7."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -363,6 +364,7 @@ def test_stage_one_recall_batches_open_only_the_sensory_window():
     task = hmt_task()
     opened = stage1_recall_batches(task).task
     assert opened.protect is None and (opened.keys, opened.digits, opened.segment_length) == (1, 3, SEG)
+    assert stage1_recall_batches(replace(task, keys=4, cue=True)).task == opened  # one fact, no cue, in stage 1
     starts = make_recall_batch(opened, 512, 2, torch.Generator().manual_seed(0)).key_positions[:, 0]
     assert int(starts.max()) + opened.fact_length <= SEG  # never in the question's segment
     assert bool((starts + opened.fact_length > SEG - 4).any())  # but some reach the 4 sensory tokens
@@ -464,6 +466,13 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     assert loaded.config.segment_length == 16 and loaded.config.memory_search
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--stage1-steps", "2", "--out", str(out)])
     assert result.exit_code == 1 and "--reader hmt" in result.output
+    # many keys: stage 1 still trains on one fact in 2 segments, stage 2 and the evaluation on 4 with the cue
+    many = [a if a != "3" else "6" for a in args] + ["--keys", "4"]
+    result = CliRunner().invoke(app, many)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {c["keys"] for c in report["eval"]} == {4} and {c["segments"] for c in report["eval"]} == {6}
+    assert json.loads((out / "train.json").read_text())["task"]["cue"] is True
 
 
 # --- the CPU ablation of readers.md §7 ------------------------------------------------------------------------------

@@ -210,15 +210,16 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
 
 
 def stage1_recall_batches(task: RecallTask) -> RecallBatches:
-    """HMT's stage-1 batches for a recall task: the same facts, but allowed in the sensory window before the
-    question's segment (`protect=None`). With every fact out of reach of the sensory tokens, stage 1 of a model
+    """HMT's stage-1 batches for a recall task: one fact per sequence (stage 1 learns to write a memory and read it
+    back; its 2 segments have no room for many facts), allowed in the sensory window before the question's segment
+    (`protect=None`). With every fact out of reach of the sensory tokens, stage 1 of a model
     trained from scratch never left ln 10 (800-2,000 steps, CPU and H200): reading the digits and writing them to
     memory must be learnt at once, and neither has a gradient until the other works. The few facts that reach the
     sensory tokens teach the readout first; the memory follows within a few hundred steps. Stage 2 and every
     evaluation keep the task's own protection."""
     from dataclasses import replace
 
-    return RecallBatches(replace(task, protect=None))
+    return RecallBatches(replace(task, keys=1, cue=False, protect=None))
 
 
 # ----------------------------------------------------------------------------------------------------------------
