@@ -115,6 +115,14 @@ def test_the_generator_is_deterministic():
     assert not torch.equal(a.input_ids, c.input_ids)
 
 
+def test_facts_that_nearly_fill_the_room_are_always_placed():
+    task = RecallTask(segment_length=32, keys=16, protect=32, cue=True)  # 128 fact tokens before position 216
+    for seed in range(300):
+        batch = make_recall_batch(task, 32, 8, gen(seed))
+        ends = batch.key_positions.sort(dim=1).values
+        assert bool((ends[:, 1:] - ends[:, :-1] >= task.fact_length).all())  # never overlapping
+
+
 def test_a_task_that_cannot_fit_is_refused():
     with pytest.raises(ConfigError, match="keys must be"):
         RecallTask(keys=len(KEY_IDS) + 1)

@@ -144,26 +144,41 @@ def make_recall_batch(task: RecallTask, batch_size: int, segments: int,
     return RecallBatch(ids, labels, values[:, 0].clone(), answer_positions, depth, starts)
 
 
+PLACEMENT_TRIES = 100  # a row whose random placement runs out of room is drawn again, up to this many times
+
+
 def _fact_starts(task: RecallTask, batch_size: int, limit: int, g: torch.Generator) -> Tensor:
     """Start positions (b, K) of K facts that neither overlap, nor straddle a segment, nor end past `limit`.
 
-    Each row places its facts one by one, uniformly among the starts still free (random sequential placement)."""
+    Each row places its facts one by one, uniformly among the starts still free (random sequential placement); a
+    row that runs out of room before its K-th fact (rare unless the facts nearly fill the room) is drawn again."""
     n_starts = limit - task.fact_length + 1
     pos = torch.arange(max(n_starts, 0))
     allowed = (pos % task.segment_length) <= task.segment_length - task.fact_length  # within one segment
     rows = []
     for _ in range(batch_size):
-        free = allowed.clone()
-        row = []
-        for _ in range(task.keys):
-            choices = free.nonzero().squeeze(1)
-            if len(choices) == 0:
-                raise ConfigError(f"no room for {task.keys} facts before position {limit}: add segments")
-            start = int(choices[torch.randint(len(choices), (1,), generator=g)])
-            row.append(start)
-            free[max(start - task.fact_length + 1, 0): start + task.fact_length] = False  # no overlap
+        for _ in range(PLACEMENT_TRIES):
+            row = _place_row(task, allowed, g)
+            if row is not None:
+                break
+        else:
+            raise ConfigError(f"no room for {task.keys} facts before position {limit}: add segments")
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)  # (b, K)
+
+
+def _place_row(task: RecallTask, allowed: Tensor, g: torch.Generator) -> list[int] | None:
+    """One row's K fact starts among the `allowed` ones, or None if the room ran out."""
+    free = allowed.clone()
+    row = []
+    for _ in range(task.keys):
+        choices = free.nonzero().squeeze(1)
+        if len(choices) == 0:
+            return None
+        start = int(choices[torch.randint(len(choices), (1,), generator=g)])
+        row.append(start)
+        free[max(start - task.fact_length + 1, 0): start + task.fact_length] = False  # no overlap
+    return row
 
 
 def tiny_llama_config(vocab_size: int = VOCAB_SIZE, d_model: int = 64, layers: int = 2, heads: int = 2,
