@@ -85,12 +85,12 @@ def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{reader} K={keys} step {e.step:>6}  loss {e.loss:.4f}  {e.seconds:.0f}s", file=sys.stderr, flush=True)
 
     if hmt:
-        # stage 2's step count only sets stage 1's share of the budget (stage1 / total); the budget ends stage 2
-        config = TrainConfig(steps=round(args.stage1_steps * 1.5), batch_size=args.batch_size,
+        # stage 1 runs its steps within 40% of the budget at most; stage 2 runs until the budget is spent
+        config = TrainConfig(steps=10**6, batch_size=args.batch_size,
                              segments=(args.segments, args.segments), lr=args.lr, max_seconds=args.budget,
                              log_every=100, seed=args.seed, device=args.device)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
-                                 stage1_batches=stage1_recall_batches(task))
+                                 stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget)
     else:
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=(args.segments, args.segments),
                              lr=args.lr, max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device)

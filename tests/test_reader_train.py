@@ -365,6 +365,25 @@ def test_two_stage_training_reduces_the_loss_searches_only_in_stage_two_and_save
     assert record["reader"] == "hmt" and record["stages"]["stage1_steps"] == 12
 
 
+def test_two_stage_training_boxes_stage_one_in_time_and_gives_stage_two_the_rest():
+    from ragkit.readers.train import train_two_stage
+
+    calls = []
+    batches = RecallBatches(hmt_task())
+
+    def source(name):
+        def draw(batch_size, segments, generator):
+            calls.append(name)
+            return batches(batch_size, segments, generator)
+        return draw
+
+    config = TrainConfig(steps=10**6, batch_size=2, segments=(3, 3), max_seconds=3.0, log_every=1000)
+    result = train_two_stage(tiny_hmt(), source("two"), config, stage1_steps=10**6, stage1_batches=source("one"),
+                             stage1_seconds=1.0)
+    assert calls.count("one") > 0 and calls.count("two") > 0 and calls == sorted(calls)  # "one" before "two"
+    assert 2.5 < result.seconds < 6.0
+
+
 def test_stage_one_recall_batches_open_only_the_sensory_window():
     from ragkit.readers.tasks import make_recall_batch
     from ragkit.readers.train import stage1_recall_batches

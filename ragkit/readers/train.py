@@ -362,12 +362,12 @@ def _hmt_params(model: nn.Module) -> list[nn.Parameter]:
 def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, stage1_steps: int,
                     stage1_segments: int = 2, progress: Callable[[TrainEvent], None] | None = None,
                     out: str | Path | None = None, meta: dict[str, Any] | None = None,
-                    stage1_batches: Batches | None = None) -> TrainResult:
+                    stage1_batches: Batches | None = None, stage1_seconds: float | None = None) -> TrainResult:
     """HMT's multi-stage training ([HMT] App. F; readers.md §3.3, §8). Stage 1: `stage1_steps` steps on
     `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}), drawn from `stage1_batches` (None: from
     `batches`; for recall tasks pass `stage1_recall_batches(task)`); stage 2: `config` as given (its steps, its
     segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
-    `max_seconds`, stage 1 gets its share of it by steps. Events and history count steps across both stages.
+    `max_seconds`, stage 1 is boxed to `stage1_seconds` of it (None: its share by steps) and stage 2 gets the rest. Events and history count steps across both stages.
     The checkpoint is written by stage 2 only, so the saved adapter has `memory_search=True`; the model is left with
     the search on whatever happens. stage1_steps=0 is plain training with the search."""
     from dataclasses import replace
@@ -390,7 +390,8 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
     spent = 0.0
     try:
         if stage1_steps:
-            seconds = None if config.max_seconds is None else config.max_seconds * stage1_steps / total
+            seconds = None if config.max_seconds is None else \
+                min(stage1_seconds or config.max_seconds * stage1_steps / total, config.max_seconds)
             stage1 = replace(config, steps=stage1_steps, segments=(stage1_segments, stage1_segments),
                              length_curriculum=0.0, max_seconds=seconds, checkpoint_every=0)
             hmt_config.memory_search = False
