@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(raw))
         print(table)
     else:
-        record(args.name, title, raw, table, notes)
+        record(args.name, title, raw, table, notes,
+               command=" ".join(["python benchmarks/bench_recall.py", *(argv if argv is not None else sys.argv[1:])]))
     return raw
 
 
