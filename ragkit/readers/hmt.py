@@ -45,7 +45,6 @@ stays any HF causal LM id or local path.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError
+from ragkit.readers.adapter_files import read_adapter, write_adapter
 
 ADAPTER_WEIGHTS = "hmt_adapter.safetensors"
 ADAPTER_CONFIG = "hmt_config.json"
@@ -316,35 +316,19 @@ class HMTLM(nn.Module):
     def save_adapter(self, folder: str | Path) -> Path:
         """Write T, the initial memory, W_q, W_k (safetensors) and the config (JSON) to `folder`; the backbone is
         not saved."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {"prompt": self.prompt, "memory_init": self.memory_init, "w_q": self.w_q.weight,
                    "w_k": self.w_k.weight}
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
         meta = {
             "version": ADAPTER_VERSION,
             "backbone": getattr(self.model.config, "_name_or_path", ""),
             "embedding_dim": self.dim,
             "hmt": asdict(self.config),
         }
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        return folder
+        return write_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, tensors, meta)
 
     def load_adapter(self, folder: str | Path) -> None:
         """Restore the new parameters and the config saved by `save_adapter`."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-            tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"Could not read the HMT adapter in {folder}: {e}") from None
-        if meta.get("version") != ADAPTER_VERSION:
-            raise ModelLoadError(f"{folder} holds adapter version {meta.get('version')}, expected {ADAPTER_VERSION}")
+        meta, tensors = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "HMT")
         if meta.get("embedding_dim") != self.dim or set(tensors) != {"prompt", "memory_init", "w_q", "w_k"}:
             raise ModelLoadError(f"the HMT adapter in {folder} was made for embeddings of width "
                                  f"{meta.get('embedding_dim')}, this backbone's are {self.dim}")

@@ -37,7 +37,6 @@ plus JSON, so that the backbone stays any HF causal LM id or local path.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError
+from ragkit.readers.adapter_files import read_adapter, write_adapter
 
 ADAPTER_WEIGHTS = "infini_adapter.safetensors"
 ADAPTER_CONFIG = "infini_config.json"
@@ -348,12 +348,7 @@ class InfiniLM(nn.Module):
 
     def save_adapter(self, folder: str | Path) -> Path:
         """Write the gates (safetensors) and the config (JSON) to `folder`; the backbone is not saved."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layers.{i}.gate": attn.gate.detach().cpu().contiguous() for i, attn in enumerate(self.layers)}
-        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        tensors = {f"layers.{i}.gate": attn.gate for i, attn in enumerate(self.layers)}
         meta = {
             "version": ADAPTER_VERSION,
             "backbone": getattr(self.model.config, "_name_or_path", ""),
@@ -361,21 +356,11 @@ class InfiniLM(nn.Module):
             "num_attention_heads": self.layers[0].n_head,
             "infini": asdict(self.config),
         }
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        return folder
+        return write_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, tensors, meta)
 
     def load_adapter(self, folder: str | Path) -> None:
         """Restore the gates and the config saved by `save_adapter`."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-            tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"Could not read the Infini-attention adapter in {folder}: {e}") from None
-        if meta.get("version") != ADAPTER_VERSION:
-            raise ModelLoadError(f"{folder} holds adapter version {meta.get('version')}, expected {ADAPTER_VERSION}")
+        meta, tensors = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "Infini-attention")
         if meta["num_layers"] != len(self.layers) or meta["num_attention_heads"] != self.layers[0].n_head:
             raise ModelLoadError(f"the adapter in {folder} was made for {meta['num_layers']} layers × "
                                  f"{meta['num_attention_heads']} heads, this backbone has {len(self.layers)} × "
