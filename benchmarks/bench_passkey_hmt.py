@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import recall_cell_text, record  # noqa: E402
+from benchmarks.common import apply_preset, preset_parser, recall_cell_text, record  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §8 sizes; stage 1 ~0.06 s/step, stage 2 ~0.2 s/step at batch 32 on one shared Xeon core
@@ -51,21 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    for key, value in PRESETS["cpu"].items():
-        kind = float if key in ("lr", "max_seconds") else type(value) if value is not None else str
-        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+    parser = preset_parser(__doc__, PRESETS, floats=('lr', 'max_seconds'))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-record", action="store_true", help="print the table, write no RESULTS.md entry")
     parser.add_argument("--out-json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--from-json", type=Path, default=None, help="record the raw numbers of an earlier run")
-    args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return apply_preset(parser.parse_args(argv), PRESETS)
 
 
 def tables(raw: dict[str, Any]) -> str:

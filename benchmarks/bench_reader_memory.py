@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, record  # noqa: E402
+from benchmarks.common import apply_preset, machine, preset_parser, record  # noqa: E402
 
 METHODS = ("full", "infini", "hmt")
 
@@ -58,21 +58,12 @@ class Capped(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    for key, value in PRESETS["cpu"].items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
+    parser = preset_parser(__doc__, PRESETS)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--budget", type=float, default=None, help="stop starting new runs after this many seconds")
     parser.add_argument("--out", default=None, help="also write the raw JSON here (e.g. under $OUT)")
-    parser.add_argument("--no-record", action="store_true", help="print the table, write no RESULTS.md entry")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "method:length", one measurement
-    args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return apply_preset(parser.parse_args(argv), PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------------------------

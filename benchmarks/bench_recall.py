@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import recall_cell_text, record  # noqa: E402
+from benchmarks.common import apply_preset, preset_parser, recall_cell_text, record  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §7-§8 sizes; one thread of a shared 2-core Xeon
@@ -48,19 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    for key, value in PRESETS["cpu"].items():
-        kind = float if isinstance(value, float) else type(value)
-        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+    parser = preset_parser(__doc__, PRESETS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-record", action="store_true", help="print the tables, write no RESULTS.md entry")
-    args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return apply_preset(parser.parse_args(argv), PRESETS)
 
 
 def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:

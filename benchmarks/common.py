@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -88,6 +89,28 @@ def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = 
     with RESULTS_MD.open("a") as f:
         f.write(entry)
     print(table)
+
+
+def preset_parser(doc: str | None, presets: dict[str, dict[str, Any]],
+                  floats: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A parser with --preset, one option per preset key (default: the preset's value, see `apply_preset`),
+    --threads and --no-record. `floats`: keys parsed as floats whatever the cpu preset's value."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default="cpu")
+    for key, value in presets["cpu"].items():
+        kind = float if key in floats or isinstance(value, float) else type(value) if value is not None else str
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-record", action="store_true", help="print the table, write no RESULTS.md entry")
+    return parser
+
+
+def apply_preset(args: argparse.Namespace, presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
+    """Fill every option left unset on the command line from the chosen preset."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def recall_cell_text(cell: dict[str, Any] | None) -> str:
