@@ -60,9 +60,6 @@ def breakdown(records: list[dict], groups: dict[str, str], metric: str) -> dict[
 
 
 def main() -> None:
-    from ragkit.config import Settings
-    from ragkit.evaluate import run_dataset
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--late-sets", default=",".join(LATE_SETS))

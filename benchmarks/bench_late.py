@@ -57,7 +57,6 @@ def recall_at_10(found: list[list[int]], truth: list[list[int]]) -> float:
 
 
 def main() -> None:
-    import numpy as np
     import torch
     from pylate import indexes, rank, retrieve
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     digits = 5
     # keys out of the question's segment and out of the k sensory tokens before it
     task = RecallTask(segment_length=args.segment_length, keys=1, digits=digits,
-                      protect=args.segment_length - (3 + digits) + args.sensory)
+                      protect=RecallTask.protect_with_sensory(args.segment_length, args.sensory, digits))
     config = TrainConfig(steps=args.stage2_steps, batch_size=args.batch_size, segments=(lo, hi), lr=args.lr,
                          max_seconds=args.max_seconds, log_every=100, seed=args.seed, device=args.device)
     stage1_seconds = [0.0]

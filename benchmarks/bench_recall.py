@@ -55,8 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one reader on K-key recall within the budget, then evaluate it; the raw record of the run."""
-    from dataclasses import replace
-
     from ragkit.readers.tasks import RecallTask
     from ragkit.readers.train import (RecallBatches, TrainConfig, TrainEvent, build_reader, evaluate_recall,
                                       stage1_recall_batches, train, train_two_stage)
@@ -65,7 +63,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
     model, _ = build_reader(reader, tiny=True, segment_length=args.segment_length, d_model=args.d_model,
                             layers=args.layers, heads=args.heads, seed=args.seed,
                             **({"sensory_tokens": args.sensory, "cache_size": args.cache} if hmt else {}))
-    protect = args.segment_length - (3 + 5) + args.sensory  # the question's segment and the sensory window
+    protect = RecallTask.protect_with_sensory(args.segment_length, args.sensory)
     task = RecallTask(segment_length=args.segment_length, keys=keys, protect=protect, cue=True)
     gates: list[Any] = []
 

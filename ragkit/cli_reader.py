@@ -154,7 +154,7 @@ def _train(opts: dict[str, Any]) -> None:
                                     cache_size=opts["cache_size"])
     protect = None
     if hmt:  # keep the facts out of the question's segment and out of the sensory tokens before it
-        protect = segment_length - (3 + RecallTask.digits) + model.config.sensory_tokens
+        protect = RecallTask.protect_with_sensory(segment_length, model.config.sensory_tokens)
         stage1 = opts["stage1_steps"] if opts["stage1_steps"] is not None else round(opts["steps"] * 2 / 7)
         stage2 = opts["stage2_steps"] or opts["steps"] - stage1
         if stage2 < 1:

@@ -3,7 +3,6 @@ heads, vocab 64); segments of 16 tokens, 4 sensory tokens, a cache of 3 memories
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

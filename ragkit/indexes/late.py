@@ -112,7 +112,12 @@ class LateIndex:
         if not queries:
             return out
         q_tokens = max(len(q) for q in queries)
-        group = max(1, MAX_BLOCK_SCORES // (BLOCK_TOKENS * max(q_tokens, 1)))  # queries scored per block
+        size = max(1, MAX_BLOCK_SCORES // (BLOCK_TOKENS * max(q_tokens, 1)))  # queries scored per block
+        groups = []  # (first query, its group's query tokens stacked (Σ q_tokens, dim), each query's column bounds)
+        for g in range(0, len(queries), size):
+            batch = queries[g : g + size]
+            groups.append((g, np.concatenate([np.asarray(q, dtype=np.float32) for q in batch]),
+                           np.cumsum([0] + [len(q) for q in batch])))
         row = 0
         while row < n:
             end = int(np.searchsorted(self.offsets, self.offsets[row] + BLOCK_TOKENS, side="right")) - 1
@@ -120,12 +125,9 @@ class LateIndex:
             a, b = int(self.offsets[row]), int(self.offsets[end])
             block = np.asarray(self.tokens[a:b], dtype=np.float32)  # (block tokens, dim)
             starts = self.offsets[row:end] - a
-            for g in range(0, len(queries), group):
-                batch = [np.asarray(q, dtype=np.float32) for q in queries[g : g + group]]
-                sims = block @ np.concatenate(batch).T  # (block tokens, Σ q_tokens)
-                best = np.maximum.reduceat(sims, starts, axis=0)  # (rows in block, Σ q_tokens)
-                bounds = np.cumsum([0] + [len(q) for q in batch])
-                for i in range(len(batch)):
+            for g, stacked, bounds in groups:
+                best = np.maximum.reduceat(block @ stacked.T, starts, axis=0)  # (rows in block, Σ q_tokens)
+                for i in range(len(bounds) - 1):
                     out[g + i][row:end] = best[:, bounds[i] : bounds[i + 1]].sum(axis=1)
             row = end
         return out

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError
@@ -332,8 +331,7 @@ class HMTLM(nn.Module):
         if meta.get("embedding_dim") != self.dim or set(tensors) != {"prompt", "memory_init", "w_q", "w_k"}:
             raise ModelLoadError(f"the HMT adapter in {folder} was made for embeddings of width "
                                  f"{meta.get('embedding_dim')}, this backbone's are {self.dim}")
-        known = {f.name for f in fields(HMTConfig)}
-        self.config = HMTConfig(**{k: v for k, v in meta["hmt"].items() if k in known})
+        self.config = _config_of(meta, folder)
         d_h = tensors["w_q"].shape[0]
         if self.w_q.weight.shape[0] != d_h:  # another search width: new W_q, W_k of the saved shape
             kw = {"device": self.prompt.device, "dtype": self.prompt.dtype}
@@ -342,3 +340,18 @@ class HMTLM(nn.Module):
         with torch.no_grad():
             for p, name in zip(self.hmt_parameters(), ("prompt", "memory_init", "w_q", "w_k")):
                 p.copy_(tensors[name])
+
+
+def saved_config(folder: str | Path) -> HMTConfig:
+    """The HMTConfig saved with the adapter in `folder`: read it before building a reader whose positions must fit
+    that config (HMTConfig's defaults may not fit a small backbone)."""
+    meta, _ = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "HMT")
+    return _config_of(meta, folder)
+
+
+def _config_of(meta: dict[str, Any], folder: str | Path) -> HMTConfig:
+    """The HMTConfig in an adapter's metadata, ignoring fields this version does not know."""
+    if not isinstance(meta.get("hmt"), dict):
+        raise ModelLoadError(f"Could not read the HMT adapter in {folder}: its config has no 'hmt' section")
+    known = {f.name for f in fields(HMTConfig)}
+    return HMTConfig(**{k: v for k, v in meta["hmt"].items() if k in known})

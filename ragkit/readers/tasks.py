@@ -84,6 +84,12 @@ class RecallTask:
         """Tokens of the question and its answer: QUERY id = d…d."""
         return 3 + self.digits
 
+    @staticmethod
+    def protect_with_sensory(segment_length: int, sensory_tokens: int, digits: int = 5) -> int:
+        """`protect` that keeps facts out of the question's segment and out of the `sensory_tokens` before it
+        (HMT's sensory window)."""
+        return segment_length - (3 + digits) + sensory_tokens
+
     def fact_limit(self, segments: int) -> int:
         """Facts end at or before this position in a sequence of `segments` segments."""
         length = segments * self.segment_length

@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -538,15 +538,9 @@ def load_checkpoint(folder: str | Path, device: str = "cpu") -> nn.Module:
     if not backbone:
         raise ModelLoadError(f"the checkpoint in {folder} does not name its backbone")
     if record["reader"] == "hmt":
-        from ragkit.readers.hmt import ADAPTER_CONFIG, HMTConfig, HMTLM
+        from ragkit.readers.hmt import HMTLM, saved_config
 
-        try:  # the adapter's config first: HMTConfig's defaults may not fit the backbone's positions
-            saved = json.loads((folder / ADAPTER_CONFIG).read_text())["hmt"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"Could not read the HMT adapter in {folder}: {e}") from None
-        known = {f.name for f in fields(HMTConfig)}
-        config = HMTConfig(**{k: v for k, v in saved.items() if k in known})
-        return HMTLM.from_pretrained(backbone, config, adapter=folder).to(device).eval()
+        return HMTLM.from_pretrained(backbone, saved_config(folder), adapter=folder).to(device).eval()
     from ragkit.readers.infini import InfiniLM
 
     return InfiniLM.from_pretrained(backbone, adapter=folder).to(device).eval()
