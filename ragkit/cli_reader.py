@@ -65,6 +65,12 @@ def train(
     cache_size: Annotated[Optional[int], typer.Option(
         "--cache-size", help="hmt: N, memories kept for the search [default: 64 with --tiny, else 300].", min=1)]
     = None,
+    search_loss: Annotated[Optional[float], typer.Option(
+        "--search-loss", help="hmt, recall: weight of a loss on the search weight of the asked fact's memory "
+                              "[default: 0.3 with --keys > 1, else 0].", min=0)] = None,
+    search_teacher: Annotated[Optional[float], typer.Option(
+        "--search-teacher", help="hmt, recall: share of stage 2 in which the question reads the asked fact's "
+                                 "memory itself [default: 0.4 with --keys > 1, else 0].", min=0, max=1)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
@@ -132,8 +138,12 @@ def _train(opts: dict[str, Any]) -> None:
     hmt = opts["reader"] == "hmt"
     if opts["reader"] not in ("infini", "hmt"):
         raise ConfigError(f"--reader must be infini or hmt, got {opts['reader']!r}")
-    if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size")):
-        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens and --cache-size are for --reader hmt")
+    if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size",
+                                                     "search_loss", "search_teacher")):
+        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --search-loss and "
+                          "--search-teacher are for --reader hmt")
+    if objective != "recall" and (opts["search_loss"] or opts["search_teacher"]):
+        raise ConfigError("--search-loss and --search-teacher need --objective recall (where the asked fact is known)")
     if opts["update"] not in ("linear", "delta"):
         raise ConfigError(f"--update must be linear or delta, got {opts['update']!r}")
     lo, hi = parse_segments(opts["segments"])
@@ -164,7 +174,12 @@ def _train(opts: dict[str, Any]) -> None:
         stage1, stage2 = 0, opts["steps"]
     task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect, cue=opts["keys"] > 1)
             if objective == "recall" else None)
+    supervise = hmt and objective == "recall" and opts["keys"] > 1  # the search must learn to pick by id
+    search_loss = opts["search_loss"] if opts["search_loss"] is not None else (0.3 if supervise else 0.0)
+    search_teacher = opts["search_teacher"] if opts["search_teacher"] is not None else (0.4 if supervise else 0.0)
     config = TrainConfig(steps=stage2, batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
+                         search_loss=search_loss, search_teacher=search_teacher,
+                         hmt_lr=10 * lr if search_loss else None,  # the search learns ids only at this rate
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
                          train_all=train_all, length_curriculum=opts["curriculum"], max_seconds=opts["max_seconds"],
                          log_every=max(1, min(10, (stage1 + stage2) // 100 or 1)),

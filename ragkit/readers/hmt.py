@@ -139,6 +139,7 @@ class HMTLM(nn.Module):
         self.cache: Tensor | None = None  # (b, ≤ N, C) fp32, the last N memory embeddings, oldest first
         self.sensory: Tensor | None = None  # (b, ≤ k, C) backbone dtype, the last k token embeddings read
         self.last_weights: Tensor | None = None  # (b, 1, m) the latest search's weights over the cache, detached
+        self.target_log_weight: Tensor | None = None  # (b,) log-weight of the search target (forward's search_target)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
@@ -157,7 +158,7 @@ class HMTLM(nn.Module):
 
     def reset(self) -> None:
         """Forget everything read so far."""
-        self.cache = self.sensory = self.last_weights = None
+        self.cache = self.sensory = self.last_weights = self.target_log_weight = None
 
     def detach_state(self) -> None:
         """Cut the state's autograd history, keeping its values."""
@@ -196,8 +197,10 @@ class HMTLM(nn.Module):
         out = self.model(inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=True, **kwargs)
         return out.hidden_states[-1][:, -1:].float()  # (b, 1, C)
 
-    def _memory_prompt(self, h: Tensor) -> Tensor | None:
-        """P_n for a segment with embeddings h (b, m, C): fp32 (b, 1, C), or None with the memory disabled."""
+    def _memory_prompt(self, h: Tensor, target: Tensor | None = None, teacher: bool = False) -> Tensor | None:
+        """P_n for a segment with embeddings h (b, m, C): fp32 (b, 1, C), or None with the memory disabled.
+        target (b,): the cache index of the memory this search should find (-1: evicted); its log-weight goes to
+        `target_log_weight`, and with `teacher` P_n is that memory itself where it is cached."""
         if self.memory_disabled:
             return None
         b = h.shape[0]
@@ -211,6 +214,14 @@ class HMTLM(nn.Module):
         s = self._last_hidden(torch.cat([t, h[:, : self.config.summary_length], t], dim=1))  # S_n (b, 1, C)
         p, weights = memory_search(s, self.cache, self.w_q.weight.float(), self.w_k.weight.float())
         self.last_weights = weights.detach()
+        if target is not None:
+            cached = target >= 0  # (b,)
+            index = target.clamp(min=0)[:, None]  # (b, 1)
+            chosen = weights[:, 0].gather(1, index).squeeze(1)  # (b,)
+            self.target_log_weight = torch.where(cached, chosen.clamp_min(1e-12).log(), torch.nan)
+            if teacher:
+                found = self.cache.gather(1, index[..., None].expand(b, 1, self.dim))  # (b, 1, C)
+                p = torch.where(cached[:, None, None], found, p)
         return p  # (b, 1, C)
 
     def _inputs(self, p: Tensor | None, h: Tensor, trailing: bool) -> tuple[Tensor, int]:
@@ -230,9 +241,10 @@ class HMTLM(nn.Module):
         if k:
             self.sensory = (h if self.sensory is None else torch.cat([self.sensory, h], dim=1))[:, -k:]
 
-    def _segment(self, h: Tensor) -> Tensor:
-        """One segment of embeddings h (b, m, C): logits (b, m, V); pushes M_n into the cache."""
-        p = self._memory_prompt(h)  # (b, 1, C) or None
+    def _segment(self, h: Tensor, target: Tensor | None = None, teacher: bool = False) -> Tensor:
+        """One segment of embeddings h (b, m, C): logits (b, m, V); pushes M_n into the cache. target, teacher:
+        see `_memory_prompt`."""
+        p = self._memory_prompt(h, target, teacher)  # (b, 1, C) or None
         x, start = self._inputs(p, h, trailing=True)  # (b, 1 + s + m + 1, C)
         out = self.model(inputs_embeds=x, use_cache=False, output_hidden_states=p is not None)
         logits = out.logits[:, start : start + h.shape[1]]  # (b, m, V)
@@ -249,22 +261,43 @@ class HMTLM(nn.Module):
         step = self.config.segment_length
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                reset: bool = True) -> Tensor:
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, reset: bool = True,
+                search_target: Tensor | None = None, teacher_search: bool = False) -> Tensor:
         """Logits (b, n, V) for a whole sequence, processed segment by segment, with gradients through the memory
         (truncated every `bptt_segments` segments if set). input_ids: (b, n), or inputs_embeds: (b, n, C).
-        With reset=False the sequence continues what was read before."""
+        With reset=False the sequence continues what was read before.
+
+        Training the search where the right memory is known (synthetic recall): search_target (b,) names the
+        segment of this sequence (0-based) whose memory the last segment's search should find. Its log-weight is
+        left in `target_log_weight` (b,), with gradients, NaN where that memory was evicted; with teacher_search
+        the last segment reads that memory instead of the search's mix (teacher forcing)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if search_target is not None and not reset:
+            raise ValueError("search_target counts segments from the start of this call: use reset=True")
         if reset:
             self.reset()
+        self.target_log_weight = None
         h = self._embed(input_ids) if input_ids is not None else inputs_embeds  # (b, n, C)
+        segments = self._segments(h.shape[1])
         logits = []
-        for i, seg in enumerate(self._segments(h.shape[1])):
+        for i, seg in enumerate(segments):
             if self.config.bptt_segments and i > 0 and i % self.config.bptt_segments == 0:
                 self.detach_state()
-            logits.append(self._segment(h[:, seg]))  # (b, L, V)
+            target = None
+            if search_target is not None and i == len(segments) - 1:
+                target = self._cache_index(search_target, i)
+            logits.append(self._segment(h[:, seg], target, teacher_search))  # (b, L, V)
+        if search_target is not None and self.target_log_weight is None:
+            raise ConfigError("search_target needs the memory search on and a memory cached before the last segment")
         return torch.cat(logits, dim=1)  # (b, n, V)
+
+    def _cache_index(self, segment: Tensor, current: int) -> Tensor:
+        """Where the memory of `segment` (b,) sits in the cache searched by segment `current` of the same call (the
+        cache holds the memories of the last m segments before it, oldest first); -1 where it was evicted."""
+        m = 0 if self.cache is None else self.cache.shape[1]
+        index = segment - (current - m)  # (b,)
+        return torch.where((index >= 0) & (index < m), index, -1)
 
     @torch.no_grad()
     def read(self, input_ids: Tensor) -> Tensor:

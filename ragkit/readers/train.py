@@ -74,6 +74,8 @@ class TrainConfig:
     gate_hold: float | None = 0.0  # β the gates are held at during the warm-up (0: sigmoid 0.5); None: as they are
     train_all: bool = True  # train every weight; False: only the gates or HMT parameters (a frozen backbone)
     hmt_lr: float | None = None  # peak learning rate of HMT's new parameters (T, memory, W_q, W_k); None: lr
+    search_loss: float = 0.0  # HMT on recall tasks: weight of −log(search weight of the queried fact's memory)
+    search_teacher: float = 0.0  # HMT on recall tasks: share of the run whose question reads that memory itself
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
     log_every: int = 10  # steps between progress events
@@ -89,7 +91,9 @@ class TrainConfig:
             raise ConfigError("steps and batch_size must be at least 1")
         if not (self.lr > 0 and all(x is None or x > 0 for x in (self.gate_lr, self.hmt_lr))):
             raise ConfigError("learning rates must be positive")
-        for name in ("warmup", "gate_warmup", "min_lr_ratio", "length_curriculum"):
+        if self.search_loss < 0:
+            raise ConfigError(f"search_loss must be 0 or more, got {self.search_loss}")
+        for name in ("warmup", "gate_warmup", "min_lr_ratio", "length_curriculum", "search_teacher"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.max_seconds is not None and self.max_seconds <= 0:
@@ -149,6 +153,12 @@ class RecallBatches:
     def __call__(self, batch_size: int, segments: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         batch = make_recall_batch(self.task, batch_size, segments, generator)
         return batch.input_ids, batch.labels
+
+    def with_fact_segments(self, batch_size: int, segments: int,
+                           generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The same draw as a call, and the segment (b,) that holds each row's queried fact."""
+        batch = make_recall_batch(self.task, batch_size, segments, generator)
+        return batch.input_ids, batch.labels, batch.key_positions[:, 0] // self.task.segment_length
 
 
 class DocumentBatches:
@@ -267,6 +277,10 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
     if getattr(getattr(model, "config", None), "bptt_segments", None) == 1:
         raise ConfigError("the reader detaches its memory after every segment (bptt_segments=1): it could not learn "
                           "what to write; use None (all segments) or at least 2")
+    supervised_search = config.search_loss > 0 or config.search_teacher > 0
+    if supervised_search and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
+        raise ConfigError("search_loss and search_teacher train HMT's search on recall tasks, where the queried "
+                          "fact's segment is known: use the HMT reader with recall batches")
     model.to(device).train()
     gates = _gates(model)
     adapter_ids = {id(p) for p in gates + _hmt_params(model)}
@@ -308,13 +322,23 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
 
         top = hi if share >= config.length_curriculum else lo + round((hi - lo) * share / config.length_curriculum)
         segments = int(torch.randint(lo, top + 1, (1,), generator=generator))  # mixed lengths
-        ids, labels = batches(config.batch_size, segments, generator)
-        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(ids)  # (b, n, V): every segment in order, gradients through the memory
+        if supervised_search:
+            ids, labels, fact_segment = batches.with_fact_segments(config.batch_size, segments, generator)
+            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(ids, search_target=fact_segment.to(device), teacher_search=share < config.search_teacher)
+        else:
+            ids, labels = batches(config.batch_size, segments, generator)
+            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(ids)  # (b, n, V): every segment in order, gradients through the memory
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDivergedError(f"the loss became {value} at step {step + 1}: lower the learning rate "
+        value = float(loss.detach())  # the task's loss: what events and the history report
+        if config.search_loss > 0:
+            log_weight = model.target_log_weight  # (b,), NaN where the fact's memory was evicted
+            kept = ~log_weight.isnan()
+            if bool(kept.any()):
+                loss = loss - config.search_loss * log_weight[kept].mean()
+        if not math.isfinite(float(loss.detach())):
+            raise TrainingDivergedError(f"the loss became {float(loss.detach())} at step {step + 1}: lower the learning rate "
                                         f"(now {config.lr:g}, gates {config.gate_learning_rate:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -393,7 +417,8 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
             seconds = None if config.max_seconds is None else \
                 min(stage1_seconds or config.max_seconds * stage1_steps / total, config.max_seconds)
             stage1 = replace(config, steps=stage1_steps, segments=(stage1_segments, stage1_segments),
-                             length_curriculum=0.0, max_seconds=seconds, checkpoint_every=0)
+                             length_curriculum=0.0, max_seconds=seconds, checkpoint_every=0,
+                             search_loss=0.0, search_teacher=0.0)  # no search in stage 1
             hmt_config.memory_search = False
             first = train(model, stage1_batches or batches, stage1, progress=shifted(0))
             spent = first.seconds
