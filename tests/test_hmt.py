@@ -135,6 +135,40 @@ def test_gradients_flow_through_memory_across_segments():
     assert grads()[:, :SEG].abs().sum() == 0
 
 
+def test_search_target_reports_its_log_weight_and_teacher_forcing_reads_that_memory(monkeypatch):
+    import ragkit.readers.hmt as hmt_module
+
+    reader = reader_for(tiny_backbone())  # N = 3 memories
+    x = ids(4 * SEG, batch=2)
+    target = torch.tensor([0, 2])  # segment 0 for row 0, segment 2 for row 1
+    logits = reader(x, search_target=target)
+    weights = reader.last_weights[:, 0]  # (2, 3): the last segment's search over the memories of segments 0-2
+    torch.testing.assert_close(reader.target_log_weight.detach(), weights[torch.arange(2), target].log())
+    assert reader.target_log_weight.requires_grad  # a loss on it trains the search
+    torch.testing.assert_close(logits, reader(x))  # naming a target alone changes nothing read
+    forced = reader(x, search_target=target, teacher_search=True)
+    torch.testing.assert_close(forced[:, : 3 * SEG], logits[:, : 3 * SEG])  # only the last segment is forced
+    assert not torch.allclose(forced[:, 3 * SEG :], logits[:, 3 * SEG :])
+
+    real, searches = hmt_module.memory_search, []
+
+    def pick_the_target_last(query, memories, w_q, w_k):  # segments 1, 2, 3 search; the third is the last
+        p, w = real(query, memories, w_q, w_k)
+        searches.append(1)
+        return (memories[torch.arange(2), target][:, None] if len(searches) == 3 else p), w
+
+    monkeypatch.setattr(hmt_module, "memory_search", pick_the_target_last)
+    torch.testing.assert_close(reader(x), forced)
+
+
+def test_search_target_evicted_from_the_cache_has_no_log_weight():
+    reader = reader_for(tiny_backbone())  # N = 3: the last of 5 segments searches segments 1-3
+    reader(ids(5 * SEG, batch=2), search_target=torch.tensor([0, 3]))
+    assert torch.isnan(reader.target_log_weight[0]) and torch.isfinite(reader.target_log_weight[1])
+    with pytest.raises(ValueError, match="reset=True"):
+        reader(ids(SEG), reset=False, search_target=torch.tensor([0]))
+
+
 def test_adapter_round_trip(tmp_path):
     backbone = tiny_backbone("qwen2")
     saved = reader_for(backbone, seed=3, search_dim=8)

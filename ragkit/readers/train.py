@@ -22,6 +22,14 @@ then stage 2 with the search on longer unrolls; trained plainly from scratch, th
 encoding. On recall tasks stage 1 lets facts reach the sensory tokens (`stage1_recall_batches`): with every fact
 kept out of them, stage 1 never left ln 10 on a Llama backbone. HMT's new parameters (T, the initial memory, W_q, W_k) get their own AdamW group without weight decay.
 
+On K-key recall HMT's search must pick the asked fact's memory by its id, and trained on the answer alone it never
+did (search hit ~0.28 among 7 memories after 900 s): a segment's memory did not encode which id it holds (a
+linear probe read it at chance, 0.06, while the question's summary gave it at 1.0), and nothing rewards encoding
+it until the search uses it. Where the asked fact's segment is known, the search is taught: `search_loss` adds
+−log of the weight the question's search gives that memory (at `hmt_lr`; 10× the base rate was needed), and for
+the first `search_teacher` share of stage 2 the question reads that memory itself (teacher forcing), so that the
+readout learns while the search does; without it the answer loss sat at ln 10 even once the search was right.
+
 Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
 safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
 `train.json`.
