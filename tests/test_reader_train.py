@@ -441,6 +441,27 @@ def test_search_supervision_trains_the_search_and_needs_hmt_on_recall_batches():
         TrainConfig(search_loss=-1.0)
 
 
+def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
+    import ragkit.readers.train as train_module
+
+    model = tiny_hmt()
+    task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
+    forced = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        forced.append(kwargs["teacher_search"])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    monkeypatch.setattr(train_module, "_search_hit_rate", lambda m: 1.0)  # a search that is always right
+    events = []
+    config = TrainConfig(steps=24, batch_size=2, segments=(3, 3), search_loss=0.3, search_teacher=1.0, log_every=4)
+    result = train(model, RecallBatches(task), config, progress=events.append)
+    assert forced == [True] * train_module.SEARCH_TAUGHT_STEPS + [False] * 4
+    assert [e.search_hit for e in events] == [1.0] * 6 and result.search_hits == [(s, 1.0) for s in range(4, 25, 4)]
+
+
 def test_only_the_hmt_parameters_train_on_a_frozen_backbone():
     model = tiny_hmt()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -525,7 +546,7 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     assert {c["keys"] for c in report["eval"]} == {4} and {c["segments"] for c in report["eval"]} == {6}
     record = json.loads((out / "train.json").read_text())
     assert record["task"]["cue"] is True
-    assert (record["train"]["search_loss"], record["train"]["search_teacher"]) == (0.3, 0.4)  # the search is taught
+    assert (record["train"]["search_loss"], record["train"]["search_teacher"]) == (0.3, 0.7)  # the search is taught
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--search-loss", "0.3", "--out", str(out)])
     assert result.exit_code == 1 and "--reader hmt" in result.output
 
@@ -569,7 +590,7 @@ def test_cpu_hmt_passkey_memory_carries_the_key_beyond_the_trained_length():
 def test_cpu_hmt_four_keys_memory_finds_the_asked_fact():
     """Multi-key recall (K = 4 facts in 8 segments, the question naming one): HMT's search must find the asked fact's
     memory by its id and the answer must come through it; off and another sequence's memory stay near chance (0.1).
-    Stage 2 teaches the search (`search_loss`, teacher-forced for 40% of it): trained on the answer alone, the
+    Stage 2 teaches the search (`search_loss`, teacher-forced until it is right): trained on the answer alone, the
     search stayed near chance (readers' notes in benchmarks/RESULTS.md). At this CPU budget (~12 min on one core) the
     answer reaches ~0.75 of digits, not yet the 0.9 the passkey reaches: the loss is still falling when it stops."""
     from ragkit.readers.train import stage1_recall_batches, train_two_stage
@@ -579,7 +600,7 @@ def test_cpu_hmt_four_keys_memory_finds_the_asked_fact():
                             sensory_tokens=8, cache_size=8)
     task = RecallTask(segment_length=32, keys=4, protect=RecallTask.protect_with_sensory(32, 8), cue=True)
     config = TrainConfig(steps=2500, batch_size=32, segments=(8, 8), lr=1e-3, hmt_lr=1e-2, search_loss=0.3,
-                         search_teacher=0.4, seed=0)
+                         search_teacher=0.7, seed=0)
     train_two_stage(model, RecallBatches(task), config, stage1_steps=800, stage1_batches=stage1_recall_batches(task))
     on, shut, other = evaluate_recall(model, task, [8], sequences=256, batch_size=64)
     assert on.search_hit >= 0.9 and on.digit >= 0.6, on

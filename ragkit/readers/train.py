@@ -26,9 +26,11 @@ On K-key recall HMT's search must pick the asked fact's memory by its id, and tr
 did (search hit ~0.28 among 7 memories after 900 s): a segment's memory did not encode which id it holds (a
 linear probe read it at chance, 0.06, while the question's summary gave it at 1.0), and nothing rewards encoding
 it until the search uses it. Where the asked fact's segment is known, the search is taught: `search_loss` adds
-−log of the weight the question's search gives that memory (at `hmt_lr`; 10× the base rate was needed), and for
-the first `search_teacher` share of stage 2 the question reads that memory itself (teacher forcing), so that the
-readout learns while the search does; without it the answer loss sat at ln 10 even once the search was right.
+−log of the weight the question's search gives that memory (at `hmt_lr`; 10× the base rate was needed), and the
+question reads that memory itself (teacher forcing) until the search finds it for 90% of the questions of 20
+steps in a row, for at most the first `search_teacher` share of the run, so that the readout learns while the
+search does. Without teacher forcing the answer loss sat at ln 10 even once the search was right; with it ending
+at a fixed 40% of the run, a run whose search had not yet learnt fell back to ln 10 when it ended.
 
 Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
 safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
@@ -42,6 +44,7 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +86,8 @@ class TrainConfig:
     train_all: bool = True  # train every weight; False: only the gates or HMT parameters (a frozen backbone)
     hmt_lr: float | None = None  # peak learning rate of HMT's new parameters (T, memory, W_q, W_k); None: lr
     search_loss: float = 0.0  # HMT on recall tasks: weight of −log(search weight of the queried fact's memory)
-    search_teacher: float = 0.0  # HMT on recall tasks: share of the run whose question reads that memory itself
+    search_teacher: float = 0.0  # HMT on recall tasks: longest share of the run whose question reads that memory
+    # itself (teacher-forced search); it ends sooner once the search finds that memory (see SEARCH_TAUGHT)
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
     log_every: int = 10  # steps between progress events
@@ -124,6 +128,7 @@ class TrainEvent:
     gates: list[list[float]] | None  # sigmoid(β) per layer and head, or None for a reader without gates
     seconds: float  # wall time since the start
     tokens: int  # tokens trained on so far
+    search_hit: float | None = None  # share of questions whose search weighed the asked fact's memory highest
 
 
 @dataclass
@@ -137,6 +142,7 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss) at every event
     gates: list[list[float]] | None = None  # final sigmoid(β) per layer and head
     checkpoint: str | None = None  # the folder written, if any
+    search_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, search hit) with search_loss
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -314,6 +320,10 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
     step = tokens = 0
     window: list[float] = []
     history: list[tuple[int, float]] = []
+    hits: list[float] = []  # search hit of each step since the last event
+    search_hits: list[tuple[int, float]] = []
+    recent_hits: deque[float] = deque(maxlen=SEARCH_TAUGHT_STEPS)
+    taught = False  # the search has been found right often enough: teacher forcing is over
     last_loss = float("nan")
     checkpoint = None
     while step < config.steps:
@@ -333,7 +343,12 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         if supervised_search:
             ids, labels, fact_segment = batches.with_fact_segments(config.batch_size, segments, generator)
             ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = model(ids, search_target=fact_segment.to(device), teacher_search=share < config.search_teacher)
+            teacher = share < config.search_teacher and not taught
+            logits = model(ids, search_target=fact_segment.to(device), teacher_search=teacher)
+            recent_hits.append(_search_hit_rate(model))
+            hits.append(recent_hits[-1])
+            taught = taught or (len(recent_hits) == recent_hits.maxlen and
+                                sum(recent_hits) / len(recent_hits) >= SEARCH_TAUGHT)
         else:
             ids, labels = batches(config.batch_size, segments, generator)
             ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -361,26 +376,49 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         if step % config.log_every == 0 or step == config.steps:
             last_loss = sum(window) / len(window)
             history.append((step, last_loss))
+            hit = _flush_hits(hits, search_hits, step)
             window = []
             if progress:
                 progress(TrainEvent(step, config.steps, last_loss, config.lr * factor, frozen, _gate_values(model),
-                                    time.perf_counter() - started, tokens))
+                                    time.perf_counter() - started, tokens, hit))
         if out is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
 
     if window:  # a run cut short by max_seconds between two events
         last_loss = sum(window) / len(window)
         history.append((step, last_loss))
+        hit = _flush_hits(hits, search_hits, step)
         if progress:
             progress(TrainEvent(step, config.steps, last_loss, optimizer.param_groups[0]["lr"], False,
-                                _gate_values(model), time.perf_counter() - started, tokens))
+                                _gate_values(model), time.perf_counter() - started, tokens, hit))
     model.eval()
     if hasattr(model, "reset"):
         model.reset()  # drop the last batch's memory and its autograd graph
     if out is not None:
         checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
     return TrainResult(step, time.perf_counter() - started, tokens, last_loss, history, _gate_values(model),
-                       str(checkpoint) if checkpoint else None)
+                       str(checkpoint) if checkpoint else None, search_hits)
+
+
+SEARCH_TAUGHT = 0.9  # teacher forcing ends once the search finds the asked memory for this share of questions …
+SEARCH_TAUGHT_STEPS = 20  # … over this many steps in a row
+
+
+def _search_hit_rate(model: nn.Module) -> float:
+    """Share of the last batch's questions whose search weighed the target memory highest (evicted: a miss)."""
+    chosen = model.target_log_weight.detach().exp()  # (b,), NaN where evicted
+    best = model.last_weights[:, 0].max(dim=-1).values  # (b,)
+    return float((chosen >= best * (1 - 1e-6)).float().mean())  # NaN compares False
+
+
+def _flush_hits(hits: list[float], out: list[tuple[int, float]], step: int) -> float | None:
+    """Mean of the hit rates since the last event, recorded at `step` and cleared; None if there were none."""
+    if not hits:
+        return None
+    mean = sum(hits) / len(hits)
+    out.append((step, mean))
+    hits.clear()
+    return mean
 
 
 def _gates(model: nn.Module) -> list[nn.Parameter]:
@@ -441,7 +479,8 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
     offset = first.steps
     history = first.history + [(step + offset, loss) for step, loss in second.history]
     return TrainResult(first.steps + second.steps, first.seconds + second.seconds, first.tokens + second.tokens,
-                       second.loss, history, second.gates, second.checkpoint)
+                       second.loss, history, second.gates, second.checkpoint,
+                       [(step + offset, hit) for step, hit in second.search_hits])
 
 
 def _gate_values(model: nn.Module) -> list[list[float]] | None:
