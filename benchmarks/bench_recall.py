@@ -14,10 +14,9 @@ the answer can only come through memory, looked up by its id.
   the learning rate without decay.
 - HMT: the paper's two stages: stage 1 (`stage1_steps`, 2 segments, no search) on the one-key task with the
   sensory window open (`stage1_recall_batches`), then stage 2 with the search on the K-key task for the rest of
-  the budget. For K > 1 the search is trained where it must choose (`search_loss`: a loss on the weight it gives
-  the asked fact's memory, at `hmt_lr`; `search_teacher`: the question reads that memory itself until the search
-  finds it for 90% of questions, for at most that share of stage 2); trained on the answer alone, it never learnt
-  to pick by id. Its cache holds N = `cache` memories: at the trained length every segment's memory fits; from 4×
+  the budget. For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a
+  loss on the weight it gives the asked fact's memory, at `hmt_lr`; `--search-teacher 0.7`: the question reads that
+  memory itself until the search finds it for 90% of questions, for at most that share of stage 2). Its cache holds N = `cache` memories: at the trained length every segment's memory fits; from 4×
   on, the cache is smaller than the number of segments (compression is forced) and it is also evaluated with a
   cache wide enough for every segment (lookup, no compression) to separate eviction from failure to read.
 Evaluation at 1×, 4×, 16× (64× on the GPU preset) the trained length, 128 sequences each, memory on / off (gates
@@ -42,12 +41,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §7-§8 sizes; one thread of a shared 2-core Xeon
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, sensory=8, cache=8, keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
-                search_loss=0.3, search_teacher=0.7, hmt_lr=1e-2,
+                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
     "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, sensory=8, cache=8, keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
-                search_loss=0.3, search_teacher=0.7, hmt_lr=1e-2,
+                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
 }
 
@@ -152,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     notes = "; ".join(f"{r['reader']} K={r['keys']}: {r['parameters']:,} parameters, {r['train']['steps']:,} steps "
                       f"in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}" for r in runs)
     notes += (f". Batch {args.batch_size}, lr {args.lr:g}; HMT k = {args.sensory}, stage 1 {args.stage1_steps} "
-              f"steps; for K > 1 search loss {args.search_loss:g} (HMT lr {args.hmt_lr:g}), teacher-forced search "
-              f"until its hit rate reaches 0.9, for at most {args.search_teacher:g} of stage 2. Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
+              f"steps; for K > 1 search loss {args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-forced "
+              f"search until its hit rate reaches 0.9, for at most {args.search_teacher:g} of stage 2. Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
               f"Whole command {raw['seconds']:.0f} s.")
     if args.no_record:
         print(json.dumps(raw))

@@ -67,11 +67,11 @@ def train(
     = None,
     search_loss: Annotated[Optional[float], typer.Option(
         "--search-loss", help="hmt, recall: weight of a loss on the search weight of the asked fact's memory "
-                              "[default: 0.3 with --keys > 1, else 0].", min=0)] = None,
+                              "[default: 0].", min=0)] = None,
     search_teacher: Annotated[Optional[float], typer.Option(
         "--search-teacher", help="hmt, recall: longest share of stage 2 in which the question reads the asked "
                                  "fact's memory itself; it ends once the search finds it for 90% of questions "
-                                 "[default: 0.7 with --keys > 1, else 0].", min=0, max=1)] = None,
+                                 "[default: 0].", min=0, max=1)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
@@ -175,9 +175,7 @@ def _train(opts: dict[str, Any]) -> None:
         stage1, stage2 = 0, opts["steps"]
     task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect, cue=opts["keys"] > 1)
             if objective == "recall" else None)
-    supervise = hmt and objective == "recall" and opts["keys"] > 1  # the search must learn to pick by id
-    search_loss = opts["search_loss"] if opts["search_loss"] is not None else (0.3 if supervise else 0.0)
-    search_teacher = opts["search_teacher"] if opts["search_teacher"] is not None else (0.7 if supervise else 0.0)
+    search_loss, search_teacher = opts["search_loss"] or 0.0, opts["search_teacher"] or 0.0
     config = TrainConfig(steps=stage2, batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
                          search_loss=search_loss, search_teacher=search_teacher,
                          hmt_lr=10 * lr if search_loss else None,  # the search learns ids only at this rate

@@ -546,7 +546,12 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     assert {c["keys"] for c in report["eval"]} == {4} and {c["segments"] for c in report["eval"]} == {6}
     record = json.loads((out / "train.json").read_text())
     assert record["task"]["cue"] is True
-    assert (record["train"]["search_loss"], record["train"]["search_teacher"]) == (0.3, 0.7)  # the search is taught
+    assert (record["train"]["search_loss"], record["train"]["search_teacher"]) == (0.0, 0.0)  # off unless asked
+    result = CliRunner().invoke(app, many + ["--search-loss", "0.3", "--search-teacher", "0.5"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "train.json").read_text())
+    assert (record["train"]["search_loss"], record["train"]["search_teacher"], record["train"]["hmt_lr"]) == \
+        (0.3, 0.5, 1e-2)
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--search-loss", "0.3", "--out", str(out)])
     assert result.exit_code == 1 and "--reader hmt" in result.output
 
@@ -585,23 +590,3 @@ def test_cpu_hmt_passkey_memory_carries_the_key_beyond_the_trained_length():
     assert by[4, "on"].digit >= 0.95 and by[64, "on"].digit >= 0.9, cells
     assert all(by[n, mode].digit <= 0.2 for n in (4, 64) for mode in ("shut", "other")), cells
 
-
-@pytest.mark.slow
-def test_cpu_hmt_four_keys_memory_finds_the_asked_fact():
-    """Multi-key recall (K = 4 facts in 8 segments, the question naming one): HMT's search must find the asked fact's
-    memory by its id and the answer must come through it; off and another sequence's memory stay near chance (0.1).
-    Stage 2 teaches the search (`search_loss`, teacher-forced until it is right): trained on the answer alone, the
-    search stayed near chance (readers' notes in benchmarks/RESULTS.md). At this CPU budget (~12 min on one core) the
-    answer reaches ~0.75 of digits, not yet the 0.9 the passkey reaches: the loss is still falling when it stops."""
-    from ragkit.readers.train import stage1_recall_batches, train_two_stage
-
-    torch.set_flush_denormal(True)
-    model, _ = build_reader("hmt", tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0,
-                            sensory_tokens=8, cache_size=8)
-    task = RecallTask(segment_length=32, keys=4, protect=RecallTask.protect_with_sensory(32, 8), cue=True)
-    config = TrainConfig(steps=2500, batch_size=32, segments=(8, 8), lr=1e-3, hmt_lr=1e-2, search_loss=0.3,
-                         search_teacher=0.7, seed=0)
-    train_two_stage(model, RecallBatches(task), config, stage1_steps=800, stage1_batches=stage1_recall_batches(task))
-    on, shut, other = evaluate_recall(model, task, [8], sequences=256, batch_size=64)
-    assert on.search_hit >= 0.9 and on.digit >= 0.6, on
-    assert shut.digit <= 0.2 and other.digit <= 0.2, (shut, other)
