@@ -105,6 +105,13 @@ def memory_search(query: Tensor, memories: Tensor, w_q: Tensor, w_k: Tensor) -> 
     return weights @ memories, weights  # (b, 1, C), (b, 1, m)
 
 
+def cache_index(segment: Tensor, current: int, cached: int) -> Tensor:
+    """Where the memory of `segment` (b,) sits in the cache searched by segment `current` of one stream, the cache
+    holding the memories of the `cached` segments just before it, oldest first; -1 where it was evicted."""
+    index = segment - (current - cached)  # (b,)
+    return torch.where((index >= 0) & (index < cached), index, -1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the reader: an unchanged causal LM, streamed segment by segment through HMT's memory
 
@@ -286,18 +293,11 @@ class HMTLM(nn.Module):
                 self.detach_state()
             target = None
             if search_target is not None and i == len(segments) - 1:
-                target = self._cache_index(search_target, i)
+                target = cache_index(search_target, i, 0 if self.cache is None else self.cache.shape[1])
             logits.append(self._segment(h[:, seg], target, teacher_search))  # (b, L, V)
         if search_target is not None and self.target_log_weight is None:
             raise ConfigError("search_target needs the memory search on and a memory cached before the last segment")
         return torch.cat(logits, dim=1)  # (b, n, V)
-
-    def _cache_index(self, segment: Tensor, current: int) -> Tensor:
-        """Where the memory of `segment` (b,) sits in the cache searched by segment `current` of the same call (the
-        cache holds the memories of the last m segments before it, oldest first); -1 where it was evicted."""
-        m = 0 if self.cache is None else self.cache.shape[1]
-        index = segment - (current - m)  # (b,)
-        return torch.where((index >= 0) & (index < m), index, -1)
 
     @torch.no_grad()
     def read(self, input_ids: Tensor) -> Tensor:

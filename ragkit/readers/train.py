@@ -20,7 +20,8 @@ HMT (`ragkit.readers.hmt`) trains with the paper's two stages (readers.md §3.3,
 on 2 segments with `memory_search=False` (P_n = M_{n-1}: the model learns to store the key in a memory embedding),
 then stage 2 with the search on longer unrolls; trained plainly from scratch, the memory never held a usable
 encoding. On recall tasks stage 1 lets facts reach the sensory tokens (`stage1_recall_batches`): with every fact
-kept out of them, stage 1 never left ln 10 on a Llama backbone. HMT's new parameters (T, the initial memory, W_q, W_k) get their own AdamW group without weight decay.
+kept out of them, stage 1 never left ln 10 on a Llama backbone. HMT's new parameters (T, the initial memory, W_q,
+W_k) get their own AdamW group without weight decay.
 
 On K-key recall HMT's search must pick the asked fact's memory by its id, and trained on the answer alone it never
 did (search hit ~0.28 among 7 memories after 900 s): a segment's memory did not encode which id it holds (a
@@ -144,7 +145,7 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss) at every event
     gates: list[list[float]] | None = None  # final sigmoid(β) per layer and head
     checkpoint: str | None = None  # the folder written, if any
-    search_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, search hit) with search_loss
+    search_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, search hit) if the search is taught
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,8 +168,8 @@ class RecallBatches:
         self.task = task
 
     def __call__(self, batch_size: int, segments: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        batch = make_recall_batch(self.task, batch_size, segments, generator)
-        return batch.input_ids, batch.labels
+        ids, labels, _ = self.with_fact_segments(batch_size, segments, generator)
+        return ids, labels
 
     def with_fact_segments(self, batch_size: int, segments: int,
                            generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -344,7 +345,10 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         segments = int(torch.randint(lo, top + 1, (1,), generator=generator))  # mixed lengths
         if supervised_search:
             ids, labels, fact_segment = batches.with_fact_segments(config.batch_size, segments, generator)
-            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        else:
+            ids, labels = batches(config.batch_size, segments, generator)
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if supervised_search:
             teacher = share < config.search_teacher and not taught
             logits = model(ids, search_target=fact_segment.to(device), teacher_search=teacher)
             recent_hits.append(_search_hit_rate(model))
@@ -352,8 +356,6 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             taught = taught or (len(recent_hits) == recent_hits.maxlen and
                                 sum(recent_hits) / len(recent_hits) >= SEARCH_TAUGHT)
         else:
-            ids, labels = batches(config.batch_size, segments, generator)
-            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = model(ids)  # (b, n, V): every segment in order, gradients through the memory
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         value = float(loss.detach())  # the task's loss: what events and the history report
@@ -362,8 +364,9 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             kept = ~log_weight.isnan()
             if bool(kept.any()):
                 loss = loss - config.search_loss * log_weight[kept].mean()
-        if not math.isfinite(float(loss.detach())):
-            raise TrainingDivergedError(f"the loss became {float(loss.detach())} at step {step + 1}: lower the learning rate "
+        total = float(loss.detach())
+        if not math.isfinite(total):
+            raise TrainingDivergedError(f"the loss became {total} at step {step + 1}: lower the learning rate "
                                         f"(now {config.lr:g}, gates {config.gate_learning_rate:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,7 +442,8 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
     `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}), drawn from `stage1_batches` (None: from
     `batches`; for recall tasks pass `stage1_recall_batches(task)`); stage 2: `config` as given (its steps, its
     segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
-    `max_seconds`, stage 1 is boxed to `stage1_seconds` of it (None: its share by steps) and stage 2 gets the rest. Events and history count steps across both stages.
+    `max_seconds`, stage 1 is boxed to `stage1_seconds` of it (None: its share by steps) and stage 2 gets the rest.
+    Events and history count steps across both stages.
     The checkpoint is written by stage 2 only, so the saved adapter has `memory_search=True`; the model is left with
     the search on whatever happens. stage1_steps=0 is plain training with the search."""
     from dataclasses import replace
@@ -739,8 +743,9 @@ def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int) ->
     config = getattr(model, "config", None)
     if weights is None or not getattr(config, "memory_search", False) or getattr(model, "memory_disabled", False):
         return None
-    m = weights.shape[-1]
-    index = key_segment.to(weights.device) - (prefix_segments - m)  # (b,) position of that memory in the cache
+    from ragkit.readers.hmt import cache_index
+
+    index = cache_index(key_segment.to(weights.device), prefix_segments, weights.shape[-1])  # (b,), -1: evicted
     return ((index >= 0) & (weights[:, 0].argmax(dim=-1) == index)).cpu()
 
 
