@@ -80,7 +80,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
 
     if hmt:
         # stage 1 runs its steps within 40% of the budget at most; stage 2 runs until the budget is spent
-        supervise = keys > 1 and args.search_loss > 0  # K = 1 needs no choice among memories
+        supervise = keys > 1 and (args.search_loss > 0 or args.search_teacher > 0)  # K = 1: nothing to choose
         config = TrainConfig(steps=10**6, batch_size=args.batch_size,
                              segments=(args.segments, args.segments), lr=args.lr, max_seconds=args.budget,
                              log_every=100, seed=args.seed, device=args.device,
