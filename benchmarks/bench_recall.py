@@ -35,16 +35,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import apply_preset, preset_parser, recall_cell_text, record  # noqa: E402
+from benchmarks.common import (apply_preset, commit, machine, preset_parser, recall_cell_text,  # noqa: E402
+                               record)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §7-§8 sizes; one thread of a shared 2-core Xeon
-    "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, sensory=8, cache=8, keys="1,4,16",
+    "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8, keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
-    "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, sensory=8, cache=8, keys="1,4,16",
+    "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8, keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
@@ -54,13 +55,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = preset_parser(__doc__, PRESETS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="on,shut,other", help="memory on, off (shut) and another sequence's")
+    parser.add_argument("--save", type=Path, help="save each trained reader to SAVE/<reader>-k<K> (a checkpoint)")
+    parser.add_argument("--checkpoint", type=Path, action="append",
+                        help="evaluate this saved reader (its task from its train.json) instead of training one")
+    parser.add_argument("--no-wide-cache", action="store_true",
+                        help="HMT: evaluate with the trained cache only, not also with one holding every segment")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds: leave out a length whose evaluation would end later than this after the start")
+    parser.add_argument("--out", type=Path, help="write the raw run to OUT (JSON), no RESULTS.md entry: for runs "
+                        "in parallel, put together with --combine")
+    parser.add_argument("--combine", type=Path, nargs="+", help="record the runs of these --out files as one entry")
     return apply_preset(parser.parse_args(argv), PRESETS)
 
 
-def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one reader on K-key recall within the budget, then evaluate it; the raw record of the run."""
+def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
+    """Train one reader on K-key recall within the budget, save it if asked, evaluate it; the raw record."""
+    from dataclasses import asdict
+
     from ragkit.readers.tasks import RecallTask
-    from ragkit.readers.train import (RecallBatches, TrainConfig, TrainEvent, build_reader, evaluate_recall,
+    from ragkit.readers.train import (RecallBatches, TrainConfig, TrainEvent, build_reader, save_checkpoint,
                                       stage1_recall_batches, train, train_two_stage)
 
     hmt = reader == "hmt"
@@ -78,50 +92,89 @@ def run_one(reader: str, keys: int, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{reader} K={keys} step {e.step:>6}  loss {e.loss:.4f}{hit}  {e.seconds:.0f}s", file=sys.stderr,
               flush=True)
 
+    lengths = (args.segments, max(args.segments, args.segments_max))  # mixed lengths when segments_max is larger
     if hmt:
         # stage 1 runs its steps within 40% of the budget at most; stage 2 runs until the budget is spent
         supervise = keys > 1 and (args.search_loss > 0 or args.search_teacher > 0)  # K = 1: nothing to choose
-        config = TrainConfig(steps=10**6, batch_size=args.batch_size,
-                             segments=(args.segments, args.segments), lr=args.lr, max_seconds=args.budget,
-                             log_every=100, seed=args.seed, device=args.device,
+        config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
+                             max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
                              search_loss=args.search_loss if supervise else 0.0,
                              search_teacher=args.search_teacher if supervise else 0.0,
                              hmt_lr=args.hmt_lr if supervise else None)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
                                  stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget)
     else:
-        config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=(args.segments, args.segments),
-                             lr=args.lr, max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device)
+        config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
+                             max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device)
         result = train(model, RecallBatches(task), config, progress=log)
+    if args.save:
+        save_checkpoint(model, args.save / f"{reader}-k{keys}", full=True,
+                        meta={"objective": "recall", "task": asdict(task), "segments": list(lengths)})
+    return {"reader": reader, "keys": keys, "parameters": sum(p.numel() for p in model.parameters()),
+            "train_segments": list(lengths),
+            "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
+                      "history": result.history, "gates": result.gates, "gate_history": gates[::5],
+                      "search_hits": result.search_hits},
+            **evaluate_one(model, task, reader, args, deadline)}
 
+
+def load_one(folder: Path, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
+    """Evaluate a reader saved by --save on the task it was trained on; the raw record."""
+    from ragkit.readers.tasks import RecallTask
+    from ragkit.readers.train import TRAIN_META, load_checkpoint
+
+    meta = json.loads((folder / TRAIN_META).read_text())
+    task = RecallTask(**meta["task"])
+    model = load_checkpoint(folder, device=args.device)
+    return {"reader": meta["reader"], "keys": task.keys, "parameters": sum(p.numel() for p in model.parameters()),
+            "train_segments": meta.get("segments"), "checkpoint": str(folder),
+            **evaluate_one(model, task, meta["reader"], args, deadline)}
+
+
+def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
+                 deadline: float | None) -> dict[str, Any]:
+    """Cells for every length of `args.multiples` (× `args.segments`) and mode; a length predicted to end after
+    `deadline` (perf_counter seconds) is left out, the prediction scaling the last length's time by segments."""
+    from ragkit.readers.train import evaluate_recall
+
+    hmt = reader == "hmt"
+    trained_cache = model.config.cache_size if hmt else None
     started = time.perf_counter()
-    cells = []
+    cells: list[dict[str, Any]] = []
+    left_out: list[int] = []
+    last: tuple[int, float] | None = None  # (segments, seconds) of the last length evaluated
     for multiple in (int(x) for x in args.multiples.split(",")):
         segments = args.segments * multiple
+        if deadline is not None and last is not None:
+            if time.perf_counter() + last[1] * segments / last[0] > deadline:
+                left_out.append(multiple)
+                continue
+        began = time.perf_counter()
         # HMT: the trained cache, and one that holds every segment once the trained one cannot
-        caches = ([args.cache] if segments <= args.cache + 1 else [args.cache, segments]) if hmt else [None]
+        wide = segments > trained_cache + 1 and not args.no_wide_cache if hmt else False
+        caches = ([trained_cache, segments] if wide else [trained_cache]) if hmt else [None]
         for cache in caches:
             if hmt:
                 model.config.cache_size = cache
             for c in evaluate_recall(model, task, [segments], sequences=args.sequences, batch_size=args.eval_batch,
-                                     device=args.device):
+                                     modes=args.modes.split(","), device=args.device):
                 cells.append({**c.to_json(), "cache": cache, "multiple": multiple})
         if hmt:
-            model.config.cache_size = args.cache
-        print(f"{reader} K={keys}: evaluated {segments} segments", file=sys.stderr, flush=True)
-    return {"reader": reader, "keys": keys, "parameters": sum(p.numel() for p in model.parameters()),
-            "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
-                      "history": result.history, "gates": result.gates, "gate_history": gates[::5],
-                      "search_hits": result.search_hits},
-            "eval_seconds": time.perf_counter() - started, "cells": cells}
+            model.config.cache_size = trained_cache
+        last = (segments, time.perf_counter() - began)
+        print(f"{reader} K={task.keys}: evaluated {segments} segments in {last[1]:.0f} s", file=sys.stderr,
+              flush=True)
+    return {"eval_seconds": time.perf_counter() - started, "cells": cells, "left_out_multiples": left_out}
 
 
 def tables(raw: dict[str, Any]) -> str:
     """One row per reader, K, length and cache: memory on / off / another sequence's, and the search hit."""
     seg = raw["config"]["segment_length"]
-    lines = ["| reader | K | segments (tokens) | vs trained | cache N | memory on | memory off | memory of another "
-             "sequence | search hit |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reader | K | trained on (segments) | segments (tokens) | × shortest trained | cache N | memory on | "
+             "memory off | memory of another sequence | search hit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in raw["runs"]:
+        lo, hi = run.get("train_segments") or (raw["config"]["segments"],) * 2
+        trained = f"{lo}" if lo == hi else f"{lo}-{hi}"
         by = {}
         for c in run["cells"]:
             by.setdefault((c["segments"], c["cache"], c["multiple"]), {})[c["mode"]] = c
@@ -129,8 +182,8 @@ def tables(raw: dict[str, Any]) -> str:
             on = modes.get("on")
             hit = f"{on['search_hit']:.3f}" if on and on.get("search_hit") is not None else ""
             n = "" if cache is None else (f"{cache}" + (" (all)" if cache >= segments - 1 else " (compressed)"))
-            rel = "trained" if multiple == 1 else f"{multiple}×"
-            lines.append(f"| {run['reader']} | {run['keys']} | {segments} ({segments * seg:,}) | {rel} | {n} | "
+            lines.append(f"| {run['reader']} | {run['keys']} | {trained} | {segments} ({segments * seg:,}) | "
+                         f"{multiple}× | {n} | "
                          f"{recall_cell_text(on)} | {recall_cell_text(modes.get('shut'))} | "
                          f"{recall_cell_text(modes.get('other'))} | {hit} |")
     return "\n".join(lines)
@@ -138,28 +191,64 @@ def tables(raw: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.name)
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runs = [run_one(reader, int(k), args) for reader in args.readers.split(",") for k in args.keys.split(",")]
-    raw = {"config": vars(args), "runs": runs, "seconds": time.perf_counter() - started}
-    table = tables(raw)
-    title = (f"Associative recall, Infini-attention and HMT, {args.layers} layers × d_model {args.d_model}, "
-             f"trained on {args.segments} segments of {args.segment_length} tokens, {args.budget:.0f} s each "
-             f"({args.device})")
-    notes = "; ".join(f"{r['reader']} K={r['keys']}: {r['parameters']:,} parameters, {r['train']['steps']:,} steps "
-                      f"in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}" for r in runs)
-    notes += (f". Batch {args.batch_size}, lr {args.lr:g}; HMT k = {args.sensory}, stage 1 {args.stage1_steps} "
-              f"steps; for K > 1 search loss {args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-forced "
-              f"search until its hit rate reaches 0.9, for at most {args.search_teacher:g} of stage 2. Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
-              f"Whole command {raw['seconds']:.0f} s.")
-    if args.no_record:
-        print(json.dumps(raw))
-        print(table)
+    deadline = started + args.deadline if args.deadline else None
+    if args.checkpoint:
+        runs = [load_one(folder, args, deadline) for folder in args.checkpoint]
     else:
-        record(args.name, title, raw, table, notes,
-               command=" ".join(["python benchmarks/bench_recall.py", *(argv if argv is not None else sys.argv[1:])]))
+        runs = [run_one(reader, int(k), args, deadline) for reader in args.readers.split(",")
+                for k in args.keys.split(",")]
+    command = " ".join(["python benchmarks/bench_recall.py", *(argv if argv is not None else sys.argv[1:])])
+    raw = {"config": vars(args), "runs": runs, "seconds": time.perf_counter() - started, "command": command}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine(), "commit": commit(), **raw}, default=str) + "\n")
+    elif args.no_record:
+        print(json.dumps(raw, default=str))
+        print(tables(raw))
+    else:
+        record(args.name, title(args, runs), raw, tables(raw), notes(args, runs, raw["seconds"]), command=command)
+    return raw
+
+
+def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
+    lengths = {tuple(r["train_segments"]) for r in runs if r.get("train_segments")}
+    trained = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in sorted(lengths)) or "?"
+    return (f"Associative recall, Infini-attention and HMT, {args.layers} layers × d_model {args.d_model}, "
+            f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
+
+
+def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) -> str:
+    text = "; ".join(f"{r['reader']} K={r['keys']}: {r['parameters']:,} parameters" + (
+        f", {r['train']['steps']:,} steps in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}"
+        if "train" in r else f", saved reader {r['checkpoint']}") + (
+        f" (left out: {', '.join(f'{m}×' for m in r['left_out_multiples'])}, past the deadline)"
+        if r.get("left_out_multiples") else "") for r in runs)
+    return text + (f". Batch {args.batch_size}, lr {args.lr:g}; HMT k = {args.sensory}, stage 1 {args.stage1_steps} "
+                   f"steps; for K > 1 search loss {args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-"
+                   f"forced search until its hit rate reaches 0.9, for at most {args.search_teacher:g} of stage 2. "
+                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. Whole command {seconds:.0f} s.")
+
+
+def combine(files: list[Path], name: str) -> dict[str, Any]:
+    """One RESULTS.md entry for runs made in parallel (--out), with the machine and commit they ran on."""
+    parts = [json.loads(f.read_text()) for f in files]
+    first = parts[0]
+    args = argparse.Namespace(**first["config"])
+    runs = [run for part in parts for run in part["runs"]]
+    seconds = max(part["seconds"] for part in parts)
+    raw = {"config": first["config"], "runs": runs, "seconds": seconds,
+           "commands": [part["command"] for part in parts]}
+    commands = "; ".join(f"`{part['command']}`" for part in parts)
+    text = notes(args, runs, seconds) + f" The {len(parts)} commands ran at once on one machine: {commands}."
+    record(name, title(args, runs), raw, tables(raw), text,
+           command=f"{len(parts)} commands at once, listed below", header={"machine": first["machine"],
+                                                                               "commit": first["commit"]})
     return raw
 
 

@@ -73,10 +73,12 @@ def ratio_table(rows: list[tuple[str, str, float, str, float, str]]) -> str:
     return "\n".join(lines)
 
 
-def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = "", command: str | None = None) -> None:
-    """Write raw numbers to results/NAME.json, print the table last, and add a dated entry to RESULTS.md."""
+def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = "", command: str | None = None,
+           header: dict[str, str] | None = None) -> None:
+    """Write raw numbers to results/NAME.json, print the table last, and add a dated entry to RESULTS.md.
+    `header`: the machine and commit of runs made elsewhere (default: this checkout on this machine)."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    header = {"benchmark": name, "date": stamp, "machine": machine(), "commit": commit()}
+    header = {"benchmark": name, "date": stamp, **(header or {"machine": machine(), "commit": commit()})}
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({**header, **raw}, indent=2) + "\n")
