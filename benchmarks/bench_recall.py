@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save", type=Path, help="save each trained reader to SAVE/<reader>-k<K> (a checkpoint)")
     parser.add_argument("--checkpoint", type=Path, action="append",
                         help="evaluate this saved reader (its task from its train.json) instead of training one")
-    parser.add_argument("--no-wide-cache", action="store_true",
-                        help="HMT: evaluate with the trained cache only, not also with one holding every segment")
+    parser.add_argument("--caches", choices=("both", "trained", "wide"), default="both",
+                        help="HMT beyond its cache: evaluate with the trained cache, one holding every segment, or both")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds: leave out a length whose evaluation would end later than this after the start")
     parser.add_argument("--out", type=Path, help="write the raw run to OUT (JSON), no RESULTS.md entry: for runs "
@@ -151,8 +151,10 @@ def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
                 continue
         began = time.perf_counter()
         # HMT: the trained cache, and one that holds every segment once the trained one cannot
-        wide = segments > trained_cache + 1 and not args.no_wide_cache if hmt else False
-        caches = ([trained_cache, segments] if wide else [trained_cache]) if hmt else [None]
+        caches: list[int | None] = [None]
+        if hmt:
+            caches = [trained_cache] if segments <= trained_cache + 1 else \
+                {"both": [trained_cache, segments], "trained": [trained_cache], "wide": [segments]}[args.caches]
         for cache in caches:
             if hmt:
                 model.config.cache_size = cache
