@@ -2,8 +2,11 @@
 training budget (readers.md §7-§8; the task of `ragkit.readers.tasks`).
 
     python benchmarks/bench_recall.py                   # CPU, one thread: 6 runs of ~5 min training + evaluation
-    python benchmarks/bench_recall.py --preset gpu      # larger model, mixed lengths, longer inputs (CUDA)
+    python benchmarks/bench_recall.py --preset gpu      # 4 layers × d_model 256, batch 128, inputs to 64× (CUDA)
     python benchmarks/bench_recall.py --readers hmt --keys 4
+    python benchmarks/bench_recall.py --preset gpu --keys 1 --segments-max 64 --save ck     # mixed lengths 8-64
+    python benchmarks/bench_recall.py --checkpoint ck/hmt-k1 --modes on --caches trained --multiples 4096  # 1M tokens
+    python benchmarks/bench_recall.py --combine a.json b.json       # one entry for runs made at once with --out
 
 For each reader and each K (facts per sequence): a Llama of `layers` × `d_model` from scratch, trained for the same
 wall-clock budget on sequences of `segments` segments holding K facts "KEY <id> = <5 digits>" and a question naming
