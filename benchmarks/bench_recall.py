@@ -43,12 +43,14 @@ from benchmarks.common import (apply_preset, commit, machine, preset_parser, rec
 
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §7-§8 sizes; one thread of a shared 2-core Xeon
-    "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8, keys="1,4,16",
+    "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
+                keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
-    "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8, keys="1,4,16",
+    "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
+                keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
+    """The RESULTS.md heading: backbone, training lengths, budget, device."""
     lengths = {tuple(r["train_segments"]) for r in runs if r.get("train_segments")}
     trained = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in sorted(lengths)) or "?"
     return (f"Associative recall, Infini-attention and HMT, {args.layers} layers × d_model {args.d_model}, "
@@ -229,6 +232,7 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
 
 
 def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) -> str:
+    """What each run was (parameters, steps, loss, lengths left out) and the recipe, under the table."""
     text = "; ".join(f"{r['reader']} K={r['keys']}: {r['parameters']:,} parameters" + (
         f", {r['train']['steps']:,} steps in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}"
         if "train" in r else f", saved reader {r['checkpoint']}") + (
