@@ -15,13 +15,14 @@ one id at the end; loss on the answer digits only. The question's segment opens 
 the answer can only come through memory, looked up by its id.
 - Infini-attention: one run, the gates held at sigmoid 0.5 for the first 40% of the budget, then trained at 10×
   the learning rate without decay.
-- HMT: the paper's two stages: stage 1 (`stage1_steps`, 2 segments, no search) on the one-key task with the
-  sensory window open (`stage1_recall_batches`), then stage 2 with the search on the K-key task for the rest of
-  the budget. For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a
-  loss on the weight it gives the asked fact's memory, at `hmt_lr`; `--search-teacher 0.7`: the question reads that
-  memory itself until the search finds it for 90% of questions, for at most that share of stage 2). Its cache holds N = `cache` memories: at the trained length every segment's memory fits; from 4×
-  on, the cache is smaller than the number of segments (compression is forced) and it is also evaluated with a
-  cache wide enough for every segment (lookup, no compression) to separate eviction from failure to read.
+- HMT: the paper's two stages: stage 1 (`stage1_steps`, 2 segments, no search) on the one-key task with the sensory
+  window open (`stage1_recall_batches`), then stage 2 with the search on the K-key task for the rest of the budget.
+  For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a loss on the weight
+  it gives the asked fact's memory, at `hmt_lr`; `--search-teacher 0.7`: the question reads that memory itself until
+  the search finds it for 90% of questions, for at most that share of stage 2). Its cache holds N = `cache`
+  memories: at the trained length every segment's memory fits; from 4× on, the cache is smaller than the number of
+  segments (compression is forced) and it is also evaluated with a cache wide enough for every segment (lookup, no
+  compression) to separate eviction from failure to read.
 Evaluation at 1×, 4×, 16× (64× on the GPU preset) the trained length, 128 sequences each, memory on / off (gates
 shut, or HMT's memory disabled) / taken from another sequence; digit and whole-value accuracy; chance 0.10 and
 1e-5. HMT's search hit: the share of questions whose search weighs the queried fact's segment highest.
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, action="append",
                         help="evaluate this saved reader (its task from its train.json) instead of training one")
     parser.add_argument("--caches", choices=("both", "trained", "wide"), default="both",
-                        help="HMT beyond its cache: evaluate with the trained cache, one holding every segment, or both")
+                        help="HMT beyond its cache: evaluate with the trained cache, one holding every segment, "
+                        "or both")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds: leave out a length whose evaluation would end later than this after the start")
     parser.add_argument("--out", type=Path, help="write the raw run to OUT (JSON), no RESULTS.md entry: for runs "
@@ -241,7 +243,8 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
     return text + (f". Batch {args.batch_size}, lr {args.lr:g}; HMT k = {args.sensory}, stage 1 {args.stage1_steps} "
                    f"steps; for K > 1 search loss {args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-"
                    f"forced search until its hit rate reaches 0.9, for at most {args.search_teacher:g} of stage 2. "
-                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. Whole command {seconds:.0f} s.")
+                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
+                   f"Whole command {seconds:.0f} s.")
 
 
 def combine(files: list[Path], name: str) -> dict[str, Any]:
