@@ -24,16 +24,19 @@ kept out of them, stage 1 never left ln 10 on a Llama backbone. HMT's new parame
 W_k) get their own AdamW group without weight decay.
 
 On K-key recall HMT's search must pick the asked fact's memory by its id, and trained on the answer alone it never
-did (search hit ~0.28 among 7 memories after 900 s): a segment's memory did not encode which id it holds (a
-linear probe read it at chance, 0.06, while the question's summary gave it at 1.0), and nothing rewards encoding
-it until the search uses it. Where the asked fact's segment is known, the search can be taught (off by default:
-on a tiny CPU model it worked with one draw of the data, search hit 0.98 and 0.76 of digits at 900 s, and left the
-search near 0.3 with five others): `search_loss` adds
-−log of the weight the question's search gives that memory (at `hmt_lr`; 10× the base rate was needed), and the
-question reads that memory itself (teacher forcing) until the search finds it for 90% of the questions of 20
-steps in a row, for at most the first `search_teacher` share of the run, so that the readout learns while the
-search does. Without teacher forcing the answer loss sat at ln 10 even once the search was right; with it ending
-at a fixed 40% of the run, a run whose search had not yet learnt fell back to ln 10 when it ended.
+did (search hit ~0.28 among 7 memories after 900 s): a segment's memory did not encode which id it holds (a linear
+probe read it at chance, 0.06, while the question's summary gave it at 1.0), and nothing rewards encoding it until
+the search uses it. Stage 1 is where that sets in: after it, the first layer's attention from the memory token gives
+each of the value's digits 0.18 and the fact's id 0.0004, and 400 s of search supervision left the id at 0.0009:
+through a softmax that saturated on the digits, no gradient reaches the id. Where the asked fact's segment is known,
+the search can be taught (off by default: on a tiny CPU model it worked with one draw of the data, search hit 0.98
+and 0.76 of digits at 900 s, and left the search near 0.3 with five others, as with two seeds of a 4-layer × 256
+model on an H200): `search_loss` adds −log of the weight the question's search gives that memory (at `hmt_lr`; 10×
+the base rate was needed), and the question reads that memory itself (teacher forcing) until the search finds it for
+90% of the questions of 20 steps in a row, for at most the first `search_teacher` share of the run, so that the
+readout learns while the search does. Without teacher forcing the answer loss sat at ln 10 even once the search was
+right; with it ending at a fixed 40% of the run, a run whose search had not yet learnt fell back to ln 10 when it
+ended.
 
 Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
 safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
