@@ -454,7 +454,7 @@ def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
         return forward(*args, **kwargs)
 
     model.forward = spy
-    monkeypatch.setattr(train_module, "_search_hit_rate", lambda m: 1.0)  # a search that is always right
+    monkeypatch.setattr(train_module, "_search_hit_rate", lambda *args: 1.0)  # a search that is always right
     events = []
     config = TrainConfig(steps=24, batch_size=2, segments=(3, 3), search_loss=0.3, search_teacher=1.0, log_every=4)
     result = train(model, RecallBatches(task), config, progress=events.append)

@@ -354,7 +354,7 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         if supervised_search:
             teacher = share < config.search_teacher and not taught
             logits = model(ids, search_target=fact_segment.to(device), teacher_search=teacher)
-            recent_hits.append(_search_hit_rate(model))
+            recent_hits.append(_search_hit_rate(model, fact_segment, segments))
             hits.append(recent_hits[-1])
             taught = taught or (len(recent_hits) == recent_hits.maxlen and
                                 sum(recent_hits) / len(recent_hits) >= SEARCH_TAUGHT)
@@ -412,11 +412,10 @@ SEARCH_TAUGHT = 0.9  # teacher forcing ends once the search finds the asked memo
 SEARCH_TAUGHT_STEPS = 20  # … over this many steps in a row
 
 
-def _search_hit_rate(model: nn.Module) -> float:
-    """Share of the last batch's questions whose search weighed the target memory highest (evicted: a miss)."""
-    chosen = model.target_log_weight.detach().exp()  # (b,), NaN where evicted
-    best = model.last_weights[:, 0].max(dim=-1).values  # (b,)
-    return float((chosen >= best * (1 - 1e-6)).float().mean())  # NaN compares False
+def _search_hit_rate(model: nn.Module, fact_segment: Tensor, segments: int) -> float:
+    """Share of the last batch's questions (`segments` segments each) whose search weighed the memory of the asked
+    fact's segment highest (evicted: a miss), as the evaluation counts it."""
+    return float(_search_hits(model, fact_segment, segments - 1).float().mean())
 
 
 def _flush_hits(hits: list[float], out: list[tuple[int, float]], step: int) -> float | None:
