@@ -49,6 +49,9 @@ def train(
         "--segments", help="Segments per sequence: N, or A-B to draw each batch's length from A..B.")] = "4",
     curriculum: Annotated[float, typer.Option(
         "--curriculum", help="Share of the run over which the longest length rises from A to B.", min=0, max=1)] = 0.0,
+    keys_curriculum: Annotated[float, typer.Option(
+        "--keys-curriculum", help="recall: share of the run (of stage 2 for hmt) trained on 1, 2, 4, … facts before "
+                                  "--keys.", min=0, max=1)] = 0.0,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (for hmt: both stages together).", min=1)]
     = 1000,
     stage1_steps: Annotated[Optional[int], typer.Option(
@@ -145,6 +148,8 @@ def _train(opts: dict[str, Any]) -> None:
                           "--search-teacher are for --reader hmt")
     if objective != "recall" and (opts["search_loss"] or opts["search_teacher"]):
         raise ConfigError("--search-loss and --search-teacher need --objective recall (where the asked fact is known)")
+    if objective != "recall" and opts["keys_curriculum"]:
+        raise ConfigError("--keys-curriculum needs --objective recall (it varies the facts per sequence)")
     if opts["update"] not in ("linear", "delta"):
         raise ConfigError(f"--update must be linear or delta, got {opts['update']!r}")
     lo, hi = parse_segments(opts["segments"])
@@ -180,7 +185,8 @@ def _train(opts: dict[str, Any]) -> None:
                          search_loss=search_loss, search_teacher=search_teacher,
                          hmt_lr=10 * lr if search_loss else None,  # the search learns ids only at this rate
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
-                         train_all=train_all, length_curriculum=opts["curriculum"], max_seconds=opts["max_seconds"],
+                         train_all=train_all, length_curriculum=opts["curriculum"],
+                         keys_curriculum=opts["keys_curriculum"], max_seconds=opts["max_seconds"],
                          log_every=max(1, min(10, (stage1 + stage2) // 100 or 1)),
                          checkpoint_every=opts["checkpoint_every"], seed=opts["seed"], device=device)
     meta = {"objective": objective, "task": asdict(task) if task else None, "data": str(opts["data"] or "")}

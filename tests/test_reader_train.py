@@ -176,6 +176,30 @@ def test_mixed_lengths_are_drawn_from_the_range():
     assert set(seen) <= {2, 3, 4, 5} and len(set(seen)) > 1
 
 
+def test_the_keys_curriculum_draws_one_then_two_then_all_facts():
+    drawn = []
+
+    class Counting(RecallBatches):
+        def __call__(self, batch_size, segments, generator, keys=None):
+            ids, labels = super().__call__(batch_size, segments, generator, keys)
+            drawn.append(int((ids == KEY).sum(dim=1)[0]))  # facts in the first row
+            return ids, labels
+
+    events = []
+    config = TrainConfig(steps=30, batch_size=2, segments=(6, 6), keys_curriculum=2 / 3, log_every=1)
+    train(tiny(), Counting(RecallTask(segment_length=SEG, keys=4, digits=3)), config, progress=events.append)
+    want = [1] * 10 + [2] * 10 + [4] * 10  # thirds of the run: the curriculum's two levels, then K
+    assert drawn == want and [e.keys for e in events] == want
+
+
+def test_the_keys_curriculum_needs_recall_batches():
+    def batches(batch_size, segments, generator):
+        return RecallBatches(RecallTask(segment_length=SEG, digits=3))(batch_size, segments, generator)
+
+    with pytest.raises(ConfigError, match="recall"):
+        train(tiny(), batches, TrainConfig(steps=1, keys_curriculum=0.5))
+
+
 def test_language_modelling_over_a_folder(tmp_path):
     from models import TRAINING_TEXT, build_tokenizer
 
@@ -288,6 +312,9 @@ def test_cli_reader_train_tiny_writes_a_checkpoint(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "infini_config.json", "config.json",
                                                "model.safetensors", "train.json"}
     assert load_checkpoint(out).config.segment_length == 16
+    result = CliRunner().invoke(app, args + ["--keys", "4", "--segments", "6", "--keys-curriculum", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "train.json").read_text())["train"]["keys_curriculum"] == 0.5
 
 
 def test_cli_reader_train_errors_are_one_message(tmp_path):
@@ -300,7 +327,9 @@ def test_cli_reader_train_errors_are_one_message(tmp_path):
     app.add_typer(reader_app, name="reader")
     for args, message in [(["--steps", "1"], "choose the backbone"),
                           (["--tiny", "--segments", "5-2"], "--segments"),
-                          (["--tiny", "--objective", "lm"], "tokenizer")]:
+                          (["--tiny", "--objective", "lm"], "tokenizer"),
+                          (["--model", "x", "--objective", "lm", "--data", str(tmp_path), "--keys-curriculum", "0.5"],
+                           "--keys-curriculum")]:
         result = CliRunner().invoke(app, ["reader", "train", *args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
