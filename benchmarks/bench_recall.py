@@ -4,6 +4,7 @@ training budget (readers.md §7-§8; the task of `ragkit.readers.tasks`).
     python benchmarks/bench_recall.py                   # CPU, one thread: 6 runs of ~5 min training + evaluation
     python benchmarks/bench_recall.py --preset gpu      # 4 layers × d_model 256, batch 128, inputs to 64× (CUDA)
     python benchmarks/bench_recall.py --readers hmt --keys 4
+    python benchmarks/bench_recall.py --readers full,infini --keys 4 --keys-curriculum 0.67
     python benchmarks/bench_recall.py --preset gpu --keys 1 --segments-max 64 --save ck     # mixed lengths 8-64
     python benchmarks/bench_recall.py --checkpoint ck/hmt-k1 --modes on --caches trained --multiples 4096  # 1M tokens
     python benchmarks/bench_recall.py --combine a.json b.json       # one entry for runs made at once with --out
@@ -23,6 +24,11 @@ the answer can only come through memory, looked up by its id.
   memories: at the trained length every segment's memory fits; from 4× on, the cache is smaller than the number of
   segments (compression is forced) and it is also evaluated with a cache wide enough for every segment (lookup, no
   compression) to separate eviction from failure to read.
+- full (`--readers full`, the baseline): the same Llama with positions for the whole sequence and no memory,
+  attending to every token at once; evaluated at its trained length only (memory on = the whole sequence, and
+  another sequence's prefix). It tells what the backbone can learn of the task within the budget at all.
+`--keys-curriculum S` trains every reader on 1, 2, 4, … facts for the first share S of its run (of stage 2 for
+HMT) before K; `--update delta` gives Infini-attention the delta rule.
 Evaluation at 1×, 4×, 16× (64× on the GPU preset) the trained length, 128 sequences each, memory on / off (gates
 shut, or HMT's memory disabled) / taken from another sequence; digit and whole-value accuracy; chance 0.10 and
 1e-5. HMT's search hit: the share of questions whose search weighs the queried fact's segment highest.
@@ -39,6 +45,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
 from benchmarks.common import (apply_preset, commit, machine, preset_parser, recall_cell_text,  # noqa: E402
                                record)
 
@@ -47,13 +56,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
-                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
+                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2, keys_curriculum=0.0, min_lr_ratio=0.1,
+                update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
     "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
-                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2,
+                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2, keys_curriculum=0.0, min_lr_ratio=0.1,
+                update="linear",
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
 }
 
@@ -85,9 +96,13 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
                                       stage1_recall_batches, train, train_two_stage)
 
     hmt = reader == "hmt"
-    model, _ = build_reader(reader, tiny=True, segment_length=args.segment_length, d_model=args.d_model,
-                            layers=args.layers, heads=args.heads, seed=args.seed,
-                            **({"sensory_tokens": args.sensory, "cache_size": args.cache} if hmt else {}))
+    lengths = (args.segments, max(args.segments, args.segments_max))  # mixed lengths when segments_max is larger
+    if reader == "full":
+        model = full_attention(args, lengths[1])
+    else:
+        model, _ = build_reader(reader, tiny=True, segment_length=args.segment_length, d_model=args.d_model,
+                                layers=args.layers, heads=args.heads, seed=args.seed, update=args.update,
+                                **({"sensory_tokens": args.sensory, "cache_size": args.cache} if hmt else {}))
     protect = RecallTask.protect_with_sensory(args.segment_length, args.sensory)
     task = RecallTask(segment_length=args.segment_length, keys=keys, protect=protect, cue=True)
     gates: list[Any] = []
@@ -99,7 +114,6 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
         print(f"{reader} K={keys} step {e.step:>6}  loss {e.loss:.4f}{hit}  {e.seconds:.0f}s", file=sys.stderr,
               flush=True)
 
-    lengths = (args.segments, max(args.segments, args.segments_max))  # mixed lengths when segments_max is larger
     if hmt:
         # stage 1 runs its steps within 40% of the budget at most; stage 2 runs until the budget is spent
         supervise = keys > 1 and (args.search_loss > 0 or args.search_teacher > 0)  # K = 1: nothing to choose
@@ -107,22 +121,62 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
                              max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
                              search_loss=args.search_loss if supervise else 0.0,
                              search_teacher=args.search_teacher if supervise else 0.0,
-                             hmt_lr=args.hmt_lr if supervise else None)
+                             hmt_lr=args.hmt_lr if supervise else None, keys_curriculum=args.keys_curriculum,
+                             min_lr_ratio=args.min_lr_ratio)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
                                  stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget)
     else:
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
-                             max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device)
+                             max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
+                             keys_curriculum=args.keys_curriculum, min_lr_ratio=args.min_lr_ratio)
         result = train(model, RecallBatches(task), config, progress=log)
     if args.save:
         save_checkpoint(model, args.save / f"{reader}-k{keys}", full=True,
                         meta={"objective": "recall", "task": asdict(task), "segments": list(lengths)})
     return {"reader": reader, "keys": keys, "parameters": sum(p.numel() for p in model.parameters()),
-            "train_segments": list(lengths),
+            "train_segments": list(lengths), "keys_curriculum": args.keys_curriculum,
+            "min_lr_ratio": args.min_lr_ratio,
+            "update": args.update if reader == "infini" else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
                       "search_hits": result.search_hits},
             **evaluate_one(model, task, reader, args, deadline)}
+
+
+class FullAttention(nn.Module):
+    """The baseline without a memory: the backbone attends to the whole sequence at once, so its state (the
+    prefix, or its KV cache) grows with what was read. `read` and `forward(reset=False)` follow the readers'
+    protocol, so `evaluate_recall` scores it as it scores them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.prefix: Tensor | None = None  # (b, n) every id read so far
+
+    def reset(self) -> None:
+        self.prefix = None
+
+    def read(self, input_ids: Tensor) -> None:
+        self.prefix = input_ids if self.prefix is None else torch.cat([self.prefix, input_ids], dim=1)
+
+    def forward(self, input_ids: Tensor, reset: bool = True) -> Tensor:
+        """Logits (b, n, V) of input_ids (b, n), attending to everything read before them unless `reset`."""
+        if reset:
+            self.reset()
+        self.read(input_ids)
+        return self.model(input_ids=self.prefix, use_cache=False).logits[:, -input_ids.shape[1]:]
+
+
+def full_attention(args: argparse.Namespace, segments: int) -> FullAttention:
+    """A Llama of the readers' size whose positions cover `segments` segments: full attention, no memory."""
+    from transformers import LlamaForCausalLM
+
+    from ragkit.readers.tasks import tiny_llama_config
+
+    torch.manual_seed(args.seed)
+    config = tiny_llama_config(d_model=args.d_model, layers=args.layers, heads=args.heads,
+                               segment_length=segments * args.segment_length)
+    return FullAttention(LlamaForCausalLM(config))
 
 
 def load_one(folder: Path, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
@@ -146,12 +200,18 @@ def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
 
     hmt = reader == "hmt"
     trained_cache = model.config.cache_size if hmt else None
+    modes = args.modes.split(",")
+    if reader == "full":  # nothing to shut, and no positions beyond the trained length
+        modes = [m for m in modes if m != "shut"]
     started = time.perf_counter()
     cells: list[dict[str, Any]] = []
     left_out: list[int] = []
     last: tuple[int, float] | None = None  # (segments, seconds) of the last length evaluated
     for multiple in (int(x) for x in args.multiples.split(",")):
         segments = args.segments * multiple
+        if reader == "full" and segments > max(args.segments, args.segments_max):
+            left_out.append(multiple)
+            continue
         if deadline is not None and last is not None:
             if time.perf_counter() + last[1] * segments / last[0] > deadline:
                 left_out.append(multiple)
@@ -166,7 +226,7 @@ def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
             if hmt:
                 model.config.cache_size = cache
             for c in evaluate_recall(model, task, [segments], sequences=args.sequences, batch_size=args.eval_batch,
-                                     modes=args.modes.split(","), device=args.device):
+                                     modes=modes, device=args.device):
                 cells.append({**c.to_json(), "cache": cache, "multiple": multiple})
         if hmt:
             model.config.cache_size = trained_cache
@@ -191,11 +251,23 @@ def tables(raw: dict[str, Any]) -> str:
             on = modes.get("on")
             hit = f"{on['search_hit']:.3f}" if on and on.get("search_hit") is not None else ""
             n = "" if cache is None else (f"{cache}" + (" (all)" if cache >= segments - 1 else " (compressed)"))
-            lines.append(f"| {run['reader']} | {run['keys']} | {trained} | {segments} ({segments * seg:,}) | "
+            lines.append(f"| {run_label(run)} | {run['keys']} | {trained} | {segments} ({segments * seg:,}) | "
                          f"{multiple}× | {n} | "
                          f"{recall_cell_text(on)} | {recall_cell_text(modes.get('shut'))} | "
                          f"{recall_cell_text(modes.get('other'))} | {hit} |")
     return "\n".join(lines)
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """The reader, with the recipe options that differ from the defaults (key curriculum, Infini's delta rule)."""
+    label = run["reader"]
+    if run.get("update") == "delta":
+        label += ", delta rule"
+    if run.get("keys_curriculum"):
+        label += f", key curriculum {run['keys_curriculum']:g}"
+    if run.get("min_lr_ratio", 0.1) != 0.1:
+        label += f", lr floor {run['min_lr_ratio']:g}"
+    return label
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -229,13 +301,16 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     """The RESULTS.md heading: backbone, training lengths, budget, device."""
     lengths = {tuple(r["train_segments"]) for r in runs if r.get("train_segments")}
     trained = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in sorted(lengths)) or "?"
-    return (f"Associative recall, Infini-attention and HMT, {args.layers} layers × d_model {args.d_model}, "
+    names = {"infini": "Infini-attention", "hmt": "HMT", "full": "full attention"}
+    readers = list(dict.fromkeys(names.get(r["reader"], r["reader"]) for r in runs))
+    which = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
+    return (f"Associative recall, {which}, {args.layers} layers × d_model {args.d_model}, "
             f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
 
 
 def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) -> str:
     """What each run was (parameters, steps, loss, lengths left out) and the recipe, under the table."""
-    text = "; ".join(f"{r['reader']} K={r['keys']}: {r['parameters']:,} parameters" + (
+    text = "; ".join(f"{run_label(r)} K={r['keys']}: {r['parameters']:,} parameters" + (
         f", {r['train']['steps']:,} steps in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}"
         if "train" in r else f", saved reader {r['checkpoint']}") + (
         f" (left out: {', '.join(f'{m}×' for m in r['left_out_multiples'])}, past the deadline)"
