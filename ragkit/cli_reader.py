@@ -78,6 +78,8 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
+    min_lr_ratio: Annotated[float, typer.Option(
+        "--min-lr-ratio", help="Where the cosine decay ends, as a share of --lr (1: no decay).", min=0, max=1)] = 0.1,
     gate_lr: Annotated[Optional[float], typer.Option(
         "--gate-lr", help="Learning rate of the gates [default: 10 × --lr; 1e-2 when only gates train].")] = None,
     gate_warmup: Annotated[Optional[float], typer.Option(
@@ -186,7 +188,8 @@ def _train(opts: dict[str, Any]) -> None:
                          hmt_lr=10 * lr if search_loss else None,  # the search learns ids only at this rate
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
                          train_all=train_all, length_curriculum=opts["curriculum"],
-                         keys_curriculum=opts["keys_curriculum"], max_seconds=opts["max_seconds"],
+                         keys_curriculum=opts["keys_curriculum"], min_lr_ratio=opts["min_lr_ratio"],
+                         max_seconds=opts["max_seconds"],
                          log_every=max(1, min(10, (stage1 + stage2) // 100 or 1)),
                          checkpoint_every=opts["checkpoint_every"], seed=opts["seed"], device=device)
     meta = {"objective": objective, "task": asdict(task) if task else None, "data": str(opts["data"] or "")}

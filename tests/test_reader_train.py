@@ -312,9 +312,11 @@ def test_cli_reader_train_tiny_writes_a_checkpoint(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "infini_config.json", "config.json",
                                                "model.safetensors", "train.json"}
     assert load_checkpoint(out).config.segment_length == 16
-    result = CliRunner().invoke(app, args + ["--keys", "4", "--segments", "6", "--keys-curriculum", "0.5"])
+    result = CliRunner().invoke(app, args + ["--keys", "4", "--segments", "6", "--keys-curriculum", "0.5",
+                                             "--min-lr-ratio", "1"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "train.json").read_text())["train"]["keys_curriculum"] == 0.5
+    recorded = json.loads((out / "train.json").read_text())["train"]
+    assert (recorded["keys_curriculum"], recorded["min_lr_ratio"]) == (0.5, 1.0)
 
 
 def test_cli_reader_train_errors_are_one_message(tmp_path):
