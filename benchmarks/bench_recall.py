@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the raw run to OUT (JSON), no RESULTS.md entry: for runs "
                         "in parallel, put together with --combine")
     parser.add_argument("--combine", type=Path, nargs="+", help="record the runs of these --out files as one entry")
+    parser.add_argument("--at-once", type=int, default=None,
+                        help="with --combine: how many of the commands ran at a time (default: all of them)")
     return apply_preset(parser.parse_args(argv), PRESETS)
 
 
@@ -273,7 +275,7 @@ def run_label(run: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.combine:
-        return combine(args.combine, args.name)
+        return combine(args.combine, args.name, args.at_once)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -322,8 +324,9 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
                    f"Whole command {seconds:.0f} s.")
 
 
-def combine(files: list[Path], name: str) -> dict[str, Any]:
-    """One RESULTS.md entry for runs made in parallel (--out), with the machine and commit they ran on."""
+def combine(files: list[Path], name: str, at_once: int | None = None) -> dict[str, Any]:
+    """One RESULTS.md entry for runs made in parallel (--out), `at_once` at a time (None: all), with the machine and
+    commit they ran on."""
     parts = [json.loads(f.read_text()) for f in files]
     first = parts[0]
     args = argparse.Namespace(**first["config"])
@@ -332,7 +335,8 @@ def combine(files: list[Path], name: str) -> dict[str, Any]:
     raw = {"config": first["config"], "runs": runs, "seconds": seconds,
            "commands": [part["command"] for part in parts]}
     commands = "; ".join(f"`{part['command']}`" for part in parts)
-    text = notes(args, runs, seconds) + f" The {len(parts)} commands ran at once on one machine: {commands}."
+    together = "at once" if at_once is None or at_once >= len(parts) else f"{at_once} at a time, in the order listed,"
+    text = notes(args, runs, seconds) + f" The {len(parts)} commands ran {together} on one machine: {commands}."
     record(name, title(args, runs), raw, tables(raw), text,
            command=f"{len(parts)} commands at once, listed below", header={"machine": first["machine"],
                                                                                "commit": first["commit"]})
