@@ -312,14 +312,19 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
 
 def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) -> str:
     """What each run was (parameters, steps, loss, lengths left out) and the recipe, under the table."""
+    def left_out(run: dict[str, Any]) -> str:
+        if not run.get("left_out_multiples"):
+            return ""
+        why = "no positions beyond its trained length" if run["reader"] == "full" else "past the deadline"
+        return f" (left out: {', '.join(f'{m}×' for m in run['left_out_multiples'])}, {why})"
+
     text = "; ".join(f"{run_label(r)} K={r['keys']}: {r['parameters']:,} parameters" + (
         f", {r['train']['steps']:,} steps in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}"
-        if "train" in r else f", saved reader {r['checkpoint']}") + (
-        f" (left out: {', '.join(f'{m}×' for m in r['left_out_multiples'])}, past the deadline)"
-        if r.get("left_out_multiples") else "") for r in runs)
-    return text + (f". Batch {args.batch_size}, lr {args.lr:g}; HMT k = {args.sensory}, stage 1 {args.stage1_steps} "
-                   f"steps; for K > 1 search loss {args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-"
-                   f"forced search until its hit rate reaches 0.9, for at most {args.search_teacher:g} of stage 2. "
+        if "train" in r else f", saved reader {r['checkpoint']}") + left_out(r) for r in runs)
+    hmt = (f"; HMT k = {args.sensory}, stage 1 {args.stage1_steps} steps; for K > 1 search loss "
+           f"{args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-forced search until its hit rate reaches "
+           f"0.9, for at most {args.search_teacher:g} of stage 2" if any(r["reader"] == "hmt" for r in runs) else "")
+    return text + (f". Batch {args.batch_size}, lr {args.lr:g}{hmt}. "
                    f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
                    f"Whole command {seconds:.0f} s.")
 
@@ -338,8 +343,8 @@ def combine(files: list[Path], name: str, at_once: int | None = None) -> dict[st
     together = "at once" if at_once is None or at_once >= len(parts) else f"{at_once} at a time, in the order listed,"
     text = notes(args, runs, seconds) + f" The {len(parts)} commands ran {together} on one machine: {commands}."
     record(name, title(args, runs), raw, tables(raw), text,
-           command=f"{len(parts)} commands at once, listed below", header={"machine": first["machine"],
-                                                                               "commit": first["commit"]})
+           command=f"{len(parts)} commands, listed below", header={"machine": first["machine"],
+                                                                        "commit": first["commit"]})
     return raw
 
 

@@ -192,8 +192,9 @@ def curriculum_keys(share: float, keys: int, curriculum: float) -> int:
     `keys`), each for an equal part of the first `curriculum` share of the run, then `keys`.
 
     A model that must pick one fact among many by its name learns first to read a fact back at all (K = 1), then
-    to tell two apart by name, and so on: a 2-layer × d_model 64 Llama with full attention, trained 300 s on K = 4,
-    reached 0.48 of digits; with thirds of K = 1, 2, 4 it reached 0.83.
+    to tell two apart by name, and so on: a 2-layer × d_model 64 Llama with full attention, trained 300 s on K = 4
+    with its learning rate held, reached 0.59 of digits; with thirds of K = 1, 2, 4 it reached 0.83
+    (benchmarks/RESULTS.md, "Associative recall, full attention").
 
     >>> [curriculum_keys(s, 4, 2 / 3) for s in (0.0, 0.3, 0.5, 0.7, 1.0)]
     [1, 1, 2, 4, 4]
