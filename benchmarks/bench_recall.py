@@ -139,6 +139,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             "train_segments": list(lengths), "keys_curriculum": args.keys_curriculum,
             "min_lr_ratio": args.min_lr_ratio,
             "update": args.update if reader == "infini" else None,
+            "search_supervision": [args.search_loss, args.search_teacher] if reader == "hmt" and keys > 1 else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
                       "search_hits": result.search_hits},
@@ -261,12 +262,15 @@ def tables(raw: dict[str, Any]) -> str:
 
 
 def run_label(run: dict[str, Any]) -> str:
-    """The reader, with the recipe options that differ from the defaults (key curriculum, Infini's delta rule)."""
+    """The reader, with the recipe options that differ from the defaults (Infini's delta rule, key curriculum, HMT's
+    search supervision, the learning-rate floor)."""
     label = run["reader"]
     if run.get("update") == "delta":
         label += ", delta rule"
     if run.get("keys_curriculum"):
         label += f", key curriculum {run['keys_curriculum']:g}"
+    if any(run.get("search_supervision") or []):
+        label += ", search loss {:g}, teacher {:g}".format(*run["search_supervision"])
     if run.get("min_lr_ratio", 0.1) != 0.1:
         label += f", lr floor {run['min_lr_ratio']:g}"
     return label
@@ -306,7 +310,8 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     names = {"infini": "Infini-attention", "hmt": "HMT", "full": "full attention"}
     readers = list(dict.fromkeys(names.get(r["reader"], r["reader"]) for r in runs))
     which = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
-    return (f"Associative recall, {which}, {args.layers} layers × d_model {args.d_model}, "
+    supervised = " with search supervision" if "HMT" in readers and (args.search_loss or args.search_teacher) else ""
+    return (f"Associative recall{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
             f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
 
 
@@ -341,9 +346,11 @@ def combine(files: list[Path], name: str, at_once: int | None = None) -> dict[st
            "commands": [part["command"] for part in parts]}
     commands = "; ".join(f"`{part['command']}`" for part in parts)
     together = "at once" if at_once is None or at_once >= len(parts) else f"{at_once} at a time, in the order listed,"
-    text = notes(args, runs, seconds) + f" The {len(parts)} commands ran {together} on one machine: {commands}."
+    ran = f"The command: {commands}." if len(parts) == 1 else \
+        f"The {len(parts)} commands ran {together} on one machine: {commands}."
+    text = notes(args, runs, seconds) + " " + ran
     record(name, title(args, runs), raw, tables(raw), text,
-           command=f"{len(parts)} commands, listed below", header={"machine": first["machine"],
+           command=f"{len(parts)} command{'s' * (len(parts) > 1)}, listed below", header={"machine": first["machine"],
                                                                         "commit": first["commit"]})
     return raw
 
