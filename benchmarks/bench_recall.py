@@ -310,7 +310,8 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     names = {"infini": "Infini-attention", "hmt": "HMT", "full": "full attention"}
     readers = list(dict.fromkeys(names.get(r["reader"], r["reader"]) for r in runs))
     which = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
-    supervised = " with search supervision" if "HMT" in readers and (args.search_loss or args.search_teacher) else ""
+    hmt = any(r["reader"] == "hmt" for r in runs)
+    supervised = " with search supervision" if hmt and (args.search_loss or args.search_teacher) else ""
     return (f"Associative recall{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
             f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
 
@@ -345,13 +346,15 @@ def combine(files: list[Path], name: str, at_once: int | None = None) -> dict[st
     raw = {"config": first["config"], "runs": runs, "seconds": seconds,
            "commands": [part["command"] for part in parts]}
     commands = "; ".join(f"`{part['command']}`" for part in parts)
-    together = "at once" if at_once is None or at_once >= len(parts) else f"{at_once} at a time, in the order listed,"
-    ran = f"The command: {commands}." if len(parts) == 1 else \
-        f"The {len(parts)} commands ran {together} on one machine: {commands}."
-    text = notes(args, runs, seconds) + " " + ran
-    record(name, title(args, runs), raw, tables(raw), text,
-           command=f"{len(parts)} command{'s' * (len(parts) > 1)}, listed below", header={"machine": first["machine"],
-                                                                        "commit": first["commit"]})
+    if len(parts) == 1:
+        ran, command = f"The command: {commands}.", "1 command, listed below"
+    else:
+        together = "at once" if at_once is None or at_once >= len(parts) else \
+            f"{at_once} at a time, in the order listed,"
+        ran = f"The {len(parts)} commands ran {together} on one machine: {commands}."
+        command = f"{len(parts)} commands, listed below"
+    record(name, title(args, runs), raw, tables(raw), f"{notes(args, runs, seconds)} {ran}", command=command,
+           header={"machine": first["machine"], "commit": first["commit"]})
     return raw
 
 
