@@ -20,7 +20,9 @@ the answer can only come through memory, looked up by its id.
   window open (`stage1_recall_batches`), then stage 2 with the search on the K-key task for the rest of the budget.
   For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a loss on the weight
   it gives the asked fact's memory, at `hmt_lr`; `--search-teacher 0.7`: the question reads that memory itself until
-  the search finds it for 90% of questions, for at most that share of stage 2). Its cache holds N = `cache`
+  the search finds it for 90% of questions, for at most that share of stage 2; `--memory-id-loss 1`: a loss, in
+  both stages, making each segment's memory name the ids of its facts through a linear probe, so that the memory
+  holds what the search must match). Its cache holds N = `cache`
   memories: at the trained length every segment's memory fits; from 4× on, the cache is smaller than the number of
   segments (compression is forced) and it is also evaluated with a cache wide enough for every segment (lookup, no
   compression) to separate eviction from failure to read.
@@ -56,14 +58,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
-                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2, keys_curriculum=0.0, min_lr_ratio=0.1,
+                search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, hmt_lr=1e-2, keys_curriculum=0.0,
+                min_lr_ratio=0.1,
                 update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
     "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
-                search_loss=0.0, search_teacher=0.0, hmt_lr=1e-2, keys_curriculum=0.0, min_lr_ratio=0.1,
+                search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, hmt_lr=1e-2, keys_curriculum=0.0,
+                min_lr_ratio=0.1,
                 update="linear",
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
 }
@@ -113,6 +117,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
         if e.gates is not None:
             gates.append((e.step, [[round(g, 3) for g in layer] for layer in e.gates]))
         hit = "" if e.search_hit is None else f"  search hit {e.search_hit:.3f}"
+        hit += "" if e.memory_id_hit is None else f"  memory id hit {e.memory_id_hit:.3f}"
         print(f"{reader} K={keys} step {e.step:>6}  loss {e.loss:.4f}{hit}  {e.seconds:.0f}s", file=sys.stderr,
               flush=True)
 
@@ -123,7 +128,9 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
                              max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
                              search_loss=args.search_loss if supervise else 0.0,
                              search_teacher=args.search_teacher if supervise else 0.0,
-                             hmt_lr=args.hmt_lr if supervise else None, keys_curriculum=args.keys_curriculum,
+                             memory_id_loss=args.memory_id_loss,
+                             hmt_lr=args.hmt_lr if supervise or args.memory_id_loss else None,
+                             keys_curriculum=args.keys_curriculum,
                              min_lr_ratio=args.min_lr_ratio)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
                                  stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget)
@@ -140,9 +147,10 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             "min_lr_ratio": args.min_lr_ratio,
             "update": args.update if reader == "infini" else None,
             "search_supervision": [args.search_loss, args.search_teacher] if reader == "hmt" and keys > 1 else None,
+            "memory_id_loss": args.memory_id_loss if hmt else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
-                      "search_hits": result.search_hits},
+                      "search_hits": result.search_hits, "memory_id_hits": result.memory_id_hits},
             **evaluate_one(model, task, reader, args, deadline)}
 
 
@@ -263,7 +271,7 @@ def tables(raw: dict[str, Any]) -> str:
 
 def run_label(run: dict[str, Any]) -> str:
     """The reader, with the recipe options that differ from the defaults (Infini's delta rule, key curriculum, HMT's
-    search supervision, the learning-rate floor)."""
+    search supervision and memory id loss, the learning-rate floor)."""
     label = run["reader"]
     if run.get("update") == "delta":
         label += ", delta rule"
@@ -271,6 +279,8 @@ def run_label(run: dict[str, Any]) -> str:
         label += f", key curriculum {run['keys_curriculum']:g}"
     if any(run.get("search_supervision") or []):
         label += ", search loss {:g}, teacher {:g}".format(*run["search_supervision"])
+    if run.get("memory_id_loss"):
+        label += f", memory id loss {run['memory_id_loss']:g}"
     if run.get("min_lr_ratio", 0.1) != 0.1:
         label += f", lr floor {run['min_lr_ratio']:g}"
     return label
@@ -311,7 +321,8 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     readers = list(dict.fromkeys(names.get(r["reader"], r["reader"]) for r in runs))
     which = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
     hmt = any(r["reader"] == "hmt" for r in runs)
-    supervised = " with search supervision" if hmt and (args.search_loss or args.search_teacher) else ""
+    supervised = " with search supervision" if hmt and (args.search_loss or args.search_teacher or
+                                                         getattr(args, "memory_id_loss", 0)) else ""
     return (f"Associative recall{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
             f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
 
@@ -329,7 +340,8 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
         if "train" in r else f", saved reader {r['checkpoint']}") + left_out(r) for r in runs)
     hmt = (f"; HMT k = {args.sensory}, stage 1 {args.stage1_steps} steps; for K > 1 search loss "
            f"{args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-forced search until its hit rate reaches "
-           f"0.9, for at most {args.search_teacher:g} of stage 2" if any(r["reader"] == "hmt" for r in runs) else "")
+           f"0.9, for at most {args.search_teacher:g} of stage 2; memory id loss "
+           f"{getattr(args, 'memory_id_loss', 0):g} (both stages)" if any(r["reader"] == "hmt" for r in runs) else "")
     return text + (f". Batch {args.batch_size}, lr {args.lr:g}{hmt}. "
                    f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
                    f"Whole command {seconds:.0f} s.")

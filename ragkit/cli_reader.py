@@ -75,6 +75,10 @@ def train(
         "--search-teacher", help="hmt, recall: longest share of stage 2 in which the question reads the asked "
                                  "fact's memory itself; it ends once the search finds it for 90% of questions "
                                  "[default: 0].", min=0, max=1)] = None,
+    memory_id_loss: Annotated[Optional[float], typer.Option(
+        "--memory-id-loss", help="hmt, recall: weight of a loss making each segment's memory name the ids of its "
+                                 "facts (a linear probe, trained alongside and not saved) [default: 0].", min=0)]
+    = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
@@ -145,11 +149,12 @@ def _train(opts: dict[str, Any]) -> None:
     if opts["reader"] not in ("infini", "hmt"):
         raise ConfigError(f"--reader must be infini or hmt, got {opts['reader']!r}")
     if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size",
-                                                     "search_loss", "search_teacher")):
-        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --search-loss and "
-                          "--search-teacher are for --reader hmt")
-    if objective != "recall" and (opts["search_loss"] or opts["search_teacher"]):
-        raise ConfigError("--search-loss and --search-teacher need --objective recall (where the asked fact is known)")
+                                                     "search_loss", "search_teacher", "memory_id_loss")):
+        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --search-loss, "
+                          "--search-teacher and --memory-id-loss are for --reader hmt")
+    if objective != "recall" and (opts["search_loss"] or opts["search_teacher"] or opts["memory_id_loss"]):
+        raise ConfigError("--search-loss, --search-teacher and --memory-id-loss need --objective recall (where the "
+                          "facts are known)")
     if objective != "recall" and opts["keys_curriculum"]:
         raise ConfigError("--keys-curriculum needs --objective recall (it varies the facts per sequence)")
     if opts["update"] not in ("linear", "delta"):
@@ -183,9 +188,10 @@ def _train(opts: dict[str, Any]) -> None:
     task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect, cue=opts["keys"] > 1)
             if objective == "recall" else None)
     search_loss, search_teacher = opts["search_loss"] or 0.0, opts["search_teacher"] or 0.0
+    memory_id_loss = opts["memory_id_loss"] or 0.0
     config = TrainConfig(steps=stage2, batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
-                         search_loss=search_loss, search_teacher=search_teacher,
-                         hmt_lr=10 * lr if search_loss else None,  # the search learns ids only at this rate
+                         search_loss=search_loss, search_teacher=search_teacher, memory_id_loss=memory_id_loss,
+                         hmt_lr=10 * lr if search_loss or memory_id_loss else None,  # ids are learnt at this rate
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
                          train_all=train_all, length_curriculum=opts["curriculum"],
                          keys_curriculum=opts["keys_curriculum"], min_lr_ratio=opts["min_lr_ratio"],
@@ -272,6 +278,8 @@ class _Bar:
             info += " (held)" if event.gates_frozen else ""
         if event.search_hit is not None:
             info += f"  search hit {event.search_hit:.2f}"
+        if event.memory_id_hit is not None:
+            info += f"  memory id hit {event.memory_id_hit:.2f}"
         self.progress.update(self.train_task, completed=event.step, info=info)
 
     def on_tokenize(self, event: ProgressEvent) -> None:

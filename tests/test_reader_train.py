@@ -9,10 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 from ragkit.errors import ConfigError
 from ragkit.readers.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
-                                  make_recall_batch)
+                                  make_recall_batch, segment_fact_ids)
 from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, _seeded, build_reader,
                                   evaluate_recall, load_checkpoint, save_checkpoint, train)
 
@@ -79,6 +80,16 @@ def test_many_keys_have_distinct_ids_and_the_question_names_one():
         names = [int(row[s + 1]) for s in starts]
         assert len(set(names)) == 4
         assert int(row[-task.question_length + 1]) == names[0]
+
+
+def test_segment_fact_ids_mark_each_fact_id_in_the_segment_that_holds_it():
+    task = RecallTask(segment_length=SEG, keys=4, digits=3)
+    batch = make_recall_batch(task, 16, 8, gen(3))
+    targets = segment_fact_ids(batch, SEG)  # (b, segments, ids)
+    assert targets.shape == (16, 8, len(KEY_IDS)) and targets.sum().item() == 16 * 4
+    for row, ids, starts in zip(targets, batch.input_ids, batch.key_positions.tolist()):
+        for start in starts:
+            assert row[start // SEG, int(ids[start + 1]) - KEY_IDS[0]] == 1.0
 
 
 def test_the_cue_opens_the_question_segment_without_giving_the_answer():
@@ -472,6 +483,50 @@ def test_search_supervision_trains_the_search_and_needs_hmt_on_recall_batches():
         TrainConfig(search_loss=-1.0)
 
 
+def test_memory_id_loss_teaches_hmt_memories_to_name_the_ids_of_their_facts():
+    """A linear probe reads the fact ids off each segment's memory at chance before training (about 1 in 16) and
+    for most memories once the id loss has shaped them: the memory, not only the probe, learnt the ids."""
+    task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
+    events = []
+    config = TrainConfig(steps=450, batch_size=8, segments=(4, 4), memory_id_loss=1.0, hmt_lr=1e-2, log_every=50)
+    result = train(tiny_hmt(), RecallBatches(task), config, progress=events.append)
+    hits = [hit for _, hit in result.memory_id_hits]
+    assert len(hits) == 9 and [e.memory_id_hit for e in events] == hits
+    assert hits[0] < 0.2 and hits[-1] > 0.7, hits
+    with pytest.raises(ConfigError, match="HMT reader with recall batches"):
+        train(tiny(), RecallBatches(task), TrainConfig(steps=1, memory_id_loss=1.0))
+    with pytest.raises(ConfigError, match="memory_id_loss"):
+        TrainConfig(memory_id_loss=-1.0)
+
+
+def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages():
+    from ragkit.readers.train import stage1_recall_batches, train_two_stage
+
+    task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
+    config = TrainConfig(steps=2, batch_size=8, segments=(4, 4), memory_id_loss=1.0, log_every=1)
+    result = train_two_stage(tiny_hmt(), RecallBatches(task), config, stage1_steps=2,
+                             stage1_batches=stage1_recall_batches(task))
+    assert [step for step, _ in result.memory_id_hits] == [1, 2, 3, 4]
+
+
+def test_memory_id_terms_score_the_memories_before_the_question_against_their_segments():
+    from ragkit.readers.train import _memory_id_terms
+
+    targets = torch.zeros(1, 4, 3)  # 4 segments, 3 ids: segment 1 holds id 2, segment 2 holds ids 0 and 1
+    targets[0, 1, 2] = targets[0, 2, 0] = targets[0, 2, 1] = 1.0
+    cache = torch.eye(3)[[0, 2, 1]][None]  # memories of segments 1, 2, 3 (the question's, left out)
+    probe = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(3))  # names id i for memory e_i: segment 1 gets id 0, segment 2 id 2 (wrong)
+    loss, hit = _memory_id_terms(cache, probe, targets)
+    assert hit == 0.0
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(3)[[2, 1, 0]] * 4)  # memory e0 → id 2, e2 → id 0: both right
+    better, hit = _memory_id_terms(cache, probe, targets)
+    assert hit == 1.0 and better < loss
+    assert _memory_id_terms(cache[:, -1:], probe, targets) is None  # only the question's memory: nothing to name
+
+
 def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
     import ragkit.readers.train as train_module
 
@@ -584,6 +639,12 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     assert (record["train"]["search_loss"], record["train"]["search_teacher"], record["train"]["hmt_lr"]) == \
         (0.3, 0.5, 1e-2)
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--search-loss", "0.3", "--out", str(out)])
+    assert result.exit_code == 1 and "--reader hmt" in result.output
+    result = CliRunner().invoke(app, many + ["--memory-id-loss", "1"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "train.json").read_text())
+    assert (record["train"]["memory_id_loss"], record["train"]["hmt_lr"]) == (1.0, 1e-2)
+    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-id-loss", "1", "--out", str(out)])
     assert result.exit_code == 1 and "--reader hmt" in result.output
 
 

@@ -150,6 +150,24 @@ def make_recall_batch(task: RecallTask, batch_size: int, segments: int,
     return RecallBatch(ids, labels, values[:, 0].clone(), answer_positions, depth, starts)
 
 
+def segment_fact_ids(batch: RecallBatch, segment_length: int) -> Tensor:
+    """(b, segments, len(KEY_IDS)) float: 1 where the segment holds a fact with that key id (column i is
+    KEY_IDS[i]), 0 elsewhere; what each segment's memory should be able to name.
+
+    >>> task = RecallTask(segment_length=32, keys=2)
+    >>> batch = make_recall_batch(task, batch_size=3, segments=4)
+    >>> targets = segment_fact_ids(batch, 32)
+    >>> targets.shape, targets.sum(dim=(1, 2)).tolist()
+    (torch.Size([3, 4, 16]), [2.0, 2.0, 2.0])
+    """
+    b, k = batch.key_positions.shape
+    columns = batch.input_ids.gather(1, batch.key_positions + 1) - KEY_IDS[0]  # (b, K): KEY <id> = …
+    segment = batch.key_positions // segment_length  # (b, K)
+    targets = torch.zeros(b, batch.input_ids.shape[1] // segment_length, len(KEY_IDS))
+    targets[torch.arange(b)[:, None].expand(b, k), segment, columns] = 1.0
+    return targets
+
+
 PLACEMENT_TRIES = 100  # a row whose random placement runs out of room is drawn again, up to this many times
 
 

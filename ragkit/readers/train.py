@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError, RagkitError
 from ragkit.progress import ProgressEvent
-from ragkit.readers.tasks import IGNORE, RecallTask, make_recall_batch
+from ragkit.readers.tasks import IGNORE, KEY_IDS, RecallBatch, RecallTask, make_recall_batch, segment_fact_ids
 
 TRAIN_META = "train.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -95,6 +95,8 @@ class TrainConfig:
     search_loss: float = 0.0  # HMT on recall tasks: weight of −log(search weight of the queried fact's memory)
     search_teacher: float = 0.0  # HMT on recall tasks: longest share of the run whose question reads that memory
     # itself (teacher-forced search); it ends sooner once the search finds that memory (see SEARCH_TAUGHT)
+    memory_id_loss: float = 0.0  # HMT on recall tasks: weight of a loss making each segment's memory name the ids of
+    # the facts in that segment, read by a linear probe trained alongside (at `hmt_lr`) and then dropped
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
     log_every: int = 10  # steps between progress events
@@ -110,8 +112,9 @@ class TrainConfig:
             raise ConfigError("steps and batch_size must be at least 1")
         if not (self.lr > 0 and all(x is None or x > 0 for x in (self.gate_lr, self.hmt_lr))):
             raise ConfigError("learning rates must be positive")
-        if self.search_loss < 0:
-            raise ConfigError(f"search_loss must be 0 or more, got {self.search_loss}")
+        for name in ("search_loss", "memory_id_loss"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("warmup", "gate_warmup", "min_lr_ratio", "length_curriculum", "keys_curriculum",
                      "search_teacher"):
             if not 0 <= getattr(self, name) <= 1:
@@ -138,6 +141,8 @@ class TrainEvent:
     tokens: int  # tokens trained on so far
     search_hit: float | None = None  # share of questions whose search weighed the asked fact's memory highest
     keys: int | None = None  # facts per sequence of the latest batch (recall tasks)
+    memory_id_hit: float | None = None  # with memory_id_loss: share of memories holding a fact whose probe names
+    # one of their ids first (chance: about 1 in 16 per fact held)
 
 
 @dataclass
@@ -152,6 +157,7 @@ class TrainResult:
     gates: list[list[float]] | None = None  # final sigmoid(β) per layer and head
     checkpoint: str | None = None  # the folder written, if any
     search_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, search hit) if the search is taught
+    memory_id_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, memory id hit) with memory_id_loss
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,15 +182,14 @@ class RecallBatches:
 
     def __call__(self, batch_size: int, segments: int, generator: torch.Generator,
                  keys: int | None = None) -> tuple[Tensor, Tensor]:
-        ids, labels, _ = self.with_fact_segments(batch_size, segments, generator, keys)
-        return ids, labels
+        batch = self.draw(batch_size, segments, generator, keys)
+        return batch.input_ids, batch.labels
 
-    def with_fact_segments(self, batch_size: int, segments: int, generator: torch.Generator,
-                           keys: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The same draw as a call, and the segment (b,) that holds each row's queried fact."""
+    def draw(self, batch_size: int, segments: int, generator: torch.Generator,
+             keys: int | None = None) -> RecallBatch:
+        """The same draw as a call, with where each fact lies (for the losses that supervise HMT's memory)."""
         task = self.task if keys is None or keys == self.task.keys else replace(self.task, keys=keys)
-        batch = make_recall_batch(task, batch_size, segments, generator)
-        return batch.input_ids, batch.labels, batch.key_positions[:, 0] // task.segment_length
+        return make_recall_batch(task, batch_size, segments, generator)
 
 
 def curriculum_keys(share: float, keys: int, curriculum: float) -> int:
@@ -322,11 +327,15 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         raise ConfigError("the reader detaches its memory after every segment (bptt_segments=1): it could not learn "
                           "what to write; use None (all segments) or at least 2")
     supervised_search = config.search_loss > 0 or config.search_teacher > 0
+    supervised_ids = config.memory_id_loss > 0
     if config.keys_curriculum > 0 and not isinstance(batches, RecallBatches):
         raise ConfigError("keys_curriculum varies the facts per sequence of a recall task: use recall batches")
     if supervised_search and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
         raise ConfigError("search_loss and search_teacher train HMT's search on recall tasks, where the queried "
                           "fact's segment is known: use the HMT reader with recall batches")
+    if supervised_ids and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
+        raise ConfigError("memory_id_loss trains HMT's memories to name their facts' ids, known on recall tasks: use "
+                          "the HMT reader with recall batches")
     model.to(device).train()
     gates = _gates(model)
     adapter_ids = {id(p) for p in gates + _hmt_params(model)}
@@ -342,6 +351,11 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             for g in gates:
                 g.fill_(config.gate_hold)
     groups = param_groups(model, config)
+    probe = None
+    if supervised_ids:  # reads the fact ids off each memory; trained with the reader, then dropped
+        probe = nn.Linear(model.dim, len(KEY_IDS)).to(device)
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0,
+                       "base_lr": config.hmt_lr or config.lr, "name": "memory id probe"})
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed)
@@ -354,6 +368,8 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
     history: list[tuple[int, float]] = []
     hits: list[float] = []  # search hit of each step since the last event
     search_hits: list[tuple[int, float]] = []
+    id_hits: list[float] = []  # memory id hit of each step since the last event
+    memory_id_hits: list[tuple[int, float]] = []
     recent_hits: deque[float] = deque(maxlen=SEARCH_TAUGHT_STEPS)
     taught = False  # the search has been found right often enough: teacher forcing is over
     last_loss = float("nan")
@@ -375,8 +391,10 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         keys = None
         if isinstance(batches, RecallBatches):
             keys = curriculum_keys(share, batches.task.keys, config.keys_curriculum)
-        if supervised_search:
-            ids, labels, fact_segment = batches.with_fact_segments(config.batch_size, segments, generator, keys)
+        if supervised_search or supervised_ids:
+            batch = batches.draw(config.batch_size, segments, generator, keys)
+            ids, labels = batch.input_ids, batch.labels
+            fact_segment = batch.key_positions[:, 0] // batches.task.segment_length  # (b,) the asked fact's
         elif keys is not None:
             ids, labels = batches(config.batch_size, segments, generator, keys)
         else:
@@ -398,6 +416,12 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             kept = ~log_weight.isnan()
             if bool(kept.any()):
                 loss = loss - config.search_loss * log_weight[kept].mean()
+        if probe is not None:
+            named = _memory_id_terms(model.cache, probe, segment_fact_ids(batch, batches.task.segment_length))
+            if named is not None:
+                loss = loss + config.memory_id_loss * named[0]
+                if not math.isnan(named[1]):
+                    id_hits.append(named[1])
         total = float(loss.detach())
         if not math.isfinite(total):
             raise TrainingDivergedError(f"the loss became {total} at step {step + 1}: lower the learning rate "
@@ -416,10 +440,11 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             last_loss = sum(window) / len(window)
             history.append((step, last_loss))
             hit = _flush_hits(hits, search_hits, step)
+            id_hit = _flush_hits(id_hits, memory_id_hits, step)
             window = []
             if progress:
                 progress(TrainEvent(step, config.steps, last_loss, config.lr * factor, frozen, _gate_values(model),
-                                    time.perf_counter() - started, tokens, hit, keys))
+                                    time.perf_counter() - started, tokens, hit, keys, id_hit))
         if out is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
 
@@ -427,16 +452,17 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         last_loss = sum(window) / len(window)
         history.append((step, last_loss))
         hit = _flush_hits(hits, search_hits, step)
+        id_hit = _flush_hits(id_hits, memory_id_hits, step)
         if progress:
             progress(TrainEvent(step, config.steps, last_loss, optimizer.param_groups[0]["lr"], False,
-                                _gate_values(model), time.perf_counter() - started, tokens, hit, keys))
+                                _gate_values(model), time.perf_counter() - started, tokens, hit, keys, id_hit))
     model.eval()
     if hasattr(model, "reset"):
         model.reset()  # drop the last batch's memory and its autograd graph
     if out is not None:
         checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
     return TrainResult(step, time.perf_counter() - started, tokens, last_loss, history, _gate_values(model),
-                       str(checkpoint) if checkpoint else None, search_hits)
+                       str(checkpoint) if checkpoint else None, search_hits, memory_id_hits)
 
 
 SEARCH_TAUGHT = 0.9  # teacher forcing ends once the search finds the asked memory for this share of questions …
@@ -447,6 +473,25 @@ def _search_hit_rate(model: nn.Module, fact_segment: Tensor, segments: int) -> f
     """Share of the last batch's questions (`segments` segments each) whose search weighed the memory of the asked
     fact's segment highest (evicted: a miss), as the evaluation counts it."""
     return float(_search_hits(model, fact_segment, segments - 1).float().mean())
+
+
+def _memory_id_terms(cache: Tensor | None, probe: nn.Module, targets: Tensor) -> tuple[Tensor, float] | None:
+    """The memory id loss and hit rate of one batch, or None if no memory of a segment before the question is cached.
+
+    cache: (b, m, C) HMT's memories after reading a batch of s segments: those of segments s - m … s - 1, the
+    question's last. targets: (b, s, I) from `segment_fact_ids`. The loss is the probe's binary cross-entropy summed
+    over the I ids, averaged over the memories before the question's; the hit rate is the share of those memories
+    holding a fact whose highest-scored id is one of theirs."""
+    if cache is None or cache.shape[1] < 2:
+        return None
+    s, m = targets.shape[1], cache.shape[1]
+    logits = probe(cache[:, :-1])  # (b, m - 1, I)
+    wanted = targets[:, s - m : s - 1].to(logits.device)  # (b, m - 1, I)
+    loss = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none").sum(-1).mean()
+    holding = wanted.sum(-1) > 0  # (b, m - 1)
+    right = wanted.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0  # (b, m - 1)
+    hit = float(right[holding].float().mean()) if bool(holding.any()) else float("nan")
+    return loss, hit
 
 
 def _flush_hits(hits: list[float], out: list[tuple[int, float]], step: int) -> float | None:
@@ -517,7 +562,8 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
     history = first.history + [(step + offset, loss) for step, loss in second.history]
     return TrainResult(first.steps + second.steps, first.seconds + second.seconds, first.tokens + second.tokens,
                        second.loss, history, second.gates, second.checkpoint,
-                       [(step + offset, hit) for step, hit in second.search_hits])
+                       [(step + offset, hit) for step, hit in second.search_hits],
+                       first.memory_id_hits + [(step + offset, hit) for step, hit in second.memory_id_hits])
 
 
 def _gate_values(model: nn.Module) -> list[list[float]] | None:
