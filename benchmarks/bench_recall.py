@@ -21,8 +21,8 @@ the answer can only come through memory, looked up by its id.
   For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a loss on the weight
   it gives the asked fact's memory, at `hmt_lr`; `--search-teacher 0.7`: the question reads that memory itself until
   the search finds it for 90% of questions, for at most that share of stage 2; `--memory-id-loss 1`: a loss, in
-  both stages, making each segment's memory name the ids of its facts through a linear probe, so that the memory
-  holds what the search must match). Its cache holds N = `cache`
+  both stages (`--memory-id-stages 2`: stage 2 only), making each segment's memory name the ids of its facts
+  through a linear probe, so that the memory holds what the search must match). Its cache holds N = `cache`
   memories: at the trained length every segment's memory fits; from 4× on, the cache is smaller than the number of
   segments (compression is forced) and it is also evaluated with a cache wide enough for every segment (lookup, no
   compression) to separate eviction from failure to read.
@@ -58,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
-                search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, hmt_lr=1e-2, keys_curriculum=0.0,
+                search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
+                keys_curriculum=0.0,
                 min_lr_ratio=0.1,
                 update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
@@ -66,7 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
-                search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, hmt_lr=1e-2, keys_curriculum=0.0,
+                search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
+                keys_curriculum=0.0,
                 min_lr_ratio=0.1,
                 update="linear",
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
@@ -95,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
     """Train one reader on K-key recall within the budget, save it if asked, evaluate it; the raw record."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from ragkit.readers.tasks import RecallTask
     from ragkit.readers.train import (RecallBatches, TrainConfig, TrainEvent, build_reader, save_checkpoint,
@@ -132,8 +134,13 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
                              hmt_lr=args.hmt_lr if supervise or args.memory_id_loss else None,
                              keys_curriculum=args.keys_curriculum,
                              min_lr_ratio=args.min_lr_ratio)
+        stages = {int(s) for s in str(args.memory_id_stages).split(",")}
+        if not stages or not stages <= {1, 2}:
+            raise SystemExit(f"--memory-id-stages takes 1, 2 or 1,2, got {args.memory_id_stages!r}")
+        config = replace(config, memory_id_loss=args.memory_id_loss if 2 in stages else 0.0)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
-                                 stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget)
+                                 stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget,
+                                 stage1_memory_id_loss=args.memory_id_loss if 1 in stages else 0.0)
     else:
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
                              max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
@@ -148,6 +155,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             "update": args.update if reader == "infini" else None,
             "search_supervision": [args.search_loss, args.search_teacher] if reader == "hmt" and keys > 1 else None,
             "memory_id_loss": args.memory_id_loss if hmt else None,
+            "memory_id_stages": args.memory_id_stages if hmt and args.memory_id_loss else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
                       "search_hits": result.search_hits, "memory_id_hits": result.memory_id_hits},
@@ -281,6 +289,8 @@ def run_label(run: dict[str, Any]) -> str:
         label += ", search loss {:g}, teacher {:g}".format(*run["search_supervision"])
     if run.get("memory_id_loss"):
         label += f", memory id loss {run['memory_id_loss']:g}"
+        if run.get("memory_id_stages", "1,2") != "1,2":
+            label += f" (stage {run['memory_id_stages']})"
     if run.get("min_lr_ratio", 0.1) != 0.1:
         label += f", lr floor {run['min_lr_ratio']:g}"
     return label
@@ -341,7 +351,8 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
     hmt = (f"; HMT k = {args.sensory}, stage 1 {args.stage1_steps} steps; for K > 1 search loss "
            f"{args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-forced search until its hit rate reaches "
            f"0.9, for at most {args.search_teacher:g} of stage 2; memory id loss "
-           f"{getattr(args, 'memory_id_loss', 0):g} (both stages)" if any(r["reader"] == "hmt" for r in runs) else "")
+           f"{getattr(args, 'memory_id_loss', 0):g} (stages {getattr(args, 'memory_id_stages', '1,2')})"
+           if any(r["reader"] == "hmt" for r in runs) else "")
     return text + (f". Batch {args.batch_size}, lr {args.lr:g}{hmt}. "
                    f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
                    f"Whole command {seconds:.0f} s.")

@@ -499,7 +499,7 @@ def test_memory_id_loss_teaches_hmt_memories_to_name_the_ids_of_their_facts():
         TrainConfig(memory_id_loss=-1.0)
 
 
-def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages():
+def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages_unless_told():
     from ragkit.readers.train import stage1_recall_batches, train_two_stage
 
     task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
@@ -507,6 +507,9 @@ def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages():
     result = train_two_stage(tiny_hmt(), RecallBatches(task), config, stage1_steps=2,
                              stage1_batches=stage1_recall_batches(task))
     assert [step for step, _ in result.memory_id_hits] == [1, 2, 3, 4]
+    result = train_two_stage(tiny_hmt(), RecallBatches(task), config, stage1_steps=2,
+                             stage1_batches=stage1_recall_batches(task), stage1_memory_id_loss=0.0)
+    assert [step for step, _ in result.memory_id_hits] == [3, 4]  # stage 2 only
 
 
 def test_memory_id_terms_score_the_memories_before_the_question_against_their_segments():

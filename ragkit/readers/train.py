@@ -515,13 +515,15 @@ def _hmt_params(model: nn.Module) -> list[nn.Parameter]:
 def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, stage1_steps: int,
                     stage1_segments: int = 2, progress: Callable[[TrainEvent], None] | None = None,
                     out: str | Path | None = None, meta: dict[str, Any] | None = None,
-                    stage1_batches: Batches | None = None, stage1_seconds: float | None = None) -> TrainResult:
+                    stage1_batches: Batches | None = None, stage1_seconds: float | None = None,
+                    stage1_memory_id_loss: float | None = None) -> TrainResult:
     """HMT's multi-stage training ([HMT] App. F; readers.md §3.3, §8). Stage 1: `stage1_steps` steps on
     `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}), drawn from `stage1_batches` (None: from
     `batches`; for recall tasks pass `stage1_recall_batches(task)`); stage 2: `config` as given (its steps, its
     segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
     `max_seconds`, stage 1 is boxed to `stage1_seconds` of it (None: its share by steps) and stage 2 gets the rest.
-    Events and history count steps across both stages.
+    Events and history count steps across both stages. `stage1_memory_id_loss` is the memory id loss's weight in
+    stage 1 (None: the config's, as in stage 2).
     The checkpoint is written by stage 2 only, so the saved adapter has `memory_search=True`; the model is left with
     the search on whatever happens. stage1_steps=0 is plain training with the search."""
     hmt_config = getattr(model, "config", None)
@@ -546,7 +548,9 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
                 min(stage1_seconds or config.max_seconds * stage1_steps / total, config.max_seconds)
             stage1 = replace(config, steps=stage1_steps, segments=(stage1_segments, stage1_segments),
                              length_curriculum=0.0, keys_curriculum=0.0, max_seconds=seconds, checkpoint_every=0,
-                             search_loss=0.0, search_teacher=0.0)  # no search in stage 1
+                             search_loss=0.0, search_teacher=0.0,  # no search in stage 1
+                             memory_id_loss=config.memory_id_loss if stage1_memory_id_loss is None
+                             else stage1_memory_id_loss)
             hmt_config.memory_search = False
             first = train(model, stage1_batches or batches, stage1, progress=shifted(0))
             spent = first.seconds
