@@ -256,10 +256,12 @@ def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
 
 
 def tables(raw: dict[str, Any]) -> str:
-    """One row per reader, K, length and cache: memory on / off / another sequence's, and the search hit."""
+    """One row per reader, K, length and cache: memory on (and its digits where the asked fact is alone in its
+    segment) / off / another sequence's, and the search hit."""
     seg = raw["config"]["segment_length"]
     lines = ["| reader | K | trained on (segments) | segments (tokens) | × shortest trained | cache N | memory on | "
-             "memory off | memory of another sequence | search hit |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "on, fact alone in its segment | memory off | memory of another sequence | search hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in raw["runs"]:
         lo, hi = run.get("train_segments") or (raw["config"]["segments"],) * 2
         trained = f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -269,10 +271,11 @@ def tables(raw: dict[str, Any]) -> str:
         for (segments, cache, multiple), modes in sorted(by.items(), key=lambda x: (x[0][0], x[0][1] or 0)):
             on = modes.get("on")
             hit = f"{on['search_hit']:.3f}" if on and on.get("search_hit") is not None else ""
+            alone = f"{on['digit_alone']:.3f}" if on and on.get("digit_alone") is not None else ""
             n = "" if cache is None else (f"{cache}" + (" (all)" if cache >= segments - 1 else " (compressed)"))
             lines.append(f"| {run_label(run)} | {run['keys']} | {trained} | {segments} ({segments * seg:,}) | "
                          f"{multiple}× | {n} | "
-                         f"{recall_cell_text(on)} | {recall_cell_text(modes.get('shut'))} | "
+                         f"{recall_cell_text(on)} | {alone} | {recall_cell_text(modes.get('shut'))} | "
                          f"{recall_cell_text(modes.get('other'))} | {hit} |")
     return "\n".join(lines)
 
@@ -330,9 +333,9 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     names = {"infini": "Infini-attention", "hmt": "HMT", "full": "full attention"}
     readers = list(dict.fromkeys(names.get(r["reader"], r["reader"]) for r in runs))
     which = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
-    hmt = any(r["reader"] == "hmt" for r in runs)
-    supervised = " with search supervision" if hmt and (args.search_loss or args.search_teacher or
-                                                         getattr(args, "memory_id_loss", 0)) else ""
+    taught = [what for what, on in (("search supervision", any(any(r.get("search_supervision") or []) for r in runs)),
+                                    ("memory id loss", any(r.get("memory_id_loss") for r in runs))) if on]
+    supervised = f" with {' and '.join(taught)}" if taught else ""
     return (f"Associative recall{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
             f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
 
@@ -348,13 +351,13 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
     text = "; ".join(f"{run_label(r)} K={r['keys']}: {r['parameters']:,} parameters" + (
         f", {r['train']['steps']:,} steps in {r['train']['seconds']:.0f} s, final loss {r['train']['loss']:.3f}"
         if "train" in r else f", saved reader {r['checkpoint']}") + left_out(r) for r in runs)
-    hmt = (f"; HMT k = {args.sensory}, stage 1 {args.stage1_steps} steps; for K > 1 search loss "
-           f"{args.search_loss:g} (HMT lr {args.hmt_lr:g} when on), teacher-forced search until its hit rate reaches "
-           f"0.9, for at most {args.search_teacher:g} of stage 2; memory id loss "
-           f"{getattr(args, 'memory_id_loss', 0):g} (stages {getattr(args, 'memory_id_stages', '1,2')})"
+    hmt = (f"; HMT k = {args.sensory}, stage 1 {args.stage1_steps} steps; search loss, teacher-forced search (it "
+           f"ends once the search finds the asked memory for 90% of questions) and memory id loss as each row's "
+           f"label says (none where it says nothing), HMT's own parameters at lr {args.hmt_lr:g} where one is on"
            if any(r["reader"] == "hmt" for r in runs) else "")
     return text + (f". Batch {args.batch_size}, lr {args.lr:g}{hmt}. "
-                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001. "
+                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001; fact alone: the digits of the "
+                   f"questions whose fact shares its segment with no other fact. "
                    f"Whole command {seconds:.0f} s.")
 
 

@@ -37,6 +37,14 @@ the base rate was needed), and the question reads that memory itself (teacher fo
 readout learns while the search does. Without teacher forcing the answer loss sat at ln 10 even once the search was
 right; with it ending at a fixed 40% of the run, a run whose search had not yet learnt fell back to ln 10 when it
 ended.
+`memory_id_loss` gives the memories their ids directly: a linear probe, trained alongside and then dropped, must
+name from each segment's memory the ids of the facts in that segment (binary cross-entropy per id, summed). With it
+and the search loss, the search found the asked memory for 0.99 of the questions at K = 4 with each of three seeds,
+and for all of them among 15 and 63 memories at 4× and 16× the trained length; with the id loss alone it stayed at
+0.25, with the search loss alone it reached 0.50 (benchmarks/RESULTS.md, 2026-12-02). What then limits recall is
+reading the fact out of the memory found: 0.3-0.4 of the digits, and chance for some seeds, though the search weighs
+that memory 0.99. In stage 1 the id loss slows the learning to store the digits (loss 1.17 after 800 steps, 0.28
+without it): `train_two_stage(stage1_memory_id_loss=0)` leaves it to stage 2.
 
 Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
 safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
@@ -729,7 +737,9 @@ class RecallCell:
     then the final segment of this one).
     search_hit (HMT with memory search, mode "on" only): the share of sequences whose final segment's search gives
     its highest weight to the memory of the segment that holds the queried fact (a fact evicted from the cache
-    counts as a miss); None otherwise."""
+    counts as a miss); None otherwise.
+    digit_alone: digit accuracy over the sequences whose queried fact is the only fact in its segment (HMT keeps one
+    memory per segment, so this separates reading a memory from telling apart two facts in one); None if none is."""
 
     mode: str
     segments: int
@@ -740,6 +750,7 @@ class RecallCell:
     value: float
     by_depth: list[DepthCell]
     search_hit: float | None = None
+    digit_alone: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -776,7 +787,7 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
         for segments in lengths:
             n_batches = -(-sequences // batch_size)
             for mode in modes:
-                right, depths, hits = [], [], []
+                right, depths, hits, alone = [], [], [], []
                 for j in range(n_batches):  # batch j is the same for every mode: its generators are seeded by j
                     size = min(batch_size, sequences - j * batch_size)
                     batch = make_recall_batch(task, size, segments, _seeded(seed, segments, j))
@@ -803,6 +814,8 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                     pred = logits[:, pos].argmax(dim=-1).cpu()  # (b, d)
                     right.append(pred == batch.answer)
                     depths.append(batch.depth)
+                    fact_segments = batch.key_positions // S  # (b, K), column 0 the queried fact's
+                    alone.append(~(fact_segments[:, 1:] == fact_segments[:, :1]).any(dim=1))
                     if progress:
                         progress(ProgressEvent(f"eval {mode} ×{segments}", j + 1, n_batches))
                 if hasattr(model, "reset"):
@@ -810,6 +823,9 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                 cell = _cell(mode, segments, S, task.keys, torch.cat(right), torch.cat(depths), depth_buckets)
                 if hits:
                     cell.search_hit = float(torch.cat(hits).float().mean())
+                alone_rows = torch.cat(alone)
+                if bool(alone_rows.any()):
+                    cell.digit_alone = float(torch.cat(right)[alone_rows].float().mean())
                 cells.append(cell)
     finally:
         model.train(was_training)
