@@ -676,6 +676,9 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     assert result.exit_code == 1 and "--reader hmt" in result.output
     result = CliRunner().invoke(app, many + ["--memory-id-loss", "1"])
     assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    stage1 = json.loads((out / "train.json").read_text())["stages"]["stage1_steps"]
+    assert report["memory_id_hits"] and all(step > stage1 for step, _ in report["memory_id_hits"])  # stage 2 only
     record = json.loads((out / "train.json").read_text())
     assert (record["train"]["memory_id_loss"], record["train"]["hmt_lr"]) == (1.0, 1e-2)
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-id-loss", "1", "--out", str(out)])
