@@ -149,7 +149,8 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
     if args.save:
         save_checkpoint(model, args.save / f"{reader}-k{keys}", full=True,
                         meta={"objective": "recall", "task": asdict(task), "segments": list(lengths)})
-    return {"reader": reader, "keys": keys, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"reader": reader, "keys": keys, "seed": args.seed,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "train_segments": list(lengths), "keys_curriculum": args.keys_curriculum,
             "min_lr_ratio": args.min_lr_ratio,
             "update": args.update if reader == "infini" else None,
@@ -282,7 +283,7 @@ def tables(raw: dict[str, Any]) -> str:
 
 def run_label(run: dict[str, Any]) -> str:
     """The reader, with the recipe options that differ from the defaults (Infini's delta rule, key curriculum, HMT's
-    search supervision and memory id loss, the learning-rate floor)."""
+    search supervision and memory id loss, the learning-rate floor, a seed other than 0)."""
     label = run["reader"]
     if run.get("update") == "delta":
         label += ", delta rule"
@@ -296,6 +297,8 @@ def run_label(run: dict[str, Any]) -> str:
             label += f" (stage {run['memory_id_stages']})"
     if run.get("min_lr_ratio", 0.1) != 0.1:
         label += f", lr floor {run['min_lr_ratio']:g}"
+    if run.get("seed"):
+        label += f", seed {run['seed']}"
     return label
 
 
@@ -356,8 +359,8 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
            f"label says (none where it says nothing), HMT's own parameters at lr {args.hmt_lr:g} where one is on"
            if any(r["reader"] == "hmt" for r in runs) else "")
     return text + (f". Batch {args.batch_size}, lr {args.lr:g}{hmt}. "
-                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001; fact alone: the digits of the "
-                   f"questions whose fact shares its segment with no other fact. "
+                   f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001; fact alone: the digits of "
+                   f"the questions whose fact shares its segment with no other fact. "
                    f"Whole command {seconds:.0f} s.")
 
 
@@ -367,7 +370,7 @@ def combine(files: list[Path], name: str, at_once: int | None = None) -> dict[st
     parts = [json.loads(f.read_text()) for f in files]
     first = parts[0]
     args = argparse.Namespace(**first["config"])
-    runs = [run for part in parts for run in part["runs"]]
+    runs = [{"seed": part["config"].get("seed", 0), **run} for part in parts for run in part["runs"]]
     seconds = max(part["seconds"] for part in parts)
     raw = {"config": first["config"], "runs": runs, "seconds": seconds,
            "commands": [part["command"] for part in parts]}
