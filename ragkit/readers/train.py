@@ -43,7 +43,7 @@ and the search loss, the search found the asked memory for 0.99 of the questions
 and for all of them among 15 and 63 memories at 4× and 16× the trained length; with the id loss alone it stayed at
 0.25, with the search loss alone it reached 0.50 (benchmarks/RESULTS.md, 2026-12-02). What then limits recall is
 that one memory per segment does not keep two facts apart: on 8 segments a fact alone in its segment was read at
-0.93 of its digits and one sharing its segment at 0.46 (on 4 segments, where every sequence has such a segment,
+0.92 of its digits and one sharing its segment at 0.46 (on 4 segments, where every sequence has such a segment,
 0.3-0.4 overall, and chance for some seeds). In stage 1 the id loss slows the learning to store the digits (loss
 1.17 after 800 steps, 0.28 without it): `train_two_stage(stage1_memory_id_loss=0)` leaves it to stage 2.
 
