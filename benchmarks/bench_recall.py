@@ -59,18 +59,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
-                keys_curriculum=0.0,
-                min_lr_ratio=0.1,
-                update="linear",
+                keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
     "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
-                keys_curriculum=0.0,
-                min_lr_ratio=0.1,
-                update="linear",
+                keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
 }
 
@@ -97,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
     """Train one reader on K-key recall within the budget, save it if asked, evaluate it; the raw record."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from ragkit.readers.tasks import RecallTask
     from ragkit.readers.train import (RecallBatches, TrainConfig, TrainEvent, build_reader, save_checkpoint,
@@ -126,18 +122,17 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
     if hmt:
         # stage 1 runs its steps within 40% of the budget at most; stage 2 runs until the budget is spent
         supervise = keys > 1 and (args.search_loss > 0 or args.search_teacher > 0)  # K = 1: nothing to choose
+        stages = {int(s) for s in str(args.memory_id_stages).split(",")}
+        if not stages or not stages <= {1, 2}:
+            raise SystemExit(f"--memory-id-stages takes 1, 2 or 1,2, got {args.memory_id_stages!r}")
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
                              max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
                              search_loss=args.search_loss if supervise else 0.0,
                              search_teacher=args.search_teacher if supervise else 0.0,
-                             memory_id_loss=args.memory_id_loss,
+                             memory_id_loss=args.memory_id_loss if 2 in stages else 0.0,
                              hmt_lr=args.hmt_lr if supervise or args.memory_id_loss else None,
                              keys_curriculum=args.keys_curriculum,
                              min_lr_ratio=args.min_lr_ratio)
-        stages = {int(s) for s in str(args.memory_id_stages).split(",")}
-        if not stages or not stages <= {1, 2}:
-            raise SystemExit(f"--memory-id-stages takes 1, 2 or 1,2, got {args.memory_id_stages!r}")
-        config = replace(config, memory_id_loss=args.memory_id_loss if 2 in stages else 0.0)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
                                  stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget,
                                  stage1_memory_id_loss=args.memory_id_loss if 1 in stages else 0.0)

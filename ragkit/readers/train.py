@@ -37,6 +37,7 @@ the base rate was needed), and the question reads that memory itself (teacher fo
 readout learns while the search does. Without teacher forcing the answer loss sat at ln 10 even once the search was
 right; with it ending at a fixed 40% of the run, a run whose search had not yet learnt fell back to ln 10 when it
 ended.
+
 `memory_id_loss` gives the memories their ids directly: a linear probe, trained alongside and then dropped, must
 name from each segment's memory the ids of the facts in that segment (binary cross-entropy per id, summed). With it
 and the search loss, the search found the asked memory for 0.99 of the questions at K = 4 with each of three seeds,
@@ -400,7 +401,7 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         keys = None
         if isinstance(batches, RecallBatches):
             keys = curriculum_keys(share, batches.task.keys, config.keys_curriculum)
-        if supervised_search or supervised_ids:
+        if supervised_search or supervised_ids:  # the losses need where the facts lie, not only ids and labels
             batch = batches.draw(config.batch_size, segments, generator, keys)
             ids, labels = batch.input_ids, batch.labels
             fact_segment = batch.key_positions[:, 0] // batches.task.segment_length  # (b,) the asked fact's
@@ -821,12 +822,12 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                         progress(ProgressEvent(f"eval {mode} ×{segments}", j + 1, n_batches))
                 if hasattr(model, "reset"):
                     model.reset()
-                cell = _cell(mode, segments, S, task.keys, torch.cat(right), torch.cat(depths), depth_buckets)
+                right_all, alone_rows = torch.cat(right), torch.cat(alone)
+                cell = _cell(mode, segments, S, task.keys, right_all, torch.cat(depths), depth_buckets)
                 if hits:
                     cell.search_hit = float(torch.cat(hits).float().mean())
-                alone_rows = torch.cat(alone)
                 if bool(alone_rows.any()):
-                    cell.digit_alone = float(torch.cat(right)[alone_rows].float().mean())
+                    cell.digit_alone = float(right_all[alone_rows].float().mean())
                 cells.append(cell)
     finally:
         model.train(was_training)
