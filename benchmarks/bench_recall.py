@@ -22,10 +22,11 @@ the answer can only come through memory, looked up by its id.
   it gives the asked fact's memory, at `hmt_lr`; `--search-teacher 0.7`: the question reads that memory itself until
   the search finds it for 90% of questions, for at most that share of stage 2; `--memory-id-loss 1`: a loss, in
   both stages (`--memory-id-stages 2`: stage 2 only), making each segment's memory name the ids of its facts
-  through a linear probe, so that the memory holds what the search must match). Its cache holds N = `cache`
-  memories: at the trained length every segment's memory fits; from 4× on, the cache is smaller than the number of
-  segments (compression is forced) and it is also evaluated with a cache wide enough for every segment (lookup, no
-  compression) to separate eviction from failure to read.
+  through a linear probe, so that the memory holds what the search must match; `--memory-tokens 2`: two memories
+  written per segment, the i-th fact of a segment named by its i-th memory). Its cache holds the memories of
+  N = `cache` segments: at the trained length every segment's memory fits; from 4× on, the cache is smaller than
+  the number of segments (compression is forced) and it is also evaluated with a cache wide enough for every
+  segment (lookup, no compression) to separate eviction from failure to read.
 - full (`--readers full`, the baseline): the same Llama with positions for the whole sequence and no memory,
   attending to every token at once; evaluated at its trained length only (memory on = the whole sequence, and
   another sequence's prefix). It tells what the backbone can learn of the task within the budget at all.
@@ -56,14 +57,14 @@ from benchmarks.common import (apply_preset, commit, machine, preset_parser, rec
 PRESETS: dict[str, dict[str, Any]] = {
     # readers.md §7-§8 sizes; one thread of a shared 2-core Xeon
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
-                keys="1,4,16",
+                memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
                 keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
     "gpu": dict(d_model=256, layers=4, heads=4, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
-                keys="1,4,16",
+                memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
                 keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
@@ -106,7 +107,8 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
     else:
         model, _ = build_reader(reader, tiny=True, segment_length=args.segment_length, d_model=args.d_model,
                                 layers=args.layers, heads=args.heads, seed=args.seed, update=args.update,
-                                **({"sensory_tokens": args.sensory, "cache_size": args.cache} if hmt else {}))
+                                **({"sensory_tokens": args.sensory, "cache_size": args.cache,
+                                    "memory_tokens": args.memory_tokens} if hmt else {}))
     protect = RecallTask.protect_with_sensory(args.segment_length, args.sensory)
     task = RecallTask(segment_length=args.segment_length, keys=keys, protect=protect, cue=True)
     gates: list[Any] = []
@@ -151,6 +153,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             "update": args.update if reader == "infini" else None,
             "search_supervision": [args.search_loss, args.search_teacher] if reader == "hmt" and keys > 1 else None,
             "memory_id_loss": args.memory_id_loss if hmt else None,
+            "memory_tokens": args.memory_tokens if hmt else None,
             "memory_id_stages": args.memory_id_stages if hmt and args.memory_id_loss else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
@@ -253,11 +256,12 @@ def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
 
 def tables(raw: dict[str, Any]) -> str:
     """One row per reader, K, length and cache: memory on (and its digits where the asked fact is alone in its
-    segment) / off / another sequence's, and the search hit."""
+    segment, and where it shares it) / off / another sequence's, and the search hit."""
     seg = raw["config"]["segment_length"]
     lines = ["| reader | K | trained on (segments) | segments (tokens) | × shortest trained | cache N | memory on | "
-             "on, fact alone in its segment | memory off | memory of another sequence | search hit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "on, fact alone in its segment | on, fact sharing it | memory off | memory of another sequence | "
+             "search hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in raw["runs"]:
         lo, hi = run.get("train_segments") or (raw["config"]["segments"],) * 2
         trained = f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -268,17 +272,18 @@ def tables(raw: dict[str, Any]) -> str:
             on = modes.get("on")
             hit = f"{on['search_hit']:.3f}" if on and on.get("search_hit") is not None else ""
             alone = f"{on['digit_alone']:.3f}" if on and on.get("digit_alone") is not None else ""
+            shared = f"{on['digit_shared']:.3f}" if on and on.get("digit_shared") is not None else ""
             n = "" if cache is None else (f"{cache}" + (" (all)" if cache >= segments - 1 else " (compressed)"))
             lines.append(f"| {run_label(run)} | {run['keys']} | {trained} | {segments} ({segments * seg:,}) | "
                          f"{multiple}× | {n} | "
-                         f"{recall_cell_text(on)} | {alone} | {recall_cell_text(modes.get('shut'))} | "
+                         f"{recall_cell_text(on)} | {alone} | {shared} | {recall_cell_text(modes.get('shut'))} | "
                          f"{recall_cell_text(modes.get('other'))} | {hit} |")
     return "\n".join(lines)
 
 
 def run_label(run: dict[str, Any]) -> str:
     """The reader, with the recipe options that differ from the defaults (Infini's delta rule, key curriculum, HMT's
-    search supervision and memory id loss, the learning-rate floor, a seed other than 0)."""
+    memories per segment, search supervision and memory id loss, the learning-rate floor, a seed other than 0)."""
     label = run["reader"]
     if run.get("update") == "delta":
         label += ", delta rule"
@@ -286,6 +291,8 @@ def run_label(run: dict[str, Any]) -> str:
         label += f", key curriculum {run['keys_curriculum']:g}"
     if any(run.get("search_supervision") or []):
         label += ", search loss {:g}, teacher {:g}".format(*run["search_supervision"])
+    if (run.get("memory_tokens") or 1) > 1:
+        label += f", {run['memory_tokens']} memories per segment"
     if run.get("memory_id_loss"):
         label += f", memory id loss {run['memory_id_loss']:g}"
         if run.get("memory_id_stages", "1,2") != "1,2":
@@ -355,7 +362,7 @@ def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) 
            if any(r["reader"] == "hmt" for r in runs) else "")
     return text + (f". Batch {args.batch_size}, lr {args.lr:g}{hmt}. "
                    f"Cells: digit accuracy / whole-value accuracy; chance 0.10 / 0.00001; fact alone: the digits of "
-                   f"the questions whose fact shares its segment with no other fact. "
+                   f"the questions whose fact shares its segment with no other fact; sharing it: the others. "
                    f"Whole command {seconds:.0f} s.")
 
 

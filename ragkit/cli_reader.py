@@ -68,6 +68,9 @@ def train(
     cache_size: Annotated[Optional[int], typer.Option(
         "--cache-size", help="hmt: N, memories kept for the search [default: 64 with --tiny, else 300].", min=1)]
     = None,
+    memory_tokens: Annotated[Optional[int], typer.Option(
+        "--memory-tokens", help="hmt: r, memories written per segment, all searched (the paper: 1), so that facts of "
+                                "one segment need not share one memory [default: 1].", min=1)] = None,
     search_loss: Annotated[Optional[float], typer.Option(
         "--search-loss", help="hmt, recall: weight of a loss on the search weight of the asked fact's memory "
                               "[default: 0].", min=0)] = None,
@@ -150,9 +153,10 @@ def _train(opts: dict[str, Any]) -> None:
     if opts["reader"] not in ("infini", "hmt"):
         raise ConfigError(f"--reader must be infini or hmt, got {opts['reader']!r}")
     if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size",
-                                                     "search_loss", "search_teacher", "memory_id_loss")):
-        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --search-loss, "
-                          "--search-teacher and --memory-id-loss are for --reader hmt")
+                                                     "memory_tokens", "search_loss", "search_teacher",
+                                                     "memory_id_loss")):
+        raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --memory-tokens, "
+                          "--search-loss, --search-teacher and --memory-id-loss are for --reader hmt")
     if objective != "recall" and (opts["search_loss"] or opts["search_teacher"] or opts["memory_id_loss"]):
         raise ConfigError("--search-loss, --search-teacher and --memory-id-loss need --objective recall (where the "
                           "facts are known)")
@@ -175,7 +179,7 @@ def _train(opts: dict[str, Any]) -> None:
     model, tokenizer = build_reader(opts["reader"], model=model_name, tiny=tiny, segment_length=segment_length,
                                     update=opts["update"], d_model=opts["d_model"], layers=opts["layers"],
                                     heads=opts["heads"], seed=opts["seed"], sensory_tokens=opts["sensory_tokens"],
-                                    cache_size=opts["cache_size"])
+                                    cache_size=opts["cache_size"], memory_tokens=opts["memory_tokens"] or 1)
     protect = None
     if hmt:  # keep the facts out of the question's segment and out of the sensory tokens before it
         protect = RecallTask.protect_with_sensory(segment_length, model.config.sensory_tokens)

@@ -222,3 +222,94 @@ def test_generate_with_memory_disabled_is_the_backbone_on_the_last_window():
 def test_only_causal_lms_are_wrapped():
     with pytest.raises(ModelLoadError):
         HMTLM(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several memory tokens per segment (memory_tokens = r > 1)
+
+R = 2
+
+
+def test_several_memory_tokens_write_distinct_memories_and_keep_the_cache_to_n_segments():
+    reader = reader_for(tiny_backbone(), memory_tokens=R)
+    x = ids(6 * SEG, batch=2)
+    with torch.no_grad():
+        reader.read(x[:, :SEG])
+        assert reader.cache.shape == (2, R, 32) and reader.cached_segments() == 1
+        first = reader.cache.clone()
+        reader.read(x[:, SEG:])
+    assert not torch.allclose(first[:, 0], first[:, 1])  # the slot embeddings make the writes differ
+    assert reader.cache.shape == (2, R * N, 32) and reader.cached_segments() == N
+    assert reader.last_weights.shape == (2, 1, R * N)  # the search weighs every memory of the N segments
+    assert reader.state_bytes() == 2 * (R * N * 32 * 4 + K * 32 * 4)
+    assert len(reader.hmt_parameters()) == 5 and reader.memory_slots.shape == (R, 32)
+    assert reader_for(tiny_backbone()).memory_slots is None  # r = 1: the paper's layout, no slot embeddings
+
+
+def test_several_memory_tokens_stream_like_one_call_and_stage1_reads_their_mean():
+    reader = reader_for(tiny_backbone(), memory_tokens=R)
+    x = ids(4 * SEG, batch=2)
+    with torch.no_grad():
+        whole = reader(x)
+        reader.reset()
+        reader.read(x[:, : 2 * SEG])
+        torch.testing.assert_close(reader(x[:, 2 * SEG :], reset=False), whole[:, 2 * SEG :], atol=1e-5, rtol=1e-5)
+        reader.config.memory_search = False
+        reader.reset()
+        reader.read(x[:, :SEG])
+        mean = reader.cache.mean(dim=1, keepdim=True)  # (2, 1, C)
+        torch.testing.assert_close(reader._memory_prompt(reader._embed(x[:, SEG : 2 * SEG])), mean)
+
+
+def test_several_memory_tokens_search_target_sums_its_segments_memories_and_teacher_reads_their_mix(monkeypatch):
+    import ragkit.readers.hmt as hmt_module
+
+    reader = reader_for(tiny_backbone(), memory_tokens=R)
+    x = ids(4 * SEG, batch=2)
+    target = torch.tensor([0, 2])
+    logits = reader(x, search_target=target)
+    weights = reader.last_weights[:, 0]  # (2, R·3)
+    chosen = torch.stack([weights[i, R * t : R * t + R] for i, t in enumerate(target.tolist())])  # (2, R)
+    torch.testing.assert_close(reader.target_log_weight.detach(), chosen.sum(1).log())
+    forced = reader(x, search_target=target, teacher_search=True)
+    torch.testing.assert_close(forced[:, : 3 * SEG], logits[:, : 3 * SEG])
+    assert not torch.allclose(forced[:, 3 * SEG :], logits[:, 3 * SEG :])
+
+    real, searches = hmt_module.memory_search, []
+
+    def mix_of_the_target_last(query, memories, w_q, w_k):  # the target's memories, by the search's own weights
+        p, w = real(query, memories, w_q, w_k)
+        searches.append(1)
+        if len(searches) < 3:
+            return p, w
+        mine = torch.stack([memories[i, R * t : R * t + R] for i, t in enumerate(target.tolist())])  # (2, R, C)
+        share = torch.stack([w[i, 0, R * t : R * t + R] for i, t in enumerate(target.tolist())])  # (2, R)
+        return (share / share.sum(1, keepdim=True))[:, None] @ mine, w
+
+    monkeypatch.setattr(hmt_module, "memory_search", mix_of_the_target_last)
+    torch.testing.assert_close(reader(x), forced)
+
+
+def test_several_memory_tokens_adapter_round_trip_and_positions(tmp_path):
+    backbone = tiny_backbone("qwen2")
+    saved = reader_for(backbone, seed=3, memory_tokens=R)
+    folder = saved.save_adapter(tmp_path / "adapter")
+    loaded = HMTLM(backbone, HMTConfig(segment_length=64)).eval()  # r = 1 until the adapter says otherwise
+    loaded.load_adapter(folder)
+    assert loaded.config == saved.config and loaded.config.memory_tokens == R
+    for a, b in zip(saved.hmt_parameters(), loaded.hmt_parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = ids(4 * SEG)
+    with torch.no_grad():
+        assert torch.equal(saved(x), loaded(x))
+    back = reader_for(backbone).save_adapter(tmp_path / "one")  # and back to r = 1: no slots left over
+    loaded.load_adapter(back)
+    assert loaded.memory_slots is None and len(loaded.hmt_parameters()) == 4
+
+    from ragkit.errors import ConfigError
+
+    assert HMTConfig(segment_length=SEG, sensory_tokens=K, memory_tokens=3).positions == SEG + K + 3 + 1
+    with pytest.raises(ConfigError, match="memory_tokens"):
+        HMTConfig(memory_tokens=0)
+    with pytest.raises(ConfigError, match="positions"):
+        HMTLM(backbone, HMTConfig(segment_length=500, sensory_tokens=8, memory_tokens=4))  # 513 > 512

@@ -13,7 +13,8 @@ from torch import nn
 
 from ragkit.errors import ConfigError
 from ragkit.readers.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
-                                  make_recall_batch, segment_fact_ids)
+                                  make_recall_batch, segment_fact_ids,
+                                  slot_fact_ids)
 from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, _seeded, build_reader,
                                   evaluate_recall, load_checkpoint, save_checkpoint, train)
 
@@ -90,6 +91,24 @@ def test_segment_fact_ids_mark_each_fact_id_in_the_segment_that_holds_it():
     for row, ids, starts in zip(targets, batch.input_ids, batch.key_positions.tolist()):
         for start in starts:
             assert row[start // SEG, int(ids[start + 1]) - KEY_IDS[0]] == 1.0
+
+
+def test_slot_fact_ids_give_a_segments_facts_to_its_memories_in_reading_order():
+    task = RecallTask(segment_length=SEG, keys=4, digits=3)
+    batch = make_recall_batch(task, 32, 4, gen(5))  # 4 facts in 3 segments: some share one
+    one = slot_fact_ids(batch, SEG, 1)
+    assert torch.equal(one[:, :, 0], segment_fact_ids(batch, SEG))
+    two = slot_fact_ids(batch, SEG, 2)  # (b, segments, 2, ids)
+    assert two.shape == (32, 4, 2, len(KEY_IDS)) and torch.equal(two.sum(2), segment_fact_ids(batch, SEG))
+    shared = 0
+    for row, ids, starts in zip(two, batch.input_ids, batch.key_positions.tolist()):
+        for segment in {s // SEG for s in starts}:
+            mine = sorted(s for s in starts if s // SEG == segment)  # reading order
+            for rank, start in enumerate(mine):
+                assert row[segment, min(rank, 1), int(ids[start + 1]) - KEY_IDS[0]] == 1.0
+            assert row[segment, 0].sum() == 1.0  # the first slot names exactly the first fact
+            shared += len(mine) > 1
+    assert shared > 0  # the draw did put two facts in one segment
 
 
 def test_the_cue_opens_the_question_segment_without_giving_the_answer():
@@ -287,6 +306,7 @@ def test_evaluate_recall_scores_apart_the_facts_alone_in_their_segment():
     task = RecallTask(segment_length=SEG, keys=3, digits=3)
     on, = evaluate_recall(AloneOracle(), task, [4], sequences=64, modes=("on",))
     assert on.digit_alone == 1.0 and 0.0 < on.digit < 1.0  # some asked facts share their segment, some do not
+    assert on.digit_shared == 0.0  # the oracle reads every shared fact's digits off by one
 
 
 def test_gate_shut_recall_equals_the_backbone_reading_the_last_segment_alone():
@@ -396,6 +416,8 @@ def test_build_reader_hmt_tiny_fits_the_memory_tokens_in_its_positions():
     assert type(model).__name__ == "HMTLM"
     assert model.model.config.max_position_embeddings == SEG + 4 + 2
     assert (model.config.sensory_tokens, model.config.cache_size, model.config.memory_search) == (4, 8, True)
+    two = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, memory_tokens=2)[0]
+    assert two.config.memory_tokens == 2 and two.model.config.max_position_embeddings == SEG + 8 + 3
     with pytest.raises(ConfigError, match="unknown reader"):
         build_reader("rmt", tiny=True)
 
@@ -546,8 +568,8 @@ def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages_unless_told(
 def test_memory_id_terms_score_the_memories_before_the_question_against_their_segments():
     from ragkit.readers.train import _memory_id_terms
 
-    targets = torch.zeros(1, 4, 3)  # 4 segments, 3 ids: segment 1 holds id 2, segment 2 holds ids 0 and 1
-    targets[0, 1, 2] = targets[0, 2, 0] = targets[0, 2, 1] = 1.0
+    targets = torch.zeros(1, 4, 1, 3)  # 4 segments, 1 slot, 3 ids: segment 1 holds id 2, segment 2 ids 0 and 1
+    targets[0, 1, 0, 2] = targets[0, 2, 0, 0] = targets[0, 2, 0, 1] = 1.0
     cache = torch.eye(3)[[0, 2, 1]][None]  # memories of segments 1, 2, 3 (the question's, left out)
     probe = nn.Linear(3, 3, bias=False)
     with torch.no_grad():
@@ -559,6 +581,23 @@ def test_memory_id_terms_score_the_memories_before_the_question_against_their_se
     better, hit = _memory_id_terms(cache, probe, targets)
     assert hit == 1.0 and better < loss
     assert _memory_id_terms(cache[:, -1:], probe, targets) is None  # only the question's memory: nothing to name
+
+
+def test_memory_id_terms_score_each_of_several_memories_per_segment_against_its_slot():
+    from ragkit.readers.train import _memory_id_terms
+
+    targets = torch.zeros(1, 3, 2, 3)  # 3 segments, 2 slots, 3 ids: segment 1 holds ids 0 then 2
+    targets[0, 1, 0, 0] = targets[0, 1, 1, 2] = 1.0
+    cache = torch.eye(3)[[1, 1, 0, 2, 1, 1]][None]  # segments 0, 1, 2 (the question's), 2 memories each
+    probe = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(3) * 4)  # memory e_i names id i: segment 1's slots name 0 and 2, both right
+    loss, hit = _memory_id_terms(cache, probe, targets)
+    assert hit == 1.0
+    swapped = cache[:, [0, 1, 3, 2, 4, 5]]  # segment 1's slots swapped: each names the other's fact
+    worse, hit = _memory_id_terms(swapped, probe, targets)
+    assert hit == 0.0 and worse > loss
+    assert _memory_id_terms(cache[:, -3:], probe, targets) is None  # less than two segments' memories cached
 
 
 def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
@@ -625,14 +664,23 @@ def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search
 def test_search_hits_point_at_the_key_segment_among_the_cached_memories():
     from ragkit.readers.train import _search_hits
 
+    from ragkit.readers.hmt import HMTConfig
+
     class Reader:
-        config = type("C", (), {"memory_search": True})()
+        config = HMTConfig(segment_length=16, memory_tokens=1)
         memory_disabled = False
         last_weights = torch.tensor([[[0.1, 0.8, 0.1]], [[0.7, 0.2, 0.1]], [[0.1, 0.1, 0.8]]])  # (3, 1, m=3)
 
     # 5 segments read before the question: the cache holds the memories of segments 2, 3, 4
     hits = _search_hits(Reader(), torch.tensor([3, 0, 4]), 5)
     assert hits.tolist() == [True, False, True]  # segment 0 was evicted: a miss
+
+    class TwoSlots(Reader):  # 2 memories per segment: the same 3 segments, 6 memories
+        config = HMTConfig(segment_length=16, memory_tokens=2)
+        last_weights = torch.tensor([[[0.1, 0.0, 0.0, 0.7, 0.1, 0.1]], [[0.6, 0.1, 0.1, 0.1, 0.1, 0.0]],
+                                     [[0.1, 0.1, 0.0, 0.0, 0.1, 0.7]]])  # (3, 1, 2·3)
+    hits = _search_hits(TwoSlots(), torch.tensor([3, 0, 4]), 5)
+    assert hits.tolist() == [True, False, True]  # the second memory of segment 3, of segment 4
 
 
 def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
@@ -682,6 +730,12 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     record = json.loads((out / "train.json").read_text())
     assert (record["train"]["memory_id_loss"], record["train"]["hmt_lr"]) == (1.0, 1e-2)
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-id-loss", "1", "--out", str(out)])
+    assert result.exit_code == 1 and "--reader hmt" in result.output
+    result = CliRunner().invoke(app, many + ["--memory-id-loss", "1", "--memory-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(out)
+    assert loaded.config.memory_tokens == 2 and loaded.memory_slots.shape == (2, loaded.dim)
+    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-tokens", "2", "--out", str(out)])
     assert result.exit_code == 1 and "--reader hmt" in result.output
 
 

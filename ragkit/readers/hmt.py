@@ -34,6 +34,11 @@ Choices where the paper is silent (as in the official code, OswaldHe/HMT-pytorch
   code moves it to CPU and back every segment).
 - The search divides by √d_h in training and generation alike (the official code divides by d_h for d ≥ 4096
   outside `generate`, a train/inference mismatch that is not copied).
+- Several memory tokens per segment (`memory_tokens` = r > 1; the paper has one): the segment's pass ends with r
+  write tokens P_n + E_i, E_1 … E_r learned slot embeddings (r, C), and their r last-layer states are all cached,
+  so that facts of one segment need not share one vector. The cache then holds r memories for each of the last N
+  segments; the search still returns one P_n, a convex combination over all of them. Without search (stage 1),
+  P_n is the mean of the previous segment's r memories. r = 1 is the paper's layout exactly (no slot embeddings).
 - The state (cache and sensory embeddings) is not detached between segments, so that gradients flow through
   memory (backpropagation through time); `detach_state()` cuts the graph explicitly. Batches hold sequences of
   equal length (no padding masks); every call to `read` starts a new segment.
@@ -59,6 +64,7 @@ from ragkit.readers.adapter_files import read_adapter, write_adapter
 ADAPTER_WEIGHTS = "hmt_adapter.safetensors"
 ADAPTER_CONFIG = "hmt_config.json"
 ADAPTER_VERSION = 1
+ADAPTER_TENSORS = ("prompt", "memory_init", "w_q", "w_k", "memory_slots")  # as hmt_parameters() orders them
 
 
 @dataclass
@@ -70,6 +76,7 @@ class HMTConfig:
     summary_fraction: float = 0.5  # j = round(L × this): the share of a segment read to make its query S_n (0.5)
     memory_search: bool = True  # False: P_n = M_{n-1}, no search (training stage 1: 2 segments, no retrieval)
     bptt_segments: int | None = None  # forward() detaches the state every this many segments; None: never
+    memory_tokens: int = 1  # r, memories written per segment (paper: 1); the cache holds r × N of them
 
     def __post_init__(self) -> None:
         if self.segment_length < 1:
@@ -84,6 +91,13 @@ class HMTConfig:
             raise ConfigError(f"summary_fraction must be in (0, 1], got {self.summary_fraction}")
         if self.bptt_segments is not None and self.bptt_segments < 1:
             raise ConfigError(f"bptt_segments must be at least 1 or None, got {self.bptt_segments}")
+        if self.memory_tokens < 1:
+            raise ConfigError(f"memory_tokens must be at least 1, got {self.memory_tokens}")
+
+    @property
+    def positions(self) -> int:
+        """Positions of one backbone pass: [P_n ‖ k sensory ‖ L segment ‖ r write tokens]."""
+        return self.segment_length + self.sensory_tokens + self.memory_tokens + 1
 
     @property
     def summary_length(self) -> int:
@@ -131,9 +145,9 @@ class HMTLM(nn.Module):
                                  "table: the HMT reader cannot wrap it")
         self.dim: int = weight.shape[1]  # C, the embedding width (OPT: word_embed_proj_dim)
         max_positions = getattr(model.config, "max_position_embeddings", None)
-        if max_positions and self.config.segment_length + self.config.sensory_tokens + 2 > max_positions:
-            raise ConfigError(f"segment_length + sensory_tokens + 2 = {self.config.segment_length} + "
-                              f"{self.config.sensory_tokens} + 2 exceeds the backbone's {max_positions} positions")
+        if max_positions and self.config.positions > max_positions:
+            raise ConfigError(f"segment_length + sensory_tokens + memory_tokens + 1 = {self.config.positions} "
+                              f"exceeds the backbone's {max_positions} positions")
         # new parameters, fp32 on the backbone's device; T and the initial memory start at the embeddings' scale
         std = float(weight.detach().float().std())
         kw = {"device": weight.device, "dtype": torch.float32}
@@ -142,8 +156,10 @@ class HMTLM(nn.Module):
         d_h = self.config.search_dim or self.dim
         self.w_q = nn.Linear(self.dim, d_h, bias=False, **kw)  # S_n → query (C → d_h)
         self.w_k = nn.Linear(self.dim, d_h, bias=False, **kw)  # memory → key (C → d_h)
+        r = self.config.memory_tokens  # E_1 … E_r, told apart from the start: unit-scale random directions
+        self.memory_slots = nn.Parameter(torch.randn(r, self.dim, **kw) * std) if r > 1 else None  # (r, C)
         self.memory_disabled = False  # True: no P_n tokens at all (ablations); see the module docstring
-        self.cache: Tensor | None = None  # (b, ≤ N, C) fp32, the last N memory embeddings, oldest first
+        self.cache: Tensor | None = None  # (b, ≤ r·N, C) fp32, the last N segments' r memories each, oldest first
         self.sensory: Tensor | None = None  # (b, ≤ k, C) backbone dtype, the last k token embeddings read
         self.last_weights: Tensor | None = None  # (b, 1, m) the latest search's weights over the cache, detached
         self.target_log_weight: Tensor | None = None  # (b,) log-weight of the search target (forward's search_target)
@@ -174,9 +190,13 @@ class HMTLM(nn.Module):
         if self.sensory is not None:
             self.sensory = self.sensory.detach()
 
+    def cached_segments(self) -> int:
+        """How many segments' memories the cache holds now (r memories each)."""
+        return 0 if self.cache is None else self.cache.shape[1] // self.config.memory_tokens
+
     def state_bytes(self) -> int:
         """Bytes of the carried state, whatever the length read:
-        batch × (≤ N memories × C × 4 + ≤ k sensory embeddings × C × the backbone's dtype size)."""
+        batch × (≤ r·N memories × C × 4 + ≤ k sensory embeddings × C × the backbone's dtype size)."""
         return sum(t.numel() * t.element_size() for t in (self.cache, self.sensory) if t is not None)
 
     def disable_memory(self, disabled: bool = True) -> None:
@@ -189,9 +209,10 @@ class HMTLM(nn.Module):
         self.disable_memory(shut)
 
     def hmt_parameters(self) -> list[nn.Parameter]:
-        """The new parameters T, the initial memory, W_q and W_k (the adapter): give them their own optimizer
-        group."""
-        return [self.prompt, self.memory_init, self.w_q.weight, self.w_k.weight]
+        """The new parameters T, the initial memory, W_q, W_k and the slot embeddings if r > 1 (the adapter): give
+        them their own optimizer group."""
+        slots = [] if self.memory_slots is None else [self.memory_slots]
+        return [self.prompt, self.memory_init, self.w_q.weight, self.w_k.weight, *slots]
 
     # --- one segment -------------------------------------------------------------------------------------------
 
@@ -206,8 +227,9 @@ class HMTLM(nn.Module):
 
     def _memory_prompt(self, h: Tensor, target: Tensor | None = None, teacher: bool = False) -> Tensor | None:
         """P_n for a segment with embeddings h (b, m, C): fp32 (b, 1, C), or None with the memory disabled.
-        target (b,): the cache index of the memory this search should find (-1: evicted); its log-weight goes to
-        `target_log_weight`, and with `teacher` P_n is that memory itself where it is cached."""
+        target (b,): the cache index of the segment whose memories this search should find (-1: evicted); the log
+        of their total weight goes to `target_log_weight`, and with `teacher` P_n is made of them alone where they
+        are cached (r > 1: their mix by the search's weights, renormalised among them)."""
         if self.memory_disabled:
             return None
         b = h.shape[0]
@@ -215,31 +237,34 @@ class HMTLM(nn.Module):
             raise ValueError(f"the memory holds a batch of {self.cache.shape[0]}, got {b}: call reset() first")
         if self.cache is None:
             return self.memory_init.view(1, 1, -1).expand(b, 1, self.dim)
+        r = self.config.memory_tokens
         if not self.config.memory_search:
-            return self.cache[:, -1:]  # M_{n-1}
+            return self.cache[:, -r:].mean(dim=1, keepdim=True)  # M_{n-1} (the mean of its r memories)
         t = self.prompt.to(h.dtype).view(1, 1, -1).expand(b, 1, self.dim)  # (b, 1, C)
         s = self._last_hidden(torch.cat([t, h[:, : self.config.summary_length], t], dim=1))  # S_n (b, 1, C)
         p, weights = memory_search(s, self.cache, self.w_q.weight.float(), self.w_k.weight.float())
         self.last_weights = weights.detach()
         if target is not None:
             cached = target >= 0  # (b,)
-            index = target.clamp(min=0)[:, None]  # (b, 1)
-            chosen = weights[:, 0].gather(1, index).squeeze(1)  # (b,)
-            self.target_log_weight = torch.where(cached, chosen.clamp_min(1e-12).log(), torch.nan)
+            index = target.clamp(min=0)[:, None] * r + torch.arange(r, device=target.device)  # (b, r)
+            chosen = weights[:, 0].gather(1, index)  # (b, r)
+            self.target_log_weight = torch.where(cached, chosen.sum(1).clamp_min(1e-12).log(), torch.nan)
             if teacher:
-                found = self.cache.gather(1, index[..., None].expand(b, 1, self.dim))  # (b, 1, C)
-                p = torch.where(cached[:, None, None], found, p)
+                found = self.cache.gather(1, index[..., None].expand(b, r, self.dim))  # (b, r, C)
+                mix = chosen / chosen.sum(1, keepdim=True).clamp_min(1e-12)  # (b, r)
+                p = torch.where(cached[:, None, None], mix[:, None] @ found, p)  # (b, 1, C)
         return p  # (b, 1, C)
 
     def _inputs(self, p: Tensor | None, h: Tensor, trailing: bool) -> tuple[Tensor, int]:
-        """[P_n ‖ sensory ‖ h (‖ P_n)] as backbone input embeddings, and where h starts in it."""
+        """[P_n ‖ sensory ‖ h (‖ r write tokens)] as backbone input embeddings, and where h starts in it."""
         parts = [] if p is None else [p.to(h.dtype)]
         if self.sensory is not None:
             parts.append(self.sensory)
         start = sum(x.shape[1] for x in parts)
         parts.append(h)
         if trailing and p is not None:
-            parts.append(p.to(h.dtype))
+            writes = p if self.memory_slots is None else p + self.memory_slots  # (b, r, C)
+            parts.append(writes.to(h.dtype))
         return torch.cat(parts, dim=1), start
 
     def _remember(self, h: Tensor) -> None:
@@ -252,13 +277,13 @@ class HMTLM(nn.Module):
         """One segment of embeddings h (b, m, C): logits (b, m, V); pushes M_n into the cache. target, teacher:
         see `_memory_prompt`."""
         p = self._memory_prompt(h, target, teacher)  # (b, 1, C) or None
-        x, start = self._inputs(p, h, trailing=True)  # (b, 1 + s + m + 1, C)
+        x, start = self._inputs(p, h, trailing=True)  # (b, 1 + s + m + r, C)
         out = self.model(inputs_embeds=x, use_cache=False, output_hidden_states=p is not None)
         logits = out.logits[:, start : start + h.shape[1]]  # (b, m, V)
         if p is not None:
-            m_n = out.hidden_states[-1][:, -1:].float()  # M_n at the trailing P_n, (b, 1, C)
+            m_n = out.hidden_states[-1][:, -self.config.memory_tokens :].float()  # M_n at the write tokens (b, r, C)
             cache = m_n if self.cache is None else torch.cat([self.cache, m_n], dim=1)
-            self.cache = cache[:, -self.config.cache_size :]  # (b, ≤ N, C)
+            self.cache = cache[:, -self.config.cache_size * self.config.memory_tokens :]  # (b, ≤ r·N, C)
         self._remember(h)
         return logits
 
@@ -293,7 +318,7 @@ class HMTLM(nn.Module):
                 self.detach_state()
             target = None
             if search_target is not None and i == len(segments) - 1:
-                target = cache_index(search_target, i, 0 if self.cache is None else self.cache.shape[1])
+                target = cache_index(search_target, i, self.cached_segments())
             logits.append(self._segment(h[:, seg], target, teacher_search))  # (b, L, V)
         if search_target is not None and self.target_log_weight is None:
             raise ConfigError("search_target needs the memory search on and a memory cached before the last segment")
@@ -346,10 +371,9 @@ class HMTLM(nn.Module):
     # --- the adapter: new parameters and config, apart from the backbone ---------------------------------------
 
     def save_adapter(self, folder: str | Path) -> Path:
-        """Write T, the initial memory, W_q, W_k (safetensors) and the config (JSON) to `folder`; the backbone is
-        not saved."""
-        tensors = {"prompt": self.prompt, "memory_init": self.memory_init, "w_q": self.w_q.weight,
-                   "w_k": self.w_k.weight}
+        """Write T, the initial memory, W_q, W_k, the slot embeddings if r > 1 (safetensors) and the config (JSON)
+        to `folder`; the backbone is not saved."""
+        tensors = dict(zip(ADAPTER_TENSORS, self.hmt_parameters()))
         meta = {
             "version": ADAPTER_VERSION,
             "backbone": getattr(self.model.config, "_name_or_path", ""),
@@ -361,17 +385,24 @@ class HMTLM(nn.Module):
     def load_adapter(self, folder: str | Path) -> None:
         """Restore the new parameters and the config saved by `save_adapter`."""
         meta, tensors = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "HMT")
-        if meta.get("embedding_dim") != self.dim or set(tensors) != {"prompt", "memory_init", "w_q", "w_k"}:
+        if meta.get("embedding_dim") != self.dim:
             raise ModelLoadError(f"the HMT adapter in {folder} was made for embeddings of width "
                                  f"{meta.get('embedding_dim')}, this backbone's are {self.dim}")
-        self.config = _config_of(meta, folder)
+        config = _config_of(meta, folder)
+        expected = set(ADAPTER_TENSORS[:5 if config.memory_tokens > 1 else 4])
+        if set(tensors) != expected:
+            raise ModelLoadError(f"the HMT adapter in {folder} holds {', '.join(sorted(tensors))}; its config needs "
+                                 f"{', '.join(sorted(expected))}")
+        self.config = config
+        kw = {"device": self.prompt.device, "dtype": self.prompt.dtype}
         d_h = tensors["w_q"].shape[0]
         if self.w_q.weight.shape[0] != d_h:  # another search width: new W_q, W_k of the saved shape
-            kw = {"device": self.prompt.device, "dtype": self.prompt.dtype}
             self.w_q = nn.Linear(self.dim, d_h, bias=False, **kw)
             self.w_k = nn.Linear(self.dim, d_h, bias=False, **kw)
+        slots = tensors.get("memory_slots")
+        self.memory_slots = None if slots is None else nn.Parameter(torch.empty(tuple(slots.shape), **kw))
         with torch.no_grad():
-            for p, name in zip(self.hmt_parameters(), ("prompt", "memory_init", "w_q", "w_k")):
+            for p, name in zip(self.hmt_parameters(), ADAPTER_TENSORS):
                 p.copy_(tensors[name])
 
 

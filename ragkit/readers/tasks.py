@@ -160,11 +160,21 @@ def segment_fact_ids(batch: RecallBatch, segment_length: int) -> Tensor:
     >>> targets.shape, targets.sum(dim=(1, 2)).tolist()
     (torch.Size([3, 4, 16]), [2.0, 2.0, 2.0])
     """
+    return slot_fact_ids(batch, segment_length, 1)[:, :, 0]
+
+
+def slot_fact_ids(batch: RecallBatch, segment_length: int, slots: int) -> Tensor:
+    """(b, segments, slots, len(KEY_IDS)) float: which key ids each of a segment's `slots` memories should name.
+    The i-th fact of a segment (in reading order, from 0) goes to slot min(i, slots - 1), so that with as many slots
+    as facts each memory names one fact; slots = 1 is `segment_fact_ids` with a slot axis."""
     b, k = batch.key_positions.shape
     columns = batch.input_ids.gather(1, batch.key_positions + 1) - KEY_IDS[0]  # (b, K): KEY <id> = …
     segment = batch.key_positions // segment_length  # (b, K)
-    targets = torch.zeros(b, batch.input_ids.shape[1] // segment_length, len(KEY_IDS))
-    targets[torch.arange(b)[:, None].expand(b, k), segment, columns] = 1.0
+    same = segment[:, :, None] == segment[:, None, :]  # (b, K, K)
+    earlier = batch.key_positions[:, None, :] < batch.key_positions[:, :, None]  # [i, j]: fact j before fact i
+    slot = (same & earlier).sum(-1).clamp(max=slots - 1)  # (b, K)
+    targets = torch.zeros(b, batch.input_ids.shape[1] // segment_length, slots, len(KEY_IDS))
+    targets[torch.arange(b)[:, None].expand(b, k), segment, slot, columns] = 1.0
     return targets
 
 

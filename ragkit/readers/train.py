@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError, RagkitError
 from ragkit.progress import ProgressEvent
-from ragkit.readers.tasks import IGNORE, KEY_IDS, RecallBatch, RecallTask, make_recall_batch, segment_fact_ids
+from ragkit.readers.tasks import IGNORE, KEY_IDS, RecallBatch, RecallTask, make_recall_batch, slot_fact_ids
 
 TRAIN_META = "train.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -427,7 +427,8 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             if bool(kept.any()):
                 loss = loss - config.search_loss * log_weight[kept].mean()
         if probe is not None:
-            named = _memory_id_terms(model.cache, probe, segment_fact_ids(batch, batches.task.segment_length))
+            slots = model.config.memory_tokens
+            named = _memory_id_terms(model.cache, probe, slot_fact_ids(batch, batches.task.segment_length, slots))
             if named is not None:
                 loss = loss + config.memory_id_loss * named[0]
                 if not math.isnan(named[1]):
@@ -488,18 +489,19 @@ def _search_hit_rate(model: nn.Module, fact_segment: Tensor, segments: int) -> f
 def _memory_id_terms(cache: Tensor | None, probe: nn.Module, targets: Tensor) -> tuple[Tensor, float] | None:
     """The memory id loss and hit rate of one batch, or None if no memory of a segment before the question is cached.
 
-    cache: (b, m, C) HMT's memories after reading a batch of s segments: those of segments s - m … s - 1, the
-    question's last. targets: (b, s, I) from `segment_fact_ids`. The loss is the probe's binary cross-entropy summed
-    over the I ids, averaged over the memories before the question's; the hit rate is the share of those memories
-    holding a fact whose highest-scored id is one of theirs."""
-    if cache is None or cache.shape[1] < 2:
+    cache: (b, r·m, C) HMT's memories after reading a batch of s segments, r per segment: those of segments
+    s - m … s - 1, the question's last. targets: (b, s, r, I) from `slot_fact_ids`. The loss is the probe's binary
+    cross-entropy summed over the I ids, averaged over the memories before the question's; the hit rate is the share
+    of those memories holding a fact whose highest-scored id is one of theirs."""
+    s, r = targets.shape[1], targets.shape[2]
+    if cache is None or cache.shape[1] < 2 * r:
         return None
-    s, m = targets.shape[1], cache.shape[1]
-    logits = probe(cache[:, :-1])  # (b, m - 1, I)
-    wanted = targets[:, s - m : s - 1].to(logits.device)  # (b, m - 1, I)
+    m = cache.shape[1] // r
+    logits = probe(cache[:, : -r].unflatten(1, (m - 1, r)))  # (b, m - 1, r, I)
+    wanted = targets[:, s - m : s - 1].to(logits.device)  # (b, m - 1, r, I)
     loss = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none").sum(-1).mean()
-    holding = wanted.sum(-1) > 0  # (b, m - 1)
-    right = wanted.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0  # (b, m - 1)
+    holding = wanted.sum(-1) > 0  # (b, m - 1, r)
+    right = wanted.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0  # (b, m - 1, r)
     hit = float(right[holding].float().mean()) if bool(holding.any()) else float("nan")
     return loss, hit
 
@@ -591,22 +593,23 @@ def _gate_values(model: nn.Module) -> list[list[float]] | None:
 def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = False, segment_length: int = 32,
                  update: str = "linear", d_model: int = 64, layers: int = 2, heads: int = 2,
                  vocab_size: int | None = None, seed: int = 0, sensory_tokens: int | None = None,
-                 cache_size: int | None = None, **model_kwargs: Any) -> tuple[nn.Module, Any]:
+                 cache_size: int | None = None, memory_tokens: int = 1, **model_kwargs: Any) -> tuple[nn.Module, Any]:
     """A reader to train and the backbone's tokenizer (None for a tiny model, which reads task token ids).
 
     reader: "infini" or "hmt". tiny: a Llama of `layers` × `d_model` with `heads` heads, randomly initialised
     (readers.md §7 sizes); Infini's gates start at β = 0 (sigmoid 0.5); HMT gets k = `sensory_tokens` (default 8)
     and N = `cache_size` (default 64) as in readers.md §8, and the Llama's positions cover a segment plus the sensory
-    tokens and the two memory tokens. Otherwise `model` names a Hugging Face causal LM (id or local path): Infini's
+    tokens and the memory tokens. Otherwise `model` names a Hugging Face causal LM (id or local path): Infini's
     gates start at InfiniConfig's default (≈ 0.01), so that step 0 is the pretrained model; HMT uses HMTConfig's
-    defaults for k and N unless given. `update` is Infini's only."""
+    defaults for k and N unless given. `update` is Infini's only; `memory_tokens` (r, memories written per segment)
+    is HMT's only."""
     if reader not in ("infini", "hmt"):
         raise ConfigError(f"unknown reader {reader!r}: the trainable readers are 'infini' and 'hmt'")
     if tiny == (model is not None):
         raise ConfigError("name a backbone (a Hugging Face id or local path) or ask for a tiny model, not both")
     if reader == "hmt":
         return _build_hmt(model, tiny, segment_length, d_model, layers, heads, vocab_size, seed, sensory_tokens,
-                          cache_size, **model_kwargs)
+                          cache_size, memory_tokens, **model_kwargs)
     from ragkit.readers.infini import InfiniConfig, InfiniLM
 
     if tiny:
@@ -625,10 +628,11 @@ def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = 
 
 def _build_hmt(model: str | None, tiny: bool, segment_length: int, d_model: int, layers: int, heads: int,
                vocab_size: int | None, seed: int, sensory_tokens: int | None, cache_size: int | None,
-               **model_kwargs: Any) -> tuple[nn.Module, Any]:
+               memory_tokens: int, **model_kwargs: Any) -> tuple[nn.Module, Any]:
     from ragkit.readers.hmt import HMTConfig, HMTLM
 
     extra = {k: v for k, v in (("sensory_tokens", sensory_tokens), ("cache_size", cache_size)) if v is not None}
+    extra["memory_tokens"] = memory_tokens
     if tiny:
         from transformers import LlamaForCausalLM
 
@@ -636,9 +640,8 @@ def _build_hmt(model: str | None, tiny: bool, segment_length: int, d_model: int,
 
         config = HMTConfig(segment_length=segment_length, **{"sensory_tokens": 8, "cache_size": 64, **extra})
         torch.manual_seed(seed)
-        positions = segment_length + config.sensory_tokens + 2  # [P ‖ sensory ‖ segment ‖ P]
         backbone = LlamaForCausalLM(tiny_llama_config(vocab_size or VOCAB_SIZE, d_model, layers, heads,
-                                                      segment_length=positions))
+                                                      segment_length=config.positions))
         return HMTLM(backbone, config), None
     hmt = HMTLM.from_pretrained(model, HMTConfig(segment_length=segment_length, **extra), **model_kwargs)
     return hmt, load_tokenizer(model)
@@ -741,7 +744,8 @@ class RecallCell:
     its highest weight to the memory of the segment that holds the queried fact (a fact evicted from the cache
     counts as a miss); None otherwise.
     digit_alone: digit accuracy over the sequences whose queried fact is the only fact in its segment (HMT keeps one
-    memory per segment, so this separates reading a memory from telling apart two facts in one); None if none is."""
+    memory per segment unless `memory_tokens` > 1, so this separates reading a memory from telling apart two facts
+    in one); None if none is. digit_shared: the same over the others, whose fact shares its segment."""
 
     mode: str
     segments: int
@@ -753,6 +757,7 @@ class RecallCell:
     by_depth: list[DepthCell]
     search_hit: float | None = None
     digit_alone: float | None = None
+    digit_shared: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -828,6 +833,8 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                     cell.search_hit = float(torch.cat(hits).float().mean())
                 if bool(alone_rows.any()):
                     cell.digit_alone = float(right_all[alone_rows].float().mean())
+                if not bool(alone_rows.all()):
+                    cell.digit_shared = float(right_all[~alone_rows].float().mean())
                 cells.append(cell)
     finally:
         model.train(was_training)
@@ -835,8 +842,8 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
 
 
 def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int) -> Tensor | None:
-    """(b,) bool: did the latest memory search weigh the memory of `key_segment` (b,) highest? The cache holds the
-    memories of the last m ≤ N of the `prefix_segments` segments read, oldest first. None for a reader without a
+    """(b,) bool: did the latest memory search weigh a memory of `key_segment` (b,) highest? The cache holds the
+    r memories each of the last m ≤ N of the `prefix_segments` segments read, oldest first. None for a reader without a
     search (Infini, HMT with memory_search off or memory disabled, nothing cached)."""
     weights = getattr(model, "last_weights", None)
     config = getattr(model, "config", None)
@@ -844,8 +851,9 @@ def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int) ->
         return None
     from ragkit.readers.hmt import cache_index
 
-    index = cache_index(key_segment.to(weights.device), prefix_segments, weights.shape[-1])  # (b,), -1: evicted
-    return ((index >= 0) & (weights[:, 0].argmax(dim=-1) == index)).cpu()
+    r = config.memory_tokens  # memories per segment
+    index = cache_index(key_segment.to(weights.device), prefix_segments, weights.shape[-1] // r)  # (b,), -1: evicted
+    return ((index >= 0) & (weights[:, 0].argmax(dim=-1) // r == index)).cpu()
 
 
 def _seeded(seed: int, segments: int, batch: int) -> torch.Generator:
