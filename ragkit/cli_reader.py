@@ -80,7 +80,7 @@ def train(
                                  "[default: 0].", min=0, max=1)] = None,
     memory_id_loss: Annotated[Optional[float], typer.Option(
         "--memory-id-loss", help="hmt, recall: weight of a loss making each segment's memory name the ids of its "
-                                 "facts (a linear probe, trained alongside and not saved), in stage 2; with "
+                                 "facts (a linear probe, trained alongside and not saved), in both stages; with "
                                  "--search-loss it lets the search find the asked fact [default: 0].", min=0)]
     = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
@@ -214,8 +214,7 @@ def _train(opts: dict[str, Any]) -> None:
         if hmt:
             result = train_two_stage(model, batches, config, stage1_steps=stage1,
                                      stage1_segments=opts["stage1_segments"], progress=bar.on_event,
-                                     out=opts["out_dir"], meta=meta, stage1_batches=stage1_batches,
-                                     stage1_memory_id_loss=0.0)  # in stage 1 it slowed learning to store digits
+                                     out=opts["out_dir"], meta=meta, stage1_batches=stage1_batches)
         else:
             result = train(model, batches, config, progress=bar.on_event, out=opts["out_dir"], meta=meta)
     cells = []

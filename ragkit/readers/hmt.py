@@ -227,9 +227,9 @@ class HMTLM(nn.Module):
 
     def _memory_prompt(self, h: Tensor, target: Tensor | None = None, teacher: bool = False) -> Tensor | None:
         """P_n for a segment with embeddings h (b, m, C): fp32 (b, 1, C), or None with the memory disabled.
-        target (b,): the cache index of the segment whose memories this search should find (-1: evicted); the log
+        target (b, t): the cache indices of the memories this search should find (a row of -1: evicted); the log
         of their total weight goes to `target_log_weight`, and with `teacher` P_n is made of them alone where they
-        are cached (r > 1: their mix by the search's weights, renormalised among them)."""
+        are cached (t > 1: their mix by the search's weights, renormalised among them)."""
         if self.memory_disabled:
             return None
         b = h.shape[0]
@@ -245,13 +245,13 @@ class HMTLM(nn.Module):
         p, weights = memory_search(s, self.cache, self.w_q.weight.float(), self.w_k.weight.float())
         self.last_weights = weights.detach()
         if target is not None:
-            cached = target >= 0  # (b,)
-            index = target.clamp(min=0)[:, None] * r + torch.arange(r, device=target.device)  # (b, r)
-            chosen = weights[:, 0].gather(1, index)  # (b, r)
+            cached = target[:, 0] >= 0  # (b,)
+            index = target.clamp(min=0)  # (b, t)
+            chosen = weights[:, 0].gather(1, index)  # (b, t)
             self.target_log_weight = torch.where(cached, chosen.sum(1).clamp_min(1e-12).log(), torch.nan)
             if teacher:
-                found = self.cache.gather(1, index[..., None].expand(b, r, self.dim))  # (b, r, C)
-                mix = chosen / chosen.sum(1, keepdim=True).clamp_min(1e-12)  # (b, r)
+                found = self.cache.gather(1, index[..., None].expand(*index.shape, self.dim))  # (b, t, C)
+                mix = chosen / chosen.sum(1, keepdim=True).clamp_min(1e-12)  # (b, t)
                 p = torch.where(cached[:, None, None], mix[:, None] @ found, p)  # (b, 1, C)
         return p  # (b, 1, C)
 
@@ -294,7 +294,8 @@ class HMTLM(nn.Module):
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, reset: bool = True,
-                search_target: Tensor | None = None, teacher_search: bool = False) -> Tensor:
+                search_target: Tensor | None = None, teacher_search: bool = False,
+                search_slot: Tensor | None = None) -> Tensor:
         """Logits (b, n, V) for a whole sequence, processed segment by segment, with gradients through the memory
         (truncated every `bptt_segments` segments if set). input_ids: (b, n), or inputs_embeds: (b, n, C).
         With reset=False the sequence continues what was read before.
@@ -302,7 +303,9 @@ class HMTLM(nn.Module):
         Training the search where the right memory is known (synthetic recall): search_target (b,) names the
         segment of this sequence (0-based) whose memory the last segment's search should find. Its log-weight is
         left in `target_log_weight` (b,), with gradients, NaN where that memory was evicted; with teacher_search
-        the last segment reads that memory instead of the search's mix (teacher forcing)."""
+        the last segment reads that memory instead of the search's mix (teacher forcing). With r > 1 memories per
+        segment, search_slot (b,) names which of that segment's memories holds the fact; without it any of them
+        counts (their weights summed, their mix read)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if search_target is not None and not reset:
@@ -318,11 +321,19 @@ class HMTLM(nn.Module):
                 self.detach_state()
             target = None
             if search_target is not None and i == len(segments) - 1:
-                target = cache_index(search_target, i, self.cached_segments())
+                target = self._target_memories(cache_index(search_target, i, self.cached_segments()), search_slot)
             logits.append(self._segment(h[:, seg], target, teacher_search))  # (b, L, V)
         if search_target is not None and self.target_log_weight is None:
             raise ConfigError("search_target needs the memory search on and a memory cached before the last segment")
         return torch.cat(logits, dim=1)  # (b, n, V)
+
+    def _target_memories(self, segment: Tensor, slot: Tensor | None) -> Tensor:
+        """(b, t) cache indices of the target's memories: segment (b,) a cache segment index (-1: evicted), slot (b,)
+        one of its r memories (t = 1) or None (all r of them); rows of -1 where evicted."""
+        r = self.config.memory_tokens
+        first = segment[:, None] * r  # (b, 1)
+        index = first + (slot[:, None].to(first.device) if slot is not None else torch.arange(r, device=first.device))
+        return torch.where(segment[:, None] >= 0, index, -1)  # (b, t)
 
     @torch.no_grad()
     def read(self, input_ids: Tensor) -> Tensor:

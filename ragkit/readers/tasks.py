@@ -170,12 +170,19 @@ def slot_fact_ids(batch: RecallBatch, segment_length: int, slots: int) -> Tensor
     b, k = batch.key_positions.shape
     columns = batch.input_ids.gather(1, batch.key_positions + 1) - KEY_IDS[0]  # (b, K): KEY <id> = …
     segment = batch.key_positions // segment_length  # (b, K)
-    same = segment[:, :, None] == segment[:, None, :]  # (b, K, K)
-    earlier = batch.key_positions[:, None, :] < batch.key_positions[:, :, None]  # [i, j]: fact j before fact i
-    slot = (same & earlier).sum(-1).clamp(max=slots - 1)  # (b, K)
+    slot = fact_slots(batch, segment_length, slots)  # (b, K)
     targets = torch.zeros(b, batch.input_ids.shape[1] // segment_length, slots, len(KEY_IDS))
     targets[torch.arange(b)[:, None].expand(b, k), segment, slot, columns] = 1.0
     return targets
+
+
+def fact_slots(batch: RecallBatch, segment_length: int, slots: int) -> Tensor:
+    """(b, K) long: the slot of each fact (column 0 the queried one), min(its rank among its segment's facts in
+    reading order, slots - 1), as `slot_fact_ids` assigns them."""
+    segment = batch.key_positions // segment_length  # (b, K)
+    same = segment[:, :, None] == segment[:, None, :]  # (b, K, K)
+    earlier = batch.key_positions[:, None, :] < batch.key_positions[:, :, None]  # [i, j]: fact j before fact i
+    return (same & earlier).sum(-1).clamp(max=slots - 1)  # (b, K)
 
 
 PLACEMENT_TRIES = 100  # a row whose random placement runs out of room is drawn again, up to this many times

@@ -72,7 +72,8 @@ from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError, RagkitError
 from ragkit.progress import ProgressEvent
-from ragkit.readers.tasks import IGNORE, KEY_IDS, RecallBatch, RecallTask, make_recall_batch, slot_fact_ids
+from ragkit.readers.tasks import (IGNORE, KEY_IDS, RecallBatch, RecallTask, fact_slots, make_recall_batch,
+                                  slot_fact_ids)
 
 TRAIN_META = "train.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -405,6 +406,7 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             batch = batches.draw(config.batch_size, segments, generator, keys)
             ids, labels = batch.input_ids, batch.labels
             fact_segment = batch.key_positions[:, 0] // batches.task.segment_length  # (b,) the asked fact's
+            fact_slot = _asked_slot(model, batch, batches.task.segment_length)  # (b,) or None (one per segment)
         elif keys is not None:
             ids, labels = batches(config.batch_size, segments, generator, keys)
         else:
@@ -412,8 +414,8 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if supervised_search:
             teacher = share < config.search_teacher and not taught
-            logits = model(ids, search_target=fact_segment.to(device), teacher_search=teacher)
-            recent_hits.append(_search_hit_rate(model, fact_segment, segments))
+            logits = model(ids, search_target=fact_segment.to(device), teacher_search=teacher, search_slot=fact_slot)
+            recent_hits.append(_search_hit_rate(model, fact_segment, segments, fact_slot))
             hits.append(recent_hits[-1])
             taught = taught or (len(recent_hits) == recent_hits.maxlen and
                                 sum(recent_hits) / len(recent_hits) >= SEARCH_TAUGHT)
@@ -480,10 +482,17 @@ SEARCH_TAUGHT = 0.9  # teacher forcing ends once the search finds the asked memo
 SEARCH_TAUGHT_STEPS = 20  # … over this many steps in a row
 
 
-def _search_hit_rate(model: nn.Module, fact_segment: Tensor, segments: int) -> float:
-    """Share of the last batch's questions (`segments` segments each) whose search weighed the memory of the asked
-    fact's segment highest (evicted: a miss), as the evaluation counts it."""
-    return float(_search_hits(model, fact_segment, segments - 1).float().mean())
+def _search_hit_rate(model: nn.Module, fact_segment: Tensor, segments: int, fact_slot: Tensor | None) -> float:
+    """Share of the last batch's questions (`segments` segments each) whose search weighed the asked fact's memory
+    highest (evicted: a miss), as the evaluation counts it."""
+    return float(_search_hits(model, fact_segment, segments - 1, fact_slot).float().mean())
+
+
+def _asked_slot(model: nn.Module, batch: RecallBatch, segment_length: int) -> Tensor | None:
+    """(b,) which of its segment's memories holds the asked fact, for HMT writing r > 1 memories per segment; None
+    with one memory per segment."""
+    r = getattr(getattr(model, "config", None), "memory_tokens", 1)
+    return fact_slots(batch, segment_length, r)[:, 0] if r > 1 else None
 
 
 def _memory_id_terms(cache: Tensor | None, probe: nn.Module, targets: Tensor) -> tuple[Tensor, float] | None:
@@ -814,7 +823,8 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                             model.read(prefix)
                         logits = model(last, reset=prefix.shape[1] == 0)  # (b, S, V)
                         if mode == "on":
-                            hit = _search_hits(model, batch.key_positions[:, 0] // S, segments - 1)
+                            hit = _search_hits(model, batch.key_positions[:, 0] // S, segments - 1,
+                                               _asked_slot(model, batch, S))
                             if hit is not None:
                                 hits.append(hit)
                     pos = batch.answer_positions - (ids.shape[1] - S)  # (d,) within the last segment
@@ -841,9 +851,11 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
     return cells
 
 
-def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int) -> Tensor | None:
-    """(b,) bool: did the latest memory search weigh a memory of `key_segment` (b,) highest? The cache holds the
-    r memories each of the last m ≤ N of the `prefix_segments` segments read, oldest first. None for a reader without a
+def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int,
+                 key_slot: Tensor | None = None) -> Tensor | None:
+    """(b,) bool: did the latest memory search weigh the asked fact's memory highest: memory `key_slot` (b,) of
+    segment `key_segment` (b,), or with key_slot None any memory of that segment? The cache holds the r memories
+    each of the last m ≤ N of the `prefix_segments` segments read, oldest first. None for a reader without a
     search (Infini, HMT with memory_search off or memory disabled, nothing cached)."""
     weights = getattr(model, "last_weights", None)
     config = getattr(model, "config", None)
@@ -853,7 +865,10 @@ def _search_hits(model: nn.Module, key_segment: Tensor, prefix_segments: int) ->
 
     r = config.memory_tokens  # memories per segment
     index = cache_index(key_segment.to(weights.device), prefix_segments, weights.shape[-1] // r)  # (b,), -1: evicted
-    return ((index >= 0) & (weights[:, 0].argmax(dim=-1) // r == index)).cpu()
+    best = weights[:, 0].argmax(dim=-1)  # (b,)
+    if key_slot is None:
+        return ((index >= 0) & (best // r == index)).cpu()
+    return ((index >= 0) & (best == index * r + key_slot.to(best.device))).cpu()
 
 
 def _seeded(seed: int, segments: int, batch: int) -> torch.Generator:
