@@ -313,3 +313,26 @@ def test_several_memory_tokens_adapter_round_trip_and_positions(tmp_path):
         HMTConfig(memory_tokens=0)
     with pytest.raises(ConfigError, match="positions"):
         HMTLM(backbone, HMTConfig(segment_length=500, sensory_tokens=8, memory_tokens=4))  # 513 > 512
+
+
+def test_search_slot_names_one_memory_of_the_segment_and_teacher_forcing_reads_it(monkeypatch):
+    import ragkit.readers.hmt as hmt_module
+
+    reader = reader_for(tiny_backbone(), memory_tokens=R)
+    x = ids(4 * SEG, batch=2)
+    target, slot = torch.tensor([0, 2]), torch.tensor([1, 0])  # memory 1 of segment 0, memory 0 of segment 2
+    logits = reader(x, search_target=target, search_slot=slot)
+    weights = reader.last_weights[:, 0]  # (2, R·3)
+    torch.testing.assert_close(reader.target_log_weight.detach(), weights[torch.arange(2), R * target + slot].log())
+    forced = reader(x, search_target=target, teacher_search=True, search_slot=slot)
+    assert not torch.allclose(forced[:, 3 * SEG :], logits[:, 3 * SEG :])
+
+    real, searches = hmt_module.memory_search, []
+
+    def pick_that_memory_last(query, memories, w_q, w_k):
+        p, w = real(query, memories, w_q, w_k)
+        searches.append(1)
+        return (memories[torch.arange(2), R * target + slot][:, None] if len(searches) == 3 else p), w
+
+    monkeypatch.setattr(hmt_module, "memory_search", pick_that_memory_last)
+    torch.testing.assert_close(reader(x), forced)

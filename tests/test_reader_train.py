@@ -13,8 +13,8 @@ from torch import nn
 
 from ragkit.errors import ConfigError
 from ragkit.readers.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
-                                  make_recall_batch, segment_fact_ids,
-                                  slot_fact_ids)
+                                  fact_slots, make_recall_batch,
+                                  segment_fact_ids, slot_fact_ids)
 from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, _seeded, build_reader,
                                   evaluate_recall, load_checkpoint, save_checkpoint, train)
 
@@ -109,6 +109,10 @@ def test_slot_fact_ids_give_a_segments_facts_to_its_memories_in_reading_order():
             assert row[segment, 0].sum() == 1.0  # the first slot names exactly the first fact
             shared += len(mine) > 1
     assert shared > 0  # the draw did put two facts in one segment
+    slots = fact_slots(batch, SEG, 2)  # (b, K): the slot each fact was given, column 0 the asked one
+    for row, ids, starts, slot in zip(two, batch.input_ids, batch.key_positions.tolist(), slots.tolist()):
+        for start, s in zip(starts, slot):
+            assert row[start // SEG, s, int(ids[start + 1]) - KEY_IDS[0]] == 1.0
 
 
 def test_the_cue_opens_the_question_segment_without_giving_the_answer():
@@ -621,6 +625,35 @@ def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
     assert [e.search_hit for e in events] == [1.0] * 6 and result.search_hits == [(s, 1.0) for s in range(4, 25, 4)]
 
 
+def test_search_supervision_names_the_asked_facts_memory_when_a_segment_writes_several(monkeypatch):
+    import ragkit.readers.train as train_module
+
+    task = replace(hmt_task(), keys=4, cue=True, protect=SEG - 6)
+    for memory_tokens in (1, 2):
+        model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=2, heads=2, sensory_tokens=4,
+                             cache_size=8, memory_tokens=memory_tokens)[0]
+        seen, draws = [], []
+        forward, draw = model.forward, RecallBatches.draw
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("search_slot"))
+            return forward(*args, **kwargs)
+
+        def recorded(self, *args, **kwargs):
+            draws.append(draw(self, *args, **kwargs))
+            return draws[-1]
+
+        model.forward = spy
+        monkeypatch.setattr(RecallBatches, "draw", recorded)
+        train(model, RecallBatches(task), TrainConfig(steps=2, batch_size=8, segments=(3, 3), search_loss=0.3))
+        monkeypatch.undo()
+        if memory_tokens == 1:
+            assert seen == [None, None]  # one memory per segment: the segment names it
+        else:
+            for slot, batch in zip(seen, draws, strict=True):
+                assert torch.equal(slot, train_module.fact_slots(batch, SEG, 2)[:, 0])
+
+
 def test_only_the_hmt_parameters_train_on_a_frozen_backbone():
     model = tiny_hmt()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -681,6 +714,8 @@ def test_search_hits_point_at_the_key_segment_among_the_cached_memories():
                                      [[0.1, 0.1, 0.0, 0.0, 0.1, 0.7]]])  # (3, 1, 2·3)
     hits = _search_hits(TwoSlots(), torch.tensor([3, 0, 4]), 5)
     assert hits.tolist() == [True, False, True]  # the second memory of segment 3, of segment 4
+    hits = _search_hits(TwoSlots(), torch.tensor([3, 0, 4]), 5, key_slot=torch.tensor([1, 0, 0]))
+    assert hits.tolist() == [True, False, False]  # segment 4's fact is in its first memory: the search took the other
 
 
 def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
