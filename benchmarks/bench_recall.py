@@ -23,7 +23,8 @@ the answer can only come through memory, looked up by its id.
   the search finds it for 90% of questions, for at most that share of stage 2; `--memory-id-loss 1`: a loss, in
   both stages (`--memory-id-stages 2`: stage 2 only), making each segment's memory name the ids of its facts
   through a linear probe, so that the memory holds what the search must match; `--memory-tokens 2`: two memories
-  written per segment, the i-th fact of a segment named by its i-th memory). Its cache holds the memories of
+  written per segment, the i-th fact of a segment named by its i-th memory; `--memory-value-loss 1`: a loss, in both
+  stages, making each memory given one fact hold its digits, through another probe). Its cache holds the memories of
   N = `cache` segments: at the trained length every segment's memory fits; from 4× on, the cache is smaller than
   the number of segments (compression is forced) and it is also evaluated with a cache wide enough for every
   segment (lookup, no compression) to separate eviction from failure to read.
@@ -60,6 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
+                memory_value_loss=0.0,
                 keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
@@ -67,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
+                memory_value_loss=0.0,
                 keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
 }
@@ -132,7 +135,9 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
                              search_loss=args.search_loss if supervise else 0.0,
                              search_teacher=args.search_teacher if supervise else 0.0,
                              memory_id_loss=args.memory_id_loss if 2 in stages else 0.0,
-                             hmt_lr=args.hmt_lr if supervise or args.memory_id_loss else None,
+                             memory_value_loss=args.memory_value_loss,  # both stages
+                             hmt_lr=args.hmt_lr if supervise or args.memory_id_loss or args.memory_value_loss
+                             else None,
                              keys_curriculum=args.keys_curriculum,
                              min_lr_ratio=args.min_lr_ratio)
         result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
@@ -154,6 +159,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             "search_supervision": [args.search_loss, args.search_teacher] if reader == "hmt" and keys > 1 else None,
             "memory_id_loss": args.memory_id_loss if hmt else None,
             "memory_tokens": args.memory_tokens if hmt else None,
+            "memory_value_loss": args.memory_value_loss if hmt else None,
             "memory_id_stages": args.memory_id_stages if hmt and args.memory_id_loss else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
@@ -297,6 +303,8 @@ def run_label(run: dict[str, Any]) -> str:
         label += f", memory id loss {run['memory_id_loss']:g}"
         if run.get("memory_id_stages", "1,2") != "1,2":
             label += f" (stage {run['memory_id_stages']})"
+    if run.get("memory_value_loss"):
+        label += f", memory value loss {run['memory_value_loss']:g}"
     if run.get("min_lr_ratio", 0.1) != 0.1:
         label += f", lr floor {run['min_lr_ratio']:g}"
     if run.get("seed"):
@@ -339,7 +347,8 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     readers = list(dict.fromkeys(names.get(r["reader"], r["reader"]) for r in runs))
     which = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
     taught = [what for what, on in (("search supervision", any(any(r.get("search_supervision") or []) for r in runs)),
-                                    ("memory id loss", any(r.get("memory_id_loss") for r in runs))) if on]
+                                    ("memory id loss", any(r.get("memory_id_loss") for r in runs)),
+                                    ("memory value loss", any(r.get("memory_value_loss") for r in runs))) if on]
     supervised = f" with {' and '.join(taught)}" if taught else ""
     return (f"Associative recall{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
             f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")

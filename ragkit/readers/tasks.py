@@ -176,6 +176,23 @@ def slot_fact_ids(batch: RecallBatch, segment_length: int, slots: int) -> Tensor
     return targets
 
 
+def slot_fact_values(batch: RecallBatch, segment_length: int, slots: int) -> Tensor:
+    """(b, segments, slots, digits) long: the digits of the one fact each memory is given (as `slot_fact_ids` gives
+    them), IGNORE where a memory is given no fact or more than one."""
+    b, k = batch.key_positions.shape
+    digits = batch.answer.shape[1]
+    offsets = batch.key_positions[..., None] + 3 + torch.arange(digits)  # (b, K, d): KEY <id> = d d d …
+    values = batch.input_ids.gather(1, offsets.flatten(1)).view(b, k, digits) - DIGITS[0]  # (b, K, d)
+    segment, slot = batch.key_positions // segment_length, fact_slots(batch, segment_length, slots)  # (b, K)
+    rows = torch.arange(b)[:, None].expand(b, k)
+    count = torch.zeros(b, batch.input_ids.shape[1] // segment_length, slots, dtype=torch.long)
+    count.index_put_((rows, segment, slot), torch.ones(b, k, dtype=torch.long), accumulate=True)
+    targets = torch.full((*count.shape, digits), IGNORE, dtype=torch.long)
+    targets[rows, segment, slot] = values
+    targets[count != 1] = IGNORE
+    return targets
+
+
 def fact_slots(batch: RecallBatch, segment_length: int, slots: int) -> Tensor:
     """(b, K) long: the slot of each fact (column 0 the queried one), min(its rank among its segment's facts in
     reading order, slots - 1), as `slot_fact_ids` assigns them."""

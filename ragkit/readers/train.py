@@ -72,8 +72,8 @@ from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError, RagkitError
 from ragkit.progress import ProgressEvent
-from ragkit.readers.tasks import (IGNORE, KEY_IDS, RecallBatch, RecallTask, fact_slots, make_recall_batch,
-                                  slot_fact_ids)
+from ragkit.readers.tasks import (DIGITS, IGNORE, KEY_IDS, RecallBatch, RecallTask, fact_slots, make_recall_batch,
+                                  slot_fact_ids, slot_fact_values)
 
 TRAIN_META = "train.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -108,6 +108,7 @@ class TrainConfig:
     # itself (teacher-forced search); it ends sooner once the search finds that memory (see SEARCH_TAUGHT)
     memory_id_loss: float = 0.0  # HMT on recall tasks: weight of a loss making each segment's memory name the ids of
     # the facts in that segment, read by a linear probe trained alongside (at `hmt_lr`) and then dropped
+    memory_value_loss: float = 0.0  # HMT on recall tasks: the same for the digits of the one fact a memory is given
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
     log_every: int = 10  # steps between progress events
@@ -123,7 +124,7 @@ class TrainConfig:
             raise ConfigError("steps and batch_size must be at least 1")
         if not (self.lr > 0 and all(x is None or x > 0 for x in (self.gate_lr, self.hmt_lr))):
             raise ConfigError("learning rates must be positive")
-        for name in ("search_loss", "memory_id_loss"):
+        for name in ("search_loss", "memory_id_loss", "memory_value_loss"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("warmup", "gate_warmup", "min_lr_ratio", "length_curriculum", "keys_curriculum",
@@ -338,15 +339,15 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         raise ConfigError("the reader detaches its memory after every segment (bptt_segments=1): it could not learn "
                           "what to write; use None (all segments) or at least 2")
     supervised_search = config.search_loss > 0 or config.search_teacher > 0
-    supervised_ids = config.memory_id_loss > 0
+    supervised_ids = config.memory_id_loss > 0 or config.memory_value_loss > 0
     if config.keys_curriculum > 0 and not isinstance(batches, RecallBatches):
         raise ConfigError("keys_curriculum varies the facts per sequence of a recall task: use recall batches")
     if supervised_search and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
         raise ConfigError("search_loss and search_teacher train HMT's search on recall tasks, where the queried "
                           "fact's segment is known: use the HMT reader with recall batches")
     if supervised_ids and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
-        raise ConfigError("memory_id_loss trains HMT's memories to name their facts' ids, known on recall tasks: use "
-                          "the HMT reader with recall batches")
+        raise ConfigError("memory_id_loss and memory_value_loss train HMT's memories to name their facts, known on "
+                          "recall tasks: use the HMT reader with recall batches")
     model.to(device).train()
     gates = _gates(model)
     adapter_ids = {id(p) for p in gates + _hmt_params(model)}
@@ -362,11 +363,15 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             for g in gates:
                 g.fill_(config.gate_hold)
     groups = param_groups(model, config)
-    probe = None
-    if supervised_ids:  # reads the fact ids off each memory; trained with the reader, then dropped
+    probe = value_probe = None
+    if config.memory_id_loss > 0:  # reads the fact ids off each memory; trained with the reader, then dropped
         probe = nn.Linear(model.dim, len(KEY_IDS)).to(device)
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0,
                        "base_lr": config.hmt_lr or config.lr, "name": "memory id probe"})
+    if config.memory_value_loss > 0:  # reads a memory's fact's digits, 10 classes each; dropped as well
+        value_probe = nn.Linear(model.dim, batches.task.digits * len(DIGITS)).to(device)
+        groups.append({"params": list(value_probe.parameters()), "weight_decay": 0.0,
+                       "base_lr": config.hmt_lr or config.lr, "name": "memory value probe"})
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed)
@@ -435,6 +440,12 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
                 loss = loss + config.memory_id_loss * named[0]
                 if not math.isnan(named[1]):
                     id_hits.append(named[1])
+        if value_probe is not None:
+            slots = model.config.memory_tokens
+            held = _memory_value_term(model.cache, value_probe,
+                                      slot_fact_values(batch, batches.task.segment_length, slots))
+            if held is not None:
+                loss = loss + config.memory_value_loss * held
         total = float(loss.detach())
         if not math.isfinite(total):
             raise TrainingDivergedError(f"the loss became {total} at step {step + 1}: lower the learning rate "
@@ -513,6 +524,21 @@ def _memory_id_terms(cache: Tensor | None, probe: nn.Module, targets: Tensor) ->
     right = wanted.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0  # (b, m - 1, r)
     hit = float(right[holding].float().mean()) if bool(holding.any()) else float("nan")
     return loss, hit
+
+
+def _memory_value_term(cache: Tensor | None, probe: nn.Module, targets: Tensor) -> Tensor | None:
+    """The memory value loss of one batch, or None if no memory before the question's is given one fact.
+    cache: (b, r·m, C) as for `_memory_id_terms`; targets: (b, s, r, d) digits from `slot_fact_values`. The loss is
+    the probe's cross-entropy per digit, summed over the d digits, averaged over the memories given one fact."""
+    s, r, d = targets.shape[1], targets.shape[2], targets.shape[3]
+    if cache is None or cache.shape[1] < 2 * r:
+        return None
+    m = cache.shape[1] // r
+    wanted = targets[:, s - m : s - 1].to(cache.device)  # (b, m - 1, r, d)
+    if not bool((wanted != IGNORE).any()):
+        return None
+    logits = probe(cache[:, :-r].unflatten(1, (m - 1, r))).unflatten(-1, (d, -1))  # (b, m - 1, r, d, 10)
+    return F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE) * d
 
 
 def _flush_hits(hits: list[float], out: list[tuple[int, float]], step: int) -> float | None:
