@@ -5,6 +5,7 @@ the slow test reproduces the CPU passkey ablation of readers.md §7."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from ragkit.errors import ConfigError
 from ragkit.readers.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
                                   fact_slots, make_recall_batch,
-                                  segment_fact_ids, slot_fact_ids)
+                                  segment_fact_ids, slot_fact_ids, slot_fact_values)
 from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, _seeded, build_reader,
                                   evaluate_recall, load_checkpoint, save_checkpoint, train)
 
@@ -113,6 +114,22 @@ def test_slot_fact_ids_give_a_segments_facts_to_its_memories_in_reading_order():
     for row, ids, starts, slot in zip(two, batch.input_ids, batch.key_positions.tolist(), slots.tolist()):
         for start, s in zip(starts, slot):
             assert row[start // SEG, s, int(ids[start + 1]) - KEY_IDS[0]] == 1.0
+
+
+def test_slot_fact_values_give_each_memory_the_digits_of_its_one_fact():
+    task = RecallTask(segment_length=SEG, keys=4, digits=3)
+    batch = make_recall_batch(task, 32, 4, gen(5))
+    for slots in (1, 2):
+        values = slot_fact_values(batch, SEG, slots)  # (b, segments, slots, digits)
+        assert values.shape == (32, 4, slots, 3)
+        given = slot_fact_ids(batch, SEG, slots).sum(-1)  # (b, segments, slots): facts given to each memory
+        assert bool(((values != IGNORE).all(-1) == (given == 1)).all())  # scored exactly where one fact is given
+        for row, ids, starts, slot in zip(values, batch.input_ids, batch.key_positions.tolist(),
+                                          fact_slots(batch, SEG, slots).tolist()):
+            for start, j in zip(starts, slot):
+                if (row[start // SEG, j] != IGNORE).all():
+                    assert row[start // SEG, j].tolist() == ids[start + 3 : start + 6].tolist()
+    assert (slot_fact_values(batch, SEG, 2) != IGNORE).sum() > (slot_fact_values(batch, SEG, 1) != IGNORE).sum()
 
 
 def test_the_cue_opens_the_question_segment_without_giving_the_answer():
@@ -602,6 +619,40 @@ def test_memory_id_terms_score_each_of_several_memories_per_segment_against_its_
     worse, hit = _memory_id_terms(swapped, probe, targets)
     assert hit == 0.0 and worse > loss
     assert _memory_id_terms(cache[:, -3:], probe, targets) is None  # less than two segments' memories cached
+
+
+def test_memory_value_term_scores_the_digits_of_the_memories_given_one_fact():
+    from ragkit.readers.train import _memory_value_term
+
+    targets = torch.full((1, 3, 1, 2), IGNORE)  # 3 segments, 1 slot, 2 digits: segment 1 holds the fact "3 1"
+    targets[0, 1, 0] = torch.tensor([3, 1])
+    cache = torch.eye(3)[[0, 1, 2]][None]  # segments 0, 1, 2 (the question's, left out)
+    probe = nn.Linear(3, 2 * 10, bias=False)
+    with torch.no_grad():
+        probe.weight.zero_()
+        probe.weight[3, 1] = probe.weight[10 + 1, 1] = 8.0  # memory e1 → digit 3 first, digit 1 second
+    right = _memory_value_term(cache, probe, targets).detach()
+    with torch.no_grad():
+        probe.weight[3, 1] = probe.weight[10 + 1, 1] = 0.0
+    guess = float(_memory_value_term(cache, probe, targets).detach())  # every digit at 1/10
+    assert float(right) < 0.01 and guess == pytest.approx(2 * math.log(10), rel=1e-4)
+    assert _memory_value_term(cache, probe, torch.full((1, 3, 1, 2), IGNORE)) is None  # no memory given one fact
+
+
+def test_memory_value_loss_trains_hmt_and_needs_recall_batches():
+    model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, sensory_tokens=4,
+                         cache_size=8, memory_tokens=2)[0]
+    task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
+    base = TrainConfig(steps=3, batch_size=4, segments=(3, 3), seed=0, lr=1e-3)
+    plain = train(model, RecallBatches(task), base)
+    model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, sensory_tokens=4,
+                         cache_size=8, memory_tokens=2)[0]
+    valued = train(model, RecallBatches(task), replace(base, memory_value_loss=1.0))
+    assert valued.history[-1][1] != plain.history[-1][1]  # the value loss changed what was learnt
+    with pytest.raises(ConfigError, match="memory_value_loss"):
+        TrainConfig(memory_value_loss=-1.0)
+    with pytest.raises(ConfigError, match="memory_value_loss"):
+        train(tiny(), RecallBatches(task), TrainConfig(steps=1, memory_value_loss=1.0))
 
 
 def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
