@@ -83,6 +83,9 @@ def train(
                                  "facts (a linear probe, trained alongside and not saved), in both stages; with "
                                  "--search-loss it lets the search find the asked fact [default: 0].", min=0)]
     = None,
+    memory_value_loss: Annotated[Optional[float], typer.Option(
+        "--memory-value-loss", help="hmt, recall: weight of a loss making each memory given one fact hold its digits "
+                                    "(another probe, not saved), in both stages [default: 0].", min=0)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
@@ -154,12 +157,14 @@ def _train(opts: dict[str, Any]) -> None:
         raise ConfigError(f"--reader must be infini or hmt, got {opts['reader']!r}")
     if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size",
                                                      "memory_tokens", "search_loss", "search_teacher",
-                                                     "memory_id_loss")):
+                                                     "memory_id_loss", "memory_value_loss")):
         raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --memory-tokens, "
-                          "--search-loss, --search-teacher and --memory-id-loss are for --reader hmt")
-    if objective != "recall" and (opts["search_loss"] or opts["search_teacher"] or opts["memory_id_loss"]):
-        raise ConfigError("--search-loss, --search-teacher and --memory-id-loss need --objective recall (where the "
-                          "facts are known)")
+                          "--search-loss, --search-teacher, --memory-id-loss and --memory-value-loss are for "
+                          "--reader hmt")
+    if objective != "recall" and any(opts[k] for k in ("search_loss", "search_teacher", "memory_id_loss",
+                                                       "memory_value_loss")):
+        raise ConfigError("--search-loss, --search-teacher, --memory-id-loss and --memory-value-loss need "
+                          "--objective recall (where the facts are known)")
     if objective != "recall" and opts["keys_curriculum"]:
         raise ConfigError("--keys-curriculum needs --objective recall (it varies the facts per sequence)")
     if opts["update"] not in ("linear", "delta"):
@@ -193,10 +198,11 @@ def _train(opts: dict[str, Any]) -> None:
     task = (RecallTask(segment_length=segment_length, keys=opts["keys"], protect=protect, cue=opts["keys"] > 1)
             if objective == "recall" else None)
     search_loss, search_teacher = opts["search_loss"] or 0.0, opts["search_teacher"] or 0.0
-    memory_id_loss = opts["memory_id_loss"] or 0.0
+    memory_id_loss, memory_value_loss = opts["memory_id_loss"] or 0.0, opts["memory_value_loss"] or 0.0
     config = TrainConfig(steps=stage2, batch_size=opts["batch_size"], segments=(lo, hi), lr=lr,
                          search_loss=search_loss, search_teacher=search_teacher, memory_id_loss=memory_id_loss,
-                         hmt_lr=10 * lr if search_loss or memory_id_loss else None,  # ids are learnt at this rate
+                         memory_value_loss=memory_value_loss,
+                         hmt_lr=10 * lr if search_loss or memory_id_loss or memory_value_loss else None,
                          gate_lr=gate_lr, gate_warmup=gate_warmup, gate_hold=0.0 if tiny else None,
                          train_all=train_all, length_curriculum=opts["curriculum"],
                          keys_curriculum=opts["keys_curriculum"], min_lr_ratio=opts["min_lr_ratio"],
