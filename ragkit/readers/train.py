@@ -46,7 +46,14 @@ and for all of them among 15 and 63 memories at 4× and 16× the trained length;
 that one memory per segment does not keep two facts apart: on 8 segments a fact alone in its segment was read at
 0.92 of its digits and one sharing its segment at 0.46 (on 4 segments, where every sequence has such a segment,
 0.3-0.4 overall, and chance for some seeds). In stage 1 the id loss slows the learning to store the digits (loss
-1.17 after 800 steps, 0.28 without it): `train_two_stage(stage1_memory_id_loss=0)` leaves it to stage 2.
+1.17 after 800 steps, 0.28 without it), yet left to stage 2 alone it was learnt too late or never for two of three
+runs: `reader train` applies it in both stages (`train_two_stage(stage1_memory_id_loss=0)` leaves it to stage 2).
+With `memory_tokens` = 2 each segment writes two memories, the i-th fact of a segment is given to its i-th memory
+(`slot_fact_ids`), and the search loss and teacher forcing name that memory (`fact_slots`). The search then found
+the right memory, yet shared facts were still read at 0.42-0.47: the memory the probe names a fact by still mixed
+its digits with the neighbour's. `memory_value_loss` adds a second probe that must read from each memory given one
+fact that fact's digits (`slot_fact_values`); with it, K = 4 on 8 segments reached 0.96 and 0.98 of digits (seeds 0
+and 1), 0.93 and 1.00 for facts sharing a segment (RESULTS.md, "memory value loss").
 
 Checkpoints are plain files: the reader's adapter (gates or HMT parameters, and config), the whole backbone in
 safetensors when its weights were trained (config.json + model.safetensors, loadable by transformers), and
