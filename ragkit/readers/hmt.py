@@ -400,7 +400,7 @@ class HMTLM(nn.Module):
             raise ModelLoadError(f"the HMT adapter in {folder} was made for embeddings of width "
                                  f"{meta.get('embedding_dim')}, this backbone's are {self.dim}")
         config = _config_of(meta, folder)
-        expected = set(ADAPTER_TENSORS[:5 if config.memory_tokens > 1 else 4])
+        expected = set(ADAPTER_TENSORS if config.memory_tokens > 1 else ADAPTER_TENSORS[:-1])  # slots: r > 1 only
         if set(tensors) != expected:
             raise ModelLoadError(f"the HMT adapter in {folder} holds {', '.join(sorted(tensors))}; its config needs "
                                  f"{', '.join(sorted(expected))}")

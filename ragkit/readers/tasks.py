@@ -184,12 +184,10 @@ def slot_fact_values(batch: RecallBatch, segment_length: int, slots: int) -> Ten
     offsets = batch.key_positions[..., None] + 3 + torch.arange(digits)  # (b, K, d): KEY <id> = d d d …
     values = batch.input_ids.gather(1, offsets.flatten(1)).view(b, k, digits) - DIGITS[0]  # (b, K, d)
     segment, slot = batch.key_positions // segment_length, fact_slots(batch, segment_length, slots)  # (b, K)
-    rows = torch.arange(b)[:, None].expand(b, k)
-    count = torch.zeros(b, batch.input_ids.shape[1] // segment_length, slots, dtype=torch.long)
-    count.index_put_((rows, segment, slot), torch.ones(b, k, dtype=torch.long), accumulate=True)
-    targets = torch.full((*count.shape, digits), IGNORE, dtype=torch.long)
-    targets[rows, segment, slot] = values
-    targets[count != 1] = IGNORE
+    given = slot_fact_ids(batch, segment_length, slots).sum(-1)  # (b, segments, slots): facts given to each memory
+    targets = torch.full((*given.shape, digits), IGNORE, dtype=torch.long)
+    targets[torch.arange(b)[:, None].expand(b, k), segment, slot] = values
+    targets[given != 1] = IGNORE
     return targets
 
 

@@ -370,15 +370,16 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             for g in gates:
                 g.fill_(config.gate_hold)
     groups = param_groups(model, config)
-    probe = value_probe = None
-    if config.memory_id_loss > 0:  # reads the fact ids off each memory; trained with the reader, then dropped
-        probe = nn.Linear(model.dim, len(KEY_IDS)).to(device)
+    def memory_probe(outputs: int, name: str) -> nn.Module:  # trained with the reader at hmt_lr, then dropped
+        probe = nn.Linear(model.dim, outputs).to(device)
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0,
-                       "base_lr": config.hmt_lr or config.lr, "name": "memory id probe"})
-    if config.memory_value_loss > 0:  # reads a memory's fact's digits, 10 classes each; dropped as well
-        value_probe = nn.Linear(model.dim, batches.task.digits * len(DIGITS)).to(device)
-        groups.append({"params": list(value_probe.parameters()), "weight_decay": 0.0,
-                       "base_lr": config.hmt_lr or config.lr, "name": "memory value probe"})
+                       "base_lr": config.hmt_lr or config.lr, "name": name})
+        return probe
+
+    # the ids of each memory's facts; the digits of its one fact, 10 classes each
+    probe = memory_probe(len(KEY_IDS), "memory id probe") if config.memory_id_loss > 0 else None
+    value_probe = (memory_probe(batches.task.digits * len(DIGITS), "memory value probe")
+                   if config.memory_value_loss > 0 else None)
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed)
@@ -520,12 +521,11 @@ def _memory_id_terms(cache: Tensor | None, probe: nn.Module, targets: Tensor) ->
     s - m … s - 1, the question's last. targets: (b, s, r, I) from `slot_fact_ids`. The loss is the probe's binary
     cross-entropy summed over the I ids, averaged over the memories before the question's; the hit rate is the share
     of those memories holding a fact whose highest-scored id is one of theirs."""
-    s, r = targets.shape[1], targets.shape[2]
-    if cache is None or cache.shape[1] < 2 * r:
+    prefix = _prefix_memories(cache, targets)
+    if prefix is None:
         return None
-    m = cache.shape[1] // r
-    logits = probe(cache[:, : -r].unflatten(1, (m - 1, r)))  # (b, m - 1, r, I)
-    wanted = targets[:, s - m : s - 1].to(logits.device)  # (b, m - 1, r, I)
+    memories, wanted = prefix
+    logits = probe(memories)  # (b, m - 1, r, I)
     loss = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none").sum(-1).mean()
     holding = wanted.sum(-1) > 0  # (b, m - 1, r)
     right = wanted.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0  # (b, m - 1, r)
@@ -537,15 +537,23 @@ def _memory_value_term(cache: Tensor | None, probe: nn.Module, targets: Tensor) 
     """The memory value loss of one batch, or None if no memory before the question's is given one fact.
     cache: (b, r·m, C) as for `_memory_id_terms`; targets: (b, s, r, d) digits from `slot_fact_values`. The loss is
     the probe's cross-entropy per digit, summed over the d digits, averaged over the memories given one fact."""
-    s, r, d = targets.shape[1], targets.shape[2], targets.shape[3]
+    prefix = _prefix_memories(cache, targets)
+    if prefix is None or not bool((prefix[1] != IGNORE).any()):
+        return None
+    memories, wanted = prefix  # (b, m - 1, r, C), (b, m - 1, r, d)
+    d = wanted.shape[-1]
+    logits = probe(memories).unflatten(-1, (d, -1))  # (b, m - 1, r, d, 10)
+    return F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE) * d
+
+
+def _prefix_memories(cache: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The cached memories of the segments before the question's, (b, m - 1, r, C), and their rows of `targets`
+    (b, s, r, …), or None if fewer than two segments' memories are cached. cache: (b, r·m, C), segments s - m … s - 1."""
+    s, r = targets.shape[1], targets.shape[2]
     if cache is None or cache.shape[1] < 2 * r:
         return None
     m = cache.shape[1] // r
-    wanted = targets[:, s - m : s - 1].to(cache.device)  # (b, m - 1, r, d)
-    if not bool((wanted != IGNORE).any()):
-        return None
-    logits = probe(cache[:, :-r].unflatten(1, (m - 1, r))).unflatten(-1, (d, -1))  # (b, m - 1, r, d, 10)
-    return F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE) * d
+    return cache[:, :-r].unflatten(1, (m - 1, r)), targets[:, s - m : s - 1].to(cache.device)
 
 
 def _flush_hits(hits: list[float], out: list[tuple[int, float]], step: int) -> float | None:
@@ -783,8 +791,9 @@ class RecallCell:
     memory disabled: the final segment read alone), or "other" (the memory of a different sequence: its segments,
     then the final segment of this one).
     search_hit (HMT with memory search, mode "on" only): the share of sequences whose final segment's search gives
-    its highest weight to the memory of the segment that holds the queried fact (a fact evicted from the cache
-    counts as a miss); None otherwise.
+    its highest weight to the memory that holds the queried fact (that of its segment; with r > 1 memories per
+    segment, the one the fact was given, `fact_slots`); a fact evicted from the cache counts as a miss; None
+    otherwise.
     digit_alone: digit accuracy over the sequences whose queried fact is the only fact in its segment (HMT keeps one
     memory per segment unless `memory_tokens` > 1, so this separates reading a memory from telling apart two facts
     in one); None if none is. digit_shared: the same over the others, whose fact shares its segment."""
