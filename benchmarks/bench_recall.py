@@ -15,7 +15,8 @@ one id at the end; loss on the answer digits only. The question's segment opens 
 (QUERY <id> =, no answer) and no fact lies in that segment or in the 8 tokens before it (HMT's sensory window), so
 the answer can only come through memory, looked up by its id.
 - Infini-attention: one run, the gates held at sigmoid 0.5 for the first 40% of the budget, then trained at 10×
-  the learning rate without decay.
+  the learning rate without decay. `--memory-value-loss 1` adds a loss making each layer's memory, as the question's
+  segment reads it, give every fact's digits to a probe that queries it once per (id, digit) (`infini_probe`).
 - HMT: the paper's two stages: stage 1 (`stage1_steps`, 2 segments, no search) on the one-key task with the sensory
   window open (`stage1_recall_batches`), then stage 2 with the search on the K-key task for the rest of the budget.
   For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a loss on the weight
@@ -61,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
-                memory_value_loss=0.0,
+                memory_value_loss=0.0, probe_lr=None,
                 keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16", sequences=128, eval_batch=64, device="cpu", name="bench_recall"),
     # one GPU: issue-sized model (d_model 256, 4 layers), longer inputs
@@ -69,14 +70,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=240.0, stage1_steps=1500, batch_size=128, lr=1e-3,
                 search_loss=0.0, search_teacher=0.0, memory_id_loss=0.0, memory_id_stages="1,2", hmt_lr=1e-2,
-                memory_value_loss=0.0,
+                memory_value_loss=0.0, probe_lr=None,
                 keys_curriculum=0.0, min_lr_ratio=0.1, update="linear",
                 multiples="1,4,16,64", sequences=256, eval_batch=256, device="cuda", name="bench_recall_gpu"),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = preset_parser(__doc__, PRESETS)
+    parser = preset_parser(__doc__, PRESETS, floats=("probe_lr",))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="on,shut,other", help="memory on, off (shut) and another sequence's")
     parser.add_argument("--save", type=Path, help="save each trained reader to SAVE/<reader>-k<K> (a checkpoint)")
@@ -121,6 +122,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             gates.append((e.step, [[round(g, 3) for g in layer] for layer in e.gates]))
         hit = "" if e.search_hit is None else f"  search hit {e.search_hit:.3f}"
         hit += "" if e.memory_id_hit is None else f"  memory id hit {e.memory_id_hit:.3f}"
+        hit += "" if e.memory_value_hit is None else f"  memory value hit {e.memory_value_hit:.3f}"
         print(f"{reader} K={keys} step {e.step:>6}  loss {e.loss:.4f}{hit}  {e.seconds:.0f}s", file=sys.stderr,
               flush=True)
 
@@ -136,6 +138,7 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
                              search_teacher=args.search_teacher if supervise else 0.0,
                              memory_id_loss=args.memory_id_loss if 2 in stages else 0.0,
                              memory_value_loss=args.memory_value_loss,  # both stages
+                             probe_lr=args.probe_lr,
                              hmt_lr=args.hmt_lr if supervise or args.memory_id_loss or args.memory_value_loss
                              else None,
                              keys_curriculum=args.keys_curriculum,
@@ -146,7 +149,9 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
     else:
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
                              max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
-                             keys_curriculum=args.keys_curriculum, min_lr_ratio=args.min_lr_ratio)
+                             keys_curriculum=args.keys_curriculum, min_lr_ratio=args.min_lr_ratio,
+                             memory_value_loss=args.memory_value_loss if reader == "infini" else 0.0,
+                             probe_lr=args.probe_lr)
         result = train(model, RecallBatches(task), config, progress=log)
     if args.save:
         save_checkpoint(model, args.save / f"{reader}-k{keys}", full=True,
@@ -159,11 +164,13 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             "search_supervision": [args.search_loss, args.search_teacher] if reader == "hmt" and keys > 1 else None,
             "memory_id_loss": args.memory_id_loss if hmt else None,
             "memory_tokens": args.memory_tokens if hmt else None,
-            "memory_value_loss": args.memory_value_loss if hmt else None,
+            "memory_value_loss": args.memory_value_loss if reader != "full" else None,
+            "probe_lr": args.probe_lr if reader != "full" and (args.memory_value_loss or args.memory_id_loss) else None,
             "memory_id_stages": args.memory_id_stages if hmt and args.memory_id_loss else None,
             "train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss,
                       "history": result.history, "gates": result.gates, "gate_history": gates[::5],
-                      "search_hits": result.search_hits, "memory_id_hits": result.memory_id_hits},
+                      "search_hits": result.search_hits, "memory_id_hits": result.memory_id_hits,
+                      "memory_value_hits": result.memory_value_hits},
             **evaluate_one(model, task, reader, args, deadline)}
 
 
@@ -305,6 +312,8 @@ def run_label(run: dict[str, Any]) -> str:
             label += f" (stage {run['memory_id_stages']})"
     if run.get("memory_value_loss"):
         label += f", memory value loss {run['memory_value_loss']:g}"
+    if run.get("probe_lr"):
+        label += f", probe lr {run['probe_lr']:g}"
     if run.get("min_lr_ratio", 0.1) != 0.1:
         label += f", lr floor {run['min_lr_ratio']:g}"
     if run.get("seed"):

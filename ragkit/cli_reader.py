@@ -84,8 +84,10 @@ def train(
                                  "--search-loss it lets the search find the asked fact [default: 0].", min=0)]
     = None,
     memory_value_loss: Annotated[Optional[float], typer.Option(
-        "--memory-value-loss", help="hmt, recall: weight of a loss making each memory given one fact hold its digits "
-                                    "(another probe, not saved), in both stages [default: 0].", min=0)] = None,
+        "--memory-value-loss", help="recall: weight of a loss making the memory hold each fact's digits, read by a "
+                                    "probe trained alongside and not saved (hmt: each memory given one fact, in both "
+                                    "stages; infini: each layer's memory read with a query per id and digit) "
+                                    "[default: 0].", min=0)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.", min=1)] = 16,
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Learning rate of the trained weights [default: 1e-3 with --tiny, else 1e-4].")] = None,
@@ -157,10 +159,9 @@ def _train(opts: dict[str, Any]) -> None:
         raise ConfigError(f"--reader must be infini or hmt, got {opts['reader']!r}")
     if not hmt and any(opts[k] is not None for k in ("stage1_steps", "stage2_steps", "sensory_tokens", "cache_size",
                                                      "memory_tokens", "search_loss", "search_teacher",
-                                                     "memory_id_loss", "memory_value_loss")):
+                                                     "memory_id_loss")):
         raise ConfigError("--stage1-steps, --stage2-steps, --sensory-tokens, --cache-size, --memory-tokens, "
-                          "--search-loss, --search-teacher, --memory-id-loss and --memory-value-loss are for "
-                          "--reader hmt")
+                          "--search-loss, --search-teacher and --memory-id-loss are for --reader hmt")
     if objective != "recall" and any(opts[k] for k in ("search_loss", "search_teacher", "memory_id_loss",
                                                        "memory_value_loss")):
         raise ConfigError("--search-loss, --search-teacher, --memory-id-loss and --memory-value-loss need "
@@ -291,6 +292,8 @@ class _Bar:
             info += f"  search hit {event.search_hit:.2f}"
         if event.memory_id_hit is not None:
             info += f"  memory id hit {event.memory_id_hit:.2f}"
+        if event.memory_value_hit is not None:
+            info += f"  memory value hit {event.memory_value_hit:.2f}"
         self.progress.update(self.train_task, completed=event.step, info=info)
 
     def on_tokenize(self, event: ProgressEvent) -> None:

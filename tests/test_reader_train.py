@@ -567,7 +567,7 @@ def test_memory_id_loss_teaches_hmt_memories_to_name_the_ids_of_their_facts():
     hits = [hit for _, hit in result.memory_id_hits]
     assert len(hits) == 9 and [e.memory_id_hit for e in events] == hits
     assert hits[0] < 0.2 and hits[-1] > 0.7, hits
-    with pytest.raises(ConfigError, match="HMT reader with recall batches"):
+    with pytest.raises(ConfigError, match="memory_id_loss trains HMT"):
         train(tiny(), RecallBatches(task), TrainConfig(steps=1, memory_id_loss=1.0))
     with pytest.raises(ConfigError, match="memory_id_loss"):
         TrainConfig(memory_id_loss=-1.0)
@@ -631,10 +631,11 @@ def test_memory_value_term_scores_the_digits_of_the_memories_given_one_fact():
     with torch.no_grad():
         probe.weight.zero_()
         probe.weight[3, 1] = probe.weight[10 + 1, 1] = 8.0  # memory e1 → digit 3 first, digit 1 second
-    right = _memory_value_term(cache, probe, targets).detach()
+    right, accuracy = _memory_value_term(cache, probe, targets)
+    assert accuracy == 1.0
     with torch.no_grad():
         probe.weight[3, 1] = probe.weight[10 + 1, 1] = 0.0
-    guess = float(_memory_value_term(cache, probe, targets).detach())  # every digit at 1/10
+    guess = float(_memory_value_term(cache, probe, targets)[0])  # every digit at 1/10
     assert float(right) < 0.01 and guess == pytest.approx(2 * math.log(10), rel=1e-4)
     assert _memory_value_term(cache, probe, torch.full((1, 3, 1, 2), IGNORE)) is None  # no memory given one fact
 
@@ -651,8 +652,9 @@ def test_memory_value_loss_trains_hmt_and_needs_recall_batches():
     assert valued.history[-1][1] != plain.history[-1][1]  # the value loss changed what was learnt
     with pytest.raises(ConfigError, match="memory_value_loss"):
         TrainConfig(memory_value_loss=-1.0)
-    with pytest.raises(ConfigError, match="memory_value_loss"):
-        train(tiny(), RecallBatches(task), TrainConfig(steps=1, memory_value_loss=1.0))
+    with pytest.raises(ConfigError, match="memory_value_loss"):  # a model with no memory to train
+        train(nn.Sequential(nn.Embedding(VOCAB_SIZE, 8), nn.Linear(8, VOCAB_SIZE)), RecallBatches(task),
+              TrainConfig(steps=1, memory_value_loss=1.0))
 
 
 def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
@@ -824,8 +826,14 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     result = CliRunner().invoke(app, many + ["--memory-tokens", "2", "--memory-value-loss", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "train.json").read_text())["train"]["memory_value_loss"] == 1.0
-    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-value-loss", "1", "--out", str(out)])
-    assert result.exit_code == 1 and "--reader hmt" in result.output
+    infini = [a for a in many if a not in ("hmt", "--stage1-steps", "2")]  # the Infini-attention reader
+    assert "--reader" in infini and infini[infini.index("--reader") + 1] == "--tiny"
+    infini.remove("--reader")
+    result = CliRunner().invoke(app, infini + ["--memory-value-loss", "1"])
+    assert result.exit_code == 0, result.output
+    assert "memory_value_hits" in json.loads(result.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "train.json").read_text())["train"]["memory_value_loss"] == 1.0
+    assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "train.json"}
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-tokens", "2", "--out", str(out)])
     assert result.exit_code == 1 and "--reader hmt" in result.output
 

@@ -168,7 +168,7 @@ def slot_fact_ids(batch: RecallBatch, segment_length: int, slots: int) -> Tensor
     The i-th fact of a segment (in reading order, from 0) goes to slot min(i, slots - 1), so that with as many slots
     as facts each memory names one fact; slots = 1 is `segment_fact_ids` with a slot axis."""
     b, k = batch.key_positions.shape
-    columns = batch.input_ids.gather(1, batch.key_positions + 1) - KEY_IDS[0]  # (b, K): KEY <id> = …
+    columns = fact_names(batch)  # (b, K)
     segment = batch.key_positions // segment_length  # (b, K)
     slot = fact_slots(batch, segment_length, slots)  # (b, K)
     targets = torch.zeros(b, batch.input_ids.shape[1] // segment_length, slots, len(KEY_IDS))
@@ -181,14 +181,26 @@ def slot_fact_values(batch: RecallBatch, segment_length: int, slots: int) -> Ten
     them), IGNORE where a memory is given no fact or more than one."""
     b, k = batch.key_positions.shape
     digits = batch.answer.shape[1]
-    offsets = batch.key_positions[..., None] + 3 + torch.arange(digits)  # (b, K, d): KEY <id> = d d d …
-    values = batch.input_ids.gather(1, offsets.flatten(1)).view(b, k, digits) - DIGITS[0]  # (b, K, d)
+    values = fact_values(batch)  # (b, K, d)
     segment, slot = batch.key_positions // segment_length, fact_slots(batch, segment_length, slots)  # (b, K)
     given = slot_fact_ids(batch, segment_length, slots).sum(-1)  # (b, segments, slots): facts given to each memory
     targets = torch.full((*given.shape, digits), IGNORE, dtype=torch.long)
     targets[torch.arange(b)[:, None].expand(b, k), segment, slot] = values
     targets[given != 1] = IGNORE
     return targets
+
+
+def fact_names(batch: RecallBatch) -> Tensor:
+    """(b, K) long: each fact's key id as an index into KEY_IDS (column 0 the queried one)."""
+    return batch.input_ids.gather(1, batch.key_positions + 1) - KEY_IDS[0]  # KEY <id> = …
+
+
+def fact_values(batch: RecallBatch) -> Tensor:
+    """(b, K, d) long: each fact's digits (column 0 the queried one)."""
+    b, k = batch.key_positions.shape
+    digits = batch.answer.shape[1]
+    offsets = batch.key_positions[..., None] + 3 + torch.arange(digits)  # (b, K, d): KEY <id> = d d d …
+    return batch.input_ids.gather(1, offsets.flatten(1)).view(b, k, digits) - DIGITS[0]
 
 
 def fact_slots(batch: RecallBatch, segment_length: int, slots: int) -> Tensor:

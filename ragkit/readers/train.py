@@ -79,8 +79,10 @@ from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError, RagkitError
 from ragkit.progress import ProgressEvent
-from ragkit.readers.tasks import (DIGITS, IGNORE, KEY_IDS, RecallBatch, RecallTask, fact_slots, make_recall_batch,
-                                  slot_fact_ids, slot_fact_values)
+from ragkit.readers.infini import InfiniLM
+from ragkit.readers.infini_probe import InfiniValueProbe, MemoryState, forward_keeping_memory
+from ragkit.readers.tasks import (DIGITS, IGNORE, KEY_IDS, RecallBatch, RecallTask, fact_names, fact_slots,
+                                  fact_values, make_recall_batch, slot_fact_ids, slot_fact_values)
 
 TRAIN_META = "train.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -110,12 +112,14 @@ class TrainConfig:
     gate_hold: float | None = 0.0  # β the gates are held at during the warm-up (0: sigmoid 0.5); None: as they are
     train_all: bool = True  # train every weight; False: only the gates or HMT parameters (a frozen backbone)
     hmt_lr: float | None = None  # peak learning rate of HMT's new parameters (T, memory, W_q, W_k); None: lr
+    probe_lr: float | None = None  # peak learning rate of the memory probes; None: hmt_lr, else lr
     search_loss: float = 0.0  # HMT on recall tasks: weight of −log(search weight of the queried fact's memory)
     search_teacher: float = 0.0  # HMT on recall tasks: longest share of the run whose question reads that memory
     # itself (teacher-forced search); it ends sooner once the search finds that memory (see SEARCH_TAUGHT)
     memory_id_loss: float = 0.0  # HMT on recall tasks: weight of a loss making each segment's memory name the ids of
     # the facts in that segment, read by a linear probe trained alongside (at `hmt_lr`) and then dropped
-    memory_value_loss: float = 0.0  # HMT on recall tasks: the same for the digits of the one fact a memory is given
+    memory_value_loss: float = 0.0  # recall tasks: the same for the digits of the one fact an HMT memory is given;
+    # Infini-attention: each layer's memory, read with a learned query per (id, digit), must give that fact's digits
     grad_clip: float = 1.0  # max global gradient norm
     max_seconds: float | None = None  # stop after this much wall time (the schedule follows time then)
     log_every: int = 10  # steps between progress events
@@ -129,7 +133,7 @@ class TrainConfig:
             raise ConfigError(f"segments must be a range A-B with 1 ≤ A ≤ B, got {lo}-{hi}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be at least 1")
-        if not (self.lr > 0 and all(x is None or x > 0 for x in (self.gate_lr, self.hmt_lr))):
+        if not (self.lr > 0 and all(x is None or x > 0 for x in (self.gate_lr, self.hmt_lr, self.probe_lr))):
             raise ConfigError("learning rates must be positive")
         for name in ("search_loss", "memory_id_loss", "memory_value_loss"):
             if getattr(self, name) < 0:
@@ -162,6 +166,7 @@ class TrainEvent:
     keys: int | None = None  # facts per sequence of the latest batch (recall tasks)
     memory_id_hit: float | None = None  # with memory_id_loss: share of memories holding a fact whose probe names
     # one of their ids first (chance: about 1 in 16 per fact held)
+    memory_value_hit: float | None = None  # with memory_value_loss: share of digits the value probe reads right
 
 
 @dataclass
@@ -177,6 +182,7 @@ class TrainResult:
     checkpoint: str | None = None  # the folder written, if any
     search_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, search hit) if the search is taught
     memory_id_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, memory id hit) with memory_id_loss
+    memory_value_hits: list[tuple[int, float]] = field(default_factory=list)  # (step, memory value hit), likewise
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,14 +353,22 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
                           "what to write; use None (all segments) or at least 2")
     supervised_search = config.search_loss > 0 or config.search_teacher > 0
     supervised_ids = config.memory_id_loss > 0 or config.memory_value_loss > 0
+    infini_values = config.memory_value_loss > 0 and isinstance(model, InfiniLM)  # the rest is HMT's
     if config.keys_curriculum > 0 and not isinstance(batches, RecallBatches):
         raise ConfigError("keys_curriculum varies the facts per sequence of a recall task: use recall batches")
     if supervised_search and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
         raise ConfigError("search_loss and search_teacher train HMT's search on recall tasks, where the queried "
                           "fact's segment is known: use the HMT reader with recall batches")
-    if supervised_ids and not (isinstance(batches, RecallBatches) and _hmt_params(model)):
-        raise ConfigError("memory_id_loss and memory_value_loss train HMT's memories to name their facts, known on "
-                          "recall tasks: use the HMT reader with recall batches")
+    if supervised_ids and not isinstance(batches, RecallBatches):
+        raise ConfigError("memory_id_loss and memory_value_loss train a memory to hold its facts, known on recall "
+                          "tasks: use recall batches")
+    if config.memory_id_loss > 0 and not _hmt_params(model):
+        raise ConfigError("memory_id_loss trains HMT's memories to name their facts: use the HMT reader")
+    if config.memory_value_loss > 0 and not (_hmt_params(model) or infini_values):
+        raise ConfigError("memory_value_loss trains the memory of HMT or Infini-attention: use one of those readers")
+    if infini_values and not config.train_all:
+        raise ConfigError("memory_value_loss shapes what Infini-attention writes, which its gates alone cannot "
+                          "change: train all weights (train_all=True)")
     model.to(device).train()
     gates = _gates(model)
     adapter_ids = {id(p) for p in gates + _hmt_params(model)}
@@ -370,16 +384,22 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             for g in gates:
                 g.fill_(config.gate_hold)
     groups = param_groups(model, config)
-    def memory_probe(outputs: int, name: str) -> nn.Module:  # trained with the reader at hmt_lr, then dropped
+    probe_lr = config.probe_lr or config.hmt_lr or config.lr
+
+    def memory_probe(outputs: int, name: str) -> nn.Module:  # trained with the reader at probe_lr, then dropped
         probe = nn.Linear(model.dim, outputs).to(device)
-        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0,
-                       "base_lr": config.hmt_lr or config.lr, "name": name})
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "base_lr": probe_lr, "name": name})
         return probe
 
     # the ids of each memory's facts; the digits of its one fact, 10 classes each
     probe = memory_probe(len(KEY_IDS), "memory id probe") if config.memory_id_loss > 0 else None
     value_probe = (memory_probe(batches.task.digits * len(DIGITS), "memory value probe")
-                   if config.memory_value_loss > 0 else None)
+                   if config.memory_value_loss > 0 and not infini_values else None)
+    infini_probe = None
+    if infini_values:  # trained with the reader at probe_lr, then dropped
+        infini_probe = InfiniValueProbe.for_reader(model, batches.task.digits)
+        groups.append({"params": list(infini_probe.parameters()), "weight_decay": 0.0, "base_lr": probe_lr,
+                       "name": "memory value probe"})
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed)
@@ -394,6 +414,8 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
     search_hits: list[tuple[int, float]] = []
     id_hits: list[float] = []  # memory id hit of each step since the last event
     memory_id_hits: list[tuple[int, float]] = []
+    value_hits: list[float] = []  # value probe's digit accuracy of each step since the last event
+    memory_value_hits: list[tuple[int, float]] = []
     recent_hits: deque[float] = deque(maxlen=SEARCH_TAUGHT_STEPS)
     taught = False  # the search has been found right often enough: teacher forcing is over
     last_loss = float("nan")
@@ -432,6 +454,8 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             hits.append(recent_hits[-1])
             taught = taught or (len(recent_hits) == recent_hits.maxlen and
                                 sum(recent_hits) / len(recent_hits) >= SEARCH_TAUGHT)
+        elif infini_probe is not None:
+            logits, states = forward_keeping_memory(model, ids)  # states: what the question's segment reads
         else:
             logits = model(ids)  # (b, n, V): every segment in order, gradients through the memory
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
@@ -448,12 +472,16 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
                 loss = loss + config.memory_id_loss * named[0]
                 if not math.isnan(named[1]):
                     id_hits.append(named[1])
+        held = None
         if value_probe is not None:
             slots = model.config.memory_tokens
             held = _memory_value_term(model.cache, value_probe,
                                       slot_fact_values(batch, batches.task.segment_length, slots))
-            if held is not None:
-                loss = loss + config.memory_value_loss * held
+        elif infini_probe is not None and states is not None:
+            held = _infini_value_term(infini_probe, states, batch)
+        if held is not None:
+            loss = loss + config.memory_value_loss * held[0]
+            value_hits.append(held[1])
         total = float(loss.detach())
         if not math.isfinite(total):
             raise TrainingDivergedError(f"the loss became {total} at step {step + 1}: lower the learning rate "
@@ -473,10 +501,11 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
             history.append((step, last_loss))
             hit = _flush_hits(hits, search_hits, step)
             id_hit = _flush_hits(id_hits, memory_id_hits, step)
+            value_hit = _flush_hits(value_hits, memory_value_hits, step)
             window = []
             if progress:
                 progress(TrainEvent(step, config.steps, last_loss, config.lr * factor, frozen, _gate_values(model),
-                                    time.perf_counter() - started, tokens, hit, keys, id_hit))
+                                    time.perf_counter() - started, tokens, hit, keys, id_hit, value_hit))
         if out is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
 
@@ -485,16 +514,18 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
         history.append((step, last_loss))
         hit = _flush_hits(hits, search_hits, step)
         id_hit = _flush_hits(id_hits, memory_id_hits, step)
+        value_hit = _flush_hits(value_hits, memory_value_hits, step)
         if progress:
             progress(TrainEvent(step, config.steps, last_loss, optimizer.param_groups[0]["lr"], False,
-                                _gate_values(model), time.perf_counter() - started, tokens, hit, keys, id_hit))
+                                _gate_values(model), time.perf_counter() - started, tokens, hit, keys, id_hit,
+                                value_hit))
     model.eval()
     if hasattr(model, "reset"):
         model.reset()  # drop the last batch's memory and its autograd graph
     if out is not None:
         checkpoint = save_checkpoint(model, out, full=config.train_all, meta={**meta, "step": step})
     return TrainResult(step, time.perf_counter() - started, tokens, last_loss, history, _gate_values(model),
-                       str(checkpoint) if checkpoint else None, search_hits, memory_id_hits)
+                       str(checkpoint) if checkpoint else None, search_hits, memory_id_hits, memory_value_hits)
 
 
 SEARCH_TAUGHT = 0.9  # teacher forcing ends once the search finds the asked memory for this share of questions …
@@ -533,17 +564,34 @@ def _memory_id_terms(cache: Tensor | None, probe: nn.Module, targets: Tensor) ->
     return loss, hit
 
 
-def _memory_value_term(cache: Tensor | None, probe: nn.Module, targets: Tensor) -> Tensor | None:
-    """The memory value loss of one batch, or None if no memory before the question's is given one fact.
-    cache: (b, r·m, C) as for `_memory_id_terms`; targets: (b, s, r, d) digits from `slot_fact_values`. The loss is
-    the probe's cross-entropy per digit, summed over the d digits, averaged over the memories given one fact."""
+def _memory_value_term(cache: Tensor | None, probe: nn.Module, targets: Tensor) -> tuple[Tensor, float] | None:
+    """HMT's memory value loss and the probe's digit accuracy on one batch, or None if no memory before the
+    question's is given one fact. cache: (b, r·m, C) as for `_memory_id_terms`; targets: (b, s, r, d) digits from
+    `slot_fact_values`. The loss is the probe's cross-entropy per digit, summed over the d digits, averaged over the
+    memories given one fact."""
     prefix = _prefix_memories(cache, targets)
     if prefix is None or not bool((prefix[1] != IGNORE).any()):
         return None
     memories, wanted = prefix  # (b, m - 1, r, C), (b, m - 1, r, d)
-    d = wanted.shape[-1]
-    logits = probe(memories).unflatten(-1, (d, -1))  # (b, m - 1, r, d, 10)
-    return F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE) * d
+    logits = probe(memories).unflatten(-1, (wanted.shape[-1], -1))  # (b, m - 1, r, d, 10)
+    return _digit_loss_and_accuracy(logits, wanted)
+
+
+def _infini_value_term(probe: InfiniValueProbe, states: list[MemoryState], batch: RecallBatch) -> tuple[Tensor, float]:
+    """Infini-attention's memory value loss and the probe's digit accuracy on one batch: every fact's digits read
+    from the memory `states` that the question's segment reads."""
+    device = states[0][0].device
+    logits = probe(states, fact_names(batch).to(device))  # (b, K, d, 10)
+    return _digit_loss_and_accuracy(logits, fact_values(batch).to(device))
+
+
+def _digit_loss_and_accuracy(logits: Tensor, wanted: Tensor) -> tuple[Tensor, float]:
+    """Cross-entropy per digit summed over the d digits, and the share of digits right, where `wanted` (…, d) is not
+    IGNORE. logits: (…, d, 10)."""
+    scored = wanted != IGNORE
+    loss = F.cross_entropy(logits.flatten(0, -2), wanted.flatten(), ignore_index=IGNORE) * wanted.shape[-1]
+    right = (logits.argmax(-1) == wanted)[scored]
+    return loss, float(right.float().mean())
 
 
 def _prefix_memories(cache: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -629,7 +677,8 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
     return TrainResult(first.steps + second.steps, first.seconds + second.seconds, first.tokens + second.tokens,
                        second.loss, history, second.gates, second.checkpoint,
                        [(step + offset, hit) for step, hit in second.search_hits],
-                       first.memory_id_hits + [(step + offset, hit) for step, hit in second.memory_id_hits])
+                       first.memory_id_hits + [(step + offset, hit) for step, hit in second.memory_id_hits],
+                       first.memory_value_hits + [(step + offset, hit) for step, hit in second.memory_value_hits])
 
 
 def _gate_values(model: nn.Module) -> list[list[float]] | None:
