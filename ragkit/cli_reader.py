@@ -172,6 +172,9 @@ def _train(opts: dict[str, Any]) -> None:
         raise ConfigError(f"--update must be linear or delta, got {opts['update']!r}")
     lo, hi = parse_segments(opts["segments"])
     train_all = tiny or opts["train_all"]
+    if not hmt and opts["memory_value_loss"] and not train_all:
+        raise ConfigError("--memory-value-loss shapes what Infini-attention writes, which its gates alone cannot "
+                          "change: add --train-all")
     segment_length = opts["segment_length"] or (32 if tiny else 2048)
     lr = opts["lr"] or (1e-3 if tiny else 1e-4)
     gate_lr = opts["gate_lr"] or (None if train_all else 1e-2)
