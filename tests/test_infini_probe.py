@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -60,8 +62,7 @@ def test_memory_value_loss_trains_infini_attention_and_reports_the_probe():
     events = []
     model = tiny_infini()
     names = set(model.state_dict())
-    valued = train(model, RecallBatches(task), TrainConfig(**{**vars(base), "memory_value_loss": 1.0}),
-                   progress=events.append)
+    valued = train(model, RecallBatches(task), replace(base, memory_value_loss=1.0), progress=events.append)
     assert valued.history != plain.history  # the value loss changed what was learnt
     assert [step for step, _ in valued.memory_value_hits] == [2, 4] and plain.memory_value_hits == []
     assert all(0.0 <= e.memory_value_hit <= 1.0 for e in events)

@@ -25,17 +25,18 @@ MemoryState = tuple[Tensor, Tensor]  # one layer's (M (b, H_kv, d, d), z (b, H_k
 class InfiniValueProbe(nn.Module):
     """Reads every layer's memory with a learned query per (key id, digit index); scores the digit it reads."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, digits: int, ids: int = len(KEY_IDS)) -> None:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, digits: int, ids: int = len(KEY_IDS),
+                 eps: float = 1e-6) -> None:
         super().__init__()
-        self.eps = 1e-6
+        self.eps = eps  # as the reader's own retrieval (InfiniConfig.eps)
         self.query = nn.Parameter(0.5 * torch.randn(ids, digits, layers, kv_heads, head_dim))  # pre-feature queries
         self.out = nn.Linear(layers * kv_heads * head_dim, len(DIGITS))
 
     @classmethod
     def for_reader(cls, model: InfiniLM, digits: int) -> InfiniValueProbe:
-        """A probe sized for `model`'s layers and KV heads, on its device."""
+        """A probe sized for `model`'s layers and KV heads, reading with its eps, on its device."""
         attn = model.layers[0]
-        probe = cls(len(model.layers), attn.n_kv_head, attn.head_dim, digits)
+        probe = cls(len(model.layers), attn.n_kv_head, attn.head_dim, digits, eps=model.config.eps)
         return probe.to(attn.q_proj.weight.device)
 
     def forward(self, states: list[MemoryState], names: Tensor) -> Tensor:

@@ -395,20 +395,17 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
     groups = param_groups(model, config)
     probe_lr = config.probe_lr or config.hmt_lr or config.lr
 
-    def memory_probe(outputs: int, name: str) -> nn.Module:  # trained with the reader at probe_lr, then dropped
-        probe = nn.Linear(model.dim, outputs).to(device)
+    def memory_probe(probe: nn.Module, name: str) -> nn.Module:  # trained with the reader at probe_lr, then dropped
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "base_lr": probe_lr, "name": name})
-        return probe
+        return probe.to(device)
 
-    # the ids of each memory's facts; the digits of its one fact, 10 classes each
-    probe = memory_probe(len(KEY_IDS), "memory id probe") if config.memory_id_loss > 0 else None
-    value_probe = (memory_probe(batches.task.digits * len(DIGITS), "memory value probe")
+    # HMT: the ids of each memory's facts; the digits of its one fact, 10 classes each. Infini: every fact's digits
+    probe = (memory_probe(nn.Linear(model.dim, len(KEY_IDS)), "memory id probe")
+             if config.memory_id_loss > 0 else None)
+    value_probe = (memory_probe(nn.Linear(model.dim, batches.task.digits * len(DIGITS)), "memory value probe")
                    if config.memory_value_loss > 0 and not infini_values else None)
-    infini_probe = None
-    if infini_values:  # trained with the reader at probe_lr, then dropped
-        infini_probe = InfiniValueProbe.for_reader(model, batches.task.digits)
-        groups.append({"params": list(infini_probe.parameters()), "weight_decay": 0.0, "base_lr": probe_lr,
-                       "name": "memory value probe"})
+    infini_probe = (memory_probe(InfiniValueProbe.for_reader(model, batches.task.digits), "memory value probe")
+                    if infini_values else None)
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed)
