@@ -36,7 +36,8 @@ the answer can only come through memory, looked up by its id.
 HMT) before K; `--update delta` gives Infini-attention the delta rule.
 Evaluation at 1×, 4×, 16× (64× on the GPU preset) the trained length, 128 sequences each, memory on / off (gates
 shut, or HMT's memory disabled) / taken from another sequence; digit and whole-value accuracy; chance 0.10 and
-1e-5. HMT's search hit: the share of questions whose search weighs the queried fact's segment highest.
+1e-5. HMT's search hit: the share of questions whose search weighs the queried fact's memory highest; with r > 1
+memories per segment, where any of the fact's segment's memories counts for more, that share follows in brackets.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def tables(raw: dict[str, Any]) -> str:
             by.setdefault((c["segments"], c["cache"], c["multiple"]), {})[c["mode"]] = c
         for (segments, cache, multiple), modes in sorted(by.items(), key=lambda x: (x[0][0], x[0][1] or 0)):
             on = modes.get("on")
-            hit = f"{on['search_hit']:.3f}" if on and on.get("search_hit") is not None else ""
+            hit = search_hit_text(on)
             alone = f"{on['digit_alone']:.3f}" if on and on.get("digit_alone") is not None else ""
             shared = f"{on['digit_shared']:.3f}" if on and on.get("digit_shared") is not None else ""
             n = "" if cache is None else (f"{cache}" + (" (all)" if cache >= segments - 1 else " (compressed)"))
@@ -292,6 +293,13 @@ def tables(raw: dict[str, Any]) -> str:
                          f"{recall_cell_text(on)} | {alone} | {shared} | {recall_cell_text(modes.get('shut'))} | "
                          f"{recall_cell_text(modes.get('other'))} | {hit} |")
     return "\n".join(lines)
+
+
+def search_hit_text(on: dict[str, Any] | None) -> str:
+    """The search hit of a memory-on cell (`hit_text`), or nothing."""
+    from ragkit.readers.train import hit_text
+
+    return hit_text(on.get("search_hit"), on.get("search_segment_hit")) if on else ""
 
 
 def run_label(run: dict[str, Any]) -> str:

@@ -309,6 +309,8 @@ class _Bar:
 
 
 def _render(summary: dict[str, Any], cells: list[Any]) -> None:
+    from ragkit.readers.train import hit_text
+
     table = Table(show_header=False, box=None)
     table.add_row("steps", f"{summary['steps']:,} in {summary['seconds']:.0f} s ({summary['device']})")
     table.add_row("tokens", f"{summary['tokens']:,}")
@@ -322,6 +324,6 @@ def _render(summary: dict[str, Any], cells: list[Any]) -> None:
         recall = Table("mode", "segments", "digits right", "whole values right", "search hit",
                        title="Recall at the longest length")
         for c in cells:
-            hit = "" if c.search_hit is None else f"{c.search_hit:.3f}"
-            recall.add_row(c.mode, str(c.segments), f"{c.digit:.3f}", f"{c.value:.3f}", hit)
+            recall.add_row(c.mode, str(c.segments), f"{c.digit:.3f}", f"{c.value:.3f}",
+                           hit_text(c.search_hit, c.search_segment_hit))
         out.print(recall)

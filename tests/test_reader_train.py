@@ -748,6 +748,28 @@ def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search
     assert off.digit == pytest.approx(float(right.float().mean()))
 
 
+def test_the_segment_hit_counts_every_memory_of_the_asked_facts_segment(monkeypatch):
+    import ragkit.readers.train as train_module
+
+    model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=2, heads=2, sensory_tokens=4,
+                         cache_size=8, memory_tokens=2)[0]
+    task = hmt_task()
+    exact = []
+    for slot in (0, 1):  # as if every fact had been given memory `slot` of its segment
+        monkeypatch.setattr(train_module, "_asked_slot", lambda m, batch, s: torch.full((len(batch.answer),), slot))
+        on = evaluate_recall(model, task, [4], sequences=16, batch_size=8, modes=("on",))[0]
+        exact.append(on.search_hit)
+    # the search's top memory is in the fact's segment exactly when it is that segment's first or second memory
+    assert 0 < on.search_segment_hit == pytest.approx(exact[0] + exact[1]) and min(exact) < on.search_segment_hit
+    monkeypatch.undo()
+    one = evaluate_recall(tiny_hmt(), task, [4], sequences=8, batch_size=8, modes=("on",))[0]
+    assert one.search_segment_hit == one.search_hit  # one memory per segment: the same count
+    from ragkit.readers.train import hit_text
+
+    assert (hit_text(0.0, 1.0), hit_text(0.5, 0.5), hit_text(None, None)) == ("0.000 (1.000 for the segment)",
+                                                                             "0.500", "")
+
+
 def test_search_hits_point_at_the_key_segment_among_the_cached_memories():
     from ragkit.readers.train import _search_hits
 

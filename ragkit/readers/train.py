@@ -848,7 +848,9 @@ class RecallCell:
     search_hit (HMT with memory search, mode "on" only): the share of sequences whose final segment's search gives
     its highest weight to the memory that holds the queried fact (that of its segment; with r > 1 memories per
     segment, the one the fact was given, `fact_slots`); a fact evicted from the cache counts as a miss; None
-    otherwise.
+    otherwise. search_segment_hit: the same, counting any of the r memories of the fact's segment (equal to
+    search_hit with r = 1). Unsupervised, the search may weigh another memory of the right segment highest, one the
+    value loss did not give the fact, which search_hit alone would call a miss.
     digit_alone: digit accuracy over the sequences whose queried fact is the only fact in its segment (HMT keeps one
     memory per segment unless `memory_tokens` > 1, so this separates reading a memory from telling apart two facts
     in one); None if none is. digit_shared: the same over the others, whose fact shares its segment."""
@@ -862,6 +864,7 @@ class RecallCell:
     value: float
     by_depth: list[DepthCell]
     search_hit: float | None = None
+    search_segment_hit: float | None = None
     digit_alone: float | None = None
     digit_shared: float | None = None
 
@@ -870,6 +873,13 @@ class RecallCell:
 
 
 MODES = ("on", "shut", "other")
+
+
+def hit_text(exact: float | None, segment: float | None) -> str:
+    """A search hit rate for a table, with the segment hit in brackets where it counts more (r > 1)."""
+    if exact is None:
+        return ""
+    return f"{exact:.3f}" + (f" ({segment:.3f} for the segment)" if segment is not None and segment > exact else "")
 
 
 @torch.no_grad()
@@ -900,7 +910,7 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
         for segments in lengths:
             n_batches = -(-sequences // batch_size)
             for mode in modes:
-                right, depths, hits, alone = [], [], [], []
+                right, depths, hits, segment_hits, alone = [], [], [], [], []
                 for j in range(n_batches):  # batch j is the same for every mode: its generators are seeded by j
                     size = min(batch_size, sequences - j * batch_size)
                     batch = make_recall_batch(task, size, segments, _seeded(seed, segments, j))
@@ -920,10 +930,11 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                             model.read(prefix)
                         logits = model(last, reset=prefix.shape[1] == 0)  # (b, S, V)
                         if mode == "on":
-                            hit = _search_hits(model, batch.key_positions[:, 0] // S, segments - 1,
-                                               _asked_slot(model, batch, S))
+                            asked_segment = batch.key_positions[:, 0] // S
+                            hit = _search_hits(model, asked_segment, segments - 1, _asked_slot(model, batch, S))
                             if hit is not None:
                                 hits.append(hit)
+                                segment_hits.append(_search_hits(model, asked_segment, segments - 1))
                     pos = batch.answer_positions - (ids.shape[1] - S)  # (d,) within the last segment
                     pred = logits[:, pos].argmax(dim=-1).cpu()  # (b, d)
                     right.append(pred == batch.answer)
@@ -938,6 +949,7 @@ def evaluate_recall(model: nn.Module, task: RecallTask, lengths: Sequence[int], 
                 cell = _cell(mode, segments, S, task.keys, right_all, torch.cat(depths), depth_buckets)
                 if hits:
                     cell.search_hit = float(torch.cat(hits).float().mean())
+                    cell.search_segment_hit = float(torch.cat(segment_hits).float().mean())
                 if bool(alone_rows.any()):
                     cell.digit_alone = float(right_all[alone_rows].float().mean())
                 if not bool(alone_rows.all()):
