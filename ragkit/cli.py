@@ -275,8 +275,11 @@ def _progress_bar(enabled: bool):
     """A Rich progress bar on stderr fed by the library's progress events."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if not enabled or not err.is_terminal:
+    if not enabled:
         yield lambda event: None
+        return
+    if not err.is_terminal:
+        yield _progress_lines()
         return
     columns = [TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
@@ -292,6 +295,25 @@ def _progress_bar(enabled: bool):
             bar.update(task_id, completed=event.done, total=event.total, rate=rate)
 
         yield update
+
+
+def _progress_lines():
+    """Progress as plain lines on stderr (logs, pipes, CI): one when a stage starts and one when it ends."""
+    started: set[str] = set()
+    finished: set[str] = set()
+
+    def update(event) -> None:
+        first = event.stage not in started
+        last = event.done >= event.total and event.stage not in finished
+        if not (first or last):
+            return
+        started.add(event.stage)
+        if last:
+            finished.add(event.stage)
+        tokens = f", {event.tokens:,} tokens" if event.tokens else ""
+        print(f"ragkit: {event.stage} {event.done}/{event.total}{tokens}", file=sys.stderr, flush=True)
+
+    return update
 
 
 def _where(chunk) -> str:

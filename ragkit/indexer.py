@@ -282,6 +282,7 @@ def _parse_and_chunk(hashed, changed: set[str], settings: Settings, encoders: _E
     budget = encoders.chunk_budget()
     out: dict[str, list[Chunk]] = {}
     todo = sorted(changed)
+    progress(ProgressEvent("parse", 0, len(todo)))
     for i, rel in enumerate(todo):
         source, digest = hashed[rel]
         try:
@@ -389,6 +390,7 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, texts, n_tok
         _check_fits("dense", encoders.dense.max_tokens - encoders.dense.special_tokens, [n_tokens[r] for r in todo])
         report.encoded_chunks = len(todo)
         report.encoded_tokens = sum(n_tokens[r] for r in todo)
+        progress(ProgressEvent("encode", 0, len(todo)))
         vectors[todo] = encoders.dense.encode_documents(
             [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
             progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
@@ -414,6 +416,7 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
         encoders.chunk_budget()  # the late model reads exactly the chunk limit
         _check_fits("late", encoders.late.document_length - encoders.late.SPECIAL_TOKENS, [n_tokens[r] for r in todo])
         report.late_encoded_chunks = len(todo)
+        progress(ProgressEvent("late", 0, len(todo)))
         encoded = encoders.late.encode_documents(
             [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
             pool_factor=settings.pool_factor,

@@ -139,3 +139,13 @@ def test_status_table_names_both_models(indexed, tiny_encoder, tiny_colbert):
     code, stdout, _ = run("status", "--index", str(indexed))
     flat = " ".join(stdout.split())
     assert code == 0 and "dense model" in flat and "late model" in flat and "chunks" in flat
+
+
+def test_progress_is_a_line_per_stage_when_stderr_is_not_a_terminal(tmp_path, docs, tiny_encoder, tiny_colbert):
+    code, _, stderr = run("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", str(tiny_encoder),
+                          "--late-model", str(tiny_colbert))
+    assert code == 0, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("ragkit: ")]
+    stages = [line.split()[1] for line in lines]
+    assert stages == ["scan", "scan", "parse", "parse", "encode", "encode", "late", "late", "write", "write"]
+    assert lines[3] == "ragkit: parse 2/2" and lines[-1] == "ragkit: write 2/2"
