@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,23 +50,192 @@ def ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Infini-attention by hand, in float64 numpy, from a layer's own projections (arXiv 2404.07143, Eqs. 6-10)
+
+
+def elu1_np(x: np.ndarray) -> np.ndarray:
+    """σ(x) = ELU(x) + 1."""
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def projections(attn, h: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pre-RoPE Q (H, n, d), K and V (H_kv, n, d) of one sequence h (1, n, C), from the layer's own projections."""
+    with torch.no_grad():
+        q, k, v = (proj(h)[0].double().numpy() for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (n, ·)
+    n, d = h.shape[1], attn.head_dim
+    return tuple(x.reshape(n, -1, d).transpose(1, 0, 2) for x in (q, k, v))
+
+
+def rope_tables(reader: InfiniLM, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], np.ndarray, np.ndarray]:
+    """The backbone's rotary embedding for positions 0 … n-1 as the layers receive it, and its (n, d) cos, sin."""
+    x = torch.zeros(1, n, 32)
+    cos, sin = reader.model.model.rotary_emb(x, position_ids=torch.arange(n)[None])
+    return (cos, sin), cos[0].double().numpy(), sin[0].double().numpy()
+
+
+def hand_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def hand_local(q, k, v, cos, sin, scale: float) -> np.ndarray:
+    """A_dot = causal softmax(RoPE(Q) RoPE(K)ᵀ · scale) V per query head (Eq. 6), GQA: head h reads KV head
+    h // (H / H_kv). Returns (H, n, d)."""
+    q, k = hand_rope(q, cos, sin), hand_rope(k, cos, sin)
+    group, n = q.shape[0] // k.shape[0], q.shape[1]
+    future = np.triu(np.ones((n, n), dtype=bool), 1)
+    out = []
+    for h in range(q.shape[0]):
+        scores = np.where(future, -np.inf, q[h] @ k[h // group].T * scale)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        out.append(weights / weights.sum(-1, keepdims=True) @ v[h // group])
+    return np.stack(out)
+
+
+def hand_read(q, memory, normalizer, eps: float) -> np.ndarray:
+    """A_mem = σ(Q) M / (σ(Q) z + eps) per query head on pre-RoPE Q (Eq. 7), from its KV head's memory."""
+    s, group = elu1_np(q), q.shape[0] // memory.shape[0]
+    return np.stack([s[h] @ memory[h // group] / (s[h] @ normalizer[h // group][:, None] + eps)
+                     for h in range(q.shape[0])])
+
+
+def hand_write(memory, normalizer, k, v, rule: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """M += σ(K)ᵀ V (Eq. 8), or σ(K)ᵀ (V − σ(K) M / (σ(K) z + eps)) with the delta rule (Eq. 9); z += Σ_t σ(K_t).
+    An empty memory is M = 0, z = 0."""
+    s = elu1_np(k)  # (H_kv, n, d)
+    if memory is None:
+        memory, normalizer = np.zeros((k.shape[0], k.shape[2], v.shape[2])), np.zeros((k.shape[0], k.shape[2]))
+    if rule == "delta":
+        v = v - (s @ memory) / (s @ normalizer[..., None] + eps)
+    return memory + s.transpose(0, 2, 1) @ v, normalizer + s.sum(1)
+
+
+def hand_output(attn, h: torch.Tensor, cos, sin, memory, normalizer, beta: np.ndarray, eps: float) -> np.ndarray:
+    """One segment's layer output by hand (Eqs. 6, 7, 10, 11): o_proj of sigmoid(β)·A_mem + (1 − sigmoid(β))·A_dot
+    per head, or of A_dot alone when the memory is empty. Returns (n, C)."""
+    q, k, v = projections(attn, h)
+    mixed = hand_local(q, k, v, cos, sin, attn.scaling)  # (H, n, d)
+    if memory is not None:
+        g = 1.0 / (1.0 + np.exp(-beta))[:, None, None]  # (H, 1, 1)
+        mixed = g * hand_read(q, memory, normalizer, eps) + (1.0 - g) * mixed
+    heads = torch.from_numpy(mixed.transpose(1, 0, 2).reshape(h.shape[1], -1)).float()  # (n, H·d)
+    with torch.no_grad():
+        return attn.o_proj(heads).double().numpy()
+
+
+def capture_o_proj_input(attn) -> list[torch.Tensor]:
+    """What each call of `attn` hands its output projection: the mixed heads, (b, n, H·d)."""
+    seen: list[torch.Tensor] = []
+    attn.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gate_shut_gives_the_backbone_segment_by_segment(family):
     backbone = tiny_backbone(family)
     reader = reader_for(backbone)
     x = ids(2 * SEG + 8, batch=2)  # two full segments and a partial one
+    open_gates(reader, 2.0)  # shut must override a gate that is mostly open
     with torch.no_grad():
         # position scheme: every segment is fed alone, positions restarting at 0
         want = torch.cat([backbone(x[:, i : i + SEG], use_cache=False).logits for i in range(0, x.shape[1], SEG)], 1)
         reader.shut_gates()
         shut = reader(x)
-        reader.shut_gates(False)
-        open_gates(reader)
-        opened = reader(x)
     torch.testing.assert_close(shut, want, atol=1e-5, rtol=1e-5)
-    # the first segment has no memory to read; later segments do
-    torch.testing.assert_close(opened[:, :SEG], want[:, :SEG], atol=1e-5, rtol=1e-5)
-    assert (opened[:, SEG:] - want[:, SEG:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_open_gates_mix_each_layers_memory_read_into_its_local_attention(family):
+    """Every layer's output on every segment is o_proj(sigmoid(β)·A_mem + (1 − sigmoid(β))·A_dot) per head, A_mem
+    read from the memory of that layer's earlier segments of the same row; the first segment reads nothing."""
+    backbone = tiny_backbone(family)
+    reader = reader_for(backbone)
+    with torch.no_grad():
+        for layer, gate in enumerate(reader.gate_parameters()):
+            gate.copy_(torch.tensor([-1.5, -0.2, 0.6, 2.0]) + layer)  # a different gate per head and layer
+    calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in reader.layers]
+    for layer, attn in enumerate(reader.layers):
+        attn.register_forward_hook(lambda module, args, kwargs, out, layer=layer: calls[layer].append(
+            (kwargs["hidden_states"].detach().clone(), out[0].detach().clone())), with_kwargs=True)
+    x = ids(3 * SEG, batch=2)
+    with torch.no_grad():
+        opened = reader(x)
+        alone = backbone(x[:, :SEG], use_cache=False).logits
+    torch.testing.assert_close(opened[:, :SEG], alone, atol=1e-5, rtol=1e-5)  # no memory yet: the backbone
+    _, cos, sin = rope_tables(reader, SEG)
+    for attn, segments in zip(reader.layers, calls, strict=True):
+        assert len(segments) == 3
+        beta, eps = attn.gate.detach().double().numpy(), attn.infini.eps
+        for row in range(2):
+            memory = normalizer = None
+            for hidden, out in segments:
+                h = hidden[row : row + 1]
+                want = hand_output(attn, h, cos, sin, memory, normalizer, beta, eps)
+                np.testing.assert_allclose(out[row].double().numpy(), want, rtol=1e-4, atol=1e-5)
+                _, k, v = projections(attn, h)
+                memory, normalizer = hand_write(memory, normalizer, k, v, "linear", eps)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_fully_open_gate_gives_the_memory_read_and_a_shut_one_the_backbones_attention(family):
+    backbone = tiny_backbone(family)
+    reader = reader_for(backbone)
+    attn, original = reader.layers[0], backbone.model.layers[0].self_attn
+    rope, cos, sin = rope_tables(reader, SEG)
+    g = torch.Generator().manual_seed(4)
+    h1, h2 = (torch.randn(1, SEG, 32, generator=g) for _ in range(2))
+    open_gates(reader, 40.0)  # sigmoid(40) is exactly 1 in float32
+    heads = capture_o_proj_input(attn)
+    with torch.no_grad():
+        attn(h1, rope)
+        opened = attn(h2, rope)[0]  # reads the memory of h1
+    _, k, v = projections(attn, h1)
+    memory, normalizer = hand_write(None, None, k, v, "linear", attn.infini.eps)
+    q, _, _ = projections(attn, h2)
+    read = hand_read(q, memory, normalizer, attn.infini.eps)  # (H, n, d)
+    np.testing.assert_allclose(heads[1][0].view(SEG, 4, 8).transpose(0, 1).double().numpy(), read,
+                               rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(opened, attn.o_proj(heads[1]))
+    attn.gate_shut = True
+    with torch.no_grad():
+        shut = attn(h2, rope)[0]
+        own = original(h2, rope, attention_mask=None)[0]  # the backbone's own attention module, unwrapped
+    torch.testing.assert_close(shut, own, atol=1e-6, rtol=1e-5)
+    local = hand_output(attn, h2, cos, sin, None, None, np.zeros(4), attn.infini.eps)  # and A_dot by hand agrees
+    np.testing.assert_allclose(own[0].double().numpy(), local, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+@pytest.mark.parametrize("eps", [1e-6, 1.0])
+def test_memory_read_and_write_equal_the_equations_by_hand(update, eps):
+    """After each of four segments, the layer's M and z equal Eq. 8 (linear) or Eq. 9 (delta) computed in float64
+    from its own pre-RoPE K and V, and its read of the next segment equals σ(Q) M / (σ(Q) z + eps) on pre-RoPE Q
+    (Eq. 7; read at a fully open gate, right before the output projection). A large eps shows where it enters."""
+    reader = reader_for(tiny_backbone("qwen2"), update=update, eps=eps)  # Qwen2: q/k/v biases too
+    attn = reader.layers[0]
+    open_gates(reader, 40.0)
+    heads = capture_o_proj_input(attn)
+    n = 6
+    rope, _, _ = rope_tables(reader, n)  # positions 0 … 5: every token but the first is rotated
+    g = torch.Generator().manual_seed(5)
+    segments = [torch.randn(2, n, 32, generator=g) for _ in range(4)]  # (b, n, C) hidden states
+    states: list[tuple[np.ndarray | None, np.ndarray | None]] = [(None, None), (None, None)]  # per row
+    for s, h in enumerate(segments):
+        with torch.no_grad():
+            attn(h, rope)
+        for row in range(2):
+            q, k, v = projections(attn, h[row : row + 1])
+            memory, normalizer = states[row]
+            if s > 0:
+                got = heads[s][row].view(n, 4, 8).transpose(0, 1).double().numpy()  # (H, n, d)
+                np.testing.assert_allclose(got, hand_read(q, memory, normalizer, eps), rtol=1e-5, atol=1e-6)
+            states[row] = hand_write(memory, normalizer, k, v, update, eps)
+            np.testing.assert_allclose(attn.memory[row].double().numpy(), states[row][0], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(attn.normalizer[row].double().numpy(), states[row][1], rtol=1e-6)
+    assert attn.memory.dtype == attn.normalizer.dtype == torch.float32
 
 
 def test_default_gate_starts_near_the_backbone():
@@ -173,16 +343,29 @@ def test_adapter_round_trip(tmp_path):
         InfiniLM(tiny_backbone("qwen2", layers=3)).load_adapter(folder)
 
 
-def test_generate_with_memory():
-    backbone = tiny_backbone()
-    reader = reader_for(backbone)
+def test_generate_is_greedy_decoding_of_the_window_over_the_prefixs_memory():
+    """The KV-cached answer equals, token by token, an uncached greedy loop: the prefix read into memory, then the
+    last window and the answer so far in one local pass (positions from 0) that reads the memory, never writes it."""
+    reader = reader_for(tiny_backbone())
     open_gates(reader)
-    prompt = ids(3 * SEG)
+    prompt = ids(3 * SEG + 5, batch=2)
     new = reader.generate(prompt, max_new_tokens=5)
-    assert new.shape == (1, 5) and new.dtype == torch.long and 0 <= int(new.min()) and int(new.max()) < VOCAB
-    # the first answer token reads the same memory as the segmented forward pass over the prompt
+    reader.reset()
+    reader.read(prompt[:, : 2 * SEG + 5])
+    memory = [attn.memory.clone() for attn in reader.layers]
+    for attn in reader.layers:
+        attn.write_memory = False
+    seq = prompt[:, -SEG:]
     with torch.no_grad():
-        assert int(new[0, 0]) == int(reader(prompt)[0, -1].argmax())
+        for _ in range(5):
+            seq = torch.cat([seq, reader.model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    for attn, before in zip(reader.layers, memory):
+        attn.write_memory = True
+        assert torch.equal(attn.memory, before)  # nothing of the window was written
+    assert torch.equal(new, seq[:, SEG:])
+    eos = int(new[0, 0])
+    stopped = reader.generate(prompt[:1], max_new_tokens=5, eos_token_id=eos)
+    assert stopped.tolist() == [[eos]]
 
 
 def test_generate_with_the_gate_shut_ignores_the_prefix():
