@@ -5,7 +5,7 @@ Folder layout (all plain files):
     spans.npy       int32 (T, 2): char span of each token in its chunk's text (-1: none)
     offsets.npy     int64 (n + 1): chunk row r owns tokens offsets[r]:offsets[r + 1]
     params.json     model, dim, pool factor, counts, PLAID bookkeeping
-    plaid/          fast-plaid index (centroids, codes, residuals; npy + json)
+    plaid/          fast-plaid index (centroids, codes, residuals; plain npy + json, never its pickled caches)
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
 MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over a memory-mapped token matrix beats PLAID up
@@ -17,10 +17,11 @@ skips it for small collections), so it is ready when the collection grows past t
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -32,6 +33,11 @@ MIN_PLAID_TOKENS = 1000  # below this PLAID may not train its codec; exact searc
 RETRAIN_SHARE = 0.05  # retrain PLAID's centroids once this share of documents arrived after training
 BLOCK_TOKENS = 1 << 16  # tokens scored per block in exhaustive search (bounds memory)
 MAX_BLOCK_SCORES = 1 << 25  # similarities held at once in exhaustive search (128 MiB of float32)
+# The files of a fast-plaid folder that a generation carries over to the next (see docs/index-format.md)
+PLAID_FILE = re.compile(r"(metadata|plan|doclens\.\d+|\d+\.metadata|merged_(codes|residuals)\.manifest)\.json"
+                        r"|(centroids|avg_residual|bucket_cutoffs|bucket_weights|cluster_threshold|ivf|ivf_lengths"
+                        r"|\d+\.codes|\d+\.residuals|merged_codes|merged_residuals)\.npy")
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 @dataclass
@@ -150,9 +156,7 @@ class LateIndex:
 
     def _plaid_handle(self):
         if self._plaid is None:
-            from fast_plaid import search
-
-            self._plaid = search.FastPlaid(index=str(self.folder / PLAID), device="cpu")
+            self._plaid = _open_plaid(self.folder / PLAID)
         return self._plaid
 
     # ------------------------------------------------------------------------------------------ persistence
@@ -192,47 +196,102 @@ def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]
     return params
 
 
-def _update_plaid(folder: Path, parts, chunk_ids: list[str], previous: "LateIndex | None",
+def _update_plaid(folder: Path, parts, chunk_ids: list[str], previous: LateIndex | None,
                   previous_chunk_ids: Sequence[str] | None) -> PlaidState:
-    import torch
-    from fast_plaid import search
-
-    row_of = {cid: row for row, cid in enumerate(chunk_ids)}
+    """Carry PLAID over from `previous` or train it afresh; write plaid_rows.npy; returns what it was trained on."""
     if not chunk_ids:
         return PlaidState()
-    carried = previous is not None and previous.has_plaid and previous_chunk_ids is not None
-    if carried:
-        state = PlaidState(**previous.params.get("plaid", {}))
-        old_order = [previous_chunk_ids[r] for r in np.load(previous.folder / PLAID_ROWS)]
-        kept = [cid for cid in old_order if cid in row_of]
-        new = [cid for cid in chunk_ids if cid not in set(kept)]
-        carried = not state.needs_retraining(len(new)) and len(kept) > 0
-    if carried:
-        shutil.copytree(previous.folder / PLAID, folder / PLAID)
-        plaid = search.FastPlaid(index=str(folder / PLAID), device="cpu")
-        removed = [i for i, cid in enumerate(old_order) if cid not in row_of]
-        if removed:
-            plaid.delete(removed)  # later ids shift down: `kept` keeps that order
-        if new:
-            plaid.update(documents_embeddings=[_tensor(parts[row_of[c]][0], torch) for c in new],
-                         use_triton_kmeans=False)
-        order = kept + new
-        state = PlaidState(state.trained_docs, state.added_since_training + len(new))
-    else:
-        plaid = search.FastPlaid(index=str(folder / PLAID), device="cpu")
-        try:
-            plaid.create(documents_embeddings=[_tensor(v, torch) for v, _ in parts], seed=42,
-                         use_triton_kmeans=False)
-        except Exception:
-            if sum(len(v) for v, _ in parts) >= MIN_PLAID_TOKENS:
-                raise
-            shutil.rmtree(folder / PLAID, ignore_errors=True)  # too few tokens to train a codec: exact search only
-            return PlaidState()
-        order = chunk_ids
-        state = PlaidState(trained_docs=len(chunk_ids))
-    _remove_lock(folder / PLAID)
+    row_of = {cid: row for row, cid in enumerate(chunk_ids)}
+    plaid_folder = folder / PLAID
+    built = _carry_plaid(plaid_folder, parts, row_of, previous, previous_chunk_ids)
+    if built is None:
+        built = _train_plaid(plaid_folder, parts, chunk_ids)
+    if built is None:
+        return PlaidState()
+    order, state = built
+    _remove_lock(plaid_folder)
+    _check_plain(plaid_folder)
     np.save(folder / PLAID_ROWS, np.array([row_of[c] for c in order], dtype=np.int64))
     return state
+
+
+def _carry_plaid(plaid_folder: Path, parts, row_of: dict[str, int], previous: LateIndex | None,
+                 previous_chunk_ids: Sequence[str] | None) -> tuple[list[str], PlaidState] | None:
+    """Update a copy of the previous PLAID in place: removed chunks deleted, new ones appended. Returns (chunk id of
+    each PLAID document, state), or None when PLAID must be trained again or its folder cannot be carried."""
+    if previous is None or not previous.has_plaid or previous_chunk_ids is None:
+        return None
+    state = PlaidState(**previous.params.get("plaid", {}))
+    old_order = [previous_chunk_ids[r] for r in np.load(previous.folder / PLAID_ROWS)]
+    kept = [cid for cid in old_order if cid in row_of]
+    kept_ids = set(kept)
+    new = [cid for cid in row_of if cid not in kept_ids]
+    if not kept or state.needs_retraining(len(new)) or not _copy_plaid(previous.folder / PLAID, plaid_folder):
+        return None
+    plaid = _open_plaid(plaid_folder)
+    removed = [i for i, cid in enumerate(old_order) if cid not in row_of]
+    if removed:
+        plaid.delete(removed)  # later ids shift down: `kept` keeps that order
+    if new:
+        # buffer_size=1: new documents never wait in fast-plaid's pickled buffer.npy; their outlying tokens get
+        # new centroids at once. start_from_scratch=0: never rebuild from a pickled embeddings.npy.
+        plaid.update(documents_embeddings=[_tensor(parts[row_of[cid]][0]) for cid in new], buffer_size=1,
+                     start_from_scratch=0, use_triton_kmeans=False)
+    return kept + new, PlaidState(state.trained_docs, state.added_since_training + len(new))
+
+
+def _train_plaid(plaid_folder: Path, parts, chunk_ids: list[str]) -> tuple[list[str], PlaidState] | None:
+    """Train PLAID from scratch on every chunk; None when there are too few tokens to train a codec."""
+    shutil.rmtree(plaid_folder, ignore_errors=True)
+    try:
+        # start_from_scratch=0: fast-plaid would otherwise keep a pickled copy of the vectors (embeddings.npy) of
+        # collections up to that many documents; ragkit keeps its own in tokens.npy.
+        _open_plaid(plaid_folder).create(documents_embeddings=[_tensor(v) for v, _ in parts], seed=42,
+                                         use_triton_kmeans=False, start_from_scratch=0)
+    except Exception:
+        if sum(len(v) for v, _ in parts) >= MIN_PLAID_TOKENS:
+            raise
+        shutil.rmtree(plaid_folder, ignore_errors=True)  # too few tokens to train a codec: exact search only
+        return None
+    return chunk_ids, PlaidState(trained_docs=len(chunk_ids))
+
+
+def _open_plaid(plaid_folder: Path):
+    from fast_plaid import search
+
+    return search.FastPlaid(index=str(plaid_folder), device="cpu")
+
+
+def _copy_plaid(source: Path, target: Path) -> bool:
+    """Copy the files of a PLAID folder that fast-plaid reads without pickle, and nothing else: not its pickled
+    caches (embeddings.npy, buffer.npy), nor a lock, a metadata database, a link or an unknown file. False (and
+    nothing copied) when a file that is copied is not plain, so that PLAID is trained again from tokens.npy."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if PLAID_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            shutil.copy2(path, target / path.name)  # keeps mtimes: fast-plaid's merged_* files stay current
+    if all(is_plain_npy(path) for path in target.glob("*.npy")):
+        return True
+    shutil.rmtree(target)
+    return False
+
+
+def _check_plain(plaid_folder: Path) -> None:
+    """The index holds no pickle, even from a fast-plaid that writes one despite the settings above."""
+    pickled = sorted(path.name for path in plaid_folder.glob("*.npy") if not is_plain_npy(path))
+    if pickled:
+        raise RuntimeError(f"fast-plaid wrote pickled arrays to {plaid_folder}: {', '.join(pickled)}")
+
+
+def is_plain_npy(path: Path) -> bool:
+    """Whether a .npy file holds a plain array, one that np.load reads with allow_pickle=False (header only)."""
+    try:
+        with open(path, "rb") as f:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            return read_header is not None and not read_header(f)[2].hasobject
+    except (OSError, ValueError):
+        return False
 
 
 def _remove_lock(plaid_folder: Path) -> None:
@@ -240,7 +299,9 @@ def _remove_lock(plaid_folder: Path) -> None:
     (plaid_folder / "plaid.lock").unlink(missing_ok=True)
 
 
-def _tensor(vectors: np.ndarray, torch):
+def _tensor(vectors: np.ndarray):
+    import torch
+
     return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
 
 
