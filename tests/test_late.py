@@ -106,6 +106,26 @@ def test_plaid_retrains_when_much_is_new(tmp_path):
     assert params["plaid"] == {"trained_docs": 50, "added_since_training": 0}
 
 
+def test_plaid_collects_garbage_over_a_frozen_heap_and_leaves_gc_as_it_was(tmp_path, monkeypatch):
+    import gc
+
+    frozen_at_collect = []  # fast-plaid calls gc.collect() often: each should skip the objects older than the call
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: frozen_at_collect.append(gc.get_freeze_count() > 0) or collect(*a))
+    rng = np.random.default_rng(3)
+    parts, ids = random_parts(rng, 40), [f"c{i}" for i in range(40)]
+    write_late_index(tmp_path / "g1", parts, ids, {"model": "m", "dim": 8}, None, None)
+    assert LateIndex.load(tmp_path / "g1").plaid_search([parts[0][0].astype(np.float32)], 1)[0][0][0] == 0
+    assert frozen_at_collect and all(frozen_at_collect)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a heap frozen by the caller stays frozen
+    try:
+        write_late_index(tmp_path / "g2", parts, ids, {"model": "m", "dim": 8}, None, None)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_index_builds_all_three_stages(tmp_path, settings):
     write_corpus(tmp_path / "docs")
     idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0))  # large enough for PLAID

@@ -16,10 +16,12 @@ skips it for small collections), so it is ready when the collection grows past t
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +158,8 @@ class LateIndex:
 
     def _plaid_handle(self):
         if self._plaid is None:
-            self._plaid = _open_plaid(self.folder / PLAID)
+            with _gc_frozen():
+                self._plaid = _open_plaid(self.folder / PLAID)
         return self._plaid
 
     # ------------------------------------------------------------------------------------------ persistence
@@ -203,9 +206,10 @@ def _update_plaid(folder: Path, parts, chunk_ids: list[str], previous: LateIndex
         return PlaidState()
     row_of = {cid: row for row, cid in enumerate(chunk_ids)}
     plaid_folder = folder / PLAID
-    built = _carry_plaid(plaid_folder, parts, row_of, previous, previous_chunk_ids)
-    if built is None:
-        built = _train_plaid(plaid_folder, parts, chunk_ids)
+    with _gc_frozen():
+        built = _carry_plaid(plaid_folder, parts, row_of, previous, previous_chunk_ids)
+        if built is None:
+            built = _train_plaid(plaid_folder, parts, chunk_ids)
     if built is None:
         return PlaidState()
     order, state = built
@@ -254,6 +258,20 @@ def _train_plaid(plaid_folder: Path, parts, chunk_ids: list[str]) -> tuple[list[
         shutil.rmtree(plaid_folder, ignore_errors=True)  # too few tokens to train a codec: exact search only
         return None
     return chunk_ids, PlaidState(trained_docs=len(chunk_ids))
+
+
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Freeze the objects that exist now while fast-plaid works: it calls gc.collect() many times per operation, and
+    with torch loaded a full collection over the whole heap is slow each time. A heap frozen by others is left as is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _open_plaid(plaid_folder: Path):
