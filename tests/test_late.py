@@ -85,11 +85,9 @@ def test_plaid_carried_over_stays_consistent_with_rows(tmp_path):
     params = write_late_index(tmp_path / "g2", parts2, ids2, {"model": "m", "dim": 8}, first, ids)
     assert params["plaid"] == {"trained_docs": 80, "added_since_training": 2}
     second = LateIndex.load(tmp_path / "g2")
-    for row, (vectors, _) in enumerate(parts2):  # every row is found by PLAID at its own row number
-        query = vectors[:4].astype(np.float32)
-        assert second.plaid_search([query], 1)[0][0][0] == row
-    returned = {r for row in range(len(parts2))
-                for r, _ in second.plaid_search([parts2[row][0][:4].astype(np.float32)], 20)[0]}
+    queries = [vectors[:4].astype(np.float32) for vectors, _ in parts2]
+    assert [hits[0][0] for hits in second.plaid_search(queries, 1)] == list(range(len(parts2)))  # each at its row
+    returned = {row for hits in second.plaid_search(queries, 20) for row, _ in hits}
     assert returned <= set(range(len(parts2)))
 
 

@@ -142,6 +142,17 @@ def test_a_pickle_in_place_of_a_plaid_array_makes_plaid_train_again(tmp_path):
     assert_plaid_finds(LateIndex.load(tmp_path / "g2" / "late"), parts2, [0, len(ids2) - 1])
 
 
+def test_a_pickle_written_by_fast_plaid_fails_the_write(tmp_path, monkeypatch):
+    from fast_plaid import search
+
+    create = search.FastPlaid.create
+    monkeypatch.setattr(search.FastPlaid, "create",  # a fast-plaid that keeps its pickled copy whatever it is asked
+                        lambda self, *a, **kw: create(self, *a, **{**kw, "start_from_scratch": 10**6}))
+    parts = random_parts(np.random.default_rng(8), 300)
+    with pytest.raises(RuntimeError, match="embeddings.npy"):
+        write_late_index(tmp_path / "late", parts, [f"c{i}" for i in range(300)], PARAMS, None, None)
+
+
 def test_index_folder_holds_no_pickle_after_files_change(tmp_path, tiny_encoder, tiny_colbert):
     write_corpus(tmp_path / "docs")
     settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), late_exact_max_tokens=0)
