@@ -48,6 +48,8 @@ class ParsedDocument:
 
     def __post_init__(self) -> None:
         self._line_starts = line_starts(self.text)
+        self._heading_starts = [h.start for h in self.headings]
+        self._heading_paths = _heading_paths(self.headings)
 
     def line_at(self, offset: int) -> int:
         """1-based line number of the char at `offset` (relative to its page for PDFs)."""
@@ -64,16 +66,27 @@ class ParsedDocument:
             return None
         return max(1, bisect.bisect_right(self.pages, offset))
 
+    def page_breaks(self, start: int, end: int) -> tuple[int, ...]:
+        """Offsets, relative to `start`, of the pages that begin strictly inside (start, end)."""
+        lo, hi = bisect.bisect_right(self.pages, start), bisect.bisect_left(self.pages, end)
+        return tuple(p - start for p in self.pages[lo:hi])
+
     def heading_path(self, offset: int) -> str:
         """The headings enclosing `offset`, outermost first, joined with ' > '."""
-        stack: list[Heading] = []
-        for heading in self.headings:
-            if heading.start > offset:
-                break
-            while stack and stack[-1].level >= heading.level:
-                stack.pop()
-            stack.append(heading)
-        return " > ".join(h.title for h in stack)
+        i = bisect.bisect_right(self._heading_starts, offset)
+        return self._heading_paths[i - 1] if i else ""
+
+
+def _heading_paths(headings: list[Heading]) -> list[str]:
+    """For each heading, the path of headings open right after it (itself last)."""
+    paths = []
+    stack: list[Heading] = []
+    for heading in headings:
+        while stack and stack[-1].level >= heading.level:
+            stack.pop()
+        stack.append(heading)
+        paths.append(" > ".join(h.title for h in stack))
+    return paths
 
 
 @dataclass(frozen=True)
