@@ -409,6 +409,26 @@ def test_html_title_is_a_heading_without_h1(tmp_path: Path) -> None:
     assert doc.heading_path(offset_of(doc.text, "x")) == "The Page > Part"
 
 
+@pytest.mark.parametrize("tail", ["", "</body></html>"])
+def test_html_head_left_open(tmp_path: Path, tail: str) -> None:
+    # without </head>, html.parser puts the body inside <head>: its text must still be read
+    page = "<html><head><title>T</title><body><p>Some text\u2026</p>" + tail
+    doc = parse_file(write(tmp_path, "open-head.html", page))
+    assert doc.text == "Some text\u2026"
+    assert [(h.start, h.level, h.title) for h in doc.headings] == [(0, 1, "T")]
+
+
+def test_html_head_left_open_keeps_its_scripts_and_styles_out(tmp_path: Path) -> None:
+    page = (
+        '<html><head><meta charset="utf-8"><title>Page</title><link rel="stylesheet" href="a.css">'
+        "<style>p { color: red }</style><script>var hidden = 1;</script>"
+        "<body><h2>Part</h2><p>Body text</p><noscript>enable scripts</noscript>"
+    )
+    doc = parse_file(write(tmp_path, "open-head.html", page))
+    assert doc.text == "Part\n\nBody text"
+    assert doc.heading_path(offset_of(doc.text, "Body")) == "Page > Part"
+
+
 def test_html_without_text(tmp_path: Path) -> None:
     page = "<html><script>x()</script><p> </p></html>"
     assert reason(write(tmp_path, "blank.html", page)) == "no extractable text"

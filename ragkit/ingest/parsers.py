@@ -280,7 +280,9 @@ def _python_headings(text: str) -> list[Heading]:
 # HTML: rendered to plain text; blocks are separated by blank lines, list items and table rows
 # by single newlines, table cells by " | "
 
-_HTML_DROP = ["script", "style", "noscript", "template", "head", "title"]
+# Not "head": html.parser nests a body that follows an unclosed <head> inside it. The head's other
+# children (meta, link, base) hold no text.
+_HTML_DROP = ["script", "style", "noscript", "template", "title"]
 _HTML_BLOCKS = frozenset(
     "address article aside blockquote body caption dd details dialog div dl dt fieldset"
     " figcaption figure footer form header hr html legend main nav ol p section summary"
