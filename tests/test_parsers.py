@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,11 +71,13 @@ def make_pdf(pages: list[list[str]]) -> bytes:
     return out.getvalue()
 
 
-def encrypt_pdf(data: bytes, user_password: str, owner_password: str | None = None) -> bytes:
+def encrypt_pdf(
+    data: bytes, user_password: str, owner_password: str | None = None, algorithm: str | None = None
+) -> bytes:
     from pypdf import PdfReader, PdfWriter
 
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(data)))
-    writer.encrypt(user_password, owner_password)
+    writer.encrypt(user_password, owner_password, algorithm=algorithm)
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
@@ -467,6 +473,92 @@ def test_pdf_with_owner_password_only_is_read(tmp_path: Path) -> None:
     restricted = encrypt_pdf(make_pdf(PDF_PAGES), "", "owner")
     doc = parse_file(write(tmp_path, "restricted.pdf", restricted))
     assert "beta line" in doc.text and len(doc.pages) == 3
+
+
+@pytest.mark.parametrize("algorithm", ["AES-128", "AES-256"])
+def test_pdf_aes_with_empty_password_is_read(tmp_path: Path, algorithm: str) -> None:
+    opened = encrypt_pdf(make_pdf(PDF_PAGES), "", algorithm=algorithm)
+    doc = parse_file(write(tmp_path, "aes.pdf", opened))
+    assert "beta line" in doc.text and len(doc.pages) == 3
+
+
+def test_pdf_aes_with_password_is_skipped(tmp_path: Path) -> None:
+    locked = encrypt_pdf(make_pdf(PDF_PAGES), "secret", algorithm="AES-256")
+    assert reason(write(tmp_path, "locked.pdf", locked)) == "encrypted PDF (password required)"
+
+
+def test_pdf_aes_without_the_cryptography_package_says_what_to_install(tmp_path: Path) -> None:
+    path = write(tmp_path, "aes.pdf", encrypt_pdf(make_pdf(PDF_PAGES), "", algorithm="AES-128"))
+    script = (
+        "import sys\n"
+        "sys.modules['cryptography'] = sys.modules['Crypto'] = None  # as if neither were installed\n"
+        "from ragkit.ingest.parsers import ParseError, parse_file\n"
+        "try:\n"
+        "    parse_file(__import__('pathlib').Path(sys.argv[1]))\n"
+        "except ParseError as e:\n"
+        "    print(e.reason)\n"
+    )
+    command = [sys.executable, "-c", script, str(path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert run.stdout.strip() == "encrypted PDF (AES needs the 'cryptography' package: pip install cryptography)"
+    assert run.stderr == ""
+
+
+def test_pdf_without_eof_marker_is_read_silently(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    damaged = make_pdf(PDF_PAGES).replace(b"%%EOF\n", b"")
+    doc = parse_file(write(tmp_path, "no-eof.pdf", damaged))
+    assert "gamma line" in doc.text and len(doc.pages) == 3
+    assert doc.warnings[0] == "damaged PDF: read after rebuilding its cross-reference table"
+    assert "EOF marker not found" in doc.warnings
+    assert capfd.readouterr() == ("", "")
+
+
+def test_pdf_cut_short_is_reported_with_pypdfs_reason(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    data = make_pdf(PDF_PAGES)
+    message = reason(write(tmp_path, "cut.pdf", data[: len(data) // 3]))
+    assert message.startswith("corrupt PDF: ") and "(EOF marker not found)" in message
+    assert len(message) <= 120
+    assert capfd.readouterr() == ("", "")
+
+
+def test_pdf_messages_reach_no_log_handler_and_logging_is_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pypdf_logger = logging.getLogger("pypdf")
+    handlers = list(pypdf_logger.handlers)
+    with caplog.at_level(logging.DEBUG):
+        parse_file(write(tmp_path, "no-eof.pdf", make_pdf(PDF_PAGES).replace(b"%%EOF\n", b"")))
+        assert caplog.records == []
+        logging.getLogger("pypdf._reader").warning("outside ragkit")  # the application's own logging still works
+    assert [r.getMessage() for r in caplog.records] == ["outside ragkit"]
+    assert pypdf_logger.propagate and pypdf_logger.handlers == handlers
+
+
+def test_pdf_page_that_fails_leaves_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pypdf import PageObject
+
+    real = PageObject.extract_text
+
+    def extract_text(page: PageObject, *args: object, **kwargs: object) -> str:
+        text = real(page, *args, **kwargs)
+        if "Second page" in text:
+            raise ValueError("broken content stream")
+        return text
+
+    monkeypatch.setattr(PageObject, "extract_text", extract_text)
+    doc = parse_file(write(tmp_path, "three.pdf", make_pdf(PDF_PAGES)))
+    assert "alpha line" in doc.text and "omega" in doc.text and "beta" not in doc.text
+    assert len(doc.pages) == 3 and doc.page_at(offset_of(doc.text, "omega")) == 3
+    assert doc.warnings == ["page 2: no text extracted (broken content stream)"]
+
+
+def test_library_warnings_do_not_escape(tmp_path: Path) -> None:
+    # Beautiful Soup warns when a page looks like a URL; Python would print that on stderr
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        doc = parse_file(write(tmp_path, "link.html", "https://example.com/page"))
+    assert doc.text == "https://example.com/page"
+    assert escaped == []
 
 
 @pytest.mark.parametrize(

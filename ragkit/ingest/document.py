@@ -39,12 +39,14 @@ class ParsedDocument:
     """Plain text of one file plus the structure needed for citations.
 
     `pages` holds the char offset where each page starts (PDF only, page 1 first);
-    `headings` is sorted by offset.
+    `headings` is sorted by offset. `warnings` holds what parsing noticed about a damaged file
+    that could still be read (a rebuilt PDF, a page without text, the library's own messages).
     """
 
     text: str
     headings: list[Heading] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._line_starts = line_starts(self.text)

@@ -6,15 +6,21 @@ lines. HTML, PDF and DOCX are rendered to plain text first and their structure i
 against that rendering.
 
 Anything that should be skipped (unreadable, binary, empty, corrupt, encrypted) raises
-ParseError with a short reason for the user.
+ParseError with a short reason for the user. Nothing is printed: what the parsing libraries warn
+or log while reading a file is collected into that file's ParsedDocument.warnings (or, for a file
+they cannot read, the first of it into the reason).
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import logging
 import re
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +33,15 @@ if TYPE_CHECKING:
 
 
 class ParseError(Exception):
-    """A file that cannot be indexed; `reason` is a short message shown to the user."""
+    """A file that cannot be indexed; `reason` is a short message shown to the user.
 
-    def __init__(self, reason: str) -> None:
+    `damaged` marks a file the parsing library failed on: what it logged may say why.
+    """
+
+    def __init__(self, reason: str, *, damaged: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.damaged = damaged
 
 
 _TEXT_SUFFIXES = (
@@ -59,6 +69,10 @@ _BOMS = (
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
 _MAX_MESSAGE = 100  # chars of a library's error message kept in a reason
+_MAX_REASON = 120
+_MAX_WARNINGS = 20  # library messages kept per file
+_LIBRARY_LOGGERS = ("pypdf", "bs4", "docx", "charset_normalizer", "markdown_it")
+_CAPTURE_LOCK = threading.RLock()  # the capture swaps process-wide logging and warnings state
 _SAMPLE = 65536  # chars of a legacy-encoded file judged when choosing its encoding
 
 
@@ -96,7 +110,70 @@ def parse_file(path: Path) -> ParsedDocument:
     kind = _kind(path)
     if kind is None:
         raise ParseError(unsupported_reason(path))
-    return _PARSERS[kind](_read_bytes(path))
+    data = _read_bytes(path)
+    with _library_messages() as messages:
+        try:
+            doc = _PARSERS[kind](data)
+        except ParseError as e:
+            if e.damaged and messages:
+                raise ParseError(_with_cause(e.reason, messages[0]), damaged=True) from None
+            raise
+    doc.warnings += [m for m in messages if m not in doc.warnings]
+    return doc
+
+
+@contextmanager
+def _library_messages() -> Iterator[list[str]]:
+    """Collect what parsing libraries warn or log, instead of letting it reach stderr.
+
+    Yields the list that receives the distinct messages (at most _MAX_WARNINGS), in order.
+    """
+    messages: list[str] = []
+    handler = _Collector(messages)
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    with _CAPTURE_LOCK, warnings.catch_warnings(record=True) as caught:
+        propagate = [logger.propagate for logger in loggers]
+        for logger in loggers:
+            logger.addHandler(handler)
+            logger.propagate = False
+        try:
+            yield messages
+        finally:
+            for logger, before in zip(loggers, propagate):
+                logger.removeHandler(handler)
+                logger.propagate = before
+            for warning in caught:
+                handler.keep(str(warning.message))
+
+
+class _Collector(logging.Handler):
+    """A logging handler that keeps the distinct messages of warnings and errors."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.keep(record.getMessage())
+
+    def keep(self, message: str) -> None:
+        message = " ".join(message.split())
+        if len(message) > 2 * _MAX_MESSAGE:
+            message = message[: 2 * _MAX_MESSAGE - 1] + "…"
+        if message and message not in self.messages and len(self.messages) < _MAX_WARNINGS:
+            self.messages.append(message)
+
+
+def _with_cause(reason: str, cause: str) -> str:
+    """`reason` followed by what the library logged, bounded to _MAX_REASON chars.
+
+    >>> _with_cause("corrupt PDF: Stream has ended unexpectedly", "EOF marker not found")
+    'corrupt PDF: Stream has ended unexpectedly (EOF marker not found)'
+    """
+    if cause in reason:
+        return reason
+    combined = f"{reason} ({cause})"
+    return combined if len(combined) <= _MAX_REASON else combined[: _MAX_REASON - 2] + "…)"
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -341,9 +418,12 @@ class _TextBuilder:
 
 def _parse_html(data: bytes) -> ParsedDocument:
     """Render HTML to text. The <title> becomes a level-1 heading at offset 0 when there is no <h1>."""
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning, XMLParsedAsHTMLWarning
 
-    soup = BeautifulSoup(decode_text(data), "html.parser")
+    with warnings.catch_warnings():  # a page that is only a URL, or XHTML, is still read as text
+        warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+        warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
+        soup = BeautifulSoup(decode_text(data), "html.parser")
     title = " ".join(soup.title.get_text(" ").split()) if soup.title else ""
     for tag in soup.find_all(_HTML_DROP):
         tag.decompose()
@@ -415,12 +495,19 @@ def _render_atomic(node: Tag, builder: _TextBuilder, headings: list[Heading]) ->
 # PDF: page texts joined by blank lines; `pages` records where each page starts
 
 
+_REBUILD_XREF = b"\nstartxref\n0\n%%EOF\n"  # a trailer pointing nowhere: pypdf rebuilds the xref table
+_REBUILT = "damaged PDF: read after rebuilding its cross-reference table"
+
+
+class _DamagedPdf(Exception):
+    """pypdf could not read the file as it is; the message says why."""
+
+
 def _parse_pdf(data: bytes) -> ParsedDocument:
-    reader = _open_pdf(data)
     try:
-        texts = [_normalize_newlines(page.extract_text() or "") for page in reader.pages]
-    except Exception as e:  # pypdf raises many kinds of errors on damaged files
-        raise ParseError(f"corrupt PDF: {_short(e)}") from None
+        texts, notes = _pdf_texts(data)
+    except _DamagedPdf as damage:
+        texts, notes = _rebuilt_pdf_texts(data, damage)
     if not any(text.strip() for text in texts):
         raise ParseError("no extractable text (scanned PDF?)")
     pages = []
@@ -428,7 +515,42 @@ def _parse_pdf(data: bytes) -> ParsedDocument:
     for text in texts:
         pages.append(offset)
         offset += len(text) + 2
-    return ParsedDocument("\n\n".join(texts), pages=pages)
+    return ParsedDocument("\n\n".join(texts), pages=pages, warnings=notes)
+
+
+def _rebuilt_pdf_texts(data: bytes, damage: _DamagedPdf) -> tuple[list[str], list[str]]:
+    """Read a PDF whose end (xref table, trailer, %%EOF) is missing or wrong, as in a cut-off download."""
+    try:
+        texts, notes = _pdf_texts(data + _REBUILD_XREF)
+    except _DamagedPdf:
+        raise ParseError(f"corrupt PDF: {damage}", damaged=True) from None
+    return texts, [_REBUILT, *notes]
+
+
+def _pdf_texts(data: bytes) -> tuple[list[str], list[str]]:
+    """The text of every page, and a note for each page whose text could not be extracted."""
+    from pypdf.errors import DependencyError
+
+    reader = _open_pdf(data)
+    try:
+        pages = list(reader.pages)
+    except Exception as e:  # pypdf raises many kinds of errors on damaged files
+        raise _DamagedPdf(_short(e)) from None
+    texts: list[str] = []
+    errors: list[str] = []
+    notes = []
+    for number, page in enumerate(pages, start=1):
+        try:
+            texts.append(_normalize_newlines(page.extract_text() or ""))
+        except DependencyError as e:  # e.g. AES without the `cryptography` package
+            raise ParseError(_dependency_reason(e)) from None
+        except Exception as e:
+            texts.append("")
+            errors.append(_short(e))
+            notes.append(f"page {number}: no text extracted ({errors[-1]})")
+    if pages and len(errors) == len(pages):
+        raise _DamagedPdf(errors[0])
+    return texts, notes
 
 
 def _open_pdf(data: bytes) -> PdfReader:
@@ -439,13 +561,24 @@ def _open_pdf(data: bytes) -> PdfReader:
     try:
         reader = PdfReader(io.BytesIO(data))
         readable = not reader.is_encrypted or reader.decrypt("")
-    except DependencyError as e:  # e.g. AES without the `cryptography` package
-        raise ParseError(f"encrypted PDF ({_short(e)})") from None
+    except DependencyError as e:
+        raise ParseError(_dependency_reason(e)) from None
     except Exception as e:
-        raise ParseError(f"corrupt PDF: {_short(e)}") from None
+        raise _DamagedPdf(_short(e)) from None
     if not readable:
         raise ParseError("encrypted PDF (password required)")
     return reader
+
+
+def _dependency_reason(error: Exception) -> str:
+    """The reason for a PDF that needs a package that is not installed.
+
+    >>> _dependency_reason(Exception("cryptography>=3.1 is required for AES algorithm"))
+    "encrypted PDF (AES needs the 'cryptography' package: pip install cryptography)"
+    """
+    if "cryptography" in str(error):
+        return "encrypted PDF (AES needs the 'cryptography' package: pip install cryptography)"
+    return f"PDF needs a package that is not installed: {_short(error)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +592,7 @@ def _parse_docx(data: bytes) -> ParsedDocument:
     try:
         blocks = list(_docx_blocks(data))
     except Exception as e:  # not a zip, missing parts, malformed XML
-        raise ParseError(f"corrupt DOCX: {_short(e)}") from None
+        raise ParseError(f"corrupt DOCX: {_short(e)}", damaged=True) from None
     parts: list[str] = []
     headings = []
     offset = 0
