@@ -9,7 +9,11 @@ import pytest
 
 from ragkit.ingest import sources
 from ragkit.ingest.document import Skipped
-from ragkit.ingest.sources import scan_folder
+from ragkit.ingest.parsers import parse_file
+from ragkit.ingest.sources import printable_path, scan_folder
+
+OUTSIDE_FILE = "symlink to a file outside the indexed folder (not followed; --follow-links to include it)"
+OUTSIDE_FOLDER = "symlink to a folder outside the indexed folder (not followed; --follow-links to include it)"
 
 
 def touch(root: Path, rel: str, content: str = "text\n") -> Path:
@@ -189,7 +193,8 @@ def test_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert scan.skipped == [Skipped("locked", "permission denied")]
 
 
-def test_symlinks(tmp_path: Path) -> None:
+def symlinked_tree(tmp_path: Path) -> Path:
+    """A folder with links of every kind: inside, outside, broken, looping."""
     root = tmp_path / "root"
     touch(root, "a/doc.md")
     touch(tmp_path, "outside/ext.md")
@@ -198,16 +203,63 @@ def test_symlinks(tmp_path: Path) -> None:
     (root / "self.md").symlink_to("self.md")  # a file symlink that refers to itself
     (root / "gone.md").symlink_to(root / "missing.md")
     (root / "linked.md").symlink_to(root / "a" / "doc.md")
+    (root / "back.md").symlink_to(Path("..") / "root" / "a" / "doc.md")  # leaves and comes back in
     (root / "ext").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "out.md").symlink_to(tmp_path / "outside" / "ext.md")
+    (root / "a" / "escape.md").symlink_to(Path("..") / ".." / "outside" / "ext.md")
+    (root / "photo.png").symlink_to(tmp_path / "outside" / "ext.md")  # unsupported whatever it points at
+    return root
+
+
+def test_symlinks_inside_the_folder_are_followed_and_those_leading_out_are_not(tmp_path: Path) -> None:
+    root = symlinked_tree(tmp_path)
     scan = scan_folder(root)
-    assert [f.rel for f in scan.files] == ["a/doc.md", "ext/ext.md", "linked.md"]
-    assert scan.files[1].path == root / "ext" / "ext.md"
+    assert [f.rel for f in scan.files] == ["a/doc.md", "back.md", "linked.md"]
+    assert scan.skipped == [
+        Skipped("a/escape.md", OUTSIDE_FILE),
+        Skipped("a/here", "symlink loop"),
+        Skipped("a/loop", "symlink loop"),
+        Skipped("ext", OUTSIDE_FOLDER),
+        Skipped("gone.md", "broken symlink"),
+        Skipped("out.md", OUTSIDE_FILE),
+        Skipped("photo.png", "unsupported file type .png"),
+        Skipped("self.md", "symlink loop"),
+    ]
+
+
+def test_follow_links_follows_symlinks_out_of_the_folder(tmp_path: Path) -> None:
+    root = symlinked_tree(tmp_path)
+    scan = scan_folder(root, follow_links=True)
+    assert [f.rel for f in scan.files] == ["a/doc.md", "a/escape.md", "back.md", "ext/ext.md", "linked.md", "out.md"]
+    assert scan.files[3].path == root / "ext" / "ext.md"
     assert scan.skipped == [
         Skipped("a/here", "symlink loop"),
         Skipped("a/loop", "symlink loop"),
         Skipped("gone.md", "broken symlink"),
+        Skipped("photo.png", "unsupported file type .png"),
         Skipped("self.md", "symlink loop"),
     ]
+
+
+def test_links_inside_a_linked_folder_are_judged_by_where_they_lead(tmp_path: Path) -> None:
+    touch(tmp_path, "root/real/doc.md")
+    touch(tmp_path, "outside/secret.md")
+    (tmp_path / "root" / "real" / "leak.md").symlink_to(tmp_path / "outside" / "secret.md")
+    (tmp_path / "root" / "alias").symlink_to(tmp_path / "root" / "real", target_is_directory=True)
+    scan = scan_folder(tmp_path / "root")
+    assert [f.rel for f in scan.files] == ["real/doc.md"]
+    assert scan.skipped == [
+        Skipped("alias", "same folder as real (already scanned)"),
+        Skipped("real/leak.md", OUTSIDE_FILE),
+    ]
+
+
+def test_root_given_through_a_symlink(tmp_path: Path) -> None:
+    touch(tmp_path, "root/a/doc.md")
+    (tmp_path / "root" / "linked.md").symlink_to(tmp_path / "root" / "a" / "doc.md")  # the real path
+    (tmp_path / "alias").symlink_to(tmp_path / "root", target_is_directory=True)
+    assert rels(tmp_path / "alias") == ["a/doc.md", "linked.md"]
+    assert reasons(tmp_path / "alias") == {}
 
 
 def test_same_folder_reached_twice_is_scanned_once(tmp_path: Path) -> None:
@@ -223,9 +275,26 @@ def test_two_links_to_one_outside_folder(tmp_path: Path) -> None:
     touch(tmp_path, "root/a.md")
     for name in ["b-link", "a-link"]:
         (tmp_path / "root" / name).symlink_to(tmp_path / "outside", target_is_directory=True)
-    scan = scan_folder(tmp_path / "root")
+    scan = scan_folder(tmp_path / "root", follow_links=True)
     assert [f.rel for f in scan.files] == ["a-link/ext.md", "a.md"]
     assert scan.skipped == [Skipped("b-link", "same folder as a-link (already scanned)")]
+    assert reasons(tmp_path / "root") == {"a-link": OUTSIDE_FOLDER, "b-link": OUTSIDE_FOLDER}
+
+
+def test_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    # Linux allows any bytes in a name; os.scandir gives the invalid ones as lone surrogates
+    good, bad = os.fsdecode(b"caf\xff.md"), os.fsdecode(b"img\xfe.png")
+    touch(tmp_path, good, "# Caf\n\ntext\n")
+    touch(tmp_path, bad)
+    (tmp_path / ".ragkitignore").write_text("*.log\n")
+    scan = scan_folder(tmp_path)
+    assert [f.rel for f in scan.files] == ["caf\udcff.md"]
+    assert os.fsencode(scan.files[0].rel) == b"caf\xff.md"
+    assert parse_file(scan.files[0].path).text == "# Caf\n\ntext\n"
+    assert scan.skipped == [Skipped("img\udcfe.png", "unsupported file type .png")]
+    with pytest.raises(UnicodeEncodeError):
+        scan.files[0].rel.encode("utf-8")  # so printing it, or writing it to JSON or Parquet, needs care
+    assert printable_path(scan.files[0].rel) == "caf\\xff.md"
 
 
 def test_deterministic(tmp_path: Path) -> None:

@@ -3,7 +3,11 @@
 Silently ignored: hidden names (starting with ".", so `.git` too), `node_modules` and `__pycache__`, the
 paths in `exclude` (such as the index folder) and whatever `.ragkitignore` at the root matches
 (gitignore syntax). Reported as skipped: unsupported types, unreadable, empty or oversized
-files, broken symlinks and symlink loops.
+files, broken symlinks, symlink loops and, unless links are followed, symlinks that lead out of
+the folder.
+
+Relative paths are str as os.scandir gives them: a name that is not valid UTF-8 keeps its bytes
+as lone surrogates (os.fsencode(rel) gives them back); printable_path shows it for people.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 
 IGNORE_FILE = ".ragkitignore"
 _IGNORED_NAMES = frozenset({"node_modules", "__pycache__"})  # hidden names are ignored too
+_OUTSIDE = "symlink to a {} outside the indexed folder (not followed; --follow-links to include it)"
 _MB = 2**20
 
 _Identity = tuple[int, int]  # (st_dev, st_ino): the same folder reached by different paths
@@ -46,14 +51,18 @@ class _Folder:
     linked: bool = False  # reached through a symlink
 
 
-def scan_folder(root: Path, *, exclude: Sequence[Path] = (), max_file_bytes: int = 50 * _MB) -> Scan:
-    """List the files under `root` that ragkit can index, following folder symlinks.
+def scan_folder(
+    root: Path, *, exclude: Sequence[Path] = (), max_file_bytes: int = 50 * _MB, follow_links: bool = False
+) -> Scan:
+    """List the files under `root` that ragkit can index.
 
-    Folders reached through a symlink are scanned after the others, so a folder that is both in
-    the tree and linked from it keeps its own path. Raises OSError if `root` cannot be read.
+    Symlinks that stay inside `root` are followed; those that lead outside it are reported as
+    skipped, or followed too with `follow_links`. Folders reached through a symlink are scanned
+    after the others, so a folder that is both in the tree and linked from it keeps its own path.
+    Raises OSError if `root` cannot be read.
     """
     root = Path(os.path.abspath(root))
-    scanner = _Scanner(root, exclude, max_file_bytes)
+    scanner = _Scanner(root, exclude, max_file_bytes, follow_links)
     identity = _identity(os.stat(root))
     pending = [_Folder(root, "", identity, frozenset({identity}))]
     linked: list[_Folder] = []
@@ -69,8 +78,10 @@ def scan_folder(root: Path, *, exclude: Sequence[Path] = (), max_file_bytes: int
 class _Scanner:
     """The state of one scan: what was found, what was skipped, which folders were seen."""
 
-    def __init__(self, root: Path, exclude: Sequence[Path], max_file_bytes: int) -> None:
+    def __init__(self, root: Path, exclude: Sequence[Path], max_file_bytes: int, follow_links: bool) -> None:
         self.max_file_bytes = max_file_bytes
+        self.real_root = os.path.realpath(root)
+        self.follow_links = follow_links
         self.excluded = {_identity(os.stat(p)) for p in exclude if os.path.exists(p)}
         self.ignore = _load_ignore(root)
         self.visited: dict[_Identity, str] = {}
@@ -114,21 +125,32 @@ class _Scanner:
         identity = _identity(info)
         if identity in self.excluded:
             return None
+        leads_out = entry.is_symlink() and not self.follow_links and not self.inside(entry.path)
         if stat.S_ISDIR(info.st_mode):
+            if leads_out:
+                self.skip(rel, _OUTSIDE.format("folder"))
+                return None
             if identity in parent.ancestors:
                 self.skip(rel, "symlink loop")
                 return None
             ancestors = parent.ancestors | {identity}
             return _Folder(Path(entry.path), rel, identity, ancestors, entry.is_symlink())
         if stat.S_ISREG(info.st_mode):
-            self.file(Path(entry.path), rel, info.st_size)
+            self.file(Path(entry.path), rel, info.st_size, leads_out)
         else:
             self.skip(rel, "not a regular file")
         return None
 
-    def file(self, path: Path, rel: str, size: int) -> None:
+    def inside(self, path: str) -> bool:
+        """True if `path`, with every symlink resolved, is under the indexed folder."""
+        real = os.path.realpath(path)
+        return os.path.commonpath([real, self.real_root]) == self.real_root
+
+    def file(self, path: Path, rel: str, size: int, leads_out: bool) -> None:
         if not is_supported(path):
             self.skip(rel, unsupported_reason(path))
+        elif leads_out:
+            self.skip(rel, _OUTSIDE.format("file"))
         elif size == 0:
             self.skip(rel, "empty file")
         elif size > self.max_file_bytes:
@@ -185,3 +207,12 @@ def _os_reason(error: OSError) -> str:
     if isinstance(error, PermissionError):
         return "permission denied"
     return f"unreadable: {error.strerror or error}"
+
+
+def printable_path(rel: str) -> str:
+    r"""`rel` for printing and UTF-8 files: bytes of a name that is not UTF-8 are shown as \xNN.
+
+    >>> printable_path(os.fsdecode(b"caf\xff.md")), printable_path("café.md")
+    ('caf\\xff.md', 'café.md')
+    """
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
