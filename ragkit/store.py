@@ -10,6 +10,13 @@ Layout (all plain files; see docs/index-format.md):
         chunks.parquet  one row per chunk: text and provenance
         dense/          vectors.npy (+ index.faiss for HNSW), params.json
         bm25/           bm25s arrays and vocabulary, ragkit.json
+
+Rules: only the holder of write.lock changes the folder. A new generation is numbered above every one present. On
+taking the lock and again after its switch, the writer removes every `*.tmp` entry and every generation but the
+live one and the one before it (the one it replaced, kept for readers that opened it just before the switch).
+
+Test hook: RAGKIT_DEBUG_COMMIT_PAUSE=SECONDS makes `GenerationWriter.commit` sleep that long after the rename and
+again after the switch, so that a test can kill a writer inside those windows.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Iterator
 
 from ragkit.errors import IndexLockedError, IndexNotFoundError, RagkitError
 from ragkit.ingest.document import Chunk
+from ragkit.progress import Progress, ProgressEvent, silent
 
 SCHEMA_VERSION = 1
 CURRENT = "CURRENT"
@@ -33,6 +41,7 @@ MANIFEST = "manifest.json"
 CHUNKS = "chunks.parquet"
 GEN_PREFIX = "gen-"
 TMP_SUFFIX = ".tmp"
+COMMIT_PAUSE_ENV = "RAGKIT_DEBUG_COMMIT_PAUSE"
 
 
 def current_generation(root: Path) -> Path:
@@ -59,33 +68,81 @@ def read_manifest(generation: Path) -> dict[str, Any]:
 
 @contextmanager
 def write_lock(root: Path) -> Iterator[None]:
-    """Hold the index's writer lock; a second writer gets IndexLockedError at once."""
+    """Hold the index's writer lock; a second writer gets IndexLockedError at once, naming the holder.
+
+    The lock file says "pid N" only while N holds the lock. Taking it, the holder first removes what a killed
+    writer left behind (`prune_generations`).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    handle = open(root / LOCK, "a+")
-    try:
+    with open(root / LOCK, "a+") as handle:  # closing releases the lock, also when the process dies
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             raise IndexLockedError(
-                f"the index at {root} is being written by {holder}; wait for it to finish") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock, also when the process dies
+                f"the index at {root} is being written by {_holder(handle)}; wait for it to finish") from None
+        try:
+            _write_holder(handle, f"pid {os.getpid()}")
+            prune_generations(root)
+            yield
+        finally:
+            _write_holder(handle, "")
+
+
+def _write_holder(handle, text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text)
+    handle.flush()
+
+
+def _holder(handle) -> str:
+    """Who holds the lock, by the lock file; text naming a dead process (a killed holder's, read in the instant
+    before the new holder replaces it) is not reported."""
+    handle.seek(0)
+    text = handle.read().strip()
+    pid = text.removeprefix("pid ")
+    if text.startswith("pid ") and pid.isdigit() and _alive(int(pid)):
+        return text
+    return "another process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def prune_generations(root: Path) -> None:
+    """Remove every `*.tmp` entry and every generation but the live one and the one before it: what a killed
+    writer left, and what readers no longer need. Only the lock holder may call this.
+
+    "The one before" is the highest-numbered generation below the live one: a new generation is numbered above
+    every one present, so one numbered above the live one was renamed into place but never switched to (no
+    reader can have opened it), and one below the one before has had a whole run to be released by readers.
+    """
+    for path in root.glob("*" + TMP_SUFFIX):
+        _remove(path)
+    live = _live_name(root)
+    if live is None and (root / CURRENT).exists():
+        return  # a damaged pointer: leave the generations for the user to inspect
+    numbers = _generation_numbers(root)
+    below = [n for n in numbers.values() if live is not None and n < _number(live)]
+    keep = {live, _name(max(below)) if below else None}
+    for name in numbers:
+        if name not in keep:
+            _remove(root / name)
 
 
 class GenerationWriter:
-    """Builds a new generation in a temporary folder; `commit` makes it the live one."""
+    """Builds a new generation in a temporary folder; `commit` makes it the live one. Hold `write_lock`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        _remove_leftovers(root)
-        self.name = f"{GEN_PREFIX}{_next_number(root):06d}"
+        self.name = _name(max(_generation_numbers(root).values(), default=0) + 1)
         self.folder = root / (self.name + TMP_SUFFIX)
         self.folder.mkdir(parents=True)
 
@@ -99,20 +156,37 @@ class GenerationWriter:
         manifest = {"schema_version": SCHEMA_VERSION, "generation": self.name, **manifest}
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
-    def commit(self) -> Path:
-        """fsync everything, rename into place, then switch CURRENT atomically."""
+    def commit(self, progress: Progress = silent) -> Path:
+        """fsync everything, rename into place, switch CURRENT atomically, then remove the generations before the
+        one this replaces. Reports ("switch", 0, 1) after the rename and ("switch", 1, 1) after the switch."""
         _fsync_tree(self.folder)
         final = self.root / self.name
         os.rename(self.folder, final)
-        pointer_tmp = self.root / (CURRENT + TMP_SUFFIX)
-        with open(pointer_tmp, "w") as f:
-            f.write(self.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, self.root / CURRENT)
         _fsync_dir(self.root)
-        _drop_old_generations(self.root, keep={self.name})
+        progress(ProgressEvent("switch", 0, 1))
+        _debug_pause()
+        _switch_current(self.root, self.name)
+        progress(ProgressEvent("switch", 1, 1))
+        _debug_pause()
+        prune_generations(self.root)
         return final
+
+
+def _switch_current(root: Path, name: str) -> None:
+    """Point CURRENT at `name`: write CURRENT.tmp, fsync it, rename it over CURRENT, fsync the folder."""
+    pointer_tmp = root / (CURRENT + TMP_SUFFIX)
+    with open(pointer_tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / CURRENT)
+    _fsync_dir(root)
+
+
+def _debug_pause() -> None:
+    seconds = os.environ.get(COMMIT_PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def load_chunks(generation: Path):
@@ -166,25 +240,35 @@ def chunk_from_record(record: dict[str, Any]) -> Chunk:
     return Chunk(**fields)
 
 
-def _next_number(root: Path) -> int:
-    numbers = [int(p.name[len(GEN_PREFIX):].split(".")[0]) for p in root.glob(GEN_PREFIX + "*")
-               if p.name[len(GEN_PREFIX):].split(".")[0].isdigit()]
-    return max(numbers, default=0) + 1
+def _name(number: int) -> str:
+    return f"{GEN_PREFIX}{number:06d}"
 
 
-def _remove_leftovers(root: Path) -> None:
-    """Delete what a killed writer left behind: unfinished generations and pointer files."""
-    for path in root.glob("*" + TMP_SUFFIX):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+def _number(name: str) -> int:
+    return int(name[len(GEN_PREFIX):])
 
 
-def _drop_old_generations(root: Path, keep: set[str]) -> None:
-    """Keep the live generation and the one before it (a reader may still be loading it)."""
-    generations = sorted(p for p in root.glob(GEN_PREFIX + "*") if p.is_dir() and not p.name.endswith(TMP_SUFFIX))
-    survivors = {p.name for p in generations[-2:]} | keep
-    for path in generations:
-        if path.name not in survivors:
-            shutil.rmtree(path, ignore_errors=True)
+def _generation_numbers(root: Path) -> dict[str, int]:
+    """Every renamed (finished) generation folder by name, with its number."""
+    return {p.name: _number(p.name) for p in root.glob(GEN_PREFIX + "*")
+            if p.is_dir() and p.name[len(GEN_PREFIX):].isdigit()}
+
+
+def _live_name(root: Path) -> str | None:
+    """The name CURRENT holds, or None when there is no (well-formed) CURRENT."""
+    try:
+        name = (root / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name if name.startswith(GEN_PREFIX) and name[len(GEN_PREFIX):].isdigit() else None
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder; what cannot be deleted now is left for the next run to retry."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_tree(folder: Path) -> None:
