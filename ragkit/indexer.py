@@ -357,7 +357,7 @@ def _write_generation(folder, index_dir, settings: Settings, new_fp, old, plan: 
         "stats": {"files": len(files), "chunks": table.num_rows, "tokens": sum(f["tokens"] for f in files.values())},
         "last_run": {k: v for k, v in report.to_json().items() if k != "skipped"},
     })
-    writer.commit()
+    writer.commit(progress)
     progress(ProgressEvent("write", 2, 2))
 
 

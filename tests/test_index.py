@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -213,56 +214,68 @@ def test_missing_index_and_missing_folder(tmp_path, idx):
 
 def test_second_writer_is_refused(idx, docs):
     with store.write_lock(idx.path):
-        with pytest.raises(IndexLockedError, match="being written"):
+        with pytest.raises(IndexLockedError, match=f"being written by pid {os.getpid()};"):
             idx.add(docs)
-    assert idx.add(docs).added == 3  # the lock is released
+    assert (idx.path / store.LOCK).read_text() == ""  # released, and says so
+    assert idx.add(docs).added == 3
 
 
 def _index_command(folder: Path, index: Path, model: Path, late_model: Path) -> list[str]:
+    """`ragkit index` without --json: with stderr a pipe, it prints a progress line as each stage starts and ends."""
     return [sys.executable, "-m", "ragkit.cli", "index", str(folder), "--index", str(index),
-            "--dense-model", str(model), "--late-model", str(late_model), "--json"]
+            "--dense-model", str(model), "--late-model", str(late_model)]
 
 
-def _wait_for(condition, timeout: float) -> bool:
+def _wait_for(stderr, prefix: str, timeout: float) -> list[str]:
+    """Read the child's unbuffered stderr line by line as it arrives until a line starts with `prefix`, the
+    timeout passes or the child exits; returns the lines read."""
+    lines: list[str] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.002)
-    return False
+    while (left := deadline - time.monotonic()) > 0 and select.select([stderr], [], [], left)[0]:
+        line = stderr.readline().decode(errors="replace")  # a raw (bufsize=0) pipe reads no further than the line
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith(prefix):
+            break
+    return lines
 
 
-@pytest.mark.parametrize("kill_when", ["encoding", "writing"])
-def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, tiny_colbert, kill_when):
+@pytest.mark.parametrize("stage", ["encode", "write", "switch"])
+def test_killed_run_leaves_previous_index_usable(tmp_path, tiny_encoder, tiny_colbert, stage):
     folder = tmp_path / "docs"
-    write_docs(folder, {f"f{i:03d}.txt": f"Document {i} about topic{i}.\n" + "filler words here. " * 400
+    write_docs(folder, {f"f{i:03d}.txt": f"Document {i} about topic{i}.\n" + "filler words here. " * 40
                         for i in range(60)})
     index = tmp_path / "index"
-    idx = Index(index, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert)))
-    idx.add(folder)
+    settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))
+    Index(index, settings).add(folder)
     generation = store.current_generation(index)
     for i in range(60):  # every file changes: the next run has real work to do
-        (folder / f"f{i:03d}.txt").write_text(f"Changed {i} now mentions zeppelin{i}.\n" + "other words. " * 400)
+        (folder / f"f{i:03d}.txt").write_text(f"Changed {i} now mentions zeppelin{i}.\n" + "other words. " * 40)
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # "switch 0/1": renamed into place, not yet live; the pause holds the child there
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), store.COMMIT_PAUSE_ENV: "30"}
     child = subprocess.Popen(_index_command(folder, index, tiny_encoder, tiny_colbert), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if kill_when == "encoding":
-        started = _wait_for(lambda: "pid" in (index / store.LOCK).read_text(), 60)
-        time.sleep(1.0)
-    else:
-        started = _wait_for(lambda: any(index.glob("*" + store.TMP_SUFFIX)), 60)
-    child.send_signal(signal.SIGKILL)
-    assert started and child.wait() == -signal.SIGKILL
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        lines = _wait_for(child.stderr, f"ragkit: {stage} 0/", 300)
+    finally:
+        child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    child.stderr.close()
+    assert lines and lines[-1].startswith(f"ragkit: {stage} 0/"), lines[-20:]  # killed in that stage
 
     # the previous generation is live and whole
     assert store.current_generation(index) == generation
-    assert Index(index, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).search("topic7", k=1, mode="bm25")[0].chunk.path \
-        == "f007.txt"
+    assert Index(index, settings).search("topic7", k=1, mode="bm25")[0].chunk.path == "f007.txt"
+    renamed = {p.name for p in index.glob(store.GEN_PREFIX + "*") if not p.name.endswith(store.TMP_SUFFIX)}
+    assert len(renamed) == (2 if stage == "switch" else 1)  # with "switch", the killed run's own too: never live
     # the next run completes and cleans up what the killed one left
-    report = Index(index, Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).add(folder)
+    report = Index(index, settings).add(folder)
     assert report.updated == 60
     assert not list(index.glob("*" + store.TMP_SUFFIX))
+    assert sorted(p.name for p in index.glob(store.GEN_PREFIX + "*")) == \
+        sorted([generation.name, store.current_generation(index).name])
     assert Index(index, Settings()).search("zeppelin7", k=1, mode="bm25")[0].chunk.path == "f007.txt"
 
 
