@@ -545,17 +545,40 @@ def test_search_supervision_trains_the_search_and_needs_hmt_on_recall_batches():
         return forward(*args, **kwargs)
 
     model.forward = spy
-    before = model.w_q.weight.detach().clone()
     config = TrainConfig(steps=4, batch_size=4, segments=(4, 4), search_loss=0.5, search_teacher=0.5, log_every=1)
-    result = train(model, RecallBatches(task), config)
+    train(model, RecallBatches(task), config)
     assert calls == [(True, True)] * 2 + [(True, False)] * 2  # teacher-forced for the first half of the run
-    assert not torch.equal(model.w_q.weight, before) and all(loss > 0 for _, loss in result.history)
     with pytest.raises(ConfigError, match="HMT reader with recall batches"):
         train(tiny(), RecallBatches(task), TrainConfig(steps=1, search_loss=0.3))  # Infini has no search
     with pytest.raises(ConfigError, match="HMT reader with recall batches"):
         train(tiny_hmt(), lambda b, s, g: RecallBatches(task)(b, s, g), TrainConfig(steps=1, search_teacher=0.2))
     with pytest.raises(ConfigError, match="search_loss"):
         TrainConfig(search_loss=-1.0)
+
+
+def test_search_loss_adds_its_weight_times_the_asked_memorys_negative_log_weight(monkeypatch):
+    """One step's gradients of W_q and W_k are those of the answer's cross-entropy − search_loss × log(the weight the
+    question's search gives the asked fact's memory), computed here on the same weights and batch."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = tiny_hmt()
+    start = copy.deepcopy(model)
+    task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
+    draws = []
+    draw = RecallBatches.draw
+    monkeypatch.setattr(RecallBatches, "draw", lambda self, *a, **k: draws.append(draw(self, *a, **k)) or draws[-1])
+    config = TrainConfig(steps=1, batch_size=4, segments=(4, 4), search_loss=0.5, warmup=0.0, grad_clip=1e9)
+    train(model, RecallBatches(task), config)
+    (batch,) = draws
+    logits = start.train()(batch.input_ids, search_target=batch.key_positions[:, 0] // SEG)
+    answer = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
+    asked = start.last_weights[torch.arange(4), 0, batch.key_positions[:, 0] // SEG]  # 4 segments: none evicted
+    torch.testing.assert_close(start.target_log_weight.detach(), asked.log())
+    want = torch.autograd.grad(answer - 0.5 * start.target_log_weight.mean(), [start.w_q.weight, start.w_k.weight])
+    torch.testing.assert_close(model.w_q.weight.grad, want[0])
+    torch.testing.assert_close(model.w_k.weight.grad, want[1])
 
 
 def test_memory_id_loss_teaches_hmt_memories_to_name_the_ids_of_their_facts():
@@ -636,23 +659,96 @@ def test_memory_value_term_scores_the_digits_of_the_memories_given_one_fact():
     assert accuracy == 1.0
     with torch.no_grad():
         probe.weight[3, 1] = probe.weight[10 + 1, 1] = 0.0
-    guess = float(_memory_value_term(cache, probe, targets)[0])  # every digit at 1/10
+    guess = float(_memory_value_term(cache, probe, targets)[0].detach())  # every digit at 1/10
     assert float(right) < 0.01 and guess == pytest.approx(2 * math.log(10), rel=1e-4)
     assert _memory_value_term(cache, probe, torch.full((1, 3, 1, 2), IGNORE)) is None  # no memory given one fact
 
 
-def test_memory_value_loss_trains_hmt_and_needs_recall_batches():
-    model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, sensory_tokens=4,
-                         cache_size=8, memory_tokens=2)[0]
+def memory_digit_targets(batch, segments: int, slots: int, digits: int) -> torch.Tensor:
+    """(b, segments, slots, d): the digits of the one fact each HMT memory is given, read off the tokens (the i-th
+    fact of a segment in reading order to its i-th memory, the rest to the last), IGNORE where it is given none or
+    several."""
+    out = torch.full((len(batch.input_ids), segments, slots, digits), IGNORE)
+    for b, (row, starts) in enumerate(zip(batch.input_ids, batch.key_positions.tolist())):
+        for segment in range(segments):
+            mine = sorted(s for s in starts if s // SEG == segment)
+            given = [mine[i : i + 1] if i < slots - 1 else mine[i:] for i in range(slots)]
+            for slot, facts in enumerate(given):
+                if len(facts) == 1:
+                    out[b, segment, slot] = row[facts[0] + 3 : facts[0] + 3 + digits]
+    return out
+
+
+def test_memory_value_loss_adds_hmts_weighted_probe_term_and_trains_the_probe(monkeypatch):
+    """Every step adds `memory_value_loss` × the probe's cross-entropy, summed over the digits, of the one fact each
+    memory before the question's is given, read from HMT's cached memories; the probe trains at probe_lr without
+    decay, its term's gradient reaches HMT's parameters and the backbone, the history keeps the task's loss, the hit
+    rate logged is the probe's digit accuracy, and the probe is not part of the reader."""
+    import ragkit.readers.train as train_module
+
+    def hmt_model():
+        return build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, sensory_tokens=4,
+                            cache_size=8, memory_tokens=2)[0]
+
     task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
-    base = TrainConfig(steps=3, batch_size=4, segments=(3, 3), seed=0, lr=1e-3)
-    plain = train(model, RecallBatches(task), base)
-    model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, sensory_tokens=4,
-                         cache_size=8, memory_tokens=2)[0]
-    valued = train(model, RecallBatches(task), replace(base, memory_value_loss=1.0))
-    assert valued.history[-1][1] != plain.history[-1][1]  # the value loss changed what was learnt
+    base = TrainConfig(steps=3, batch_size=8, segments=(3, 3), seed=0, lr=1e-3, log_every=1, warmup=0.0,
+                       grad_clip=1e9)
+    weight, probe_lr = 0.5, 0.03
+    plain = train(hmt_model(), RecallBatches(task), base)
+    model = hmt_model()
+    names = set(model.state_dict())
+    reached = [*model.hmt_parameters(), model.model.model.layers[0].self_attn.v_proj.weight]
+    draws, calls = [], []
+    draw, real = RecallBatches.draw, train_module._memory_value_term
+
+    def recorded(self, *args, **kwargs):
+        draws.append(draw(self, *args, **kwargs))
+        return draws[-1]
+
+    def spy(cache, probe, targets):
+        loss, hit = real(cache, probe, targets)
+        assert cache is model.cache and cache.shape == (8, 2 * 3, 32)  # 3 segments, 2 memories each
+        wanted = memory_digit_targets(draws[-1], 3, 2, task.digits)[:, :2]  # the memories before the question's
+        logits = probe(cache[:, :-2].unflatten(1, (2, 2))).unflatten(-1, (task.digits, 10))  # (b, 2, 2, d, 10)
+        scored = wanted != IGNORE
+        assert bool(scored.any())
+        log_p = logits.log_softmax(-1).gather(-1, wanted.clamp(min=0)[..., None]).squeeze(-1)
+        torch.testing.assert_close(loss, -log_p[scored].mean() * task.digits)
+        assert hit == float((logits.argmax(-1) == wanted)[scored].float().mean())
+        own = list(probe.parameters())
+        grads = torch.autograd.grad(loss, own + reached, retain_graph=True)
+        params = [p.detach().clone() for p in own]
+        calls.append((probe, float(loss.detach()), hit, grads[: len(own)], grads[len(own) :], params))
+        return loss, hit
+
+    monkeypatch.setattr(RecallBatches, "draw", recorded)
+    monkeypatch.setattr(train_module, "_memory_value_term", spy)
+    events = []
+    valued = train(model, RecallBatches(task), replace(base, memory_value_loss=weight, probe_lr=probe_lr),
+                   progress=events.append)
+    assert len(calls) == 3 and all(math.isfinite(loss) and loss > 0 for _, loss, *_ in calls)
+    probe = calls[0][0]
+    assert all(c[0] is probe for c in calls)
+    assert valued.history[0] == plain.history[0]  # step 1: same weights, same batch, the task's loss alone
+    assert valued.memory_value_hits == [(step, c[2]) for step, c in enumerate(calls, start=1)]
+    assert [e.memory_value_hit for e in events] == [c[2] for c in calls] and plain.memory_value_hits == []
+    for grad in calls[0][4]:
+        assert grad.abs().sum() > 0  # T, the initial memory, W_q, W_k, the slots and the backbone all get some
+    for p, g in zip(probe.parameters(), calls[-1][3], strict=True):  # the last step's gradient is weight × term's
+        torch.testing.assert_close(p.grad, weight * g, rtol=1e-5, atol=1e-8)
+    for before, after, g in zip(calls[0][5], calls[1][5], calls[0][3], strict=True):  # Adam's first step: ±lr
+        moved, big = (after - before).abs(), g.abs() > 1e-4
+        torch.testing.assert_close(moved[big], torch.full_like(moved[big], probe_lr), rtol=1e-3, atol=0.0)
+    assert set(model.state_dict()) == names  # the probe is dropped
+    assert not {id(p) for p in probe.parameters()} & {id(p) for p in model.parameters()}
+
+
+def test_memory_value_loss_needs_recall_batches_and_a_memory():
+    task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
     with pytest.raises(ConfigError, match="memory_value_loss"):
         TrainConfig(memory_value_loss=-1.0)
+    with pytest.raises(ConfigError, match="recall batches"):
+        train(tiny_hmt(), lambda b, s, g: RecallBatches(task)(b, s, g), TrainConfig(steps=1, memory_value_loss=1.0))
     with pytest.raises(ConfigError, match="memory_value_loss"):  # a model with no memory to train
         train(nn.Sequential(nn.Embedding(VOCAB_SIZE, 8), nn.Linear(8, VOCAB_SIZE)), RecallBatches(task),
               TrainConfig(steps=1, memory_value_loss=1.0))
@@ -735,7 +831,6 @@ def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search
     task = hmt_task()
     on, off, other = evaluate_recall(model, task, [3], sequences=4, batch_size=4)
     assert (on.mode, off.mode, other.mode) == ("on", "shut", "other")
-    assert on.search_hit is not None and 0.0 <= on.search_hit <= 1.0
     assert off.search_hit is None and other.search_hit is None
     assert not model.memory_disabled
     # "shut" is the final segment read with the memory disabled (the same sequences: one batch of 4)
@@ -746,6 +841,16 @@ def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search
     model.disable_memory(False)
     right = logits[:, batch.answer_positions - 2 * SEG].argmax(-1) == batch.answer
     assert off.digit == pytest.approx(float(right.float().mean()))
+    # "on": the prefix read into memory, then the question's segment, whose search weighs segments 0 and 1
+    with torch.no_grad():
+        model.reset()
+        model.read(batch.input_ids[:, :-SEG])
+        logits = model(batch.input_ids[:, -SEG:], reset=False)
+    right = logits[:, batch.answer_positions - 2 * SEG].argmax(-1) == batch.answer
+    assert on.digit == pytest.approx(float(right.float().mean()))
+    asked = batch.key_positions[:, 0] // SEG  # the segment holding the asked fact
+    assert model.last_weights.shape == (4, 1, 2)
+    assert on.search_hit == pytest.approx(float((model.last_weights[:, 0].argmax(-1) == asked).float().mean()))
 
 
 def test_the_segment_hit_counts_every_memory_of_the_asked_facts_segment(monkeypatch):
@@ -854,7 +959,8 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     infini.remove("--reader")
     result = CliRunner().invoke(app, infini + ["--memory-value-loss", "1"])
     assert result.exit_code == 0, result.output
-    assert "memory_value_hits" in json.loads(result.stdout.strip().splitlines()[-1])
+    hits = json.loads(result.stdout.strip().splitlines()[-1])["memory_value_hits"]
+    assert [step for step, _ in hits] == [1, 2, 3, 4, 5] and all(0.0 <= hit <= 1.0 for _, hit in hits)
     assert json.loads((out / "train.json").read_text())["train"]["memory_value_loss"] == 1.0
     assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "train.json"}
     result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-tokens", "2", "--out", str(out)])
