@@ -38,6 +38,33 @@ def ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def hand_hmt(reader: HMTLM, backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HMT's logits (b, n, V) written out from the paper's equations with the backbone as the only model, for a
+    sequence whose memories all stay cached (r = 1). Segment n reads [P_n ‖ the k tokens before it ‖ H_n ‖ P_n]
+    (Eq. 4); P_1 is the initial memory; later P_n = softmax((S_n W_q)(M W_k)ᵀ / √d_h) M over the memories so far,
+    S_n the last state of [T ‖ H_n[0, j) ‖ T] (Eqs. 1-3); M_n is the last state at the trailing P_n (Eq. 5)."""
+    with torch.no_grad():
+        e = backbone.get_input_embeddings()(x)  # (b, n, C)
+        b, _, c = e.shape
+        memories, logits = [], []
+        for start in range(0, x.shape[1], SEG):
+            h = e[:, start : start + SEG]
+            if not memories:
+                p = reader.memory_init.view(1, 1, c).expand(b, 1, c)
+            else:
+                t = reader.prompt.view(1, 1, c).expand(b, 1, c)
+                s = backbone(inputs_embeds=torch.cat([t, h[:, : SEG // 2], t], 1),
+                             output_hidden_states=True).hidden_states[-1][:, -1:]  # S_n (b, 1, C)
+                m = torch.cat(memories, 1)  # (b, n - 1, C)
+                scores = (s @ reader.w_q.weight.T) @ (m @ reader.w_k.weight.T).transpose(1, 2) / c**0.5
+                p = torch.softmax(scores, -1) @ m  # (b, 1, C)
+            sensory = e[:, max(0, start - K) : start]
+            out = backbone(inputs_embeds=torch.cat([p, sensory, h, p], 1), output_hidden_states=True)
+            logits.append(out.logits[:, 1 + sensory.shape[1] : 1 + sensory.shape[1] + h.shape[1]])
+            memories.append(out.hidden_states[-1][:, -1:])
+    return torch.cat(logits, 1)
+
+
 def test_memory_search_is_a_convex_combination_of_the_memories():
     g = torch.Generator().manual_seed(0)
     memories = torch.randn(2, 5, 32, generator=g)  # (b, m, C)
@@ -89,7 +116,29 @@ def test_disabled_memory_is_the_backbone_on_sensory_tokens_and_segment(family):
         reader.disable_memory(False)
         on = reader(x)
     torch.testing.assert_close(off, want, atol=1e-5, rtol=1e-5)
-    assert (on - want).abs().max() > 1e-3  # the memory tokens do change the logits
+    torch.testing.assert_close(on, hand_hmt(reader, backbone, x), atol=1e-5, rtol=1e-5)  # and on, the equations
+
+
+def test_memory_on_follows_the_equations_with_and_without_the_search():
+    """Three segments with the memory on: the memory prompt, the sensory tokens, the search over the memories so far
+    (the third segment weighs two) and the memory written, all by hand from the backbone; without the search
+    (stage 1) P_n is M_{n-1}."""
+    backbone = tiny_backbone()
+    reader = reader_for(backbone)
+    x = ids(3 * SEG, batch=2)
+    with torch.no_grad():
+        on = reader(x)
+    torch.testing.assert_close(on, hand_hmt(reader, backbone, x), atol=1e-5, rtol=1e-5)
+    assert reader.last_weights.shape == (2, 1, 2) and bool((reader.last_weights < 0.999).all())  # a real mix
+    reader.config.memory_search = False
+    reader.reset()
+    with torch.no_grad():
+        reader.read(x[:, :SEG])
+        m1 = reader.cache[:, -1:]
+        e = backbone.get_input_embeddings()(x)
+        inputs = torch.cat([m1, e[:, SEG - K : SEG], e[:, SEG : 2 * SEG]], 1)  # [M_1 ‖ sensory ‖ H_2]
+        want = backbone(inputs_embeds=inputs).logits[:, 1 + K :]
+        torch.testing.assert_close(reader(x[:, SEG : 2 * SEG], reset=False), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("search", [True, False])
@@ -194,16 +243,30 @@ def test_adapter_round_trip(tmp_path):
         HMTLM(wider).load_adapter(tmp_path / "missing")
 
 
-def test_generate_with_memory():
-    reader = reader_for(tiny_backbone())
-    prompt = ids(3 * SEG)
+def test_generate_is_greedy_decoding_of_the_window_after_the_prefixs_memory():
+    """The KV-cached answer equals an uncached greedy loop over [P ‖ the k tokens before the window ‖ window ‖ the
+    answer so far], P searched by the window after the prefix was read; the window is not written into memory."""
+    backbone = tiny_backbone()
+    reader = reader_for(backbone)
+    prompt = ids(3 * SEG, batch=2)
     new = reader.generate(prompt, max_new_tokens=5)
-    assert new.shape == (1, 5) and new.dtype == torch.long and 0 <= int(new.min()) and int(new.max()) < VOCAB
-    # the first answer token reads the same memory as the segmented forward pass over the prompt
+    assert reader.cache.shape == (2, 2, 32)  # the memories of the two prefix segments only
+    embed = backbone.get_input_embeddings()
+    reader.reset()
     with torch.no_grad():
-        assert int(new[0, 0]) == int(reader(prompt)[0, -1].argmax())
+        reader.read(prompt[:, : 2 * SEG])
+        e = embed(prompt)
+        p = reader._memory_prompt(e[:, 2 * SEG :])  # (2, 1, C): the window's search over the prefix's memories
+        x = torch.cat([p, e[:, 2 * SEG - K : 2 * SEG], e[:, 2 * SEG :]], 1)
+        greedy = []
+        for _ in range(5):
+            greedy.append(backbone(inputs_embeds=x).logits[:, -1].argmax(-1))  # (2,)
+            x = torch.cat([x, embed(greedy[-1])[:, None]], 1)
+        first = reader(prompt)[:, -1].argmax(-1)  # the segmented forward pass over the prompt
+    assert torch.equal(new, torch.stack(greedy, 1))
+    assert torch.equal(new[:, 0], first)
     eos = int(new[0, 0])
-    assert reader.generate(prompt, max_new_tokens=5, eos_token_id=eos).tolist() == [[eos]]
+    assert reader.generate(prompt[:1], max_new_tokens=5, eos_token_id=eos).tolist() == [[eos]]
 
 
 def test_generate_with_memory_disabled_is_the_backbone_on_the_last_window():
@@ -238,6 +301,11 @@ def test_several_memory_tokens_write_distinct_memories_and_keep_the_cache_to_n_s
         assert reader.cache.shape == (2, R, 32) and reader.cached_segments() == 1
         first = reader.cache.clone()
         reader.read(x[:, SEG:])
+        # segment 1 reads [P_1 ‖ H_1 ‖ P_1 + E_1 ‖ P_1 + E_2]; its memories are the last states at the write tokens
+        p1 = reader.memory_init.view(1, 1, 32).expand(2, 1, 32)
+        inputs = torch.cat([p1, reader.model.get_input_embeddings()(x[:, :SEG]), p1 + reader.memory_slots], 1)
+        want = reader.model(inputs_embeds=inputs, output_hidden_states=True).hidden_states[-1][:, -R:]
+    torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(first[:, 0], first[:, 1])  # the slot embeddings make the writes differ
     assert reader.cache.shape == (2, R * N, 32) and reader.cached_segments() == N
     assert reader.last_weights.shape == (2, 1, R * N)  # the search weighs every memory of the N segments

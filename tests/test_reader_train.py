@@ -660,7 +660,7 @@ def test_memory_value_term_scores_the_digits_of_the_memories_given_one_fact():
     with torch.no_grad():
         probe.weight[3, 1] = probe.weight[10 + 1, 1] = 0.0
     guess = float(_memory_value_term(cache, probe, targets)[0].detach())  # every digit at 1/10
-    assert float(right) < 0.01 and guess == pytest.approx(2 * math.log(10), rel=1e-4)
+    assert float(right.detach()) < 0.01 and guess == pytest.approx(2 * math.log(10), rel=1e-4)
     assert _memory_value_term(cache, probe, torch.full((1, 3, 1, 2), IGNORE)) is None  # no memory given one fact
 
 
