@@ -61,7 +61,9 @@ class Index:
             return self.answer_from_hits(question, hits, mode)
         from ragkit.readers.generative import document_texts
 
-        documents = document_texts(Path(self.manifest()["root"]), [h.chunk.path for h in hits])
+        manifest = self.manifest()
+        documents = document_texts(Path(manifest["root"]), [h.chunk.path for h in hits],
+                                   follow_links=bool(manifest["settings"].get("follow_links")))
         return self.memory_reader(reader).answer(question, hits, documents)
 
     def memory_reader(self, kind: str):

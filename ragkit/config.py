@@ -14,6 +14,17 @@ from ragkit.errors import ConfigError
 MODES = ("dense", "bm25", "late", "hybrid")
 FUSIONS = ("rrf", "convex")
 READERS = ("extractive", "infini", "hmt")
+DEFAULT_DENSE_MODEL = "Alibaba-NLP/gte-modernbert-base"
+DEFAULT_LATE_MODEL = "lightonai/GTE-ModernColBERT-v1"
+# Settings that shape an index. Left unset (None), a run on an existing index keeps the index's own values and a
+# new index takes INDEX_DEFAULTS; set by the user (flag, env, ragkit.toml, argument), they apply.
+INDEX_DEFAULTS: dict[str, Any] = {
+    "dense_model": DEFAULT_DENSE_MODEL,
+    "chunk_tokens": 8192,
+    "late": True,
+    "late_model": DEFAULT_LATE_MODEL,
+    "pool_factor": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -21,10 +32,11 @@ class Settings:
     """Every knob of ragkit, with its default."""
 
     index: str = ".ragkit"  # index folder
-    dense_model: str = "Alibaba-NLP/gte-modernbert-base"  # sentence-transformers id or local path
-    chunk_tokens: int = 8192  # upper bound; the encoder's own maximum also bounds it
+    dense_model: str | None = None  # sentence-transformers id or local path [index's, or DEFAULT_DENSE_MODEL]
+    chunk_tokens: int | None = None  # upper bound (the encoder's own maximum also bounds it) [index's, or 8192]
     encode_batch_tokens: int = 16384  # padded tokens per encoder batch (batches are length-sorted)
     max_file_mb: float = 50.0  # files above this size are skipped and reported
+    follow_links: bool = False  # follow symlinks that lead outside the indexed folder (else: skipped, reported)
     device: str | None = None  # "cpu", "cuda", …; None lets torch choose
     mode: str = "hybrid"  # default retrieval mode: dense | bm25 | late | hybrid
     k: int = 10  # hits returned by search
@@ -32,9 +44,9 @@ class Settings:
     candidates: int = 100  # candidates per retriever before fusion
     dense_exact_max: int = 100_000  # exact FAISS search up to this many chunks, HNSW beyond
     answer_sentences: int = 3  # evidence sentences in an extractive answer
-    late: bool = True  # build and use the late-interaction (ColBERT) stage
-    late_model: str = "lightonai/GTE-ModernColBERT-v1"  # PyLate model id or local path
-    pool_factor: int = 1  # token pooling of document vectors (2 halves the late index; evidence is re-derived)
+    late: bool | None = None  # build the late-interaction (ColBERT) stage [index's, or True]
+    late_model: str | None = None  # PyLate model id or local path [index's, or DEFAULT_LATE_MODEL]
+    pool_factor: int | None = None  # token pooling of document vectors (2 halves the late index) [index's, or 1]
     late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID candidates beyond
     plaid_min_tokens: int = 0  # build PLAID for collections above this many tokens (raise it to save CPU time)
     plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
@@ -51,6 +63,25 @@ class Settings:
         """A copy with the non-None `changes` applied and validated."""
         applied = {k: v for k, v in changes.items() if v is not None}
         return _validated(dataclasses.replace(self, **_coerce(applied)))
+
+    def for_index(self, recorded: Mapping[str, Any] | None = None) -> "Settings":
+        """These settings with every index-shaping one left unset taken from `recorded` (what an existing index
+        was built with), or from INDEX_DEFAULTS. A late model named with `late` unset turns the late stage on.
+
+        >>> s = Settings(dense_model="mine").for_index({"dense_model": "theirs", "chunk_tokens": 512})
+        >>> (s.dense_model, s.chunk_tokens, s.late_model, s.pool_factor)
+        ('mine', 512, 'lightonai/GTE-ModernColBERT-v1', 1)
+        """
+        recorded = dict(recorded or {})
+        if self.late_model is not None:
+            recorded["late"] = True  # naming a late model asks for the late stage
+        filled = {name: recorded.get(name) if recorded.get(name) is not None else default
+                  for name, default in INDEX_DEFAULTS.items() if getattr(self, name) is None}
+        return self.replace(**filled)
+
+    def named(self, name: str) -> bool:
+        """Whether the index-shaping setting `name` was set by the user rather than left to the index or default."""
+        return getattr(self, name) is not None
 
 
 def load_settings(cwd: Path | None = None, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
@@ -105,7 +136,7 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
         if key not in types:
             raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(types))})")
         kind = types[key]
-        if kind == "bool":
+        if kind.startswith("bool"):
             out[key] = _boolean(key, value)
             continue
         try:
@@ -147,9 +178,9 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
                  "plaid_candidates", "reader_segment", "answer_tokens"):
-        if getattr(settings, name) < 1:
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
-    if settings.chunk_tokens < 16:
+    if settings.chunk_tokens is not None and settings.chunk_tokens < 16:
         raise ConfigError("chunk_tokens must be at least 16")
     if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")

@@ -263,13 +263,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def default_eval_index(dataset_dir: Path, dense_model: str) -> Path:
-    """A cache folder per (dataset, model), so repeated evals reuse their index."""
+def default_eval_index(dataset_dir: Path, dense_model: str | None) -> Path:
+    """A cache folder per (dataset, model), so repeated evals reuse their index (None: the default model)."""
     import hashlib
     import os
 
+    from ragkit.config import DEFAULT_DENSE_MODEL
     from ragkit.models import resolve_model_name
 
+    dense_model = dense_model or DEFAULT_DENSE_MODEL
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ragkit" / "eval"
     key = hashlib.blake2b(f"{dataset_dir.resolve()}\0{resolve_model_name(dense_model)}".encode(),
                           digest_size=6).hexdigest()
@@ -278,8 +280,9 @@ def default_eval_index(dataset_dir: Path, dense_model: str) -> Path:
 
 def run_dataset(dataset_dir: Path, settings, index_dir: Path | None = None, questions_file: Path | None = None,
                 mode: str | None = None, k: int = 10, limit: int | None = None, answer: bool = True,
-                progress: Progress = silent) -> tuple[EvalReport, Any]:
-    """Index DATASET_DIR/docs (or reuse a matching index) and evaluate its questions."""
+                progress: Progress = silent, rebuild: bool = False) -> tuple[EvalReport, Any]:
+    """Index DATASET_DIR/docs (or bring an existing index of them up to date, with the models it was built with
+    unless `settings` name others) and evaluate its questions."""
     from ragkit.api import Index
 
     dataset_dir = dataset_dir.expanduser()
@@ -293,7 +296,7 @@ def run_dataset(dataset_dir: Path, settings, index_dir: Path | None = None, ques
     if not questions:
         raise RagkitError(f"{questions_file} holds no questions")
     index = Index(index_dir or default_eval_index(dataset_dir, settings.dense_model), settings)
-    index_report = index.add(docs, progress=progress)
+    index_report = index.add(docs, progress=progress, rebuild=rebuild)
     missing = sorted({q.doc for q in questions} - set(index.manifest()["files"]))
     if missing:
         raise RagkitError(f"{len(missing)} gold document(s) are not in the index, e.g. {missing[0]} "

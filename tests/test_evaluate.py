@@ -182,3 +182,21 @@ def test_questions_may_hold_unicode_line_separators(tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     [question] = load_questions(tmp_path / "q.jsonl", tmp_path)
     assert question.question == "line\u2028separator?" and question.answers == ["x\u2029y"]
+
+
+def test_eval_on_an_existing_index_uses_its_models_offline(tmp_path, tiny_encoder, tiny_colbert):
+    """No model flags: the index's own (local) models serve, not the hub defaults, which offline cannot load."""
+    from ragkit.api import Index
+    from ragkit.config import Settings
+
+    dataset = make_dataset(tmp_path / "set")
+    Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).add(
+        dataset / "docs")
+    result = CliRunner().invoke(app, ["eval", str(dataset), "--index", str(tmp_path / "index"), "--mode", "bm25",
+                                      "--json"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["recall@1"] == 1.0
+    assert not list(tmp_path.glob("ragkit-eval-*"))  # per-question results only where --out asks for them
+    status = Index(tmp_path / "index").status()
+    assert status["models"]["dense"]["model"] == str(tiny_encoder)
+    assert status["models"]["late"]["model"] == str(tiny_colbert)

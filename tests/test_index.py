@@ -313,4 +313,85 @@ def test_default_late_model_out_of_reach_falls_back_with_a_warning(tmp_path, doc
     report = idx.add(docs)
     assert report.added == 3 and len(report.warnings) == 1 and "late interaction skipped" in report.warnings[0]
     assert "late" not in idx.status()["models"]
+    assert idx.status()["settings"]["late_skipped"].startswith("Could not load the late model")
     assert idx.search("oil crisis", k=1)  # hybrid uses what the index has
+
+
+def test_without_model_settings_offline_the_embedded_models_serve(tmp_path, docs, minilm):
+    """No network and no model named: the embedded all-MiniLM-L6-v2 encodes, the late stage is skipped, and both
+    are said once; the next run, still offline, keeps the index as it is."""
+    idx = Index(tmp_path / "index")
+    report = idx.add(docs)
+    assert report.added == 3 and len(report.warnings) == 2
+    assert "embedded all-MiniLM-L6-v2" in report.warnings[0] and "late interaction skipped" in report.warnings[1]
+    status = idx.status()
+    assert status["models"]["dense"]["model"] == str(minilm) and "late" not in status["models"]
+    assert status["settings"]["dense_model"] == "Alibaba-NLP/gte-modernbert-base"  # tried again next time
+    assert status["settings"]["dense_fallback"]
+    assert idx.search("oil crisis", k=1)[0].chunk.path == "oil.md"
+    again = Index(tmp_path / "index").add(docs)
+    assert (again.unchanged, again.encoded_chunks, again.rebuilt) == (3, 0, None)
+
+
+def test_a_default_model_named_explicitly_never_falls_back(tmp_path, docs):
+    with pytest.raises(ModelLoadError, match="Alibaba-NLP/gte-modernbert-base"):
+        Index(tmp_path / "index", Settings(dense_model="Alibaba-NLP/gte-modernbert-base", late=False)).add(docs)
+    with pytest.raises(ModelLoadError, match="lightonai/GTE-ModernColBERT-v1"):
+        Index(tmp_path / "index", Settings(late_model="lightonai/GTE-ModernColBERT-v1")).add(docs)
+
+
+def test_a_second_run_without_model_flags_keeps_the_index_models(tmp_path, idx, docs, tiny_encoder, tiny_colbert):
+    """The hub defaults cannot load here (offline): a run that fell back to them would fail."""
+    idx.add(docs)
+    (docs / "fox.txt").write_text("The quick brown fox naps.\n")
+    report = Index(idx.path).add(docs)
+    assert (report.updated, report.unchanged, report.rebuilt) == (1, 2, None)
+    manifest = Index(idx.path).manifest()
+    assert manifest["models"]["dense"]["model"] == str(tiny_encoder)
+    assert manifest["models"]["late"]["model"] == str(tiny_colbert)
+    assert manifest["settings"]["dense_model"] == str(tiny_encoder)
+
+
+def test_index_settings_are_kept_unless_named_again(tmp_path, docs, tiny_encoder, tiny_colbert):
+    first = Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False, chunk_tokens=24))
+    first.add(docs)
+    (docs / "new.txt").write_text("Zeppelins once crossed the Atlantic.\n")
+    report = Index(tmp_path / "i").add(docs)
+    assert (report.added, report.rebuilt, report.late_encoded_chunks) == (1, None, 0)
+    manifest = Index(tmp_path / "i").manifest()
+    assert "late" not in manifest["models"] and manifest["settings"]["chunk_tokens"] == 24
+    # naming a late model adds the late stage (chunks are cut again to fit its tokenizer too); the chunk size stays
+    report = Index(tmp_path / "i", Settings(late_model=str(tiny_colbert))).add(docs)
+    assert report.late_encoded_chunks == report.chunks and "late_tokenizer" in report.rebuilt
+    manifest = Index(tmp_path / "i").manifest()
+    assert manifest["models"]["late"]["model"] == str(tiny_colbert) and manifest["settings"]["chunk_tokens"] == 24
+
+
+def test_fingerprints_name_the_model_as_loaded_not_as_it_was_before_download(tmp_path, idx, docs, monkeypatch):
+    """A hub model not yet downloaded has an unknown revision until it loads; recording that would make the next
+    run encode everything again."""
+    from ragkit import indexer
+    from ragkit.encoders.dense import DenseEncoder
+    from ragkit.encoders.late import LateEncoder
+
+    downloaded: set[str] = set()
+    for encoder in (DenseEncoder, LateEncoder):
+        def downloading_init(self, *args, _init=encoder.__init__, **kwargs):
+            _init(self, *args, **kwargs)
+            downloaded.add(self.name)
+
+        monkeypatch.setattr(encoder, "__init__", downloading_init)
+    real_revision, real_tokenizer = indexer.model_revision, indexer.tokenizer_fingerprint
+    monkeypatch.setattr(indexer, "model_revision",
+                        lambda name: real_revision(name) if name in downloaded else "unknown")
+    monkeypatch.setattr(indexer, "tokenizer_fingerprint",
+                        lambda name: real_tokenizer(name) if name in downloaded else "unknown")
+    idx.add(docs)
+    fingerprint = idx.manifest()["fingerprint"]
+    assert "unknown" not in (fingerprint["dense"]["revision"], fingerprint["late"]["revision"],
+                             fingerprint["chunks"]["dense_tokenizer"], fingerprint["chunks"]["late_tokenizer"])
+    downloaded.clear()  # a new process: nothing is loaded yet, but the model is now in the cache
+    monkeypatch.setattr(indexer, "model_revision", real_revision)
+    monkeypatch.setattr(indexer, "tokenizer_fingerprint", real_tokenizer)
+    report = idx.add(docs)
+    assert (report.rebuilt, report.encoded_chunks, report.unchanged) == (None, 0, 3)

@@ -105,8 +105,13 @@ def token_batches(order: list[int], n_tokens: Sequence[int], batch_tokens: int) 
 
 
 def quiet_transformers() -> None:
-    """Silence load reports and download bars: the CLI shows its own progress."""
+    """Silence load reports, download bars and the model libraries' own notes (such as sentence-transformers'
+    "creating a new one with mean pooling" before a load fails): ragkit reports what matters itself."""
+    import logging as std_logging
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    for library in ("sentence_transformers", "pylate"):
+        std_logging.getLogger(library).setLevel(std_logging.ERROR)
