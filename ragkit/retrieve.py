@@ -35,6 +35,7 @@ class Hit:
             "start_line": c.start_line,
             "end_line": c.end_line,
             "page": c.page,
+            "end_page": c.end_page,
             "heading": c.heading,
             "score": round(self.score, 6),
             "text": c.text,
@@ -221,9 +222,12 @@ class Searcher:
         return reranked + [(row, floor - 1e-6 * (n + 1), ranks) for n, (row, _, ranks) in enumerate(tail)]
 
     def _add_evidence(self, query_words: np.ndarray, rows: list[int], hits: list[Hit]) -> None:
-        """MaxSim alignments of the query's words in each hit (stored token spans, or re-encoded if none)."""
+        """MaxSim alignments of the query's words in each hit. The stored token vectors serve when they map to
+        text; pooled vectors (pool_factor > 1) are means of several tokens, so the hits' text is encoded again,
+        unpooled, and the evidence comes from those vectors."""
         stored = [self.late.token_data(row) for row in rows]
-        missing = [i for i, (_, spans) in enumerate(stored) if len(spans) and (spans[:, 0] < 0).all()]
+        pooled = (self.late.params.get("pool_factor") or 1) > 1
+        missing = [i for i, (_, spans) in enumerate(stored) if pooled or len(spans) and (spans[:, 0] < 0).all()]
         if missing:
             fresh = self.late_encoder.encode_documents([hits[i].chunk.text for i in missing],
                                                        [hits[i].chunk.n_tokens for i in missing])

@@ -191,6 +191,32 @@ def test_pooled_index_is_smaller_and_still_has_evidence(tmp_path, settings):
     assert hits and all(h.evidence for h in hits)
 
 
+def test_pooled_index_recomputes_evidence_from_the_hits_text(tmp_path, minilm, monkeypatch):
+    """Pooled vectors are means of tokens: the evidence of the hits shown comes from their text encoded again,
+    unpooled, so it lands on the query's own word, as in an unpooled index."""
+    write_corpus(tmp_path / "docs", n=16)
+    settings = Settings(dense_model=str(minilm), late_model=str(minilm))
+    plain = Index(tmp_path / "plain", settings)
+    pooled = Index(tmp_path / "pooled", settings.replace(pool_factor=3))
+    plain.add(tmp_path / "docs")
+    pooled.add(tmp_path / "docs")
+    encoder = pooled.searcher.late_encoder
+    encoded: list[str] = []
+    real_encode = encoder.encode_documents
+    monkeypatch.setattr(encoder, "encode_documents",
+                        lambda texts, *args, **kwargs: encoded.extend(texts) or real_encode(texts, *args, **kwargs))
+    hits = pooled.search("glacier", k=4, mode="late")
+    assert sorted(encoded) == sorted(h.chunk.text for h in hits)  # once per hit shown, from its text
+    unpooled = {h.chunk_id: h for h in plain.search("glacier", k=16, mode="late")}
+    relevant = [h for h in hits if "glacier" in h.chunk.text]
+    assert len(relevant) == 2 and hits[:2] == relevant
+    for hit in relevant:
+        best = hit.evidence[0]
+        assert hit.chunk.text[best.start:best.end] == "glacier"
+        assert (best.start, best.end) == (unpooled[hit.chunk_id].evidence[0].start,
+                                          unpooled[hit.chunk_id].evidence[0].end)
+
+
 def test_evidence_lands_on_the_query_terms(tmp_path, minilm):
     """With real MiniLM token vectors (through an untrained projection), identical words align."""
     from models import build_colbert

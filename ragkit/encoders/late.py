@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,26 +24,39 @@ class TokenEmbeddings:
 
 
 class LateEncoder:
-    """A PyLate ColBERT model read by hub id or local path; documents up to `document_length` tokens."""
+    """A PyLate ColBERT model read by hub id or local path; documents up to `document_length` tokens.
 
-    # tokens PyLate adds around a document: CLS, the document prefix ([D]) and SEP
+    A model without a ColBERT head (a plain encoder such as a sentence-transformers folder) is read through an
+    identity projection: MaxSim then compares the backbone's own token vectors. PyLate would otherwise add a
+    projection and prefix tokens drawn at random at every load, so that every load ranked differently.
+    """
+
+    # most tokens PyLate adds around a document: CLS, the document prefix ([D]) and SEP
     SPECIAL_TOKENS = 3
 
     def __init__(self, name: str, document_length: int, device: str | None = None) -> None:
-        from pylate import models
-
         quiet_transformers()
         self.name = resolve_model_name(name)
-        self.model = load_model("late", name, lambda n: models.ColBERT(
-            n, device=device, document_length=document_length))
+        self.projection = "trained" if load_model("late", name, has_colbert_head) else "identity"
+        self.model = load_model("late", name, lambda n: _load_colbert(n, document_length, device, self.projection))
         self.tokenizer = self.model.tokenizer
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelLoadError(f"the late model '{name}' has no fast tokenizer; ragkit needs one for evidence")
         self.tokenizer.model_max_length = 10**9
+        self._prefix = int(self.model.document_prefix_id is not None)  # 1 when PyLate inserts [D] / [Q]
+        self.special_tokens = 2 + self._prefix
         self.document_length = min(document_length, self.max_positions)  # set to the chunk length, not 300
         self.model.document_length = self.document_length
         self.dim = int(self.model.encode(["x"], is_query=True, show_progress_bar=False)[0].shape[-1])
         self.revision = model_revision(self.name)
+
+    @property
+    def projection_note(self) -> str:
+        """What a user should know about how this model scores (one sentence)."""
+        if self.projection == "identity":
+            return (f"the late model {self.name} has no ColBERT head: late interaction compares its own token "
+                    "vectors (identity projection), which no retrieval training has shaped")
+        return f"the late model {self.name} is a ColBERT model"
 
     @property
     def max_positions(self) -> int:
@@ -52,7 +66,7 @@ class LateEncoder:
 
     def fit_to_chunks(self, chunk_tokens: int) -> None:
         """Read documents of up to `chunk_tokens` tokens (plus the special ones) whole, and no longer."""
-        self.document_length = min(chunk_tokens + self.SPECIAL_TOKENS, self.max_positions)
+        self.document_length = min(chunk_tokens + self.special_tokens, self.max_positions)
         self.model.document_length = self.document_length
 
     def token_starts(self, text: str) -> list[int]:
@@ -62,19 +76,30 @@ class LateEncoder:
 
     def fingerprint(self) -> dict[str, object]:
         return {"model": self.name, "revision": self.revision, "dim": self.dim,
-                "document_length": self.document_length}
+                "document_length": self.document_length, "projection": self.projection}
 
     def encode_queries(self, queries: Sequence[str]) -> list[np.ndarray]:
-        """(query tokens, dim) float32 per query, unit rows."""
+        """(query tokens, dim) float32 per query, unit rows. Through an identity projection only the query's
+        words are kept: an untrained model's [CLS] and [SEP] vectors resemble every text alike."""
         vectors = self.model.encode(list(queries), is_query=True, show_progress_bar=False,
                                     batch_size=max(1, len(queries)))
-        return [np.asarray(v, dtype=np.float32) for v in vectors]
+        out = [np.asarray(v, dtype=np.float32) for v in vectors]
+        if self.projection == "identity":
+            out = [v[1 : 1 + self._words(q)] if self._words(q) else v for v, q in zip(out, queries)]
+        return out
 
     def word_positions(self, query: str) -> np.ndarray:
-        """Positions of the query's own tokens in its encoding ([CLS] [Q] words… [SEP] [MASK]…): evidence
-        follows these, not the expansion tokens, which align to whatever is generic in a chunk."""
-        ids = self.tokenizer(query, truncation=True, max_length=self.model.query_length - 1)["input_ids"]
-        return np.arange(2, len(ids))
+        """Positions of the query's own tokens in `encode_queries`' output ([CLS] [Q] words… [SEP] [MASK]…; the
+        words alone through an identity projection): evidence follows these, not the expansion tokens, which
+        align to whatever is generic in a chunk."""
+        if self.projection == "identity":
+            return np.arange(self._words(query) or len(self.tokenizer(query)["input_ids"]))
+        return np.arange(2, 2 + self._words(query))
+
+    def _words(self, query: str) -> int:
+        """Tokens of the query itself within the query length (special tokens excluded)."""
+        ids = self.tokenizer(query, truncation=True, max_length=self.model.query_length - self._prefix)["input_ids"]
+        return len(ids) - 2
 
     def encode_documents(
         self,
@@ -112,21 +137,63 @@ class LateEncoder:
         return out
 
     def _spans(self, text: str, input_ids: np.ndarray) -> np.ndarray:
-        """Char span of each position of PyLate's sequence: [CLS] [D] tokens… [SEP] (padding has none)."""
-        encoded = self.tokenizer(text, truncation=True, max_length=self.document_length - 1,
+        """Char span of each position of PyLate's sequence: [CLS] [D] tokens… [SEP] (padding has none; no [D]
+        without a ColBERT head)."""
+        encoded = self.tokenizer(text, truncation=True, max_length=self.document_length - self._prefix,
                                  return_offsets_mapping=True)
         spans = np.full((len(input_ids), 2), NO_SPAN, dtype=np.int32)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        prefixed = ids[:1] + [int(input_ids[1])] + ids[1:] if len(input_ids) > 1 else ids
+        prefixed = ids[:1] + [int(input_ids[1])] + ids[1:] if self._prefix and len(input_ids) > 1 else ids
         if list(input_ids[: len(prefixed)]) != prefixed:
             return spans  # a tokenizer we cannot align: no evidence rather than wrong evidence
-        for position, (start, end) in enumerate(offsets[1:], start=2):
+        for position, (start, end) in enumerate(offsets[1:], start=1 + self._prefix):
             if end > start:
                 spans[position] = (start, end)
         return spans
 
     def _encode_pooled(self, texts: list[str], pool_factor: int) -> list[TokenEmbeddings]:
         return [pool_tokens(t.vectors, t.spans, pool_factor) for t in self._encode_with_spans(texts)]
+
+
+def has_colbert_head(name: str) -> bool:
+    """Whether the model `name` (resolved hub id or folder) carries a trained projection for late interaction:
+    a Dense module in its sentence-transformers layout, or a Stanford ColBERT checkpoint."""
+    modules = _model_json(name, "modules.json") or []
+    if any("Dense" in str(module.get("type", "")) for module in modules):
+        return True
+    config = _model_json(name, "config.json")
+    if config is None:
+        raise OSError(f"no config.json in {name}")
+    return "HF_ColBERT" in (config.get("architectures") or [])
+
+
+def _model_json(name: str, file_name: str):
+    """A JSON file of a model folder or hub repository (downloaded if needed), or None when it has none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(name, file_name, _raise_exceptions_for_missing_entries=False)
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def _load_colbert(name: str, document_length: int, device: str | None, projection: str):
+    """PyLate's ColBERT; with `projection="identity"`, no prefix tokens, no query expansion and an identity
+    projection on the backbone's hidden size, so that nothing random is added."""
+    from pylate import models
+
+    if projection != "identity":
+        return models.ColBERT(name, device=device, document_length=document_length)
+    import torch
+
+    model = models.ColBERT(name, device=device, document_length=document_length, query_prefix="",
+                           document_prefix="", do_query_expansion=False)
+    hidden = model[0].get_word_embedding_dimension()
+    identity = models.Dense(in_features=hidden, out_features=hidden, bias=False)
+    with torch.no_grad():
+        identity.linear.weight.copy_(torch.eye(hidden))
+    model[1] = identity.to(next(model[0].parameters()).device)
+    return model
 
 
 def pool_tokens(vectors: np.ndarray, spans: np.ndarray, factor: int, protected: int = 1) -> TokenEmbeddings:
