@@ -43,6 +43,7 @@ class Citation:
     end_line: int
     page: int | None
     score: float
+    end_page: int | None = None  # page of the last line (PDFs), when the passage crosses a page break
 
     def to_json(self) -> dict[str, Any]:
         c = self.hit.chunk
@@ -51,6 +52,7 @@ class Citation:
             "start_line": self.start_line,
             "end_line": self.end_line,
             "page": self.page,
+            "end_page": self.end_page if self.end_page is not None else self.page,
             "heading": c.heading,
             "score": round(self.score, 6),
             "text": self.text,
@@ -143,8 +145,8 @@ class ExtractiveReader:
     def _cite(self, sentence: Sentence, score: float) -> Citation:
         chunk = sentence.hit.chunk
         start_line, page = chunk.locate(sentence.start)
-        end_line, _ = chunk.locate(max(sentence.start, sentence.end - 1))
-        return Citation(sentence.hit, sentence.text, start_line, end_line, page, score)
+        end_line, end_page = chunk.locate(max(sentence.start, sentence.end - 1))
+        return Citation(sentence.hit, sentence.text, start_line, end_line, page, score, end_page)
 
 
 def _evidence_share(sentences: list[Sentence]) -> np.ndarray:

@@ -106,17 +106,25 @@ def _load_memory_model(kind: str, name: str, segment_length: int, adapter: str |
 
 def _whole_hit(hit: Hit) -> Citation:
     c = hit.chunk
-    return Citation(hit, c.text, c.start_line, c.end_line, c.page, hit.score)
+    return Citation(hit, c.text, c.start_line, c.end_line, c.page, hit.score, c.end_page)
 
 
-def document_texts(root: Path, paths: Sequence[str]) -> list[str]:
-    """The parsed text of each distinct file (relative to the indexed folder), in first-seen order."""
+def document_texts(root: Path, paths: Sequence[str], follow_links: bool = False) -> list[str]:
+    """The parsed text of each distinct file (relative to the indexed folder), in first-seen order.
+
+    A path that leads outside the folder (`..`, or a symlink that now points elsewhere) is refused unless the
+    index was built with `follow_links`.
+    """
     from ragkit.ingest.parsers import ParseError, parse_file
 
     texts = []
+    root = root.resolve()
     for rel in dict.fromkeys(paths):
+        path = root / rel
+        if not follow_links and not path.resolve().is_relative_to(root):
+            raise RagkitError(f"{rel} leads outside the indexed folder {root}; ragkit reads only files inside it")
         try:
-            texts.append(parse_file(root / rel).text)
+            texts.append(parse_file(path).text)
         except ParseError as e:
             raise RagkitError(f"cannot read {rel} for the reader: {e.reason} (was it changed after indexing?)") \
                 from None
