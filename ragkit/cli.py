@@ -27,19 +27,50 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | late | hybrid [default: hybrid].")]
 FusionOpt = Annotated[Optional[str], typer.Option(
     "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
-KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits.", min=1)]
+KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits [default: 10; ask: 5].", min=1)]
 ReaderOpt = Annotated[Optional[str], typer.Option(
     "--reader", help="extractive (cited sentences) | infini | hmt (causal LM with memory) [default: extractive].")]
+MemoryReaderOpt = Annotated[Optional[str], typer.Option(
+    "--reader", help="infini | hmt: the causal LM with memory that reads the document [default: infini].")]
 ReaderModelOpt = Annotated[Optional[str], typer.Option(
-    "--reader-model", help="Backbone of the memory reader: HF causal LM id or local path.")]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Folder of a trained memory adapter.")]
+    "--reader-model", help="Backbone of the memory reader: HF causal LM id or local path "
+                           "[default: Qwen/Qwen2.5-0.5B-Instruct].")]
+AdapterOpt = Annotated[Optional[str], typer.Option(
+    "--adapter", help="Folder of a trained memory adapter [default: none: the untrained memory].")]
 PathsOpt = Annotated[Optional[list[str]], typer.Option(
-    "--path", help="Only search files with this relative path or glob (repeatable).")]
+    "--path", help="Only search files with this relative path or glob (repeatable) [default: every file].")]
+DenseModelOpt = Annotated[Optional[str], typer.Option(
+    "--dense-model", help="sentence-transformers model id or local path [default: the index's model; for a new "
+                          "index Alibaba-NLP/gte-modernbert-base].")]
+LateModelOpt = Annotated[Optional[str], typer.Option(
+    "--late-model", help="PyLate ColBERT model id or local path; a model without a ColBERT head compares its own "
+                         "token vectors [default: the index's model; for a new index "
+                         "lightonai/GTE-ModernColBERT-v1].")]
+LateOpt = Annotated[Optional[bool], typer.Option(
+    "--late/--no-late", help="Build the late-interaction (ColBERT + PLAID) stage [default: as the index was built; "
+                             "on for a new index].")]
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from ragkit import __version__
+
+        print(f"ragkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Print ragkit's version and exit.")] = False) -> None:
+    """Local-first search and question answering over folders of long documents."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # a name that is not UTF-8 (a folder, a model path) prints escaped, not as a crash
+        reconfigure(errors="backslashreplace")
 
 
 @contextmanager
@@ -75,21 +106,25 @@ def _print_json(data: dict[str, Any]) -> None:
 def index(
     folder: Annotated[Path, typer.Argument(help="Folder of documents to index.")],
     index: IndexOpt = None,
-    dense_model: Annotated[Optional[str], typer.Option(help="sentence-transformers model id or local path.")] = None,
-    late_model: Annotated[Optional[str], typer.Option(help="PyLate ColBERT model id or local path.")] = None,
-    late: Annotated[Optional[bool], typer.Option(
-        "--late/--no-late", help="Build the late-interaction (ColBERT + PLAID) stage [default: on].")] = None,
+    dense_model: DenseModelOpt = None,
+    late_model: LateModelOpt = None,
+    late: LateOpt = None,
     pool_factor: Annotated[Optional[int], typer.Option(
-        help="Pool document token vectors by this factor (2 halves the late index).", min=1)] = None,
-    chunk_tokens: Annotated[Optional[int], typer.Option(help="Largest chunk in tokens (bounded by the models).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, … [default: auto].")] = None,
+        help="Pool document token vectors by this factor (2 halves the late index) [default: the index's; 1].",
+        min=1)] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(
+        help="Largest chunk in tokens, bounded by the models [default: the index's; 8192].")] = None,
+    follow_links: Annotated[Optional[bool], typer.Option(
+        "--follow-links/--no-follow-links",
+        help="Follow symlinks that lead outside the folder [default: no: they are listed as skipped].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, … [default: chosen by torch].")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-encode everything from scratch.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Index a folder (incremental: only new and changed files are encoded)."""
     with _user_errors(as_json):
         idx = _open(index, dense_model=dense_model, late_model=late_model, late=late, pool_factor=pool_factor,
-                    chunk_tokens=chunk_tokens, device=device)
+                    chunk_tokens=chunk_tokens, follow_links=follow_links, device=device)
         with _progress_bar(enabled=not as_json) as progress:
             report = idx.add(folder, progress=progress, rebuild=rebuild)
         if as_json:
@@ -144,17 +179,18 @@ def ask(
         out.print(escape(answer.answer), soft_wrap=True)
         if answer.citations:
             out.print()
+        from ragkit.cite import location
+
         for n, c in enumerate(answer.citations, start=1):
-            page = f" p.{c.page}" if c.page else ""
-            lines = f"{c.start_line}" if c.start_line == c.end_line else f"{c.start_line}-{c.end_line}"
-            out.print(f"[bold][{n}][/] [cyan]{escape(c.hit.chunk.path)}{page}:{lines}[/]"
+            where = location(c.hit.chunk.path, c.start_line, c.end_line, c.page, c.end_page)
+            out.print(f"[bold][{n}][/] [cyan]{escape(where)}[/]"
                       + (f"  [dim]{escape(c.hit.chunk.heading)}[/]" if c.hit.chunk.heading else ""))
 
 
 @app.command()
 def summarize(
     path: Annotated[Path, typer.Argument(help="The document to summarize (any format ragkit reads).")],
-    reader: ReaderOpt = None,
+    reader: MemoryReaderOpt = None,
     reader_model: ReaderModelOpt = None,
     adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
@@ -188,7 +224,9 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
             ("files", f"{info['files']:,}"),
             ("chunks", f"{info['chunks']:,}"),
             ("tokens", f"{info['tokens']:,}"),
-            ("dense model", f"{dense['model']} ({dense['dim']}-d, ≤{dense['max_tokens']} tokens)"),
+            ("dense model", f"{dense['model']} ({dense['dim']}-d, ≤{dense['max_tokens']} tokens)" + (
+                f"; the embedded model, as the default could not be loaded: {info['settings']['dense_fallback']}"
+                if info["settings"].get("dense_fallback") else "")),
             ("late model", _late_summary(info["models"].get("late"), info["settings"])),
             ("skipped files", str(len(info["skipped"]))),
             ("size on disk", _human_bytes(info["size_bytes"])),
@@ -204,16 +242,18 @@ def eval_(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder: docs/ and questions.jsonl.")],
     questions: Annotated[Optional[Path], typer.Option(help="Another questions file of the same format.")] = None,
     index: Annotated[Optional[Path], typer.Option(
-        "--index", help="Index folder [default: a cache folder per dataset and model].")] = None,
+        "--index", help="Index folder, built or brought up to date here [default: a cache folder per dataset and "
+                        "dense model].")] = None,
     mode: ModeOpt = None,
     k: Annotated[int, typer.Option("-k", help="Depth of the ranking metrics.", min=1)] = 10,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.", min=1)] = None,
-    dense_model: Annotated[Optional[str], typer.Option(help="Dense model for a new index (id or local path).")] = None,
-    late_model: Annotated[Optional[str], typer.Option(help="ColBERT model for a new index (id or local path).")] = None,
-    late: Annotated[Optional[bool], typer.Option("--late/--no-late", help="Build the late stage [default: on].")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions [default: all].", min=1)] = None,
+    dense_model: DenseModelOpt = None,
+    late_model: LateModelOpt = None,
+    late: LateOpt = None,
     fusion: FusionOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-encode the dataset's index from scratch.")] = False,
     out_file: Annotated[Optional[Path], typer.Option(
-        "--out", help="Per-question results (JSONL) [default: ./ragkit-eval-DATASET-MODE.jsonl].")] = None,
+        "--out", help="Write per-question results (JSONL) to this file [default: none].")] = None,
     answers: Annotated[bool, typer.Option(help="Also run the reader and score its answers.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -225,12 +265,12 @@ def eval_(
         settings = load_settings(dense_model=dense_model, late_model=late_model, late=late, mode=mode, fusion=fusion)
         with _progress_bar(enabled=not as_json) as progress:
             report, _ = run_dataset(dataset, settings, index_dir=index, questions_file=questions, k=k,
-                                    limit=limit, answer=answers, progress=progress)
+                                    limit=limit, answer=answers, progress=progress, rebuild=rebuild)
         summary = report.summary
-        out_path = out_file or Path(f"ragkit-eval-{summary['dataset']}-{summary['mode']}.jsonl")
-        with open(out_path, "w", encoding="utf-8") as f:
-            for record in report.per_question:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if out_file:
+            with open(out_file, "w", encoding="utf-8") as f:
+                for record in report.per_question:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if as_json:
             _print_json(summary)
             return
@@ -240,14 +280,18 @@ def eval_(
             if key not in ("dataset", "mode", "index", "questions"):
                 table.add_row(key, "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
         out.print(table)
-        out.print(f"Per-question results: {escape(str(out_path))}")
+        if out_file:
+            out.print(f"Per-question results: {escape(str(out_file))}")
 
 
 def _late_summary(late: dict[str, Any] | None, settings: dict[str, Any]) -> str:
     if not late:
-        return "none (built with --no-late)"
-    pooled = f", pool factor {settings['pool_factor']}" if settings.get("pool_factor", 1) > 1 else ""
-    return f"{late['model']} ({late['dim']}-d per token, ≤{late['document_length']} tokens{pooled})"
+        skipped = settings.get("late_skipped")
+        return f"none (skipped: {skipped})" if skipped else "none (built with --no-late)"
+    pooled = f", pool factor {settings['pool_factor']}" if (settings.get("pool_factor") or 1) > 1 else ""
+    identity = ", no ColBERT head: its own token vectors (identity projection)" \
+        if late.get("projection") == "identity" else ""
+    return f"{late['model']} ({late['dim']}-d per token, ≤{late['document_length']} tokens{pooled}{identity})"
 
 
 def _render_index_report(report, index_path: Path) -> None:
@@ -317,8 +361,10 @@ def _progress_lines():
 
 
 def _where(chunk) -> str:
-    page = f" p.{chunk.page}" if chunk.page else ""
-    return f"{chunk.path}{page}:{chunk.start_line}-{chunk.end_line}" + (f"\n{chunk.heading}" if chunk.heading else "")
+    from ragkit.cite import location
+
+    where = location(chunk.path, chunk.start_line, chunk.end_line, chunk.page, chunk.end_page)
+    return where + (f"\n{chunk.heading}" if chunk.heading else "")
 
 
 def _snippet(hit, limit: int = 240):

@@ -147,5 +147,58 @@ def test_progress_is_a_line_per_stage_when_stderr_is_not_a_terminal(tmp_path, do
     assert code == 0, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("ragkit: ")]
     stages = [line.split()[1] for line in lines]
-    assert stages == ["scan", "scan", "parse", "parse", "encode", "encode", "late", "late", "write", "write"]
+    assert stages == ["scan", "scan", "parse", "parse", "encode", "encode", "late", "late", "write", "switch", "switch",
+                      "write"]
     assert lines[3] == "ragkit: parse 2/2" and lines[-1] == "ragkit: write 2/2"
+
+
+def test_a_chunk_across_pdf_pages_cites_both_pages(tmp_path, tiny_encoder, tiny_colbert):
+    from test_parsers import make_pdf
+
+    docs = tmp_path / "pdfs"
+    docs.mkdir()
+    (docs / "report.pdf").write_bytes(make_pdf([["Oil prices rose.", "The embargo began.", "Markets fell."],
+                                                 ["Rationing followed.", "Prices stayed high."]]))
+    index = str(tmp_path / "index")
+    run_json("index", str(docs), "--index", index, "--dense-model", str(tiny_encoder), "--late-model",
+             str(tiny_colbert))
+    hit = run_json("search", "rationing", "--index", index, "--mode", "bm25")["hits"][0]
+    assert (hit["page"], hit["start_line"], hit["end_page"], hit["end_line"]) == (1, 1, 2, 2)
+    code, stdout, _ = run("search", "rationing", "--index", index, "--mode", "bm25")
+    assert code == 0 and "report.pdf p.1:1–p.2:2" in stdout
+    citation = run_json("ask", "What followed?", "--index", index, "--mode", "bm25")["citations"][0]
+    assert citation["page"] == citation["end_page"] == 2 and citation["text"] == "Rationing followed."
+
+
+@pytest.mark.parametrize("files", [{}, {"photo.jpg": b"\xff\xd8\xff", "empty.txt": b""}])
+def test_a_folder_with_nothing_to_index_gives_an_empty_index_and_says_so(tmp_path, tiny_encoder, files):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    index = str(tmp_path / "index")
+    code, stdout, stderr = run("index", str(folder), "--index", index, "--dense-model", str(tiny_encoder), "--no-late")
+    assert code == 0, stderr
+    assert "no documents to index" in stderr and "Traceback" not in stderr
+    assert ("2 skipped" in " ".join(stdout.split())) == bool(files)
+    data = run_json("index", str(folder), "--index", index)
+    assert (data["chunks"], len(data["skipped"])) == (0, len(files))
+    assert run_json("status", "--index", index)["files"] == 0
+    assert run_json("search", "anything", "--index", index)["hits"] == []
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_the_run_goes_on(tmp_path, tiny_encoder):
+    import os
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xff.txt")).write_text("A name in Latin-1.\n")
+    (folder / "good.txt").write_text("The oil crisis began in October 1973.\n")
+    index = str(tmp_path / "index")
+    data = run_json("index", str(folder), "--index", index, "--dense-model", str(tiny_encoder), "--no-late")
+    assert data["added"] == 1
+    assert data["skipped"] == [{"path": "caf\\xff.txt", "reason": "file name is not valid UTF-8 (rename it to index it)"}]
+    (folder / "good.txt").write_text("Prices rose fourfold.\n")
+    code, stdout, stderr = run("index", str(folder), "--index", index)
+    printed = " ".join(stdout.split())  # Rich wraps lines at the terminal width
+    assert code == 0 and "caf\\xff.txt" in printed and "1 updated" in printed, stderr
