@@ -240,7 +240,7 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
 @app.command(name="eval")
 def eval_(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder: docs/ and questions.jsonl.")],
-    questions: Annotated[Optional[Path], typer.Option(help="Another questions file of the same format.")] = None,
+    questions: Annotated[Optional[Path], typer.Option(help="Another questions file of the same format [default: DATASET/questions.jsonl].")] = None,
     index: Annotated[Optional[Path], typer.Option(
         "--index", help="Index folder, built or brought up to date here [default: a cache folder per dataset and "
                         "dense model].")] = None,

@@ -202,3 +202,18 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_the_run_goes_on(tmp_path, 
     code, stdout, stderr = run("index", str(folder), "--index", index)
     printed = " ".join(stdout.split())  # Rich wraps lines at the terminal width
     assert code == 0 and "caf\\xff.txt" in printed and "1 updated" in printed, stderr
+
+
+def test_version_and_help_show_defaults():
+    import typer
+
+    code, stdout, _ = run("--version")
+    assert code == 0 and stdout.strip() == "ragkit 0.1.0"
+    group = typer.main.get_command(app)
+    for name in ("index", "search", "ask", "status", "eval", "summarize"):
+        for param in group.commands[name].params:
+            if param.param_type_name == "option" and param.default is None:
+                assert "[default:" in (param.help or ""), (name, param.name)  # help says what None means
+        assert run(name, "--help")[0] == 0
+    summarize_help = " ".join(run("summarize", "--help")[1].split())
+    assert "extractive" not in summarize_help and "infini | hmt" in summarize_help

@@ -59,3 +59,26 @@ def test_uncached_hub_id_offline_says_how_to_fix(monkeypatch):
         DenseEncoder("acme/never-downloaded")
     message = str(info.value)
     assert "HF_HUB_OFFLINE" in message and "--dense-model /path/to/model" in message
+
+
+def test_an_unreachable_hub_is_found_once_and_fast(monkeypatch):
+    """Without HF_HUB_OFFLINE and without network, the hub client would retry for minutes before failing; ragkit
+    checks the hub once, switches to the local cache, and says why the model is missing."""
+    import time
+
+    import huggingface_hub.constants
+
+    from ragkit import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_checked", False)
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
+        DenseEncoder("acme/never-downloaded")
+    assert time.perf_counter() - started < 10
+    message = str(info.value)
+    assert "hub cannot be reached" in message and "--dense-model /path/to/model" in message
+    assert "HF_HUB_OFFLINE" in message and huggingface_hub.constants.HF_HUB_OFFLINE
