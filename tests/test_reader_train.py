@@ -344,6 +344,51 @@ def test_gate_shut_recall_equals_the_backbone_reading_the_last_segment_alone():
     assert shut.digit == pytest.approx(float((pred == batch.answer).float().mean()))
 
 
+class PrefixOracle(nn.Module):
+    """A perfect memory: answers the asked fact's digits when the prefix it has read holds that fact, else 0s; a
+    forward with reset=True forgets the prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.prefix: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.prefix = None
+
+    def read(self, ids: torch.Tensor) -> None:
+        self.prefix = ids
+
+    def forward(self, last: torch.Tensor, reset: bool = True) -> torch.Tensor:
+        if reset:
+            self.prefix = None
+        logits = torch.zeros(*last.shape, VOCAB_SIZE)
+        for row, segment in enumerate(last):
+            prefix = self.prefix[row] if self.prefix is not None else torch.zeros(0, dtype=torch.long)
+            asked = [s for s in (prefix == KEY).nonzero().squeeze(1).tolist() if prefix[s + 1] == segment[-5]]
+            digits = prefix[asked[0] + 3 : asked[0] + 6] if asked else torch.zeros(3, dtype=torch.long)
+            logits[row, -4:-1].scatter_(1, digits[:, None], 1.0)  # QUERY id = d d d closes the segment
+        return logits
+
+
+def test_on_recall_reads_the_sequences_own_prefix_and_other_another_sequences():
+    """With a perfect memory "on" scores 1.0; "other" reads the prefix of the sequence drawn with the evaluation's
+    seed + 1 before the same questions, and scores what that prefix answers."""
+    task = RecallTask(segment_length=SEG, digits=3)
+    on, other = evaluate_recall(PrefixOracle(), task, [3], sequences=32, batch_size=16, modes=("on", "other"))
+    assert (on.digit, on.value) == (1.0, 1.0)
+    right = []
+    for j in range(2):
+        batch = make_recall_batch(task, 16, 3, _seeded(1234, 3, j))
+        donor = make_recall_batch(task, 16, 3, _seeded(1235, 3, j))
+        oracle = PrefixOracle()
+        oracle.read(donor.input_ids[:, :-SEG])
+        logits = oracle(batch.input_ids[:, -SEG:], reset=False)
+        right.append(logits[:, batch.answer_positions - 2 * SEG].argmax(-1) == batch.answer)
+    right = torch.cat(right)
+    assert other.digit == pytest.approx(float(right.float().mean())) and other.digit < 0.5
+
+
 # --- checkpoints and the CLI ----------------------------------------------------------------------------------------
 
 
