@@ -24,6 +24,7 @@ INDEX_DEFAULTS: dict[str, Any] = {
     "late": True,
     "late_model": DEFAULT_LATE_MODEL,
     "pool_factor": 1,
+    "follow_links": False,
 }
 
 
@@ -36,7 +37,7 @@ class Settings:
     chunk_tokens: int | None = None  # upper bound (the encoder's own maximum also bounds it) [index's, or 8192]
     encode_batch_tokens: int = 16384  # padded tokens per encoder batch (batches are length-sorted)
     max_file_mb: float = 50.0  # files above this size are skipped and reported
-    follow_links: bool = False  # follow symlinks that lead outside the indexed folder (else: skipped, reported)
+    follow_links: bool | None = None  # follow symlinks that lead out of the indexed folder [index's, or False]
     device: str | None = None  # "cpu", "cuda", …; None lets torch choose
     mode: str = "hybrid"  # default retrieval mode: dense | bm25 | late | hybrid
     k: int = 10  # hits returned by search

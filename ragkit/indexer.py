@@ -96,6 +96,7 @@ def recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
         "late": settings.get("late"),
         "late_model": settings.get("late_model") or (models.get("late") or {}).get("model"),
         "pool_factor": settings.get("pool_factor"),
+        "follow_links": settings.get("follow_links"),
     }
 
 

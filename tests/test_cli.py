@@ -217,3 +217,24 @@ def test_version_and_help_show_defaults():
         assert run(name, "--help")[0] == 0
     summarize_help = " ".join(run("summarize", "--help")[1].split())
     assert "extractive" not in summarize_help and "infini | hmt" in summarize_help
+
+
+def test_symlinks_out_of_the_folder_are_skipped_unless_followed(tmp_path, tiny_encoder):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "own.txt").write_text("Our own notes on the oil crisis.\n")
+    (tmp_path / "private.txt").write_text("A private file elsewhere on the disk.\n")
+    (folder / "elsewhere.txt").symlink_to(tmp_path / "private.txt")
+    index = str(tmp_path / "index")
+    data = run_json("index", str(folder), "--index", index, "--dense-model", str(tiny_encoder), "--no-late")
+    assert data["added"] == 1 and [s["path"] for s in data["skipped"]] == ["elsewhere.txt"]
+    assert "outside the indexed folder" in data["skipped"][0]["reason"]
+    assert "--follow-links" in data["skipped"][0]["reason"]
+    assert run_json("status", "--index", index)["last_run"]["seconds"] > 0
+    data = run_json("index", str(folder), "--index", index, "--follow-links")
+    assert data["added"] == 1 and data["skipped"] == []
+    (folder / "own.txt").write_text("Our own notes, edited.\n")
+    data = run_json("index", str(folder), "--index", index)  # the index keeps following them
+    assert (data["updated"], data["unchanged"], data["skipped"]) == (1, 1, [])
+    hits = run_json("search", "private file", "--index", index, "--mode", "bm25")["hits"]
+    assert hits[0]["path"] == "elsewhere.txt"
