@@ -217,6 +217,8 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
             _print_json(info)
             return
         table = Table(show_header=False, box=None)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # long paths wrap rather than end in "…"
         dense = info["models"]["dense"]
         rows = [
             ("index", info["index"]),

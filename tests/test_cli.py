@@ -238,3 +238,16 @@ def test_symlinks_out_of_the_folder_are_skipped_unless_followed(tmp_path, tiny_e
     assert (data["updated"], data["unchanged"], data["skipped"]) == (1, 1, [])
     hits = run_json("search", "private file", "--index", index, "--mode", "bm25")["hits"]
     assert hits[0]["path"] == "elsewhere.txt"
+
+
+def test_a_damaged_pdf_is_indexed_with_a_warning_that_names_it(tmp_path, tiny_encoder):
+    from test_parsers import make_pdf
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "damaged.pdf").write_bytes(make_pdf([["The embargo began in October."]]).replace(b"%%EOF\n", b""))
+    code, stdout, stderr = run("index", str(folder), "--index", str(tmp_path / "index"), "--dense-model",
+                               str(tiny_encoder), "--no-late")
+    assert code == 0 and "1 added" in " ".join(stdout.split())
+    warnings = [line for line in " ".join(stderr.split()).split("Warning:")[1:]]
+    assert any(w.strip().startswith("damaged.pdf: ") and "EOF marker not found" in w for w in warnings), stderr

