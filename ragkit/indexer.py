@@ -170,18 +170,7 @@ def build_index(
         progress(ProgressEvent("scan", 1, 1))
         hashed = _hash_files(_storable(scan.files, report.skipped), report.skipped)
 
-        new_fp = fingerprints(encoders.settings)
-        old, plan = _reuse_plan(previous, new_fp, rebuild, report)
-        changes = _compare(hashed, old["manifest"] if old else {})
-        if changes.changed or plan.dense_all or plan.late_all or _unresolved(new_fp) or not previous:
-            # the models will be needed: load them first, so that the fingerprints name what was really loaded
-            encoders.load()
-            resolved = fingerprints(encoders.settings)
-            if resolved != new_fp:
-                new_fp = resolved
-                report.rebuilt = None
-                old, plan = _reuse_plan(previous, new_fp, rebuild, report)
-                changes = _compare(hashed, old["manifest"] if old else {})
+        new_fp, old, plan, changes = _plan_run(previous, hashed, encoders, rebuild, report)
         report.unchanged = changes.unchanged
         report.skipped.extend(changes.known_bad)
         unparsable = dict(changes.unparsable)
@@ -209,6 +198,23 @@ def build_index(
                           progress, started)
         report.seconds = time.perf_counter() - started
         return report
+
+
+def _plan_run(previous, hashed, encoders: "_Encoders", rebuild: bool, report: IndexReport):
+    """This run's fingerprint and what it reuses of the `previous` generation: (fingerprint, old or None, plan,
+    changes). When anything must be encoded, the models load first (a hub model downloads), so that the
+    fingerprint names what was really loaded rather than a revision still unknown."""
+    fingerprint = fingerprints(encoders.settings)
+    old, plan = _reuse_plan(previous, fingerprint, rebuild, report)
+    changes = _compare(hashed, old["manifest"] if old else {})
+    if changes.changed or plan.dense_all or plan.late_all or _unresolved(fingerprint) or not previous:
+        encoders.load()
+        resolved = fingerprints(encoders.settings)  # a model fell back, or its revision is known now
+        if resolved != fingerprint:
+            fingerprint, report.rebuilt = resolved, None
+            old, plan = _reuse_plan(previous, fingerprint, rebuild, report)
+            changes = _compare(hashed, old["manifest"] if old else {})
+    return fingerprint, old, plan, changes
 
 
 def _reuse_plan(old, new_fp: dict[str, Any], rebuild: bool, report: IndexReport):
