@@ -415,6 +415,9 @@ def trial_problems(trial: Trial, child: Child, index: Path, corpus: Corpus, befo
             problems.append(f"the killed run's generation does not hold the folder: {bad}")
     elif after != before:
         problems.append(f"killed before its switch, yet {after} replaced {before}")
+    if before is not None and not (index / before[0]).is_dir():
+        problems.append(f"{before[0]}, live when the run started, is gone: a reader that opened it just before the "
+                        "switch would fail")
     if trial.phase == "rename→switch" and not _renamed_above(after, trial.leftovers):
         problems.append(f"killed between rename and switch, yet no generation above the live one: {trial.leftovers}")
     return problems
@@ -470,12 +473,15 @@ def soak(workdir: Path, setup: Setup, trials: int, seed: int, targets: list[str]
 
 
 def recover_and_compare(corpus: Corpus, index: Path, setup: Setup, workdir: Path) -> dict[str, Any]:
-    """One more complete run, then a fresh index of the same folder elsewhere; compare the two."""
+    """One more complete run, then a fresh index of the same folder elsewhere; compare the two. "previous" is the
+    generation live before that run, which it must keep."""
+    previous = live(index)
     setup.complete(corpus.folder, index)
     fresh = workdir / "fresh-index"
     setup.complete(corpus.folder, fresh)
     return {"after_recovery": {**compare_indexes(index, fresh), "leftovers": leftovers(index),
-                               "consistency": consistency(index, corpus), "files": len(corpus.files())}}
+                               "previous": previous and previous[0], "consistency": consistency(index, corpus),
+                               "files": len(corpus.files())}}
 
 
 def soak_totals(records: list[Trial]) -> dict[str, Any]:
@@ -587,8 +593,9 @@ def report_table(result: dict[str, Any]) -> str:
          f"{soak_part['most_generations_not_live_after_a_kill']} · {soak_part['most_tmp_after_a_kill']}"),
         ("after recovery: chunks · lost · duplicated · stale",
          f"{after['chunks']:,} · {after['lost']} · {after['duplicated']} · {after['stale']}"),
-        ("after recovery: generations not live (the one before, kept) · `*.tmp`",
-         f"{len(after['leftovers']['generations'])} · {len(after['leftovers']['tmp'])}"),
+        ("after recovery: generations not live · `*.tmp`",
+         f"{len(after['leftovers']['generations'])} ({', '.join(after['leftovers']['generations'])}, the one before: "
+         f"{after['previous']}) · {len(after['leftovers']['tmp'])}"),
         ("after recovery vs a fresh index: same ids, rows · dense max abs diff · late max abs diff",
          f"{after['same_ids_in_order'] and after['same_rows']} · {after['dense_max_abs_diff']:.1e} · "
          f"{after['late_max_abs_diff']:.1e}"),
@@ -642,7 +649,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
               f"--seed {args.seed} --check {args.check}"
     record("soak_index", f"kill -9 soak of `ragkit index` and readers during writes ({args.trials} trials)",
            result, table, command=command,
-           header={"machine": f"{machine()}, nproc {len(os.sched_getaffinity(0))}", "commit": args.commit or commit()})
+           header={"machine": f"{machine()}, nproc {os.cpu_count()}, run on {len(os.sched_getaffinity(0))} of them",
+                   "commit": args.commit or commit()})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def assert_recovered_exactly(result: dict) -> None:
     after = result["after_recovery"]
     assert (after["lost"], after["duplicated"], after["stale"]) == (0, 0, 0), after
     assert after["same_ids_in_order"] and after["same_rows"] and after["vectors_match"], after
-    assert len(after["leftovers"]["generations"]) == 1 and after["leftovers"]["tmp"] == [], after  # the one before
+    assert after["leftovers"] == {"generations": [after["previous"]], "tmp": []}, after  # the one before, kept
     assert set(after["consistency"].values()) == {0}, after["consistency"]
 
 
