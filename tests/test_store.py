@@ -1,4 +1,4 @@
-"""The index folder's generations and writer lock, without models: what a killed writer leaves, and who holds the lock."""
+"""The index folder without models: what a killed writer leaves and who removes it, and who holds the lock."""
 
 from __future__ import annotations
 
