@@ -8,7 +8,9 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """`done` of `total` units of `stage` ("scan", "parse", "encode", "write") are finished."""
+    """`done` of `total` units of `stage` are finished: an index run reports "scan", "parse", "encode" (dense),
+    "late", "write" and, inside "write", "switch" (0 once the new generation is renamed into place, 1 once
+    CURRENT names it)."""
 
     stage: str
     done: int
