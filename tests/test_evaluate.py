@@ -13,17 +13,29 @@ from ragkit.cli import app
 from ragkit.errors import RagkitError
 from ragkit.evaluate import (
     answer_in_texts,
+    answer_speed,
+    answer_text,
+    citation_support,
+    cited_numbers,
+    contains_gold,
     distinct_in_order,
     exact_match,
+    is_abstractive,
     load_questions,
     mrr_at,
     ndcg_at,
     normalize_answer,
     recall_at,
+    rouge_l,
+    score_answer,
     spans_overlap,
+    strip_citation_markers,
     summarize,
     token_f1,
+    yes_no_accuracy,
+    yes_no_label,
 )
+from ragkit.readers.extractive import Answer, Citation
 
 
 def test_normalization_follows_squad():
@@ -57,6 +69,142 @@ def test_answer_in_texts():
     assert answer_in_texts(["$12"], ["rose to nearly $12 globally"]) == 1.0
 
 
+def test_citation_markers_are_removed_with_the_space_before_them():
+    assert strip_citation_markers("October 1973 [1].") == "October 1973."
+    assert strip_citation_markers("A [1][2] and B [2, 3] and C [4-5] and D [4–5]") == "A and B and C and D"
+    assert strip_citation_markers("[1] Paris") == "Paris"
+    assert strip_citation_markers("in [the] year [a1]") == "in [the] year [a1]"  # not markers
+
+
+def test_cited_numbers_read_lists_and_ranges():
+    assert cited_numbers("Paris [2]. London [1; 3] [2].") == [1, 2, 3]
+    assert cited_numbers("see [2-4] and [6–7]") == [2, 3, 4, 6, 7]
+    assert cited_numbers("in [1990-2020]") == [1990, 2020]  # a wide range is not a run of passages
+    assert cited_numbers("no markers (1), [x]") == []
+
+
+def test_contains_gold_needs_whole_words():
+    assert contains_gold("It rose to nearly $12 globally [1].", ["$12"]) == 1.0
+    assert contains_gold("It cost 120 dollars", ["12"]) == 0.0  # a substring, not the number
+    assert contains_gold("The Denver Broncos won.", ["Carolina", "the denver broncos"]) == 1.0
+    assert contains_gold("Not known", ["no"]) == 0.0
+    assert contains_gold("anything", []) is None and contains_gold("anything", ["!!"]) is None
+
+
+@pytest.mark.parametrize("answer, label", [
+    ("No, the intervention did not help [1].", "no"),
+    ("Yes.", "yes"),
+    ("YES", "yes"),
+    ("maybe", "maybe"),
+    ("It is not clear whether it helps.", "maybe"),  # hedge, no label word
+    ("The evidence is inconclusive [2].", "maybe"),
+    ("Yes, although it is unclear for how long.", "yes"),  # the first word decides before hedges
+    ("It is unclear; there is no consensus.", "maybe"),  # a hedge decides before a later label word
+    ("Based on the passages [1], yes, it does.", "yes"),  # first label word anywhere
+    ("The answer is: no.", "no"),
+    ("There is no evidence of benefit.", "no"),  # "no" as a determiner still reads as the label
+    ("Yesterday the trial ended.", None),  # words, not prefixes
+    ("Nothing suggests a difference.", None),
+    ("Tailored interventions increase mammography use.", None),  # no label given: scored wrong
+    ("", None),
+])
+def test_yes_no_label(answer, label):
+    assert yes_no_label(answer) == label
+
+
+def test_yes_no_accuracy_only_for_label_golds():
+    assert yes_no_accuracy("No, it did not.", ["no"]) == 1.0
+    assert yes_no_accuracy("No, it did not.", ["yes"]) == 0.0
+    assert yes_no_accuracy("It is not clear.", ["Maybe"]) == 1.0
+    assert yes_no_accuracy("Mammography use increased.", ["yes"]) == 0.0  # no label: wrong
+    assert yes_no_accuracy("No.", ["Denver Broncos"]) is None
+    assert yes_no_accuracy("No.", ["no", "Denver"]) is None
+    assert yes_no_accuracy("No.", []) is None
+
+
+def test_rouge_l_is_the_stemmed_longest_common_subsequence_f_measure():
+    # LCS "the cat on the mat" = 5 of 6 tokens on each side: P = R = F = 5/6
+    assert rouge_l("the cat sat on the mat", ["the cat is on the mat"]) == pytest.approx(5 / 6)
+    # same words, other order: LCS 2 of 3 (unigram overlap would give 1.0)
+    assert rouge_l("dogs bark loudly", ["bark dogs loudly"]) == pytest.approx(2 / 3)
+    # stems: "dogs running" ~ "dog runs"; LCS 2, P = 2/4 ("the", "were" unmatched), R = 2/3: F = 4/7
+    assert rouge_l("the dogs were running", ["a dog runs"]) == pytest.approx(4 / 7)
+    assert rouge_l("the dogs were running", ["cats sleep", "a dog runs"]) == pytest.approx(4 / 7)  # best gold
+    assert rouge_l("anything", []) is None
+
+
+def test_only_long_gold_answers_are_abstractive():
+    fourteen, fifteen = " ".join(["word"] * 14), " ".join(["word"] * 15)
+    assert not is_abstractive([fourteen]) and is_abstractive([fifteen])
+    assert not is_abstractive([fifteen, "$12"]) and not is_abstractive([])
+
+
+def test_citation_support_reads_the_cited_passages():
+    passages = ["London is large.", "Paris is the capital of France.", "Lyon is in France."]
+    assert citation_support("Paris [2].", passages, ["Paris"]) == 1.0
+    assert citation_support("Paris [1].", passages, ["Paris"]) == 0.0  # cites a passage without the answer
+    assert citation_support("Paris [1, 2].", passages, ["Paris"]) == 1.0
+    assert citation_support("Paris [1-3].", passages, ["Paris"]) == 1.0
+    assert citation_support("Paris.", passages, ["Paris"]) == 0.0  # cites nothing
+    assert citation_support("Paris [9].", passages, ["Paris"]) == 0.0  # no such passage
+    assert citation_support("Paris [2].", passages, []) is None
+
+
+def _hit(text: str, path: str = "d.txt"):
+    from ragkit.ingest.document import Chunk
+    from ragkit.retrieve import Hit
+
+    chunk = Chunk(path=path, ordinal=0, text=text, char_start=0, char_end=len(text), start_line=1, end_line=1,
+                  page=None, end_page=None, heading="", n_tokens=len(text.split()))
+    return Hit(chunk=chunk, chunk_id=path, score=1.0)
+
+
+def _cite(text: str) -> Citation:
+    return Citation(_hit(text), text, 1, 1, None, 1.0)
+
+
+def test_answer_text_per_reader():
+    citations = [_cite("The crisis began in October 1973."), _cite("Prices rose.")]
+    answer = Answer("The crisis began in October 1973. [1] Prices rose. [2]", citations, [])
+    assert answer_text(answer, "extractive") == "The crisis began in October 1973."  # the top sentence
+    generated = Answer("In October 1973 [1].", citations, [])
+    assert answer_text(generated, "generate") == "In October 1973."
+    assert answer_text(Answer("No answer found.", [], []), "extractive") == ""
+
+
+def test_score_answer_of_a_generated_answer():
+    citations = [_cite("Prices rose fourfold."), _cite("The embargo began in October 1973.")]
+    answer = Answer("It began in October 1973 [2].", citations, [])
+    answer.generated_tokens, answer.prompt_tokens = 9, 120
+    record = score_answer(answer, ["October 1973"], "generate", 0.25)
+    assert record["answer"] == "It began in October 1973."
+    assert record["answer_em"] == 0.0 and record["answer_contains_gold"] == 1.0
+    # pred "it began in october 1973" vs "october 1973": P = 2/5, R = 1: F1 = 4/7
+    assert record["answer_f1"] == pytest.approx(4 / 7)
+    assert record["citation_support"] == 1.0 and record["answer_in_citations"] == 1.0 and record["cited"] == [2]
+    assert record["answer_seconds"] == 0.25 and record["generated_tokens"] == 9 and record["prompt_tokens"] == 120
+    assert "yes_no_accuracy" not in record and "rouge_l" not in record
+
+
+def test_score_answer_adds_yes_no_and_rouge_where_they_apply():
+    yes_no = score_answer(Answer("No, it did not [1].", [_cite("x")], []), ["no"], "generate", 1.0)
+    assert yes_no["yes_no_accuracy"] == 1.0 and yes_no["yes_no_label"] == "no" and "rouge_l" not in yes_no
+    assert "generated_tokens" not in yes_no  # the reader did not report it
+    gold = "the team agreed that the remote control should have a simple design with few buttons and a bright colour"
+    summary = score_answer(Answer("The team wanted a simple remote [1].", [_cite("x")], []), [gold], "hmt", 1.0)
+    assert summary["rouge_l"] == pytest.approx(rouge_l("The team wanted a simple remote.", [gold]))
+    assert 0 < summary["rouge_l"] < 1 and "yes_no_accuracy" not in summary
+
+
+def test_answer_speed_is_total_tokens_over_total_seconds():
+    records = [{"answer_seconds": 1.0, "generated_tokens": 30}, {"answer_seconds": 3.0, "generated_tokens": 30},
+               {"answer_seconds": 2.0}, {"recall@1": 1.0}]
+    speed = answer_speed(records)
+    assert speed["seconds_per_answer"] == 2.0  # over the three answers
+    assert speed["generated_tokens_per_second"] == 15.0  # 60 tokens in 4 s (the mean of rates would say 20)
+    assert answer_speed([{"recall@1": 1.0}]) == {"seconds_per_answer": None, "generated_tokens_per_second": None}
+
+
 def test_ranking_metrics_hand_computed():
     ranked = ["d3", "d1", "d7"]
     assert recall_at(ranked, {"d1"}, 1) == 0.0 and recall_at(ranked, {"d1"}, 5) == 1.0
@@ -88,6 +236,7 @@ def test_summary_averages_only_present_values():
     summary = summarize([{"recall@5": 1.0, "answer_f1": 0.5}, {"recall@5": 0.0}, {"answer_f1": None}])
     assert summary["questions"] == 3 and summary["recall@5"] == 0.5 and summary["answer_f1"] == 0.5
     assert summary["evidence_hit@5"] is None and summary["ranked_questions"] == 0
+    assert summary["yes_no_accuracy"] is None and summary["rouge_l"] is None
 
 
 def make_dataset(folder: Path) -> Path:
@@ -124,6 +273,12 @@ def test_eval_end_to_end(tmp_path, tiny_encoder, tiny_colbert):
     assert summary["questions"] == 3 and summary["ranked_questions"] == 2  # q3 is scoped to its document
     assert summary["recall@1"] == 1.0 and summary["evidence_hit@5"] == 1.0
     assert summary["answer_in_citations"] == 1.0
+    assert summary["reader"] == "extractive" and "model" not in summary
+    # the extractive answer cites every sentence it gives, so support is the answer in its citations
+    assert summary["citation_support"] == summary["answer_in_citations"]
+    assert summary["answer_contains_gold"] is not None and summary["seconds_per_answer"] > 0
+    assert summary["yes_no_accuracy"] is None and summary["rouge_l"] is None  # no labels, no long answers
+    assert summary["generated_tokens_per_second"] is None  # the extractive reader generates nothing
     records = [json.loads(line) for line in (tmp_path / "per-question.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["q1", "q2", "q3"]
     assert records[2]["retrieved_docs"] == ["contract.txt"] and "recall@1" not in records[2]
@@ -175,6 +330,9 @@ def test_eval_on_real_squad_questions(squad_index, shared_data):
     # measured 2026-11-26 on the first 100 questions: recall@5 0.99, evidence_hit@5 0.96, answer in citations 0.83
     assert summary["recall@5"] >= 0.95 and summary["evidence_hit@5"] >= 0.85
     assert summary["answer_in_citations"] >= 0.6
+    # a gold inside the top sentence (whole words) is a gold inside the citations; every citation is cited
+    assert summary["answer_contains_gold"] <= summary["answer_in_citations"]
+    assert summary["citation_support"] == summary["answer_in_citations"]
 
 
 def test_questions_may_hold_unicode_line_separators(tmp_path):
@@ -200,3 +358,141 @@ def test_eval_on_an_existing_index_uses_its_models_offline(tmp_path, tiny_encode
     status = Index(tmp_path / "index").status()
     assert status["models"]["dense"]["model"] == str(tiny_encoder)
     assert status["models"]["late"]["model"] == str(tiny_colbert)
+
+
+class Clock:
+    """A perf_counter that moves only when told: the reader's seconds are exact, retrieval's are large."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StandInGenerativeReader:
+    """The generative reader's interface (answer(question, hits, on_token=None) -> Answer with reader, model,
+    prompt_tokens, generated_tokens), with fixed answers, [n] naming hits[n - 1], and fixed costs."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def answer(self, question: str, hits, on_token=None) -> Answer:
+        citations = [Citation(h, h.chunk.text, h.chunk.start_line, h.chunk.end_line, None, h.score) for h in hits]
+        if question.startswith("When did the oil"):
+            n = next(i for i, h in enumerate(hits, start=1) if "October 1973" in h.chunk.text)
+            text, tokens, seconds = f"October 1973 [{n}].", 4, 0.5
+        elif "fox" in question:
+            text, tokens, seconds = "Yes: the lazy dog.", 6, 1.0  # cites nothing
+        else:
+            text, tokens, seconds = "It ends in 2030 [7].", 8, 1.5  # no passage 7: at most five hits are read
+        self.clock.now += seconds
+        answer = Answer(text, citations, list(hits))
+        answer.reader, answer.model = "generate", "stand-in-lm"
+        answer.prompt_tokens, answer.generated_tokens = 50, tokens
+        return answer
+
+
+class StandInIndex:
+    """A real Index whose answer_from_hits takes a reader name, as ragkit's API does once generating readers are
+    wired; "generate" goes to the stand-in reader, "extractive" to the real one. Searching costs 100 clock s."""
+
+    def __init__(self, index, clock: Clock) -> None:
+        self.index, self.clock, self.reader = index, clock, StandInGenerativeReader(clock)
+
+    def manifest(self):
+        return self.index.manifest()
+
+    def search(self, *args, **kwargs):
+        self.clock.now += 100
+        return self.index.search(*args, **kwargs)
+
+    def search_many(self, *args, **kwargs):
+        self.clock.now += 100
+        return self.index.search_many(*args, **kwargs)
+
+    def answer_from_hits(self, question, hits, mode=None, reader="extractive"):
+        if reader == "extractive":
+            return self.index.answer_from_hits(question, hits, mode)
+        return self.reader.answer(question, hits)
+
+
+@pytest.fixture
+def small_index(tmp_path, tiny_encoder, tiny_colbert):
+    from ragkit.api import Index
+    from ragkit.config import Settings
+
+    dataset = make_dataset(tmp_path / "set")
+    index = Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert),
+                                               mode="bm25"))
+    index.add(dataset / "docs")
+    return index, load_questions(dataset / "questions.jsonl", dataset / "docs")
+
+
+def test_eval_scores_a_generating_reader(small_index, monkeypatch):
+    from ragkit.evaluate import evaluate
+
+    index, questions = small_index
+    clock = Clock()
+    monkeypatch.setattr("ragkit.evaluate.perf_counter", clock)
+    report = evaluate(StandInIndex(index, clock), questions, "bm25", reader="generate")
+    s = report.summary
+    assert s["reader"] == "generate" and s["model"] == "stand-in-lm"
+    # q1 "October 1973" exact; q2 "yes lazy dog" vs "lazy dog": P 2/3, R 1, F1 0.8; q3 "it ends in 2030" vs
+    # "december 31 2030": P 1/4, R 1/3, F1 2/7
+    assert s["answer_em"] == pytest.approx(1 / 3, abs=1e-4)
+    assert s["answer_f1"] == pytest.approx((1 + 0.8 + 2 / 7) / 3, abs=1e-4)
+    assert s["answer_contains_gold"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["citation_support"] == pytest.approx(1 / 3, abs=1e-4)  # only q1 cites a passage holding its answer
+    assert s["answer_in_citations"] == 1.0
+    assert s["seconds_per_answer"] == 1.0  # the reader's 0.5 + 1.0 + 1.5 s; searching's 100 s are not counted
+    assert s["generated_tokens_per_second"] == 6.0  # 18 tokens in 3 s
+    by_id = {r["id"]: r for r in report.per_question}
+    assert by_id["q1"]["answer"] == "October 1973." and by_id["q1"]["generated_tokens"] == 4
+    assert by_id["q3"]["cited"] == [7] and by_id["q3"]["citation_support"] == 0.0
+    assert by_id["q2"]["prompt_tokens"] == 50
+
+
+def test_eval_passes_the_reader_name_to_the_index(small_index):
+    from ragkit.evaluate import evaluate
+
+    index, questions = small_index
+    report = evaluate(StandInIndex(index, Clock()), questions, "bm25", reader="extractive")
+    assert report.summary["reader"] == "extractive" and "model" not in report.summary
+    assert "2030" in report.per_question[2]["answer"]  # the real extractive reader's top sentence
+
+
+def test_an_index_without_reader_choice_answers_extractively_only(small_index):
+    from ragkit.evaluate import evaluate
+
+    index, questions = small_index
+
+    class OldIndex(StandInIndex):
+        def answer_from_hits(self, question, hits, mode=None):
+            return self.index.answer_from_hits(question, hits, mode)
+
+    old = OldIndex(index, Clock())
+    assert evaluate(old, questions, "bm25").summary["answer_in_citations"] == 1.0
+    with pytest.raises(RagkitError, match="extractive reader only, not 'generate'"):
+        evaluate(old, questions, "bm25", reader="generate")
+
+
+def test_run_dataset_threads_the_reader(tmp_path, tiny_encoder, tiny_colbert, monkeypatch):
+    from ragkit.api import Index
+    from ragkit.config import Settings
+    from ragkit.evaluate import run_dataset
+
+    asked = []
+
+    def answer_from_hits(self, question, hits, mode=None, reader="extractive"):
+        asked.append(reader)
+        answer = StandInGenerativeReader(Clock()).answer(question, hits)
+        answer.model = "stand-in-lm"
+        return answer
+
+    monkeypatch.setattr(Index, "answer_from_hits", answer_from_hits)
+    dataset = make_dataset(tmp_path / "set")
+    settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), mode="bm25")
+    report, _ = run_dataset(dataset, settings, index_dir=tmp_path / "index", reader="hmt")
+    assert asked == ["hmt"] * 3
+    assert report.summary["reader"] == "hmt" and report.summary["model"] == "stand-in-lm"
