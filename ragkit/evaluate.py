@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from time import perf_counter  # times the reader calls (its own name: tests drive it)
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ragkit.errors import RagkitError
 from ragkit.progress import Progress, ProgressEvent, silent
@@ -196,18 +196,24 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
-def citation_support(answer: str, citation_texts: Sequence[str], golds: Sequence[str]) -> float | None:
-    """1.0 if a gold answer occurs in a passage the answer cites: citation_texts[n - 1] for each [n] in it.
+def citation_support(answer: str, passages: Mapping[int, str], golds: Sequence[str]) -> float | None:
+    """1.0 if a gold answer occurs in a passage the answer cites: passages[n] for each [n] in it.
 
-    An answer without a marker that names one of the citations is unsupported (0.0); None without golds.
+    An answer without a marker that names one of the passages is unsupported (0.0); None without golds.
 
-    >>> citation_support("Paris [2].", ["London is big.", "Paris is the capital."], ["Paris"])
+    >>> citation_support("Paris [2].", {1: "London is big.", 2: "Paris is the capital."}, ["Paris"])
     1.0
-    >>> citation_support("Paris [1].", ["London is big.", "Paris is the capital."], ["Paris"])
+    >>> citation_support("Paris [1].", {1: "London is big.", 2: "Paris is the capital."}, ["Paris"])
     0.0
     """
-    cited = [citation_texts[n - 1] for n in cited_numbers(answer) if 1 <= n <= len(citation_texts)]
-    return answer_in_texts(golds, cited)
+    return answer_in_texts(golds, [passages[n] for n in cited_numbers(answer) if n in passages])
+
+
+def numbered_citations(result) -> dict[int, str]:
+    """[n] → the text of the citation an Answer's text calls [n]: citations[i] is [numbers[i]] when the answer
+    carries `numbers`, else [i + 1]."""
+    numbers = getattr(result, "numbers", None) or range(1, len(result.citations) + 1)
+    return dict(zip(numbers, (c.text for c in result.citations)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,7 +421,7 @@ def score_answer(result, golds: Sequence[str], reader: str, seconds: float) -> d
         "answer_em": exact_match(text, golds),
         "answer_f1": token_f1(text, golds),
         "answer_contains_gold": contains_gold(text, golds),
-        "citation_support": citation_support(result.answer, citation_texts, golds),
+        "citation_support": citation_support(result.answer, numbered_citations(result), golds),
         "answer_in_citations": answer_in_texts(golds, citation_texts),
         "cited": cited_numbers(result.answer),
         "answer_seconds": round(seconds, 4),

@@ -25,6 +25,7 @@ from ragkit.evaluate import (
     mrr_at,
     ndcg_at,
     normalize_answer,
+    numbered_citations,
     recall_at,
     rouge_l,
     score_answer,
@@ -140,14 +141,23 @@ def test_only_long_gold_answers_are_abstractive():
 
 
 def test_citation_support_reads_the_cited_passages():
-    passages = ["London is large.", "Paris is the capital of France.", "Lyon is in France."]
+    passages = {1: "London is large.", 2: "Paris is the capital of France.", 3: "Lyon is in France."}
     assert citation_support("Paris [2].", passages, ["Paris"]) == 1.0
     assert citation_support("Paris [1].", passages, ["Paris"]) == 0.0  # cites a passage without the answer
     assert citation_support("Paris [1, 2].", passages, ["Paris"]) == 1.0
     assert citation_support("Paris [1-3].", passages, ["Paris"]) == 1.0
     assert citation_support("Paris.", passages, ["Paris"]) == 0.0  # cites nothing
     assert citation_support("Paris [9].", passages, ["Paris"]) == 0.0  # no such passage
+    assert citation_support("Paris [2].", {3: "Paris."}, ["Paris"]) == 0.0  # numbers, not positions
     assert citation_support("Paris [2].", passages, []) is None
+
+
+def test_citations_are_found_by_their_numbers():
+    answer = Answer("Paris [3].", [_cite("London."), _cite("Paris.")], [])
+    assert numbered_citations(answer) == {1: "London.", 2: "Paris."}
+    answer.numbers = [2, 3]  # a reader that keeps only the passages the answer cites, under their numbers
+    assert numbered_citations(answer) == {2: "London.", 3: "Paris."}
+    assert score_answer(answer, ["Paris"], "generate", 1.0)["citation_support"] == 1.0
 
 
 def _hit(text: str, path: str = "d.txt"):
@@ -372,13 +382,14 @@ class Clock:
 
 class StandInGenerativeReader:
     """The generative reader's interface (answer(question, hits, on_token=None) -> Answer with reader, model,
-    prompt_tokens, generated_tokens), with fixed answers, [n] naming hits[n - 1], and fixed costs."""
+    prompt_tokens, generated_tokens, numbers), with fixed answers and costs. Like the real one, passage [n] is
+    hits[n - 1], and an answer's citations are the passages it cites under their numbers, or every passage when it
+    cites none."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
     def answer(self, question: str, hits, on_token=None) -> Answer:
-        citations = [Citation(h, h.chunk.text, h.chunk.start_line, h.chunk.end_line, None, h.score) for h in hits]
         if question.startswith("When did the oil"):
             n = next(i for i, h in enumerate(hits, start=1) if "October 1973" in h.chunk.text)
             text, tokens, seconds = f"October 1973 [{n}].", 4, 0.5
@@ -387,8 +398,10 @@ class StandInGenerativeReader:
         else:
             text, tokens, seconds = "It ends in 2030 [7].", 8, 1.5  # no passage 7: at most five hits are read
         self.clock.now += seconds
+        numbers = [n for n in cited_numbers(text) if n <= len(hits)] or list(range(1, len(hits) + 1))
+        citations = [Citation(hits[n - 1], hits[n - 1].chunk.text, 1, 1, None, 1.0) for n in numbers]
         answer = Answer(text, citations, list(hits))
-        answer.reader, answer.model = "generate", "stand-in-lm"
+        answer.reader, answer.model, answer.numbers = "generate", "stand-in-lm", numbers
         answer.prompt_tokens, answer.generated_tokens = 50, tokens
         return answer
 
