@@ -5,9 +5,9 @@ retrieved chunks in order of first appearance; byte-identical copies of the gold
 
 Answers are scored on the reader's answer text: the extractive reader's top sentence, or a generating reader's
 whole answer with its citation markers ("[1]", "[2, 3]") removed. Which metric a question gets depends on its
-gold answers: every question with answers gets exact match, token F1, `answer_contains_gold`,
-`citation_support` and `answer_in_citations`; yes/no/maybe labels also get `yes_no_accuracy`; long (abstractive)
-answers also get `rouge_l`.
+gold answers: every question with answers gets exact match, token F1, `answer_contains_gold` and
+`answer_in_citations`; yes/no/maybe labels also get `yes_no_accuracy`, other answers `citation_support`; long
+(abstractive) answers also get `rouge_l`.
 """
 
 from __future__ import annotations
@@ -413,20 +413,24 @@ def answer_text(result, reader: str) -> str:
 
 
 def score_answer(result, golds: Sequence[str], reader: str, seconds: float) -> dict[str, Any]:
-    """Per-question answer metrics of a reader's `result` (an Answer) against the gold answers."""
+    """Per-question answer metrics of a reader's `result` (an Answer) against the gold answers.
+
+    A yes/no/maybe label gets no `citation_support`: a passage that holds the word "no" does not support it.
+    """
     text = answer_text(result, reader)
     citation_texts = [c.text for c in result.citations]
+    accuracy = yes_no_accuracy(text, golds)
     record: dict[str, Any] = {
         "answer": text,
         "answer_em": exact_match(text, golds),
         "answer_f1": token_f1(text, golds),
         "answer_contains_gold": contains_gold(text, golds),
-        "citation_support": citation_support(result.answer, numbered_citations(result), golds),
+        "citation_support": None if accuracy is not None else
+        citation_support(result.answer, numbered_citations(result), golds),
         "answer_in_citations": answer_in_texts(golds, citation_texts),
         "cited": cited_numbers(result.answer),
-        "answer_seconds": round(seconds, 4),
+        "answer_seconds": round(seconds, 6),
     }
-    accuracy = yes_no_accuracy(text, golds)
     if accuracy is not None:
         record["yes_no_accuracy"] = accuracy
         record["yes_no_label"] = yes_no_label(text)

@@ -197,8 +197,10 @@ def test_score_answer_of_a_generated_answer():
 
 
 def test_score_answer_adds_yes_no_and_rouge_where_they_apply():
-    yes_no = score_answer(Answer("No, it did not [1].", [_cite("x")], []), ["no"], "generate", 1.0)
+    yes_no = score_answer(Answer("No, it did not [1].", [_cite("There was no change.")], []), ["no"], "generate",
+                          1.0)
     assert yes_no["yes_no_accuracy"] == 1.0 and yes_no["yes_no_label"] == "no" and "rouge_l" not in yes_no
+    assert yes_no["citation_support"] is None  # passage [1] holds no label to support
     assert "generated_tokens" not in yes_no  # the reader did not report it
     gold = "the team agreed that the remote control should have a simple design with few buttons and a bright colour"
     summary = score_answer(Answer("The team wanted a simple remote [1].", [_cite("x")], []), [gold], "hmt", 1.0)
