@@ -46,12 +46,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def _reader_cache(tmp_path_factory) -> Path:
+    """One converted-model cache for the whole session (a GGUF converts once, not once per test)."""
+    return tmp_path_factory.mktemp("ragkit-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_settings(monkeypatch, tmp_path):
-    """No ragkit.toml or RAGKIT_* variable from the developer's machine leaks into a test."""
+def _isolated_settings(monkeypatch, tmp_path, _reader_cache):
+    """No ragkit.toml or RAGKIT_* variable from the developer's machine leaks into a test; caches go to a temp
+    folder of this session, not the user's."""
     for key in list(os.environ):
         if key.startswith("RAGKIT_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(_reader_cache))
     monkeypatch.chdir(tmp_path)
 
 
