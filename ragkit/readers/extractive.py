@@ -63,14 +63,29 @@ class Citation:
 
 @dataclass
 class Answer:
-    """An answer, its numbered citations ([1] is citations[0]) and the hits it was drawn from."""
+    """An answer, its numbered citations and the hits it was drawn from, and which reader and model wrote it.
+
+    The answer text cites citations[i] as [numbers[i]]; without `numbers`, [1] is citations[0], [2] citations[1]…
+    """
 
     answer: str
     citations: list[Citation]
     hits: list[Hit]
+    reader: str = "extractive"  # extractive, generate, infini or hmt
+    model: str | None = None  # the reader model's name (None: extractive)
+    prompt_tokens: int | None = None  # tokens the reader model read last (its window), None for extractive
+    generated_tokens: int | None = None  # tokens it generated, None for extractive
+    numbers: list[int] | None = None  # the [n] of each citation, when not 1, 2, …
+
+    def numbered(self) -> list[tuple[int, Citation]]:
+        """(n, citation) pairs: the [n] the answer text uses for each citation."""
+        numbers = self.numbers or range(1, len(self.citations) + 1)
+        return list(zip(numbers, self.citations))
 
     def to_json(self) -> dict[str, Any]:
-        return {"answer": self.answer, "citations": [c.to_json() for c in self.citations]}
+        return {"answer": self.answer, "citations": [{"n": n, **c.to_json()} for n, c in self.numbered()],
+                "reader": self.reader, "model": self.model, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens}
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
