@@ -47,15 +47,21 @@ def decode(tiny_llama: Path, ids: list[int]) -> str:
     return AutoTokenizer.from_pretrained(str(tiny_llama)).decode(ids, skip_special_tokens=True).strip()
 
 
-def expected_prompt(tiny_llama: Path, docs: Path, hits) -> list[int]:
-    """The reader's prompt built by hand: the whole files of the hits (first-seen order, blank-line separated), then
-    the window: the question, the instruction, the hits numbered [1]… in order, the question again, "Answer:"."""
-    from ragkit.readers.generative import ANSWER_INSTRUCTION
+def tokenizer(tiny_llama: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_llama))
+
+
+def memory_and_window(tiny_llama: Path, docs: Path, hits, budget: int) -> tuple[list[int], list[int]]:
+    """The reader's input built by hand: the whole files of the hits (first-seen order, blank-line separated), read
+    into memory, then the window fit_window builds from the question and the hits, read with exact attention."""
+    from ragkit.readers.generative import ANSWER_STYLE
+    from ragkit.readers.window import fit_window
 
     documents = [(docs / path).read_text() for path in dict.fromkeys(h.chunk.path for h in hits)]
-    passages = "\n\n".join(f"[{n}] {h.chunk.text}" for n, h in enumerate(hits, start=1))
-    window = f"Question: {QUESTION}\n\n{ANSWER_INSTRUCTION}\n\n{passages}\n\nQuestion: {QUESTION}\n\nAnswer:"
-    return tokens(tiny_llama, "\n\n".join(documents)) + tokens(tiny_llama, window)
+    window = fit_window(tokenizer(tiny_llama), QUESTION, hits, budget, ANSWER_STYLE)
+    return tokens(tiny_llama, "\n\n".join(documents)), window.ids
 
 
 def greedy(tiny_llama: Path, prompt: list[int], steps: int) -> list[int]:
@@ -71,14 +77,14 @@ def greedy(tiny_llama: Path, prompt: list[int], steps: int) -> list[int]:
     return seq[len(prompt) :]
 
 
-def record_generate(monkeypatch, cls) -> list[tuple[list[int], list[int]]]:
-    """Every (prompt, new tokens) that `cls.generate` sees and returns."""
+def record_generate(monkeypatch, cls) -> list[tuple[list[int], int, list[int]]]:
+    """Every (prompt, window length, new tokens) that `cls.generate` sees and returns."""
     calls = []
     generate = cls.generate
 
     def spy(self, prompt_ids, *args, **kwargs):
         new = generate(self, prompt_ids, *args, **kwargs)
-        calls.append((prompt_ids[0].tolist(), new[0].tolist()))
+        calls.append((prompt_ids[0].tolist(), kwargs["window"], new[0].tolist()))
         return new
 
     monkeypatch.setattr(cls, "generate", spy)
@@ -107,33 +113,60 @@ def test_ask_with_a_memory_reader_prints_the_readers_answer_and_citations(indexe
     assert [c["chunk_id"] for c in json.loads(result.stdout)["citations"]] == [h.chunk_id for h in hits]
 
 
-def test_infini_answer_is_the_backbones_greedy_continuation_of_the_documents_then_the_window(
-        indexed, tiny_llama, monkeypatch):
-    """Within one window nothing is read into memory: the answer is exactly the backbone's greedy decoding of the
-    prompt built by hand, and the citations are the hits, [n] being the n-th hit."""
+def test_infini_reads_the_documents_into_memory_and_the_window_with_exact_attention(indexed, tiny_llama,
+                                                                                    monkeypatch):
+    """The model reads the hits' whole documents, then the window fit_window builds (as long as fits the backbone
+    with the answer, whatever the segment length); with the gates shut the answer is exactly the backbone's greedy
+    decoding of that window alone, and the citations are the hits."""
     from ragkit.readers.infini import InfiniLM
 
-    idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), reader_segment=2048,
-                                  answer_tokens=8))
+    idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=8))
     calls = record_generate(monkeypatch, InfiniLM)
+    idx.memory_reader("infini").model.shut_gates()
     answer = idx.ask(QUESTION, mode="bm25")
     hits = hits_for(idx)
-    prompt = expected_prompt(tiny_llama, indexed.parent / "docs", hits)
-    assert len(prompt) <= 2048 and len(hits) > 2 and {h.chunk.path for h in hits} == {"oil.txt", "fox.txt"}
-    (seen, new), = calls
-    assert seen == prompt
-    assert new == greedy(tiny_llama, prompt, 8)
-    assert answer.answer == decode(tiny_llama, new)
-    assert [c.hit.chunk_id for c in answer.citations] == [h.chunk_id for h in hits] == \
-        [h.chunk_id for h in answer.hits]
-    assert [(c.text, c.start_line, c.end_line, c.score) for c in answer.citations] == \
-        [(h.chunk.text, h.chunk.start_line, h.chunk.end_line, h.score) for h in hits]
+    memory, window = memory_and_window(tiny_llama, indexed.parent / "docs", hits, 2048 - 8)
+    assert len(hits) > 2 and {h.chunk.path for h in hits} == {"oil.txt", "fox.txt"}
+    (seen, length, new), = calls
+    assert seen == memory + window and length == len(window) > 32
+    assert new[: answer.generated_tokens] == greedy(tiny_llama, window, 8)[: answer.generated_tokens]
+    assert answer.answer == decode(tiny_llama, new[: answer.generated_tokens])
+    assert (answer.reader, answer.prompt_tokens) == ("infini", len(window))
+    assert [c.hit.chunk_id for c in answer.citations] == [h.chunk_id for h in hits][: len(answer.citations)]
+    assert [h.chunk_id for h in answer.hits] == [h.chunk_id for h in hits]
 
 
-def test_infini_streams_the_documents_into_memory_and_answers_from_the_last_window(indexed, tiny_llama, monkeypatch):
-    """With 32-token segments, layer 0's memory after answering holds exactly the prompt before its last 32 tokens
-    (Σ σ(K)ᵀ V over them, from the backbone's own first layer); with the gates shut the answer is the backbone's
-    greedy decoding of those last 32 tokens alone, whatever documents were read."""
+def test_with_default_settings_and_long_documents_the_question_is_in_the_window(tmp_path, tiny_encoder,
+                                                                                tiny_colbert, tiny_llama,
+                                                                                monkeypatch):
+    """Default segment length (1024), documents of several thousand tokens: the question's tokens open and close
+    the window the model attends to exactly, with every passage; only the documents go to memory."""
+    from ragkit.readers.infini import InfiniLM
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "oil.txt").write_text("The oil crisis began in October 1973.\n\n" + "Prices rose fourfold. " * 800)
+    (docs / "fox.txt").write_text("The fox jumped over the lazy dog.\n\n" + "Foxes are quick. " * 800)
+    settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), reader="infini",
+                        reader_model=str(tiny_llama), answer_tokens=4, chunk_tokens=64)
+    idx = Index(tmp_path / "index", settings)
+    idx.add(docs)
+    calls = record_generate(monkeypatch, InfiniLM)
+    idx.ask(QUESTION, mode="bm25")
+    (prompt, length, _), = calls
+    window = prompt[-length:]
+    question = tokens(tiny_llama, QUESTION)
+    assert len(prompt) - length > 2 * 1024  # the documents, streamed into memory
+    at = [i for i in range(length) if window[i : i + len(question)] == question]
+    assert len(at) == 2 and at[1] > length - len(question) - 8  # it opens the passages and closes the window
+    for hit in hits_for(idx):  # every passage is in the window, between the two (short chunks: none trimmed)
+        passage = tokens(tiny_llama, hit.chunk.text)
+        assert any(window[i : i + len(passage)] == passage for i in range(at[0], at[1])), hit.chunk_id
+
+
+def test_infini_streams_the_documents_into_memory_and_answers_from_the_window(indexed, tiny_llama, monkeypatch):
+    """With 32-token segments, layer 0's memory after answering holds exactly the documents (Σ σ(K)ᵀ V over their
+    tokens, from the backbone's own first layer); with the gates shut the answer does not depend on them."""
     import torch
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
@@ -143,12 +176,12 @@ def test_infini_streams_the_documents_into_memory_and_answers_from_the_last_wind
     idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=4))
     calls = record_generate(monkeypatch, InfiniLM)
     idx.ask(QUESTION, mode="bm25")
-    prompt = expected_prompt(tiny_llama, indexed.parent / "docs", hits_for(idx))
-    assert calls[0][0] == prompt and len(prompt) > 3 * 32
+    memory, window = memory_and_window(tiny_llama, indexed.parent / "docs", hits_for(idx), 2048 - 4)
+    assert calls[0][0] == memory + window and len(memory) > 3 * 32
     backbone = LlamaForCausalLM.from_pretrained(str(tiny_llama)).eval()
     layer = backbone.model.layers[0]
     with torch.no_grad():
-        h = layer.input_layernorm(backbone.model.embed_tokens(torch.tensor([prompt[:-32]])))  # (1, n, C)
+        h = layer.input_layernorm(backbone.model.embed_tokens(torch.tensor([memory])))  # (1, n, C)
         k, v = (proj(h).view(1, h.shape[1], 2, 8).transpose(1, 2) for proj in (layer.self_attn.k_proj,
                                                                                layer.self_attn.v_proj))
     s = F.elu(k) + 1  # (1, H_kv, n, d): pre-RoPE key features
@@ -158,15 +191,14 @@ def test_infini_streams_the_documents_into_memory_and_answers_from_the_last_wind
 
     idx.memory_reader("infini").model.shut_gates()
     shut = idx.ask(QUESTION, mode="bm25")
-    assert shut.answer == decode(tiny_llama, greedy(tiny_llama, prompt[-32:], 4))
     other = idx.memory_reader("infini").answer(QUESTION, hits_for(idx), ["Another document entirely. " * 40])
     assert other.answer == shut.answer
 
 
 def test_hmt_streams_the_documents_into_its_memory_cache(indexed, tiny_llama, monkeypatch):
-    """With 32-token segments, HMT caches one memory per segment of the prompt before its last 32 tokens, the first
-    being the backbone's last hidden state at the trailing memory token of [P_1 ‖ the document's first 32 tokens ‖
-    P_1], and the window reads the 32 tokens just before it as its sensory memory."""
+    """With 32-token segments, HMT caches one memory per segment of the documents, the first being the backbone's
+    last hidden state at the trailing memory token of [P_1 ‖ the documents' first 32 tokens ‖ P_1], and the window
+    reads the last 32 tokens streamed before it as its sensory memory."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -175,32 +207,34 @@ def test_hmt_streams_the_documents_into_its_memory_cache(indexed, tiny_llama, mo
     idx = Index(indexed, Settings(reader="hmt", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=4))
     calls = record_generate(monkeypatch, HMTLM)
     idx.ask(QUESTION, mode="bm25")
-    prompt = expected_prompt(tiny_llama, indexed.parent / "docs", hits_for(idx))
-    assert calls[0][0] == prompt
     model = idx.memory_reader("hmt").model
-    assert model.cache.shape == (1, -(-(len(prompt) - 32) // 32), 32)
+    memory, window = memory_and_window(tiny_llama, indexed.parent / "docs", hits_for(idx),
+                                       model.max_window(4))
+    assert calls[0][0] == memory + window and calls[0][1] == len(window)
+    assert model.cache.shape == (1, -(-len(memory) // 32), 32)
     backbone = LlamaForCausalLM.from_pretrained(str(tiny_llama)).eval()
     p1 = model.memory_init.detach().view(1, 1, -1)
     with torch.no_grad():
-        x = torch.cat([p1, backbone.model.embed_tokens(torch.tensor([prompt[:32]])), p1], dim=1)
+        x = torch.cat([p1, backbone.model.embed_tokens(torch.tensor([memory[:32]])), p1], dim=1)
         first = backbone(inputs_embeds=x, output_hidden_states=True).hidden_states[-1][:, -1]
     torch.testing.assert_close(model.cache[:, 0], first, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # the sensory tokens the window reads: the last k = 32 tokens streamed before it
-        torch.testing.assert_close(model.sensory, backbone.model.embed_tokens(torch.tensor([prompt[-64:-32]])))
+    if len(memory) % 32 == 0:  # the sensory tokens: the last k = 32 tokens streamed before the window
+        with torch.no_grad():
+            torch.testing.assert_close(model.sensory, backbone.model.embed_tokens(torch.tensor([memory[-32:]])))
 
 
-def test_the_question_opens_and_closes_the_final_window(indexed, tiny_llama, monkeypatch):
-    from ragkit.readers.generative import MemoryReader
+def test_the_window_setting_bounds_the_memory_readers_window(indexed, tiny_llama, monkeypatch):
+    from ragkit.errors import ConfigError
+    from ragkit.readers.infini import InfiniLM
 
-    idx = Index(indexed, Settings(reader="hmt", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=2))
-    windows = []
-    generate = MemoryReader._generate
-    monkeypatch.setattr(MemoryReader, "_generate", lambda self, docs, window: windows.append(window) or
-                        generate(self, docs, window))
-    idx.ask("When did the oil crisis begin?", mode="bm25")
-    question = "Question: When did the oil crisis begin?"
-    assert windows[0].startswith(question) and windows[0].endswith(question)
-    assert "[1] The oil crisis began in October 1973." in windows[0]
+    idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), answer_tokens=4, reader_window=200))
+    calls = record_generate(monkeypatch, InfiniLM)
+    answer = idx.ask(QUESTION, mode="bm25")
+    assert calls[0][1] == answer.prompt_tokens <= 200
+    too_big = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), answer_tokens=4,
+                                      reader_window=2045))
+    with pytest.raises(ConfigError, match="at most 2044"):
+        too_big.ask(QUESTION, mode="bm25")
 
 
 @pytest.mark.parametrize("reader", ["infini", "hmt"])
@@ -214,16 +248,19 @@ def test_summarize_a_file(tmp_path, tiny_llama, reader):
     assert set(data) == {"summary", "source"} and data["source"] == str(doc.resolve())
 
 
-def test_infini_summary_is_the_greedy_continuation_of_the_document_then_the_instruction(tmp_path, tiny_llama):
+def test_infini_summary_of_a_document_that_fits_is_the_greedy_continuation_of_document_and_instruction(
+        tmp_path, tiny_llama):
     from ragkit.api import summarize_file
-    from ragkit.readers.generative import SUMMARY_INSTRUCTION
+    from ragkit.readers.generative import SUMMARY_CUE
+    from ragkit.readers.generate import SUMMARY_INSTRUCTION
+    from ragkit.readers.window import render
 
     doc = tmp_path / "report.txt"
     doc.write_text("The committee reviewed the budget and approved it. " * 30)
-    result = summarize_file(doc, Settings(reader_model=str(tiny_llama), reader_segment=2048, answer_tokens=6),
-                            reader="infini")
-    prompt = tokens(tiny_llama, doc.read_text()) + tokens(tiny_llama, f"{SUMMARY_INSTRUCTION}\n\nAnswer:")
-    assert len(prompt) <= 2048
+    result = summarize_file(doc, Settings(reader_model=str(tiny_llama), answer_tokens=6), reader="infini")
+    text = doc.read_text().strip()
+    prompt = tokens(tiny_llama, render(tokenizer(tiny_llama), f"{text}\n\n{SUMMARY_INSTRUCTION}", cue=SUMMARY_CUE))
+    assert len(prompt) <= 2048 - 6
     assert result == {"summary": decode(tiny_llama, greedy(tiny_llama, prompt, 6)), "source": str(doc.resolve())}
 
 
@@ -234,6 +271,6 @@ def test_reader_errors_are_clear(tmp_path, indexed):
     doc = tmp_path / "a.txt"
     doc.write_text("text")
     result = runner.invoke(app, ["summarize", str(doc), "--reader", "extractive"])
-    assert result.exit_code == 1 and "not a reader with memory" in result.stderr
+    assert result.exit_code == 1 and "'extractive' cannot summarize" in result.stderr
     result = runner.invoke(app, ["summarize", str(tmp_path / "missing.txt")])
     assert result.exit_code == 1 and "is not a file" in result.stderr

@@ -1,112 +1,131 @@
 """Readers with memory (Infini-attention, HMT) behind `ask --reader …` and `summarize`.
 
 Prompt layout (../shared/reference/readers.md §4.4): the whole documents of the top hits are streamed through
-the memory first; the question and the top retrieved passages come last, inside the local window, so that they
-are read with exact attention and the answer is conditioned on them. The question opens the window as well as
-closing it: HMT searches its memory with a summary of the window's first half, which then reads the question.
+the memory first, segment by segment; then the window that `fit_window` builds, the same as the generative
+reader's (the question, the instruction, the top passages trimmed to fit, the question again), is read as one
+final segment with exact attention, so that the answer is conditioned on it. The question opens the window as well
+as closing it: HMT searches its memory with a summary of the window's first part, which then reads the question.
+The window holds at most `window` tokens: by default what fits the backbone (its positions less the answer's and,
+for HMT, its memory and sensory tokens), whatever the segment length.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from ragkit.errors import ModelLoadError, RagkitError
-from ragkit.models import resolve_model_name
-from ragkit.readers.extractive import Answer, Citation
+from ragkit.errors import ConfigError, RagkitError
+from ragkit.readers.extractive import Answer
+from ragkit.readers.generate import (ANSWER_EXAMPLE, ANSWER_SYSTEM, SUMMARY_INSTRUCTION, TextStream, cite, each_id,
+                                     stop_token_ids, until_stop)
+from ragkit.readers.window import Style, WindowTooSmall, encode, fit_tail, fit_window, render
 from ragkit.retrieve import Hit
 
 MEMORY_READERS = ("infini", "hmt")
-ANSWER_INSTRUCTION = ("Answer the question using the documents read above and the numbered passages below. "
-                      "Cite passages as [n].")
-SUMMARY_INSTRUCTION = "Summarize the document above in a few sentences."
+ANSWER_INSTRUCTION = ("Answer with a short phrase from the documents read before and the passages below, and cite "
+                      "the passage as [n]. Answer a yes/no question with yes, no or maybe first.")
+ANSWER_STYLE = Style(ANSWER_INSTRUCTION, ANSWER_SYSTEM, ANSWER_EXAMPLE)
+SUMMARY_CUE = "Summary:"
 
 
 @dataclass(frozen=True)
 class ReaderSpec:
-    """Which memory reader to load: kind, backbone (HF id or path), optional adapter, segment length, device."""
+    """Which memory reader to load: kind, reader model (HF id, folder or .gguf file; None: the default, which
+    falls back to the embedded model), optional adapter, segment length, device, the final window's size (None:
+    what fits the backbone) and the most tokens generated."""
 
     kind: str
-    model: str
+    model: str | None
     adapter: str | None = None
     segment_length: int = 1024
     device: str | None = None
     max_new_tokens: int = 256
+    window: int | None = None
 
 
 class MemoryReader:
-    """A causal LM with memory and its tokenizer; answers questions and summarizes documents of any length."""
+    """A causal LM with memory and its tokenizer; answers questions and summarizes documents of any length.
+    `warnings`: what loading the reader model has to tell the user (e.g. that the embedded model serves)."""
 
     def __init__(self, spec: ReaderSpec) -> None:
         if spec.kind not in MEMORY_READERS:
             raise RagkitError(f"'{spec.kind}' is not a reader with memory (known: {', '.join(MEMORY_READERS)})")
-        from transformers import AutoTokenizer
+        from ragkit.readers.lm import load_reader_lm
 
-        from ragkit.encoders.dense import quiet_transformers
-
-        quiet_transformers()
         self.spec = spec
-        name = resolve_model_name(spec.model)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-        except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load"
-            raise ModelLoadError(f"Could not load the tokenizer of the reader model '{spec.model}': "
-                                 f"{str(e).strip()[:300]}\nPoint ragkit at a local copy: --reader-model "
-                                 "/path/to/model (or reader_model in ragkit.toml).") from None
-        self.model = _load_memory_model(spec.kind, name, spec.segment_length, spec.adapter)
+        lm = load_reader_lm(spec.model)
+        self.tokenizer, self.name, self.warnings = lm.tokenizer, lm.name, lm.warnings
+        self.model = _wrap(spec.kind, lm.model, spec.segment_length, spec.adapter)
         self.model.eval()
         if spec.device:
             self.model.to(spec.device)
 
-    def answer(self, question: str, hits: Sequence[Hit], documents: Sequence[str]) -> Answer:
-        """Stream `documents`, then answer from the question and the hits (cited [1]…[n] in hit order)."""
-        passages = "\n\n".join(f"[{n}] {h.chunk.text}" for n, h in enumerate(hits, start=1))
-        window = f"Question: {question}\n\n{ANSWER_INSTRUCTION}\n\n{passages}\n\nQuestion: {question}"
-        text = self._generate(documents, window)
-        citations = [_whole_hit(h) for h in hits]
-        return Answer(text, citations, list(hits))
+    @property
+    def window_budget(self) -> int:
+        """Tokens of the final window: the spec's, or what fits the backbone with the answer after it."""
+        limit = self.model.max_window(self.spec.max_new_tokens)
+        if self.spec.window is not None and self.spec.window > limit:
+            raise ConfigError(f"the reader window of {self.spec.window} tokens does not fit the backbone with "
+                              f"{self.spec.max_new_tokens} answer tokens after it: at most {limit}")
+        return self.spec.window or limit
 
-    def summarize(self, document: str) -> str:
-        """Stream the whole document through memory, then generate its summary."""
-        return self._generate([document], SUMMARY_INSTRUCTION)
+    def answer(self, question: str, hits: Sequence[Hit], documents: Sequence[str],
+               on_token: Callable[[str], None] | None = None) -> Answer:
+        """Stream `documents` into memory, then answer from the window of the question and the hits (cited as [n],
+        n being the hit's rank), its text streamed to `on_token` piece by piece."""
+        window = fit_window(self.tokenizer, question, hits, self.window_budget, ANSWER_STYLE)
+        memory = encode(self.tokenizer, "\n\n".join(documents)) if documents else []
+        text, new = self._generate(memory, window.ids, on_token, one_paragraph=True)
+        citations, numbers = cite(text, window)
+        return Answer(text, citations, list(hits), reader=self.spec.kind, model=self.name,
+                      prompt_tokens=window.tokens, generated_tokens=len(new), numbers=numbers)
 
-    def _generate(self, documents: Sequence[str], window: str) -> str:
+    def summarize(self, document: str, on_token: Callable[[str], None] | None = None) -> str:
+        """Stream the document through memory but for its tail that fits the window with the instruction, then
+        generate its summary."""
+        def prompt(text: str) -> str:
+            return render(self.tokenizer, f"{text}\n\n{SUMMARY_INSTRUCTION}", cue=SUMMARY_CUE)
+
+        budget = self.window_budget
+        fits = lambda tail: len(encode(self.tokenizer, prompt(tail))) <= budget
+        if not fits(""):
+            raise WindowTooSmall(f"the reader's window of {budget} tokens cannot hold the summary instruction")
+        start = fit_tail(document, fits)
+        memory = encode(self.tokenizer, document[:start]) if document[:start].strip() else []
+        return self._generate(memory, encode(self.tokenizer, prompt(document[start:])), on_token)[0]
+
+    def _generate(self, memory_ids: list[int], window_ids: list[int], on_token: Callable[[str], None] | None = None,
+                  one_paragraph: bool = False) -> tuple[str, list[int]]:
+        """Read `memory_ids` into memory and `window_ids` as the final window, then decode greedily: the text
+        (streamed to `on_token`; with `one_paragraph`, up to its first blank line) and the new ids before the
+        stop."""
         import torch
 
-        memory_ids = self.tokenizer("\n\n".join(documents), add_special_tokens=False)["input_ids"] \
-            if documents else []
-        window_ids = self._prompt_ids(window)
+        stops = stop_token_ids(self.tokenizer, self.model.model)
+        stream = TextStream(self.tokenizer, on_token, one_paragraph)
         prompt = torch.tensor([memory_ids + window_ids], dtype=torch.long, device=self._device())
-        new = self.model.generate(prompt, self.spec.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
-
-    def _prompt_ids(self, text: str) -> list[int]:
-        """The window as the model expects it: its chat template when it has one, plain text otherwise."""
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return self.tokenizer(f"{text}\n\nAnswer:", add_special_tokens=False)["input_ids"]
+        new = self.model.generate(prompt, self.spec.max_new_tokens, eos_token_id=stops, window=len(window_ids),
+                                  on_token=each_id(stream.push, stops), halt=lambda: stream.ended)
+        return stream.close(), until_stop(new[0].tolist(), stops)
 
     def _device(self):
         return next(self.model.parameters()).device
 
 
-def _load_memory_model(kind: str, name: str, segment_length: int, adapter: str | None):
-    """InfiniLM or HMTLM around the backbone `name`, with the adapter if given (its config then applies)."""
+def _wrap(kind: str, backbone: Any, segment_length: int, adapter: str | None):
+    """The backbone with Infini-attention or HMT around it, the adapter loaded when given (its config wins)."""
     if kind == "infini":
         from ragkit.readers.infini import InfiniConfig, InfiniLM
 
-        return InfiniLM.from_pretrained(name, InfiniConfig(segment_length=segment_length), adapter=adapter)
-    from ragkit.readers.hmt import HMTConfig, HMTLM
+        reader = InfiniLM(backbone, InfiniConfig(segment_length=segment_length))
+    else:
+        from ragkit.readers.hmt import HMTLM, HMTConfig
 
-    return HMTLM.from_pretrained(name, HMTConfig(segment_length=segment_length), adapter=adapter)
-
-
-def _whole_hit(hit: Hit) -> Citation:
-    c = hit.chunk
-    return Citation(hit, c.text, c.start_line, c.end_line, c.page, hit.score, c.end_page)
+        reader = HMTLM(backbone, HMTConfig(segment_length=segment_length))
+    if adapter is not None:
+        reader.load_adapter(adapter)
+    return reader
 
 
 def document_texts(root: Path, paths: Sequence[str], follow_links: bool = False) -> list[str]:
@@ -134,4 +153,4 @@ def document_texts(root: Path, paths: Sequence[str], follow_links: bool = False)
 def spec_from_settings(settings: Any, kind: str) -> ReaderSpec:
     return ReaderSpec(kind=kind, model=settings.reader_model, adapter=settings.adapter,
                       segment_length=settings.reader_segment, device=settings.device,
-                      max_new_tokens=settings.answer_tokens)
+                      max_new_tokens=settings.answer_tokens, window=getattr(settings, "reader_window", None))

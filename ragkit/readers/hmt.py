@@ -53,7 +53,7 @@ import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -346,18 +346,32 @@ class HMTLM(nn.Module):
         self.detach_state()
         return logits
 
+    def max_window(self, new_tokens: int) -> int:
+        """The longest final window `generate` can read with `new_tokens` after it: the backbone's positions less
+        P_n's and the sensory tokens'."""
+        from ragkit.readers.lm import context_length
+
+        return context_length(self.model) - new_tokens - 1 - self.config.sensory_tokens
+
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Greedy answer to prompt_ids (b, n). Everything before the last `segment_length` tokens is streamed
-        into memory; that last window (put the question and the top passages there) is read as
-        [P ‖ sensory ‖ window], P searched with the window's query, and the answer follows with a KV cache
-        (positions from 0); the window is not written into memory. Returns the new ids, (b, ≤ max_new_tokens);
-        a row that has produced eos_token_id is padded with it."""
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 window: int | None = None, on_token: Callable[[Tensor], None] | None = None,
+                 halt: Callable[[], bool] | None = None) -> Tensor:
+        """Greedy answer to prompt_ids (b, n). Everything before the last `window` tokens (default:
+        `segment_length`) is streamed into memory, segment by segment; the window (put the question and the
+        passages there), however long, is read in one backbone pass as [P ‖ sensory ‖ window], P searched with the
+        window's first j tokens, and the answer follows with a KV cache (positions from 0); the window is not
+        written into memory. With the memory disabled this is the backbone's own greedy decoding of
+        [sensory ‖ window]. eos_token_id: the id, or ids, that end a row; `on_token` gets each step's tokens (b,);
+        decoding ends early once `halt()` is true. Returns the new ids, (b, ≤ max_new_tokens); a row that has
+        ended is padded with the id that ended it."""
         from transformers import DynamicCache
+
+        from ragkit.readers.generate import decode_greedy
 
         self.reset()
         n = prompt_ids.shape[1]
-        window = min(n, self.config.segment_length)
+        window = min(n, window or self.config.segment_length)
         if n > window:
             self.read(prompt_ids[:, : n - window])
         h = self._embed(prompt_ids[:, n - window :])  # (b, window, C)
@@ -365,19 +379,9 @@ class HMTLM(nn.Module):
         cache = DynamicCache(config=self.model.config)
         kwargs = {"logits_to_keep": 1} if self._keep else {}
         logits = self.model(inputs_embeds=x, past_key_values=cache, use_cache=True, **kwargs).logits
-        new, done = [], torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        for _ in range(max_new_tokens):
-            token = logits[:, -1].argmax(dim=-1)  # (b,)
-            if eos_token_id is not None:
-                token = token.masked_fill(done, eos_token_id)
-                done |= token == eos_token_id
-            new.append(token)
-            if bool(done.all()):
-                break
-            logits = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits
-        if not new:
-            return prompt_ids.new_zeros((prompt_ids.shape[0], 0))
-        return torch.stack(new, dim=1)  # (b, t)
+        return decode_greedy(logits[:, -1], lambda token: self.model(input_ids=token[:, None], past_key_values=cache,
+                                                                     use_cache=True).logits[:, -1],
+                             max_new_tokens, eos_token_id, on_token, halt)
 
     # --- the adapter: new parameters and config, apart from the backbone ---------------------------------------
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -309,17 +309,30 @@ class InfiniLM(nn.Module):
             return self.model(inputs_embeds=tokens, use_cache=False).logits
         return self.model(input_ids=tokens, use_cache=False).logits
 
+    def max_window(self, new_tokens: int) -> int:
+        """The longest final window `generate` can read with `new_tokens` after it: the backbone's positions."""
+        from ragkit.readers.lm import context_length
+
+        return context_length(self.model) - new_tokens
+
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Greedy answer to prompt_ids (b, n). Everything before the last `segment_length` tokens is streamed
-        into memory; that last window (put the question and the top passages there) and the answer are attended
-        locally with a KV cache (positions from 0), reading the memory but never writing it. Returns the new ids,
-        (b, ≤ max_new_tokens); a row that has produced eos_token_id is padded with it."""
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 window: int | None = None, on_token: Callable[[Tensor], None] | None = None,
+                 halt: Callable[[], bool] | None = None) -> Tensor:
+        """Greedy answer to prompt_ids (b, n). The last `window` tokens (default: `segment_length`; put the question
+        and the passages there) are read as one local segment, however long, with exact causal attention
+        (positions from 0) mixed with a read of the memory; everything before them is streamed into memory first,
+        segment by segment. The window and the answer, attended with a KV cache, read the memory but never write
+        it. With the gates shut this is the backbone's own greedy decoding of the window. eos_token_id: the id, or
+        ids, that end a row; `on_token` gets each step's tokens (b,); decoding ends early once `halt()` is true.
+        Returns the new ids, (b, ≤ max_new_tokens); a row that has ended is padded with the id that ended it."""
         from transformers import DynamicCache
+
+        from ragkit.readers.generate import decode_greedy
 
         self.reset()
         n = prompt_ids.shape[1]
-        window = min(n, self.config.segment_length)
+        window = min(n, window or self.config.segment_length)
         if n > window:
             self.read(prompt_ids[:, : n - window])
         for attn in self.layers:
@@ -327,22 +340,12 @@ class InfiniLM(nn.Module):
         try:
             cache = DynamicCache(config=self.model.config)
             logits = self.model(input_ids=prompt_ids[:, n - window :], past_key_values=cache, use_cache=True).logits
-            new, done = [], torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-            for _ in range(max_new_tokens):
-                token = logits[:, -1].argmax(dim=-1)  # (b,)
-                if eos_token_id is not None:
-                    token = token.masked_fill(done, eos_token_id)
-                    done |= token == eos_token_id
-                new.append(token)
-                if bool(done.all()):
-                    break
-                logits = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits
+            return decode_greedy(logits[:, -1], lambda token: self.model(input_ids=token[:, None], past_key_values=cache,
+                                                                         use_cache=True).logits[:, -1],
+                                 max_new_tokens, eos_token_id, on_token, halt)
         finally:
             for attn in self.layers:
                 attn.write_memory = True
-        if not new:
-            return prompt_ids.new_zeros((prompt_ids.shape[0], 0))
-        return torch.stack(new, dim=1)  # (b, t)
 
     # --- the adapter: gates and config, apart from the backbone -------------------------------------------------
 
