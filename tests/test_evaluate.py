@@ -276,7 +276,7 @@ def test_eval_end_to_end(tmp_path, tiny_encoder, tiny_colbert):
     dataset = make_dataset(tmp_path / "set")
     result = CliRunner().invoke(app, ["eval", str(dataset), "--index", str(tmp_path / "index"), "--mode", "bm25",
                                       "--dense-model", str(tiny_encoder), "--late-model", str(tiny_colbert), "--json",
-                                      "--out", str(tmp_path / "per-question.jsonl")])
+                                      "--reader", "extractive", "--out", str(tmp_path / "per-question.jsonl")])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     for key in ("questions", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "evidence_hit@5",
@@ -338,7 +338,7 @@ def test_eval_on_real_squad_questions(squad_index, shared_data):
 
     questions = load_questions(shared_data / "squad-v1.1-dev" / "questions.jsonl",
                                shared_data / "squad-v1.1-dev" / "docs", limit=40)
-    summary = evaluate(squad_index, questions, "hybrid").summary
+    summary = evaluate(squad_index, questions, "hybrid", reader="extractive").summary
     # measured 2026-11-26 on the first 100 questions: recall@5 0.99, evidence_hit@5 0.96, answer in citations 0.83
     assert summary["recall@5"] >= 0.95 and summary["evidence_hit@5"] >= 0.85
     assert summary["answer_in_citations"] >= 0.6
@@ -409,8 +409,8 @@ class StandInGenerativeReader:
 
 
 class StandInIndex:
-    """A real Index whose answer_from_hits takes a reader name, as ragkit's API does once generating readers are
-    wired; "generate" goes to the stand-in reader, "extractive" to the real one. Searching costs 100 clock s."""
+    """A real Index whose "generate" reader is the stand-in one; "extractive" goes to the real one. Searching costs
+    100 clock s."""
 
     def __init__(self, index, clock: Clock) -> None:
         self.index, self.clock, self.reader = index, clock, StandInGenerativeReader(clock)
@@ -426,9 +426,12 @@ class StandInIndex:
         self.clock.now += 100
         return self.index.search_many(*args, **kwargs)
 
-    def answer_from_hits(self, question, hits, mode=None, reader="extractive"):
+    def reader_kind(self, reader=None):
+        return self.index.reader_kind(reader)
+
+    def answer_from_hits(self, question, hits, mode=None, reader=None):
         if reader == "extractive":
-            return self.index.answer_from_hits(question, hits, mode)
+            return self.index.answer_from_hits(question, hits, mode, reader=reader)
         return self.reader.answer(question, hits)
 
 
@@ -477,19 +480,21 @@ def test_eval_passes_the_reader_name_to_the_index(small_index):
     assert "2030" in report.per_question[2]["answer"]  # the real extractive reader's top sentence
 
 
-def test_an_index_without_reader_choice_answers_extractively_only(small_index):
+def test_eval_answers_with_the_index_default_reader(small_index, monkeypatch):
+    """No reader named: the one `ask` would choose (here extractive, as no reader model can be loaded)."""
+    from ragkit.api import Index
+    from ragkit.errors import ModelLoadError, RagkitWarning
     from ragkit.evaluate import evaluate
 
     index, questions = small_index
 
-    class OldIndex(StandInIndex):
-        def answer_from_hits(self, question, hits, mode=None):
-            return self.index.answer_from_hits(question, hits, mode)
+    def no_model(self):
+        raise ModelLoadError("no reader model here")
 
-    old = OldIndex(index, Clock())
-    assert evaluate(old, questions, "bm25").summary["answer_in_citations"] == 1.0
-    with pytest.raises(RagkitError, match="extractive reader only, not 'generate'"):
-        evaluate(old, questions, "bm25", reader="generate")
+    monkeypatch.setattr(Index, "generative_reader", no_model)
+    with pytest.warns(RagkitWarning, match="no reader model could be loaded"):
+        report = evaluate(index, questions, "bm25")
+    assert report.summary["reader"] == "extractive" and report.summary["answer_in_citations"] == 1.0
 
 
 def test_run_dataset_threads_the_reader(tmp_path, tiny_encoder, tiny_colbert, monkeypatch):
@@ -499,7 +504,7 @@ def test_run_dataset_threads_the_reader(tmp_path, tiny_encoder, tiny_colbert, mo
 
     asked = []
 
-    def answer_from_hits(self, question, hits, mode=None, reader="extractive"):
+    def answer_from_hits(self, question, hits, mode=None, reader=None):
         asked.append(reader)
         answer = StandInGenerativeReader(Clock()).answer(question, hits)
         answer.model = "stand-in-lm"

@@ -214,7 +214,8 @@ def test_reader_with_no_hits():
     answer = ExtractiveReader().answer("anything?", [])
     assert answer.citations == [] and answer.hits == []
     assert answer.answer.startswith("No answer found")
-    assert answer.to_json() == {"answer": answer.answer, "citations": []}
+    assert answer.to_json() == {"answer": answer.answer, "citations": [], "reader": "extractive", "model": None,
+                                "prompt_tokens": None, "generated_tokens": None}
 
 
 def test_reader_with_hits_without_text():

@@ -36,12 +36,28 @@ def test_chunks_fit_the_model(squad_index):
 
 
 def test_ask_cites_the_right_article(squad_index):
-    answer = squad_index.ask("When did the 1973 oil crisis begin?")
+    answer = squad_index.ask("When did the 1973 oil crisis begin?", reader="extractive")
     first = answer.citations[0]
     assert first.hit.chunk.path == "1973_oil_crisis.txt"
     assert "October 1973" in first.text
     text = (Path(squad_index.status()["root"]) / first.hit.chunk.path).read_text().split("\n")
     assert first.text in " ".join(text[first.start_line - 1 : first.end_line])
+
+
+def test_the_default_reader_writes_the_answer_with_the_embedded_model(squad_index):
+    """Offline, no reader named: the embedded SmolLM2-135M-Instruct (the default reader model cannot be loaded)
+    writes the answer from the top hits, said once in a warning; every [n] it cites is the n-th hit."""
+    from ragkit.api import Index
+    from ragkit.errors import RagkitWarning
+
+    idx = Index(squad_index.path, squad_index.settings)
+    with pytest.warns(RagkitWarning, match="using the embedded SmolLM2-135M-Instruct"):
+        answer = idx.ask("When did the 1973 oil crisis begin?")
+    assert answer.reader == "generate" and answer.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "October 1973" in answer.answer and answer.generated_tokens > 0
+    assert 0 < answer.prompt_tokens <= 8192 - idx.settings.answer_tokens
+    assert answer.citations and all(answer.hits[n - 1] is c.hit for n, c in answer.numbered())
+    assert answer.citations[0].hit.chunk.path == "1973_oil_crisis.txt"
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,20 @@ def _load_default(device: str | None) -> ReaderLM:
     return lm
 
 
+def planned_reader_model(name: str | None = None) -> dict[str, Any]:
+    """Which model `load_reader_lm(name)` would load, found without loading it: {"model", "embedded", "reason"}
+    ("model" None when the default is out of reach and the embedded model is not installed)."""
+    from ragkit.models import _model_file, ensure_hub_or_offline, hub_offline
+
+    if name is not None:
+        return {"model": name, "embedded": False, "reason": None}
+    ensure_hub_or_offline()
+    if _model_file(DEFAULT_READER_MODEL, "config.json") is not None or not hub_offline():
+        return {"model": DEFAULT_READER_MODEL, "embedded": False, "reason": None}
+    reason = f"{DEFAULT_READER_MODEL} is not in the local Hugging Face cache and the hub cannot be reached"
+    return {"model": embedded_reader_model(), "embedded": True, "reason": reason}
+
+
 def _ready(lm: ReaderLM, device: str | None) -> ReaderLM:
     lm.model.eval()
     if device:

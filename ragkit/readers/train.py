@@ -90,6 +90,7 @@ from ragkit.errors import ConfigError, ModelLoadError, RagkitError
 from ragkit.progress import ProgressEvent
 from ragkit.readers.infini import InfiniLM
 from ragkit.readers.infini_probe import InfiniValueProbe, MemoryState, forward_keeping_memory
+from ragkit.readers.lm import load_reader_tokenizer
 from ragkit.readers.tasks import (DIGITS, IGNORE, KEY_IDS, RecallBatch, RecallTask, fact_names, fact_slots,
                                   fact_values, make_recall_batch, slot_fact_ids, slot_fact_values)
 
@@ -728,7 +729,7 @@ def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = 
         return InfiniLM(backbone, InfiniConfig(segment_length=segment_length, update=update, gate_init=0.0)), None
     infini = InfiniLM.from_pretrained(model, InfiniConfig(segment_length=segment_length, update=update),
                                       **model_kwargs)
-    return infini, load_tokenizer(model)
+    return infini, load_reader_tokenizer(model)
 
 
 def _build_hmt(model: str | None, tiny: bool, segment_length: int, d_model: int, layers: int, heads: int,
@@ -749,21 +750,12 @@ def _build_hmt(model: str | None, tiny: bool, segment_length: int, d_model: int,
                                                       segment_length=config.positions))
         return HMTLM(backbone, config), None
     hmt = HMTLM.from_pretrained(model, HMTConfig(segment_length=segment_length, **extra), **model_kwargs)
-    return hmt, load_tokenizer(model)
+    return hmt, load_reader_tokenizer(model)
 
 
 def reader_kind(model: nn.Module) -> str:
     """"hmt" or "infini", by what the reader exposes."""
     return "hmt" if hasattr(model, "hmt_parameters") else "infini"
-
-
-def load_tokenizer(name: str) -> Any:
-    """The backbone's tokenizer, by Hugging Face id or local path."""
-    from transformers import AutoTokenizer
-
-    from ragkit.models import load_model
-
-    return load_model("reader tokenizer", name, AutoTokenizer.from_pretrained)
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, full: bool, meta: dict[str, Any] | None = None) -> Path:
