@@ -106,6 +106,25 @@ def test_an_answer_ends_at_its_first_blank_line(tiny, monkeypatch):
     assert summary == text.strip()  # a summary may have several paragraphs
 
 
+@pytest.mark.parametrize("question, text, answer", [
+    ("When did it begin?", "In October 1973 [1]. It was a shock.", "In October 1973 [1]."),
+    ("When did it begin?", "In October 1973. [1] [2] Then more.", "In October 1973. [1] [2]"),
+    ("Who led the U.S. Army?", "The U.S. Army was led by Abrams. Later", "The U.S. Army was led by Abrams."),
+    ("Who paid?", "Mr. Smith paid $3.5 million [2]. He", "Mr. Smith paid $3.5 million [2]."),
+    ("Is it safe?", "Yes [1]\n\nQuestion: is it?", "Yes [1]"),
+    ("Why did it begin?", "Arab states cut supply [1]. Prices rose.\n\nQuestion", "Arab states cut supply [1]. "
+                                                                                   "Prices rose."),
+    ("Summarize the whole meeting.", "They met. They agreed.", None),
+    ("What did the group think of the battery design?", "Long-lived. Cheap.", None),
+    ("How did the designer introduce the prototype?", "In yellow. Spongy.", None),
+])
+def test_a_factual_answer_ends_after_its_first_sentence_an_account_at_its_first_blank_line(question, text, answer):
+    from ragkit.readers.generate import answer_end
+
+    end = answer_end(question)(text)
+    assert (text[:end] if end is not None else None) == answer
+
+
 def test_the_reader_window_setting_bounds_the_prompt(tiny):
     model, tok = tiny
     reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=12, window=120)
@@ -198,7 +217,7 @@ def test_citations_map_numbers_to_the_hits_shown(tiny):
 def test_the_answer_json_numbers_its_citations(tiny, monkeypatch):
     model, tok = tiny
     reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=4)
-    monkeypatch.setattr(GenerativeReader, "complete", lambda self, ids, on_token=None, one_paragraph=False: ("1973 [2]", [5, 6]))
+    monkeypatch.setattr(GenerativeReader, "complete", lambda self, ids, on_token=None, until=None: ("1973 [2]", [5, 6]))
     answer = reader.answer(QUESTION, hits())
     assert answer.answer == "1973 [2]" and answer.numbers == [2] and answer.generated_tokens == 2
     assert [(c["n"], c["path"]) for c in answer.to_json()["citations"]] == [(2, "rag.txt")]
@@ -211,7 +230,7 @@ def test_a_long_document_is_summarized_by_map_then_reduce_within_the_window(tiny
     calls = []
     complete = GenerativeReader.complete
 
-    def spy(self, ids, on_token=None, one_paragraph=False):
+    def spy(self, ids, on_token=None, until=None):
         calls.append((ids, on_token is not None))
         return complete(self, ids, on_token)
 

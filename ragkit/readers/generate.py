@@ -33,7 +33,42 @@ REDUCE_INSTRUCTION = ("The text above holds summaries of consecutive parts of on
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 OnText = Callable[[str], None]
-PARAGRAPH_END = re.compile(r"\n\s*\n")  # where a short answer ends: the model goes on to another question
+PARAGRAPH_END = re.compile(r"\n\s*\n")  # where an answer ends: past it the model goes on to another question
+# A sentence's end: . ! or ? (not after a capital, as in "U.S.", nor in a title) with any closing quote or
+# bracket and the [n] citations after it, once another sentence starts.
+SENTENCE_END = re.compile(r"(?<![A-Z])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs))(?<!\bMrs)[.!?][\"')]*(?:\s*\[[\d\s,;–-]+\])*"
+                          r"(?=\s+[^\s\[])")
+# Questions that ask for an account rather than a fact: their answers may run to a paragraph.
+ACCOUNT_QUESTION = re.compile(
+    r"^\W*(summari[sz]e|describe|explain|discuss|highlight|list|compare|outline|why)\b|\bsummar(y|i[sz]e)\b"
+    r"|^\W*how (did|do|does|is|are|was|were|can|could|should|would|has|have)\b"
+    r"|^\W*what (did|do|does|was|were)\b.*\b(think|thought|propos|sa(y|id)|discuss|suggest|decid|agree|talk|comment"
+    r"|feel|felt|argu|reason|opinion|view)", re.I)
+
+
+def answer_end(question: str) -> Callable[[str], int | None]:
+    """Where an answer to `question` ends, as a function of the text so far (None: not yet): at its first blank
+    line, and, for a question that asks for a fact rather than an account, after its first sentence (its [n]
+    citations included).
+
+    >>> answer_end("When did it begin?")("In October 1973 [1]. It was a shock.")
+    20
+    >>> answer_end("Why did it begin?")("In October 1973 [1]. It was a shock.") is None
+    True
+    """
+    def paragraph(text: str) -> int | None:
+        found = PARAGRAPH_END.search(text)
+        return found.start() if found else None
+
+    if ACCOUNT_QUESTION.search(question):
+        return paragraph
+
+    def sentence(text: str) -> int | None:
+        found = SENTENCE_END.search(text)
+        ends = [end for end in (found.end() if found else None, paragraph(text)) if end is not None]
+        return min(ends) if ends else None
+
+    return sentence
 
 
 class GenerativeReader:
@@ -75,7 +110,7 @@ class GenerativeReader:
     def answer(self, question: str, hits: Sequence[Hit], on_token: OnText | None = None) -> Answer:
         """The model's answer to `question` from the hits, its text streamed to `on_token` piece by piece."""
         window = self.window(question, hits)
-        text, new = self.complete(window.ids, on_token, one_paragraph=True)
+        text, new = self.complete(window.ids, on_token, until=answer_end(question))
         citations, numbers = cite(text, window)
         return Answer(text, citations, list(hits), reader="generate", model=self.name, prompt_tokens=window.tokens,
                       generated_tokens=len(new), numbers=numbers)
@@ -105,10 +140,10 @@ class GenerativeReader:
         return len(self._summary_prompt(text, instruction)) <= self.budget
 
     def complete(self, prompt: list[int], on_token: OnText | None = None,
-                 one_paragraph: bool = False) -> tuple[str, list[int]]:
-        """Greedy continuation of the prompt ids: its text (streamed to `on_token`; with `one_paragraph`, up to its
-        first blank line) and its token ids."""
-        stream = TextStream(self.tokenizer, on_token, one_paragraph)
+                 until: Callable[[str], int | None] | None = None) -> tuple[str, list[int]]:
+        """Greedy continuation of the prompt ids: its text (streamed to `on_token`; cut where `until` says the
+        answer ends) and its token ids."""
+        stream = TextStream(self.tokenizer, on_token, until)
         new = greedy(self.model, prompt, self.answer_tokens, self.stop_ids, stream.push, lambda: stream.ended)
         return stream.close(), new
 
@@ -202,13 +237,14 @@ def _ids(stop: int | Collection[int] | None) -> set[int]:
 class TextStream:
     """Turns ids, as they come, into text pieces whose concatenation is the final text: each piece is what the
     decoding of all ids so far adds, held back while it ends in an incomplete character or in spaces (the final
-    text is stripped). With `one_paragraph` the text ends before its first blank line, and `ended` tells the
-    decoder to stop there."""
+    text is stripped). `until(text)` says where the text ends (None: not yet); `ended` then tells the decoder to
+    stop."""
 
-    def __init__(self, tokenizer: Any, on_text: OnText | None = None, one_paragraph: bool = False) -> None:
+    def __init__(self, tokenizer: Any, on_text: OnText | None = None,
+                 until: Callable[[str], int | None] | None = None) -> None:
         self.tokenizer = tokenizer
         self.on_text = on_text
-        self.one_paragraph = one_paragraph
+        self.until = until
         self.ids: list[int] = []
         self.sent = ""
         self.ended = False
@@ -228,9 +264,10 @@ class TextStream:
 
     def _text(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).lstrip()
-        if self.one_paragraph and PARAGRAPH_END.search(text):
+        end = self.until(text) if self.until is not None else None
+        if end is not None:
             self.ended = True
-            text = text[: PARAGRAPH_END.search(text).start()]
+            text = text[:end]
         return text
 
     def _send(self, text: str) -> None:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 from ragkit.errors import ConfigError, RagkitError
 from ragkit.readers.extractive import Answer
-from ragkit.readers.generate import (ANSWER_EXAMPLE, ANSWER_SYSTEM, SUMMARY_INSTRUCTION, TextStream, cite, each_id,
-                                     stop_token_ids, until_stop)
+from ragkit.readers.generate import (ANSWER_EXAMPLE, ANSWER_SYSTEM, SUMMARY_INSTRUCTION, TextStream, answer_end, cite,
+                                     each_id, stop_token_ids, until_stop)
 from ragkit.readers.window import Style, WindowTooSmall, encode, fit_tail, fit_window, render
 from ragkit.retrieve import Hit
 
@@ -76,7 +76,7 @@ class MemoryReader:
         n being the hit's rank), its text streamed to `on_token` piece by piece."""
         window = fit_window(self.tokenizer, question, hits, self.window_budget, ANSWER_STYLE)
         memory = encode(self.tokenizer, "\n\n".join(documents)) if documents else []
-        text, new = self._generate(memory, window.ids, on_token, one_paragraph=True)
+        text, new = self._generate(memory, window.ids, on_token, until=answer_end(question))
         citations, numbers = cite(text, window)
         return Answer(text, citations, list(hits), reader=self.spec.kind, model=self.name,
                       prompt_tokens=window.tokens, generated_tokens=len(new), numbers=numbers)
@@ -96,14 +96,13 @@ class MemoryReader:
         return self._generate(memory, encode(self.tokenizer, prompt(document[start:])), on_token)[0]
 
     def _generate(self, memory_ids: list[int], window_ids: list[int], on_token: Callable[[str], None] | None = None,
-                  one_paragraph: bool = False) -> tuple[str, list[int]]:
+                  until: Callable[[str], int | None] | None = None) -> tuple[str, list[int]]:
         """Read `memory_ids` into memory and `window_ids` as the final window, then decode greedily: the text
-        (streamed to `on_token`; with `one_paragraph`, up to its first blank line) and the new ids before the
-        stop."""
+        (streamed to `on_token`; cut where `until` says the answer ends) and the new ids before the stop."""
         import torch
 
         stops = stop_token_ids(self.tokenizer, self.model.model)
-        stream = TextStream(self.tokenizer, on_token, one_paragraph)
+        stream = TextStream(self.tokenizer, on_token, until)
         prompt = torch.tensor([memory_ids + window_ids], dtype=torch.long, device=self._device())
         new = self.model.generate(prompt, self.spec.max_new_tokens, eos_token_id=stops, window=len(window_ids),
                                   on_token=each_id(stream.push, stops), halt=lambda: stream.ended)
