@@ -76,6 +76,7 @@ class Index:
 
             encoder = self.searcher.encoder if self._mode(mode) != "bm25" else None
             return ExtractiveReader(encoder, self.settings.answer_sentences).answer(question, hits)
+        hits = hits[: self.settings.reader_passages]  # a small model answers better from fewer passages
         if kind == "generate":
             return self.generative_reader().answer(question, hits, on_token)
         from ragkit.readers.generative import document_texts

@@ -56,6 +56,7 @@ class Settings:
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
     reader: str | None = None  # extractive | generate | infini | hmt [generate when a reader model loads, else extractive]
     reader_model: str | None = None  # HF causal LM id, local folder or .gguf file [Qwen2.5-0.5B-Instruct, else embedded]
+    reader_passages: int = 3  # top hits a reader model reads (the extractive reader reads every hit asked for)
     reader_window: int | None = None  # tokens of the prompt a reader model reads [what fits it with the answer]
     adapter: str | None = None  # folder of a trained memory adapter (gates and config)
     reader_segment: int = 1024  # tokens per memory segment the documents are streamed in
@@ -179,7 +180,7 @@ def _validated(settings: Settings) -> Settings:
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window"):
+                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window", "reader_passages"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens is not None and settings.chunk_tokens < 16:

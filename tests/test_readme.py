@@ -16,10 +16,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 ARTICLES = ["1973_oil_crisis.txt", "Apollo_program.txt", "Amazon_rainforest.txt", "Oxygen.txt"]
 
 
-def block(heading: str, language: str) -> str:
-    """The first fenced block of `language` after `heading`."""
+def block(heading: str, language: str, nth: int = 1) -> str:
+    """The `nth` fenced block of `language` after `heading`."""
     text = README.read_text()
-    return re.search(re.escape(heading) + r"\n.*?```" + language + r"\n(.*?)```", text, re.S).group(1)
+    return re.search(re.escape(heading) + r"\n" + r".*?```" * (2 * nth - 2) + r".*?```" + language + r"\n(.*?)```",
+                     text, re.S).group(1)
 
 
 @pytest.fixture
@@ -67,6 +68,19 @@ def test_the_offline_commands_of_models_and_offline_use(workdir):
     assert "Could not load the dense model '/models/gte-modernbert-base'" in " ".join(result.stderr.split())
     result = shell(offline, workdir)
     assert result.returncode == 0 and "4 added" in result.stdout, result.stderr
+
+
+def test_the_reader_model_examples_name_their_model_when_it_cannot_be_loaded(workdir):
+    """Offline, neither example model is here: each `ask` stops with one message naming the reader model."""
+    offline_index = block("## Models and offline use", "bash").splitlines()[1]
+    assert shell(offline_index, workdir).returncode == 0
+    examples = [line for line in block("## Models and offline use", "bash", nth=2).splitlines() if line.strip()]
+    assert len(examples) == 2
+    for command in examples:
+        result = shell(command, workdir)
+        name = command.split("--reader-model ")[1].strip()
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"Could not load the reader model '{name}'" in " ".join(result.stderr.split())
 
 
 def test_the_configuration_file_example_loads(workdir):
