@@ -28,6 +28,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def no_stop(monkeypatch):
+    """The random tiny model may emit its end-of-sequence id first: without stop ids it always writes."""
+    monkeypatch.setattr("ragkit.readers.generate.stop_token_ids", lambda tokenizer, model=None: set())
+
+
+@pytest.fixture
 def indexed(tmp_path, tiny_encoder, tiny_colbert) -> Path:
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -41,7 +47,7 @@ def ask(indexed: Path, *args: str):
     return runner.invoke(app, ["ask", QUESTION, "--index", str(indexed), "--mode", "bm25", *args])
 
 
-def test_ask_json_gives_the_generated_answer_its_reader_model_and_window(indexed, tiny_llama):
+def test_ask_json_gives_the_generated_answer_its_reader_model_and_window(indexed, tiny_llama, no_stop):
     result = ask(indexed, "--reader", "generate", "--reader-model", str(tiny_llama), "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -52,7 +58,8 @@ def test_ask_json_gives_the_generated_answer_its_reader_model_and_window(indexed
     assert [c["n"] for c in data["citations"]] == expected.numbers and data["citations"][0]["path"] == "oil.txt"
 
 
-def test_ask_streams_the_answer_then_lists_the_citations_by_their_numbers(indexed, tiny_llama, monkeypatch):
+def test_ask_streams_the_answer_then_lists_the_citations_by_their_numbers(indexed, tiny_llama, monkeypatch,
+                                                                          no_stop):
     answers, pieces = [], []
     answer = GenerativeReader.answer
 

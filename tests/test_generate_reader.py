@@ -125,6 +125,32 @@ def test_a_factual_answer_ends_after_its_first_sentence_an_account_at_its_first_
     assert (text[:end] if end is not None else None) == answer
 
 
+def test_a_yes_no_answer_opens_with_the_label_the_model_prefers_then_goes_on_greedily(tiny):
+    import torch
+
+    from ragkit.readers.generate import LABELS
+
+    model, tok = tiny
+    reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=10)
+    question = "Did oil prices rise sharply?"
+    window = reader.window(question, hits())
+    logits = model(torch.tensor([window.ids])).logits[0, -1]
+    labels = [encode(tok, " " + label) for label in LABELS]  # the tiny tokenizer has no chat template
+    best = max(labels, key=lambda ids: float(logits[ids[0]]))
+    answer = reader.answer(question, hits())
+    rest = manual_greedy(model, window.ids + best, 10 - len(best), reader.stop_ids)
+    expected = tok.decode(best + rest, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+    assert answer.answer == expected[: answer_end_of(question, expected)]
+    assert answer.generated_tokens <= len(best) + len(rest)
+
+
+def answer_end_of(question: str, text: str) -> int:
+    from ragkit.readers.generate import answer_end
+
+    end = answer_end(question)(text)
+    return len(text) if end is None else end
+
+
 def test_the_reader_window_setting_bounds_the_prompt(tiny):
     model, tok = tiny
     reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=12, window=120)
@@ -217,7 +243,7 @@ def test_citations_map_numbers_to_the_hits_shown(tiny):
 def test_the_answer_json_numbers_its_citations(tiny, monkeypatch):
     model, tok = tiny
     reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=4)
-    monkeypatch.setattr(GenerativeReader, "complete", lambda self, ids, on_token=None, until=None: ("1973 [2]", [5, 6]))
+    monkeypatch.setattr(GenerativeReader, "complete", lambda self, ids, on_token=None, until=None, prefix=(): ("1973 [2]", [5, 6]))
     answer = reader.answer(QUESTION, hits())
     assert answer.answer == "1973 [2]" and answer.numbers == [2] and answer.generated_tokens == 2
     assert [(c["n"], c["path"]) for c in answer.to_json()["citations"]] == [(2, "rag.txt")]
@@ -230,7 +256,7 @@ def test_a_long_document_is_summarized_by_map_then_reduce_within_the_window(tiny
     calls = []
     complete = GenerativeReader.complete
 
-    def spy(self, ids, on_token=None, until=None):
+    def spy(self, ids, on_token=None, until=None, prefix=()):
         calls.append((ids, on_token is not None))
         return complete(self, ids, on_token)
 

@@ -12,8 +12,8 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 
 from ragkit.errors import ConfigError
 from ragkit.readers.extractive import Answer, Citation
-from ragkit.readers.window import (Example, Style, Window, WindowTooSmall, count_tokens, fit_window, prompt_ids,
-                                   split_sections)
+from ragkit.readers.window import (Example, Style, Window, WindowTooSmall, count_tokens, encode, fit_window,
+                                   has_chat_template, prompt_ids, split_sections)
 from ragkit.retrieve import Hit
 
 ANSWER_SYSTEM = ("You answer questions from numbered passages with a short phrase copied from them, followed by the "
@@ -44,6 +44,23 @@ ACCOUNT_QUESTION = re.compile(
     r"|^\W*how (did|do|does|is|are|was|were|can|could|should|would|has|have)\b"
     r"|^\W*what (did|do|does|was|were)\b.*\b(think|thought|propos|sa(y|id)|discuss|suggest|decid|agree|talk|comment"
     r"|feel|felt|argu|reason|opinion|view)", re.I)
+
+
+YES_NO_QUESTION = re.compile(
+    r"(^|[:;—–-]\s*)(is|are|was|were|do|does|did|can|could|should|would|will|has|have|had|may|might|must|shall)\b"
+    r"[^?]*\?\s*$", re.I)
+LABELS = ("Yes", "No", "Maybe")
+
+
+def is_yes_no_question(question: str) -> bool:
+    """Whether `question` asks yes or no: it (or its last clause, as in "Title: does X work?") opens with an
+    auxiliary verb, ends with "?", and offers no choice ("… or …").
+
+    >>> [is_yes_no_question(q) for q in ("Does X reduce pain?", "Gout: do patients know their goal?",
+    ...                                  "Is it red or blue?", "When did it begin?")]
+    [True, True, False, False]
+    """
+    return bool(YES_NO_QUESTION.search(question.strip())) and " or " not in question
 
 
 def answer_end(question: str) -> Callable[[str], int | None]:
@@ -110,7 +127,8 @@ class GenerativeReader:
     def answer(self, question: str, hits: Sequence[Hit], on_token: OnText | None = None) -> Answer:
         """The model's answer to `question` from the hits, its text streamed to `on_token` piece by piece."""
         window = self.window(question, hits)
-        text, new = self.complete(window.ids, on_token, until=answer_end(question))
+        label = self.label(window.ids) if is_yes_no_question(question) else []
+        text, new = self.complete(window.ids, on_token, until=answer_end(question), prefix=label)
         citations, numbers = cite(text, window)
         return Answer(text, citations, list(hits), reader="generate", model=self.name, prompt_tokens=window.tokens,
                       generated_tokens=len(new), numbers=numbers)
@@ -139,13 +157,29 @@ class GenerativeReader:
     def _fits(self, text: str, instruction: str) -> bool:
         return len(self._summary_prompt(text, instruction)) <= self.budget
 
+    def label(self, prompt: list[int]) -> list[int]:
+        """The ids of Yes, No or Maybe, whichever the model would rather begin its answer with (by the logit of each
+        label's first token after the prompt): a yes/no question's answer opens with its label."""
+        import torch
+
+        start = "" if has_chat_template(self.tokenizer) else " "  # a plain prompt ends in "Answer:"
+        labels = [encode(self.tokenizer, start + label) for label in LABELS]
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([prompt], device=next(self.model.parameters()).device)
+                                ).logits[0, -1]  # (V,)
+        return max(labels, key=lambda ids: float(logits[ids[0]]))
+
     def complete(self, prompt: list[int], on_token: OnText | None = None,
-                 until: Callable[[str], int | None] | None = None) -> tuple[str, list[int]]:
-        """Greedy continuation of the prompt ids: its text (streamed to `on_token`; cut where `until` says the
-        answer ends) and its token ids."""
+                 until: Callable[[str], int | None] | None = None,
+                 prefix: Sequence[int] = ()) -> tuple[str, list[int]]:
+        """Greedy continuation of the prompt ids after the answer's given first ids `prefix`: its text (the
+        prefix's included, streamed to `on_token`; cut where `until` says the answer ends) and its token ids."""
         stream = TextStream(self.tokenizer, on_token, until)
-        new = greedy(self.model, prompt, self.answer_tokens, self.stop_ids, stream.push, lambda: stream.ended)
-        return stream.close(), new
+        for token in prefix:
+            stream.push(token)
+        new = greedy(self.model, [*prompt, *prefix], self.answer_tokens - len(prefix), self.stop_ids, stream.push,
+                     lambda: stream.ended)
+        return stream.close(), [*prefix, *new]
 
 
 # ----------------------------------------------------------------------------------------------------------------
