@@ -47,20 +47,25 @@ ACCOUNT_QUESTION = re.compile(
 
 
 YES_NO_QUESTION = re.compile(
-    r"(^|[:;—–-]\s*)(is|are|was|were|do|does|did|can|could|should|would|will|has|have|had|may|might|must|shall)\b"
+    r"(^|[:;.—–-]\s*)(is|are|was|were|do|does|did|can|could|should|would|will|has|have|had|may|might|must|shall)\b"
     r"[^?]*\?\s*$", re.I)
+# A title's question after its colon that is not a wh-question: "Aripiprazole: a new risk factor for gambling?"
+TITLE_QUESTION = re.compile(r":\s+(?!(what|which|who|whom|whose|when|where|why|how)\b)[^:?]+\?\s*$", re.I)
 LABELS = ("Yes", "No", "Maybe")
 
 
 def is_yes_no_question(question: str) -> bool:
     """Whether `question` asks yes or no: it (or its last clause, as in "Title: does X work?") opens with an
-    auxiliary verb, ends with "?", and offers no choice ("… or …").
+    auxiliary verb and ends with "?", or it is a title's question that names no wh-word.
 
     >>> [is_yes_no_question(q) for q in ("Does X reduce pain?", "Gout: do patients know their goal?",
-    ...                                  "Is it red or blue?", "When did it begin?")]
-    [True, True, False, False]
+    ...                                  "A ward in a hospital: are they effective?", "Drug X: a new risk factor?",
+    ...                                  "Surgery in the old. Is it justified for those aged 80 or older?",
+    ...                                  "When did it begin?", "Oil: when did the crisis begin?")]
+    [True, True, True, True, True, False, False]
     """
-    return bool(YES_NO_QUESTION.search(question.strip())) and " or " not in question
+    question = question.strip()
+    return bool(YES_NO_QUESTION.search(question) or TITLE_QUESTION.search(question))
 
 
 def answer_end(question: str) -> Callable[[str], int | None]:
