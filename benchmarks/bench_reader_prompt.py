@@ -60,7 +60,7 @@ def measure(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ragkit.config import Settings
     from ragkit.evaluate import load_questions, score_answer
     from ragkit.readers.extractive import Answer
-    from ragkit.readers.generate import PARAGRAPH_END, answer_end, cite
+    from ragkit.readers.generate import answer_end, cite, paragraph_end
 
     dataset = DATA / name
     settings = Settings(dense_model=minilm_model(), late=False, mode="hybrid", reader="generate",
@@ -69,7 +69,6 @@ def measure(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     index.add(dataset / "docs")
     questions = load_questions(dataset / "questions.jsonl", dataset / "docs")[args.offset : args.offset + args.limit]
     reader = index.generative_reader()
-    paragraph = lambda text: (m.start() if (m := PARAGRAPH_END.search(text)) else None)  # noqa: E731
     rows, raw = [HEADER, "|---" * HEADER.count(" | ") + "|---|"], {"set": name, "questions": len(questions),
                                                                     "model": reader.name, "runs": {}}
     hits = [index.search(q.question, 5, "hybrid", [q.doc] if q.doc_scoped else None) for q in questions]
@@ -78,7 +77,7 @@ def measure(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         started = time.perf_counter()
         for q, top in zip(questions, hits):
             window = reader.window(q.question, top[:passages])
-            text, _ = reader.complete(window.ids, until=paragraph)
+            text, _ = reader.complete(window.ids, until=paragraph_end)
             end = answer_end(q.question)(text)
             for ending, shown in (("paragraph", text), ("sentence", text if end is None else text[:end])):
                 citations, numbers = cite(shown, window)

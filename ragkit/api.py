@@ -209,8 +209,6 @@ def summarize_file(path: str | Path, settings: Settings | None = None, reader: s
         text = parse_file(source).text
     except ParseError as e:
         raise RagkitError(f"cannot summarize {source}: {e.reason}") from None
-    if kind == "generate":
-        summary = Index(settings=settings).generative_reader().summarize(text, on_token)
-    else:
-        summary = Index(settings=settings).memory_reader(kind).summarize(text, on_token)
-    return {"summary": summary, "source": str(source.resolve())}
+    idx = Index(settings=settings)
+    summarizer = idx.generative_reader() if kind == "generate" else idx.memory_reader(kind)
+    return {"summary": summarizer.summarize(text, on_token), "source": str(source.resolve())}

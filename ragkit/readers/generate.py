@@ -68,6 +68,12 @@ def is_yes_no_question(question: str) -> bool:
     return bool(YES_NO_QUESTION.search(question) or TITLE_QUESTION.search(question))
 
 
+def paragraph_end(text: str) -> int | None:
+    """Where the text's first paragraph ends (its first blank line), or None."""
+    found = PARAGRAPH_END.search(text)
+    return found.start() if found else None
+
+
 def answer_end(question: str) -> Callable[[str], int | None]:
     """Where an answer to `question` ends, as a function of the text so far (None: not yet): at its first blank
     line, and, for a question that asks for a fact rather than an account, after its first sentence (its [n]
@@ -78,16 +84,12 @@ def answer_end(question: str) -> Callable[[str], int | None]:
     >>> answer_end("Why did it begin?")("In October 1973 [1]. It was a shock.") is None
     True
     """
-    def paragraph(text: str) -> int | None:
-        found = PARAGRAPH_END.search(text)
-        return found.start() if found else None
-
     if ACCOUNT_QUESTION.search(question):
-        return paragraph
+        return paragraph_end
 
     def sentence(text: str) -> int | None:
         found = SENTENCE_END.search(text)
-        ends = [end for end in (found.end() if found else None, paragraph(text)) if end is not None]
+        ends = [end for end in (found.end() if found else None, paragraph_end(text)) if end is not None]
         return min(ends) if ends else None
 
     return sentence
