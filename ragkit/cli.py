@@ -135,6 +135,9 @@ def index(
         min=1)] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(
         help="Largest chunk in tokens, bounded by the models [default: the index's; 8192].")] = None,
+    context_tokens: Annotated[Optional[int], typer.Option(
+        help="Tokens of the file name and heading path the dense encoder and BM25 read before each chunk "
+             "(0: none) [default: the index's; 32].", min=0)] = None,
     follow_links: Annotated[Optional[bool], typer.Option(
         "--follow-links/--no-follow-links",
         help="Follow symlinks that lead outside the folder [default: no: they are listed as skipped].")] = None,
@@ -145,7 +148,8 @@ def index(
     """Index a folder (incremental: only new and changed files are encoded)."""
     with _user_errors(as_json):
         idx = _open(index, dense_model=dense_model, late_model=late_model, late=late, pool_factor=pool_factor,
-                    chunk_tokens=chunk_tokens, follow_links=follow_links, device=device)
+                    chunk_tokens=chunk_tokens, context_tokens=context_tokens, follow_links=follow_links,
+                    device=device)
         with _progress_bar(enabled=not as_json) as progress:
             report = idx.add(folder, progress=progress, rebuild=rebuild)
         if as_json:

@@ -21,6 +21,7 @@ DEFAULT_LATE_MODEL = "lightonai/GTE-ModernColBERT-v1"
 INDEX_DEFAULTS: dict[str, Any] = {
     "dense_model": DEFAULT_DENSE_MODEL,
     "chunk_tokens": 8192,
+    "context_tokens": 32,
     "late": True,
     "late_model": DEFAULT_LATE_MODEL,
     "pool_factor": 1,
@@ -35,6 +36,8 @@ class Settings:
     index: str = ".ragkit"  # index folder
     dense_model: str | None = None  # sentence-transformers id or local path [index's, or DEFAULT_DENSE_MODEL]
     chunk_tokens: int | None = None  # upper bound (the encoder's own maximum also bounds it) [index's, or 8192]
+    context_tokens: int | None = None  # tokens of the document's name and heading path that the dense encoder and
+    # BM25 read before each chunk's text (0: none) [index's, or 32]
     encode_batch_tokens: int = 16384  # padded tokens per encoder batch (batches are length-sorted)
     max_file_mb: float = 50.0  # files above this size are skipped and reported
     follow_links: bool | None = None  # follow symlinks that lead out of the indexed folder [index's, or False]
@@ -54,6 +57,12 @@ class Settings:
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
+    dense_weight: float = 1.0  # weight of the dense run in fusion
+    bm25_weight: float = 1.0  # weight of the BM25 run in fusion
+    late_weight: float = 1.0  # weight of the late-interaction run in fusion
+    name_weight: float = 0.0  # fusion bonus of a chunk whose file name holds what the question names (ragkit.names)
+    document_weight: float = 0.0  # fusion bonus per unit of the mean score of the chunk's document's best chunks
+    document_chunks: int = 3  # best chunks of a document that document_weight averages
     reader: str | None = None  # extractive | generate | infini | hmt [generate when a reader model loads, else extractive]
     reader_model: str | None = None  # HF causal LM id, local folder or .gguf file [Qwen2.5-0.5B-Instruct, else embedded]
     reader_passages: int = 3  # top hits a reader model reads (the extractive reader reads every hit asked for)
@@ -180,14 +189,19 @@ def _validated(settings: Settings) -> Settings:
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window", "reader_passages"):
+                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window", "reader_passages",
+                 "document_chunks"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens is not None and settings.chunk_tokens < 16:
         raise ConfigError("chunk_tokens must be at least 16")
     if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")
-    for name in ("rrf_k", "dense_exact_max", "rerank_depth", "evidence_hits", "plaid_min_tokens"):
-        if getattr(settings, name) < 0:
+    for name in ("dense_weight", "bm25_weight", "late_weight", "name_weight", "document_weight"):
+        if not getattr(settings, name) >= 0:  # also rejects NaN
+            raise ConfigError(f"setting '{name}' must be at least 0")
+    for name in ("context_tokens", "rrf_k", "dense_exact_max", "rerank_depth", "evidence_hits",
+                 "plaid_min_tokens"):
+        if getattr(settings, name) is not None and getattr(settings, name) < 0:
             raise ConfigError(f"setting '{name}' must be at least 0")
     return settings

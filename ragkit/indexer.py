@@ -1,7 +1,8 @@
 """`ragkit index`: bring an index folder up to date with a documents folder, incrementally and atomically.
 
 Three stages, each with its own fingerprint in the manifest:
-- chunks: chunk size and the tokenizers that measure it; a change re-chunks and re-encodes every file;
+- chunks: chunk size, the tokens of context (document name and heading path) read before each chunk, and the
+  tokenizers that measure them; a change re-chunks and re-encodes every file;
 - dense: the single-vector model; a change re-encodes the dense vectors of every chunk, nothing else;
 - late: the ColBERT model and token pooling; a change re-encodes the token vectors of every chunk.
 Within a stage, content hashes decide which files are parsed and encoded again.
@@ -20,6 +21,7 @@ import numpy as np
 from ragkit import store
 from ragkit.config import DEFAULT_DENSE_MODEL, DEFAULT_LATE_MODEL, Settings
 from ragkit.errors import RagkitError
+from ragkit.ingest.context import SEPARATOR, chunk_context, contextual_texts
 from ragkit.ingest.document import Chunk, Skipped, SourceFile
 from ragkit.models import embedded_dense_model, model_revision, resolve_model_name, tokenizer_fingerprint
 from ragkit.progress import Progress, ProgressEvent, silent
@@ -72,6 +74,7 @@ def fingerprints(settings: Settings) -> dict[str, Any]:
         late = {"model": late_name, "revision": model_revision(late_name), "pool_factor": settings.pool_factor}
     chunks = {
         "chunk_tokens": settings.chunk_tokens,
+        "context_tokens": settings.context_tokens,
         "chunker_version": CHUNKER_VERSION,
         "dense_tokenizer": tokenizer_fingerprint(dense_name),
         "late_tokenizer": tokenizer_fingerprint(late["model"]) if late else None,
@@ -93,6 +96,8 @@ def recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "dense_model": settings.get("dense_model") or models.get("dense", {}).get("model"),
         "chunk_tokens": settings.get("chunk_tokens"),
+        # indexes made before contextual chunks read no context
+        "context_tokens": settings.get("context_tokens", 0 if settings else None),
         "late": settings.get("late"),
         "late_model": settings.get("late_model") or (models.get("late") or {}).get("model"),
         "pool_factor": settings.get("pool_factor"),
@@ -241,6 +246,7 @@ def _chunks_still_valid(old: dict[str, Any] | None, new: dict[str, Any]) -> bool
     """Same chunks; turning late interaction off keeps chunks that also fit the late tokenizer."""
     if old is None:
         return False
+    old = {"context_tokens": 0, **old}  # made before contextual chunks
     if new["late_tokenizer"] is None:
         return {**old, "late_tokenizer": None} == new
     return old == new
@@ -353,9 +359,17 @@ class _Encoders:
         self.report.warnings.append(f"late interaction skipped ({reason}); pass --late-model /path/to/a/model, "
                                     "or --no-late to silence this")
 
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the dense encoder reads before each chunk (its context): the setting, at most a quarter of what
+        the encoder reads."""
+        return min(self.settings.context_tokens, (self.dense.max_tokens - self.dense.special_tokens) // 4)
+
     def chunk_budget(self) -> int:
-        """Most tokens a chunk may hold so that every encoder reads it whole (the late one reads that much)."""
-        budget = min(self.settings.chunk_tokens, self.dense.max_tokens - self.dense.special_tokens)
+        """Most tokens a chunk may hold so that every encoder reads it whole, the dense one with the chunk's
+        context before it (the late one reads that much)."""
+        budget = min(self.settings.chunk_tokens,
+                     self.dense.max_tokens - self.dense.special_tokens - self.context_tokens)
         if self.late is not None:
             budget = min(budget, self.late.document_length - self.late.special_tokens)
             self.late.fit_to_chunks(budget)
@@ -435,8 +449,9 @@ def _write_generation(folder, index_dir, new_fp, old, plan: _Plan, hashed, new_c
     n_tokens = table.column("n_tokens").to_pylist()
 
     models = {}
-    dense_info = _write_dense(writer.folder / "dense", settings, old, plan, sources, texts, n_tokens, encoders,
-                              report, progress)
+    paths, headings = table.column("path").to_pylist(), table.column("heading").to_pylist()
+    dense_info = _write_dense(writer.folder / "dense", settings, old, plan, sources, (paths, headings, texts),
+                              n_tokens, encoders, report, progress)
     models["dense"] = dense_info
     if settings.late:
         chunk_ids = table.column("chunk_id").to_pylist()
@@ -446,7 +461,10 @@ def _write_generation(folder, index_dir, new_fp, old, plan: _Plan, hashed, new_c
     progress(ProgressEvent("write", 0, 2))
     from ragkit.indexes.bm25 import LexicalIndex
 
-    LexicalIndex.build(texts).save(writer.folder / "bm25")
+    lexical_texts = texts
+    if settings.context_tokens:  # BM25 reads each chunk's whole context: it has no length limit
+        lexical_texts = [chunk_context(p, h) + SEPARATOR + t for p, h, t in zip(paths, headings, texts)]
+    LexicalIndex.build(lexical_texts).save(writer.folder / "bm25")
     writer.write_chunks(table)
     report.chunks = table.num_rows
     progress(ProgressEvent("write", 1, 2))
@@ -473,6 +491,7 @@ def _recorded(settings: Settings, encoders: _Encoders) -> dict[str, Any]:
         "dense_model": DEFAULT_DENSE_MODEL if encoders.dense_fallback else resolve_model_name(settings.dense_model),
         "dense_fallback": encoders.dense_fallback,
         "chunk_tokens": settings.chunk_tokens,
+        "context_tokens": settings.context_tokens,
         "late": settings.late or encoders.late_skipped is not None,  # a skipped default is tried again next time
         "late_model": resolve_model_name(settings.late_model),
         "late_skipped": encoders.late_skipped,
@@ -500,10 +519,13 @@ def _check_fits(stage: str, limit: int, n_tokens: list[int]) -> None:
                           f"of up to {max(n_tokens)}; run `ragkit index` again with --rebuild to re-chunk")
 
 
-def _write_dense(folder: Path, settings, old, plan: _Plan, sources, texts, n_tokens, encoders: _Encoders,
+def _write_dense(folder: Path, settings, old, plan: _Plan, sources, chunks, n_tokens, encoders: _Encoders,
                  report: IndexReport, progress: Progress) -> dict:
+    """Dense vectors of every row: kept ones copied, the others encoded with their context before their text.
+    `chunks`: (paths, headings, texts) of the rows."""
     from ragkit.indexes.faiss_index import DenseIndex, load_vectors
 
+    paths, headings, texts = chunks
     reuse = old is not None and not plan.dense_all
     todo = _rows_to_encode(sources, reuse)
     dim = encoders.dense.dim if todo or not reuse else int(old["manifest"]["models"]["dense"]["dim"])
@@ -514,12 +536,16 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, texts, n_tok
             if old_first is not None:
                 vectors[first : first + n] = old_vectors[old_first : old_first + n]
     if todo:
-        _check_fits("dense", encoders.dense.max_tokens - encoders.dense.special_tokens, [n_tokens[r] for r in todo])
+        read, extra = contextual_texts([paths[r] for r in todo], [headings[r] for r in todo],
+                                       [texts[r] for r in todo], encoders.context_tokens,
+                                       encoders.dense.count_tokens)
+        lengths = [n_tokens[r] + more for r, more in zip(todo, extra)]
+        _check_fits("dense", encoders.dense.max_tokens - encoders.dense.special_tokens, lengths)
         report.encoded_chunks = len(todo)
         report.encoded_tokens = sum(n_tokens[r] for r in todo)
         progress(ProgressEvent("encode", 0, len(todo)))
         vectors[todo] = encoders.dense.encode_documents(
-            [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
+            read, lengths, batch_tokens=settings.encode_batch_tokens,
             progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
     DenseIndex.build(vectors, settings.dense_exact_max).save(folder)
     return encoders.dense.fingerprint() if todo or not reuse else old["manifest"]["models"]["dense"]

@@ -14,6 +14,7 @@ from ragkit import store
 from ragkit.config import Settings
 from ragkit.errors import RagkitError
 from ragkit.evidence import Evidence, maxsim_evidence
+from ragkit.fusion import Fused, FusionRule, fuse
 from ragkit.indexes.base import SearchResults
 from ragkit.ingest.document import Chunk
 
@@ -45,42 +46,6 @@ class Hit:
         }
 
 
-def reciprocal_rank_fusion(runs: dict[str, list[int]], k: int = 60) -> list[tuple[int, float, dict[str, int]]]:
-    """Fuse ranked row lists: score(d) = Σ 1 / (k + rank(d)), ranks from 1. Ties keep first-seen order.
-
-    >>> [(row, round(score, 4)) for row, score, _ in reciprocal_rank_fusion({"a": [7, 3], "b": [3]}, k=60)]
-    [(3, 0.0325), (7, 0.0164)]
-    """
-    scores: dict[int, float] = {}
-    ranks: dict[int, dict[str, int]] = {}
-    for name, rows in runs.items():
-        for rank, row in enumerate(rows, start=1):
-            scores[row] = scores.get(row, 0.0) + 1.0 / (k + rank)
-            ranks.setdefault(row, {})[name] = rank
-    order = sorted(scores, key=lambda row: -scores[row])
-    return [(row, scores[row], ranks[row]) for row in order]
-
-
-def convex_fusion(runs: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float, dict[str, int]]]:
-    """Fuse scored runs by the mean of min-max normalised scores (a row a retriever missed scores 0 there).
-
-    >>> [(row, round(s, 3)) for row, s, _ in convex_fusion({"a": [(1, 9.0), (2, 5.0)], "b": [(2, 0.8), (1, 0.4)]})]
-    [(1, 0.5), (2, 0.5)]
-    """
-    totals: dict[int, float] = {}
-    ranks: dict[int, dict[str, int]] = {}
-    for name, results in runs.items():
-        if not results:
-            continue
-        values = np.array([score for _, score in results], dtype=np.float64)
-        low, span = values.min(), values.max() - values.min()
-        for rank, (row, score) in enumerate(results, start=1):
-            totals[row] = totals.get(row, 0.0) + ((score - low) / span if span > 0 else 1.0) / len(runs)
-            ranks.setdefault(row, {})[name] = rank
-    order = sorted(totals, key=lambda row: -totals[row])
-    return [(row, totals[row], ranks[row]) for row in order]
-
-
 class Searcher:
     """Searches one generation of an index; loads each part on first use."""
 
@@ -97,6 +62,8 @@ class Searcher:
         self._late_encoder = late_encoder if late_info and late_encoder is not None and \
             late_encoder.name == late_info["model"] else None
         self.timings: dict[str, float] = {}  # seconds per stage of the last search
+        self._paths: list[str] | None = None
+        self._names = None
 
     def reopen(self, generation: Path) -> "Searcher":
         """A searcher of `generation` that keeps this one's loaded encoders where the models are the same."""
@@ -176,7 +143,7 @@ class Searcher:
         out = []
         for q in range(len(queries)):
             if mode == "hybrid":
-                fused = self._fuse({name: result[q] for name, result in runs.items()})
+                fused = self._timed("fuse", self._fuse, queries[q], {name: result[q] for name, result in runs.items()})
                 if use_late:
                     fused = self._timed("rerank", self._rerank, late_queries[q], fused)
             else:
@@ -203,11 +170,25 @@ class Searcher:
                                        self.settings.late_exact_max_tokens, self.settings.plaid_candidates)
         return runs
 
-    def _fuse(self, runs: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float, dict[str, int]]]:
-        if self.settings.fusion == "convex":
-            return convex_fusion(runs)
-        return reciprocal_rank_fusion({name: [r for r, _ in result] for name, result in runs.items()},
-                                      self.settings.rrf_k)
+    @property
+    def paths(self) -> list[str]:
+        """The document of each chunk row."""
+        if self._paths is None:
+            self._paths = self.table.column("path").to_pylist()
+        return self._paths
+
+    def name_scores(self, query: str) -> dict[str, float]:
+        """The documents whose names hold what `query` names, scored in (0, 1] (`ragkit.names`)."""
+        if self._names is None:
+            from ragkit.names import NameMatcher
+
+            self._names = NameMatcher(self.manifest["files"])
+        return self._names.scores(query)
+
+    def _fuse(self, query: str, runs: dict[str, list[tuple[int, float]]]) -> Fused:
+        rule = FusionRule.from_settings(self.settings)
+        names = self.name_scores(query) if rule.name_weight else None
+        return fuse(runs, rule, self.paths, names)
 
     def _rerank(self, late_query: np.ndarray, fused):
         """Exact MaxSim over the top `rerank_depth` fused candidates; the rest keep their fused order below."""

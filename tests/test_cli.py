@@ -162,8 +162,9 @@ def test_a_chunk_across_pdf_pages_cites_both_pages(tmp_path, tiny_encoder, tiny_
     (docs / "report.pdf").write_bytes(make_pdf([["Oil prices rose.", "The embargo began.", "Markets fell."],
                                                  ["Rationing followed.", "Prices stayed high."]]))
     index = str(tmp_path / "index")
+    # no context: the tiny encoder's 62 tokens then hold both pages in one chunk
     run_json("index", str(docs), "--index", index, "--dense-model", str(tiny_encoder), "--late-model",
-             str(tiny_colbert))
+             str(tiny_colbert), "--context-tokens", "0")
     hit = run_json("search", "rationing", "--index", index, "--mode", "bm25")["hits"][0]
     assert (hit["page"], hit["start_line"], hit["end_page"], hit["end_line"]) == (1, 1, 2, 2)
     code, stdout, _ = run("search", "rationing", "--index", index, "--mode", "bm25")

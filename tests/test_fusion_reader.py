@@ -8,7 +8,8 @@ import pytest
 
 from ragkit.ingest.document import Chunk
 from ragkit.readers.extractive import Answer, ExtractiveReader, split_sentences
-from ragkit.retrieve import Hit, reciprocal_rank_fusion
+from ragkit.fusion import reciprocal_rank_fusion
+from ragkit.retrieve import Hit
 
 # --- reciprocal rank fusion --------------------------------------------------------------------
 

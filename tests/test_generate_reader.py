@@ -11,7 +11,8 @@ from ragkit.errors import ConfigError
 from ragkit.evidence import Evidence
 from ragkit.ingest.document import Chunk
 from ragkit.readers.generate import (ANSWER_STYLE, REDUCE_INSTRUCTION, SECTION_INSTRUCTION, SUMMARY_INSTRUCTION,
-                                     GenerativeReader, TextStream, cite, cited_numbers, greedy, stop_token_ids)
+                                     GenerativeReader, TextStream, answer_end, cite, cited_numbers, greedy, loop_hold,
+                                     stop_token_ids)
 from ragkit.readers.window import encode, fit_window
 from ragkit.retrieve import Hit
 
@@ -243,7 +244,7 @@ def test_citations_map_numbers_to_the_hits_shown(tiny):
 def test_the_answer_json_numbers_its_citations(tiny, monkeypatch):
     model, tok = tiny
     reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=4)
-    monkeypatch.setattr(GenerativeReader, "complete", lambda self, ids, on_token=None, until=None, prefix=(): ("1973 [2]", [5, 6]))
+    monkeypatch.setattr(GenerativeReader, "complete", lambda self, ids, on_token=None, until=None, prefix=(), held=None: ("1973 [2]", [5, 6]))
     answer = reader.answer(QUESTION, hits())
     assert answer.answer == "1973 [2]" and answer.numbers == [2] and answer.generated_tokens == 2
     assert [(c["n"], c["path"]) for c in answer.to_json()["citations"]] == [(2, "rag.txt")]
@@ -279,3 +280,30 @@ def test_a_long_document_is_summarized_by_map_then_reduce_within_the_window(tiny
     calls.clear()
     reader.summarize("The committee reviewed the budget and approved it.")
     assert [instruction(ids) for ids, _ in calls] == [SUMMARY_INSTRUCTION]
+
+
+def test_an_answer_that_starts_to_loop_ends_before_the_loop_and_never_streams_it():
+    """SmolLM2-135M, summarizing a meeting, says "the budget is fixed" again and again: the answer is what it said
+    before its first repeated clause, and the repeated clause is never sent."""
+    tok = byte_level_tokenizer()
+    text = "They agreed: the budget is fixed, the budget is fixed, the budget is fixed, and the"
+    pieces = []
+    stream = TextStream(tok, pieces.append, answer_end("Summarize the meeting"), loop_hold)
+    for i in encode(tok, text):
+        stream.push(i)
+        assert "fixed, the budget is fixed" not in "".join(pieces)
+    assert stream.ended
+    assert stream.close() == "".join(pieces) == "They agreed: the budget is fixed,"
+    unlooped = TextStream(tok, None, answer_end("Summarize the meeting"), loop_hold)
+    for i in encode(tok, "They agreed: the budget is fixed, the colour is red, the budget is set"):
+        unlooped.push(i)
+    assert not unlooped.ended  # a clause said once, and short clauses said twice, are no loop
+
+
+def test_an_account_question_gets_no_worked_example(tiny):
+    model, tok = tiny
+    reader = GenerativeReader(model, tok, "tiny", context_length=2000, answer_tokens=16)
+    example = ANSWER_STYLE.example.question
+    assert example in reader.window("When did oil prices rise sharply?", hits()).text
+    account = reader.window("Summarize the discussion about oil prices", hits()).text
+    assert example not in account and "few sentences" in account

@@ -293,7 +293,9 @@ def test_large_collections_use_hnsw(tmp_path, docs, tiny_encoder, tiny_colbert):
         (got,), (want,) = hnsw.searcher.dense.search(vectors, 3), flat.searcher.dense.search(vectors, 3)
         # as near as the exact neighbours, rank by rank (two chunks of equal score may come in either order)
         assert [score for _, score in got] == pytest.approx([score for _, score in want], abs=1e-5), (got, want)
-        assert {row for row, _ in got} <= {row for row, _ in flat.searcher.dense.search(vectors, 4)[0]}
+        exact = dict(flat.searcher.dense.search(vectors, len(flat.searcher.table))[0])
+        third = sorted(exact.values(), reverse=True)[2]
+        assert all(exact[row] >= third - 1e-5 for row, _ in got)  # each among the exact top 3, ties included
 
 
 def test_progress_events_cover_every_stage(idx, docs):

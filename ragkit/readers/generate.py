@@ -26,6 +26,10 @@ ANSWER_EXAMPLE = Example(
      "[2] Lighthouses were first lit with wood fires; oil lamps replaced them in the 18th century."),
     "oil lamps [2]")
 ANSWER_STYLE = Style(ANSWER_INSTRUCTION, ANSWER_SYSTEM, ANSWER_EXAMPLE)
+# Accounts (summaries, opinions, reasons) get no worked example: a small model copies its facts into the summary.
+ACCOUNT_SYSTEM = "You answer questions from numbered passages in a few sentences, citing the passages you use as [n]."
+ACCOUNT_INSTRUCTION = "Answer in a few sentences from the passages, and cite the passages you use as [n]."
+ACCOUNT_STYLE = Style(ACCOUNT_INSTRUCTION, ACCOUNT_SYSTEM)
 SUMMARY_INSTRUCTION = "Summarize the text above in a few sentences."
 SECTION_INSTRUCTION = "The text above is one part of a longer document. Summarize it in a few sentences."
 REDUCE_INSTRUCTION = ("The text above holds summaries of consecutive parts of one document. Combine them into one "
@@ -34,6 +38,8 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoft
 
 OnText = Callable[[str], None]
 PARAGRAPH_END = re.compile(r"\n\s*\n")  # where an answer ends: past it the model goes on to another question
+CLAUSE_END = re.compile(r"[,.;:!?\n]")
+LOOP_WORDS = 4  # a clause of at least this many words said twice is a loop, not an answer
 # A sentence's end: . ! or ? (not after a capital, as in "U.S.", nor in a title) with any closing quote or
 # bracket and the [n] citations after it, once another sentence starts.
 SENTENCE_END = re.compile(r"(?<![A-Z])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs))(?<!\bMrs)[.!?][\"')]*(?:\s*\[[\d\s,;–-]+\])*"
@@ -74,25 +80,77 @@ def paragraph_end(text: str) -> int | None:
     return found.start() if found else None
 
 
+def loop_start(text: str) -> int | None:
+    """Where the text starts saying again what it said: the start of the first complete clause of at least
+    LOOP_WORDS words that repeats an earlier one (a small model caught in a loop), or None.
+
+    >>> text = "They agreed: the budget is fixed, the budget is fixed, the budget"
+    >>> text[:loop_start(text)]
+    'They agreed: the budget is fixed,'
+    """
+    seen: set[str] = set()
+    start = 0
+    for found in CLAUSE_END.finditer(text):
+        words = text[start : found.start()].lower().split()
+        if len(words) >= LOOP_WORDS:
+            key = " ".join(words)
+            if key in seen:
+                return start
+            seen.add(key)
+        start = found.end()
+    return None
+
+
+def loop_hold(text: str) -> int:
+    """How much of the text may be sent before `loop_start` could cut it: all of it, but for an unfinished last
+    clause that begins like an earlier clause of at least LOOP_WORDS words (it may be a loop's first words).
+
+    >>> loop_hold("They agreed: the budget is fixed, the bud")
+    33
+    >>> loop_hold("They agreed: the budget is fixed, the colour")
+    44
+    """
+    clauses = [found.end() for found in CLAUSE_END.finditer(text)]
+    start = clauses[-1] if clauses else 0
+    pending = " ".join(text[start:].lower().split())
+    if not pending:
+        return len(text)
+    edges = [0, *clauses]
+    for a, b in zip(edges, clauses):
+        words = text[a : b - 1].lower().split()
+        if len(words) >= LOOP_WORDS and " ".join(words).startswith(pending):
+            return start
+    return len(text)
+
+
+def is_account_question(question: str) -> bool:
+    """Whether `question` asks for an account (a summary, a reason, an opinion) rather than a fact."""
+    return bool(ACCOUNT_QUESTION.search(question))
+
+
+def answer_style(question: str) -> Style:
+    """How the reader asks its model: accounts without the worked example, facts with it."""
+    return ACCOUNT_STYLE if is_account_question(question) else ANSWER_STYLE
+
+
 def answer_end(question: str) -> Callable[[str], int | None]:
     """Where an answer to `question` ends, as a function of the text so far (None: not yet): at its first blank
-    line, and, for a question that asks for a fact rather than an account, after its first sentence (its [n]
-    citations included).
+    line or where it starts to loop, and, for a question that asks for a fact rather than an account, after its
+    first sentence (its [n] citations included).
 
     >>> answer_end("When did it begin?")("In October 1973 [1]. It was a shock.")
     20
     >>> answer_end("Why did it begin?")("In October 1973 [1]. It was a shock.") is None
     True
     """
-    if ACCOUNT_QUESTION.search(question):
-        return paragraph_end
+    account = is_account_question(question)
 
-    def sentence(text: str) -> int | None:
-        found = SENTENCE_END.search(text)
-        ends = [end for end in (found.end() if found else None, paragraph_end(text)) if end is not None]
+    def end(text: str) -> int | None:
+        found = None if account else SENTENCE_END.search(text)
+        ends = [e for e in (found.end() if found else None, paragraph_end(text), loop_start(text)) if e is not None]
         return min(ends) if ends else None
 
-    return sentence
+    return end
 
 
 class GenerativeReader:
@@ -129,13 +187,15 @@ class GenerativeReader:
         return self.window_tokens or self.context_length - self.answer_tokens
 
     def window(self, question: str, hits: Sequence[Hit]) -> Window:
-        return fit_window(self.tokenizer, question, hits, self.budget, self.style)
+        style = self.style if self.style is not ANSWER_STYLE else answer_style(question)
+        return fit_window(self.tokenizer, question, hits, self.budget, style)
 
     def answer(self, question: str, hits: Sequence[Hit], on_token: OnText | None = None) -> Answer:
         """The model's answer to `question` from the hits, its text streamed to `on_token` piece by piece."""
         window = self.window(question, hits)
         label = self.label(window.ids) if is_yes_no_question(question) else []
-        text, new = self.complete(window.ids, on_token, until=answer_end(question), prefix=label)
+        text, new = self.complete(window.ids, on_token, until=answer_end(question), prefix=label,
+                                  held=loop_hold)
         citations, numbers = cite(text, window)
         return Answer(text, citations, list(hits), reader="generate", model=self.name, prompt_tokens=window.tokens,
                       generated_tokens=len(new), numbers=numbers)
@@ -178,10 +238,11 @@ class GenerativeReader:
 
     def complete(self, prompt: list[int], on_token: OnText | None = None,
                  until: Callable[[str], int | None] | None = None,
-                 prefix: Sequence[int] = ()) -> tuple[str, list[int]]:
+                 prefix: Sequence[int] = (), held: Callable[[str], int] | None = None) -> tuple[str, list[int]]:
         """Greedy continuation of the prompt ids after the answer's given first ids `prefix`: its text (the
-        prefix's included, streamed to `on_token`; cut where `until` says the answer ends) and its token ids."""
-        stream = TextStream(self.tokenizer, on_token, until)
+        prefix's included, streamed to `on_token` up to where `held` says it is stable; cut where `until` says
+        the answer ends) and its token ids."""
+        stream = TextStream(self.tokenizer, on_token, until, held)
         for token in prefix:
             stream.push(token)
         new = greedy(self.model, [*prompt, *prefix], self.answer_tokens - len(prefix), self.stop_ids, stream.push,
@@ -278,14 +339,17 @@ def _ids(stop: int | Collection[int] | None) -> set[int]:
 class TextStream:
     """Turns ids, as they come, into text pieces whose concatenation is the final text: each piece is what the
     decoding of all ids so far adds, held back while it ends in an incomplete character or in spaces (the final
-    text is stripped). `until(text)` says where the text ends (None: not yet); `ended` then tells the decoder to
-    stop."""
+    text is stripped), and beyond `held(text)` (where what is sent can no longer be taken back, such as the end of
+    the last complete clause) while the text has not ended. `until(text)` says where the text ends (None: not yet);
+    `ended` then tells the decoder to stop."""
 
     def __init__(self, tokenizer: Any, on_text: OnText | None = None,
-                 until: Callable[[str], int | None] | None = None) -> None:
+                 until: Callable[[str], int | None] | None = None,
+                 held: Callable[[str], int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.on_text = on_text
         self.until = until
+        self.held = held
         self.ids: list[int] = []
         self.sent = ""
         self.ended = False
@@ -295,6 +359,8 @@ class TextStream:
             return
         self.ids.append(token)
         text = self._text().rstrip()
+        if self.held is not None and not self.ended:
+            text = text[: self.held(text)]
         if not text.endswith("\ufffd"):
             self._send(text)
 

@@ -1,6 +1,6 @@
 """Readers with memory (Infini-attention, HMT) behind `ask --reader …` and `summarize`.
 
-Prompt layout (../shared/reference/readers.md §4.4): the whole documents of the top hits are streamed through
+Prompt layout: the whole documents of the top hits are streamed through
 the memory first, segment by segment; then the window that `fit_window` builds, the same as the generative
 reader's (the question, the instruction, the top passages trimmed to fit, the question again), is read as one
 final segment with exact attention, so that the answer is conditioned on it. The question opens the window as well
@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 
 from ragkit.errors import ConfigError, RagkitError
 from ragkit.readers.extractive import Answer
-from ragkit.readers.generate import (ANSWER_EXAMPLE, ANSWER_SYSTEM, SUMMARY_INSTRUCTION, TextStream, answer_end, cite,
-                                     each_id, stop_token_ids, until_stop)
+from ragkit.readers.generate import (ACCOUNT_SYSTEM, ANSWER_EXAMPLE, ANSWER_SYSTEM, SUMMARY_INSTRUCTION, TextStream,
+                                     answer_end, cite, each_id, is_account_question, loop_hold,
+                                     stop_token_ids, until_stop)
 from ragkit.readers.window import Style, WindowTooSmall, encode, fit_tail, fit_window, render
 from ragkit.retrieve import Hit
 
@@ -26,6 +27,8 @@ MEMORY_READERS = ("infini", "hmt")
 ANSWER_INSTRUCTION = ("Answer with a short phrase from the documents read before and the passages below, and cite "
                       "the passage as [n]. Answer a yes/no question with yes, no or maybe first.")
 ANSWER_STYLE = Style(ANSWER_INSTRUCTION, ANSWER_SYSTEM, ANSWER_EXAMPLE)
+ACCOUNT_STYLE = Style("Answer in a few sentences from the documents read before and the passages below, and cite "
+                      "the passages you use as [n].", ACCOUNT_SYSTEM)
 SUMMARY_CUE = "Summary:"
 
 
@@ -74,9 +77,10 @@ class MemoryReader:
                on_token: Callable[[str], None] | None = None) -> Answer:
         """Stream `documents` into memory, then answer from the window of the question and the hits (cited as [n],
         n being the hit's rank), its text streamed to `on_token` piece by piece."""
-        window = fit_window(self.tokenizer, question, hits, self.window_budget, ANSWER_STYLE)
+        style = ACCOUNT_STYLE if is_account_question(question) else ANSWER_STYLE
+        window = fit_window(self.tokenizer, question, hits, self.window_budget, style)
         memory = encode(self.tokenizer, "\n\n".join(documents)) if documents else []
-        text, new = self._generate(memory, window.ids, on_token, until=answer_end(question))
+        text, new = self._generate(memory, window.ids, on_token, until=answer_end(question), held=loop_hold)
         citations, numbers = cite(text, window)
         return Answer(text, citations, list(hits), reader=self.spec.kind, model=self.name,
                       prompt_tokens=window.tokens, generated_tokens=len(new), numbers=numbers)
@@ -96,13 +100,15 @@ class MemoryReader:
         return self._generate(memory, encode(self.tokenizer, prompt(document[start:])), on_token)[0]
 
     def _generate(self, memory_ids: list[int], window_ids: list[int], on_token: Callable[[str], None] | None = None,
-                  until: Callable[[str], int | None] | None = None) -> tuple[str, list[int]]:
+                  until: Callable[[str], int | None] | None = None,
+                  held: Callable[[str], int] | None = None) -> tuple[str, list[int]]:
         """Read `memory_ids` into memory and `window_ids` as the final window, then decode greedily: the text
-        (streamed to `on_token`; cut where `until` says the answer ends) and the new ids before the stop."""
+        (streamed to `on_token` as `TextStream` does; cut where `until` says the answer ends) and the new ids
+        before the stop."""
         import torch
 
         stops = stop_token_ids(self.tokenizer, self.model.model)
-        stream = TextStream(self.tokenizer, on_token, until)
+        stream = TextStream(self.tokenizer, on_token, until, held)
         prompt = torch.tensor([memory_ids + window_ids], dtype=torch.long, device=self._device())
         new = self.model.generate(prompt, self.spec.max_new_tokens, eos_token_id=stops, window=len(window_ids),
                                   on_token=each_id(stream.push, stops), halt=lambda: stream.ended)

@@ -1,7 +1,7 @@
 """What a reader model reads last: the question, an instruction and the retrieved passages, fitted to a budget
 counted in the model's own tokens (its chat template included).
 
-Layout (../shared/reference/readers.md §4.4), as the user's message of the chat template when the tokenizer has
+Layout, as the user's message of the chat template when the tokenizer has
 one, else as plain text ending in "Answer:":
 
     Question: <question>

@@ -1,0 +1,67 @@
+"""The ranking rules of hybrid search: retriever weights, the numbers of document names, document aggregation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ragkit.api import Index
+from ragkit.config import Settings
+from ragkit.fusion import FusionRule, fuse
+from ragkit.names import NameMatcher, terms
+
+FILINGS = {
+    "acme_2018_annual.txt": "Total revenue grew in the year under review.\n",
+    "acme_2022_annual.txt": "Revenue, revenue and more revenue: total revenue grew in the year under review.\n",
+}
+
+
+def write(folder: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    return folder
+
+
+def test_a_weight_of_zero_leaves_a_retriever_out():
+    runs = {"dense": [(1, 0.9), (2, 0.8), (3, 0.7)], "bm25": [(3, 12.0), (2, 9.0)]}
+    assert [row for row, _, _ in fuse(runs, FusionRule())] == [3, 2, 1]
+    assert [row for row, _, _ in fuse(runs, FusionRule(weights={"bm25": 0.0}))] == [1, 2, 3]
+    assert fuse(runs, FusionRule(method="convex", weights={"dense": 0.0}))[0][0] == 3
+
+
+def test_the_year_a_question_names_picks_that_years_filing(tmp_path, tiny_encoder):
+    """Without contexts BM25 cannot see the names: only the name rule tells 2018's filing from 2022's."""
+    docs = write(tmp_path / "docs", FILINGS)
+    top = {}
+    for weight in (0.0, 1.0):
+        index = Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder), late=False, context_tokens=0,
+                                                   dense_weight=0.0, name_weight=weight))
+        index.add(docs)
+        top[weight] = [h.chunk.path for h in index.search("What was Acme's total revenue in FY2018?", k=2)]
+    assert top[0.0][0] == "acme_2022_annual.txt"
+    assert top[1.0] == ["acme_2018_annual.txt", "acme_2022_annual.txt"]
+
+
+def test_only_the_numbers_of_a_name_are_matched():
+    matcher = NameMatcher(["European_Union_law.txt", "Apollo_program.txt", "1973_oil_crisis.txt",
+                           "reports/2019/q3.txt", "reports/2020/q3.txt"])
+    assert matcher.scores("What law imposed the speed limit?") == {}
+    assert matcher.scores("What did the oil embargo of 1973 cost?") == {"1973_oil_crisis.txt": 1.0}
+    scores = matcher.scores("Revenue in Q3 2019")  # q3 is in two names, 2019 in one
+    assert set(scores) == {"reports/2019/q3.txt", "reports/2020/q3.txt"}
+    assert scores["reports/2019/q3.txt"] == 1.0 > scores["reports/2020/q3.txt"]
+
+
+def test_periods_yield_their_years():
+    assert {"2018"} <= terms("FY2018") and {"2018"} <= terms("fy18") and {"2021"} <= terms("Q3-2021")
+    assert "2020" in terms("in H1 2020") and "2018" not in terms("on page 18 of the report")
+    assert not {"2002", "2003"} & terms("FY 2-3 weeks")
+
+
+def test_a_document_that_many_candidates_come_from_rises():
+    paths = ["lone.txt", "many.txt", "many.txt", "many.txt"]
+    runs = {"dense": [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)], "bm25": [(0, 5.0), (1, 4.0), (2, 3.0), (3, 2.0)]}
+    assert fuse(runs, FusionRule(), paths)[0][0] == 0
+    aggregated = fuse(runs, FusionRule(document_weight=1.0), paths)
+    assert [row for row, _, _ in aggregated] == [1, 2, 3, 0]
+    assert fuse(runs, FusionRule(document_weight=1.0, document_chunks=1), paths)[0][0] == 0
