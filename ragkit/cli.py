@@ -311,6 +311,9 @@ def eval_(
     out_file: Annotated[Optional[Path], typer.Option(
         "--out", help="Write per-question results (JSONL) to this file [default: none].")] = None,
     answers: Annotated[bool, typer.Option(help="Also run the reader and score its answers.")] = True,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Also rank with each single retriever (dense, BM25, late) and show them beside hybrid "
+                          "search.")] = False,
     reader: ReaderOpt = None,
     reader_model: ReaderModelOpt = None,
     reader_window: ReaderWindowOpt = None,
@@ -327,7 +330,8 @@ def eval_(
                                  adapter=adapter)
         with _progress_bar(enabled=not as_json) as progress:
             report, _ = run_dataset(dataset, settings, index_dir=index, questions_file=questions, k=k,
-                                    limit=limit, answer=answers, progress=progress, rebuild=rebuild)
+                                    limit=limit, answer=answers, progress=progress, rebuild=rebuild,
+                                    compare=compare)
         summary = report.summary
         if out_file:
             with open(out_file, "w", encoding="utf-8") as f:
@@ -341,11 +345,21 @@ def eval_(
         table = Table("metric", "value", title=f"{summary['dataset']} · {summary['mode']}{reader_name} · "
                       f"{summary['questions']} questions", title_justify="left")
         for key, value in summary.items():
-            if key not in ("dataset", "mode", "index", "questions", "reader", "model"):
-                table.add_row(key, "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+            if key not in ("dataset", "mode", "index", "questions", "reader", "model", "modes"):
+                table.add_row(key, _number(value))
         out.print(table)
+        if summary.get("modes"):
+            modes = summary["modes"]
+            side = Table("metric", *modes, title="Each retriever beside hybrid search", title_justify="left")
+            for key in next(iter(modes.values())):
+                side.add_row(key, *(_number(modes[mode][key]) for mode in modes))
+            out.print(side)
         if out_file:
             out.print(f"Per-question results: {escape(str(out_file))}")
+
+
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _reader_summary(plan: dict[str, Any]) -> str:

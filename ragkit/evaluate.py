@@ -486,9 +486,11 @@ def default_eval_index(dataset_dir: Path, dense_model: str | None) -> Path:
 def run_dataset(dataset_dir: Path, settings, index_dir: Path | None = None, questions_file: Path | None = None,
                 mode: str | None = None, k: int = 10, limit: int | None = None, answer: bool = True,
                 progress: Progress = silent, rebuild: bool = False,
-                reader: str | None = None) -> tuple[EvalReport, Any]:
+                reader: str | None = None, compare: bool = False) -> tuple[EvalReport, Any]:
     """Index DATASET_DIR/docs (or bring an existing index of them up to date, with the models it was built with
-    unless `settings` name others) and evaluate its questions, answered by `reader`."""
+    unless `settings` name others) and evaluate its questions, answered by `reader`. `compare` adds, under
+    summary["modes"], the ranking metrics of each single retriever the index has and of hybrid search, side by
+    side (a fusion that loses to one of its parts shows)."""
     from ragkit.api import Index
 
     dataset_dir = dataset_dir.expanduser()
@@ -509,6 +511,22 @@ def run_dataset(dataset_dir: Path, settings, index_dir: Path | None = None, ques
                           "(skipped while indexing, or not in docs/)")
     report = evaluate(index, questions, mode or settings.mode, k=k, progress=progress, answer=answer,
                       reader=reader)
+    if compare:
+        report.summary["modes"] = compare_modes(index, questions, k, progress)
     report.summary["dataset"] = dataset_dir.resolve().name
     report.summary["index"] = str(index.path)
     return report, index_report
+
+
+RANKING_KEYS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "evidence_hit@5")
+
+
+def compare_modes(index, questions: Sequence[Question], k: int = 10,
+                  progress: Progress = silent) -> dict[str, dict[str, Any]]:
+    """The ranking metrics of each single retriever of `index` and of hybrid search, by mode."""
+    modes = ["dense", "bm25", *(["late"] if index.searcher.has_late else []), "hybrid"]
+    out = {}
+    for mode in modes:
+        summary = evaluate(index, questions, mode, k=k, progress=progress, answer=False).summary
+        out[mode] = {key: summary.get(key) for key in RANKING_KEYS}
+    return out

@@ -516,3 +516,18 @@ def test_run_dataset_threads_the_reader(tmp_path, tiny_encoder, tiny_colbert, mo
     report, _ = run_dataset(dataset, settings, index_dir=tmp_path / "index", reader="hmt")
     assert asked == ["hmt"] * 3
     assert report.summary["reader"] == "hmt" and report.summary["model"] == "stand-in-lm"
+
+
+def test_eval_compare_shows_each_retriever_beside_hybrid(tmp_path, tiny_encoder, tiny_colbert):
+    dataset = make_dataset(tmp_path / "set")
+    common = [str(dataset), "--index", str(tmp_path / "index"), "--dense-model", str(tiny_encoder),
+              "--late-model", str(tiny_colbert), "--no-answers"]
+    result = CliRunner().invoke(app, ["eval", *common, "--compare", "--json"])
+    assert result.exit_code == 0, result.stderr
+    modes = json.loads(result.stdout)["modes"]
+    assert list(modes) == ["dense", "bm25", "late", "hybrid"]
+    for mode in modes:  # each column is what eval of that mode alone reports
+        alone = json.loads(CliRunner().invoke(app, ["eval", *common, "--mode", mode, "--json"]).stdout)
+        assert modes[mode] == {key: alone[key] for key in modes[mode]}
+    text = CliRunner().invoke(app, ["eval", *common, "--compare"]).stdout
+    assert "Each retriever beside hybrid search" in text and "bm25" in text and "recall@5" in text
