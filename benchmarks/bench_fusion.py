@@ -41,10 +41,6 @@ RULES: dict[str, dict[str, Any]] = {
     "rrf+name 0.5": {"name_weight": 0.5},
     "rrf+name 1": {"name_weight": 1.0},
     "rrf+name 2": {"name_weight": 2.0},
-    "rrf+doc 0.5": {"document_weight": 0.5},
-    "rrf+doc 1": {"document_weight": 1.0},
-    "rrf+doc 1 (m=1)": {"document_weight": 1.0, "document_chunks": 1},
-    "rrf+name 1+doc 0.5": {"name_weight": 1.0, "document_weight": 0.5},
 }
 
 

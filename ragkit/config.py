@@ -61,8 +61,6 @@ class Settings:
     bm25_weight: float = 1.0  # weight of the BM25 run in fusion
     late_weight: float = 1.0  # weight of the late-interaction run in fusion
     name_weight: float = 0.0  # fusion bonus of a chunk whose file name holds what the question names (ragkit.names)
-    document_weight: float = 0.0  # fusion bonus per unit of the mean score of the chunk's document's best chunks
-    document_chunks: int = 3  # best chunks of a document that document_weight averages
     reader: str | None = None  # extractive | generate | infini | hmt [generate when a reader model loads, else extractive]
     reader_model: str | None = None  # HF causal LM id, local folder or .gguf file [Qwen2.5-0.5B-Instruct, else embedded]
     reader_passages: int = 3  # top hits a reader model reads (the extractive reader reads every hit asked for)
@@ -189,15 +187,14 @@ def _validated(settings: Settings) -> Settings:
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window", "reader_passages",
-                 "document_chunks"):
+                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window", "reader_passages"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens is not None and settings.chunk_tokens < 16:
         raise ConfigError("chunk_tokens must be at least 16")
     if not settings.max_file_mb > 0:  # also rejects NaN
         raise ConfigError("max_file_mb must be positive")
-    for name in ("dense_weight", "bm25_weight", "late_weight", "name_weight", "document_weight"):
+    for name in ("dense_weight", "bm25_weight", "late_weight", "name_weight"):
         if not getattr(settings, name) >= 0:  # also rejects NaN
             raise ConfigError(f"setting '{name}' must be at least 0")
     for name in ("context_tokens", "rrf_k", "dense_exact_max", "rerank_depth", "evidence_hits",

@@ -1,13 +1,10 @@
-"""Fusion of the retrievers' ranked runs into one ranking of chunks, and the document-level evidence added to it.
+"""Fusion of the retrievers' ranked runs into one ranking of chunks, and the evidence of document names added to it.
 
 `fuse` applies a `FusionRule`: weighted reciprocal rank fusion (or a weighted mean of min-max normalised scores),
-then two document-level terms, both measured in `unit`s (the score of a chunk ranked first by every retriever):
-- a document's *name* (`ragkit.names`): a chunk whose file name holds what the question names (the company and
-  the year of a filing) gains `name_weight` × its document's name score (in (0, 1]);
-- a document's *other chunks*: a chunk gains `document_weight` × the mean fused score of its document's best
-  `document_chunks` chunks, so a document that many candidates come from rises above a lone chunk that matched
-  by chance.
-Rows are chunk rows of one index; ranks are kept per retriever for each fused row.
+then the evidence of a document's name (`ragkit.names`): a chunk whose file name holds the year or code the
+question names (the year of a filing) gains `name_weight` × its document's name score (in (0, 1]) in `unit`s, the
+score of a chunk ranked first by every retriever. Rows are chunk rows of one index; ranks are kept per retriever
+for each fused row.
 """
 
 from __future__ import annotations
@@ -28,14 +25,12 @@ class FusionRule:
     rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
     weights: Mapping[str, float] = field(default_factory=dict)  # per retriever; 1.0 when not named
     name_weight: float = 0.0  # bonus for a chunk of a document the query names, in units
-    document_weight: float = 0.0  # bonus per unit of its document's mean best-chunk score
-    document_chunks: int = 3  # best chunks of a document averaged for document_weight
 
     @classmethod
     def from_settings(cls, s: Any) -> "FusionRule":
         """The rule that `ragkit.config.Settings` `s` name."""
         return cls(s.fusion, s.rrf_k, {"dense": s.dense_weight, "bm25": s.bm25_weight, "late": s.late_weight},
-                   s.name_weight, s.document_weight, s.document_chunks)
+                   s.name_weight)
 
     def weight(self, retriever: str) -> float:
         return float(self.weights.get(retriever, 1.0))
@@ -92,27 +87,16 @@ def convex_fusion(runs: dict[str, list[tuple[int, float]]], weights: Mapping[str
 
 def fuse(runs: dict[str, list[tuple[int, float]]], rule: FusionRule, paths: Sequence[str] | None = None,
          name_scores: Mapping[str, float] | None = None) -> Fused:
-    """The runs fused by `rule`, best first. `paths[row]` is a row's document (needed by the document terms);
-    `name_scores` maps the documents the query names to their name score."""
+    """The runs fused by `rule`, best first. `paths[row]` is a row's document and `name_scores` maps the documents
+    the query names to their name score (both needed by the name rule)."""
     if rule.method == "convex":
         fused = convex_fusion(runs, rule.weights)
     else:
         fused = reciprocal_rank_fusion({name: [row for row, _ in result] for name, result in runs.items()},
                                        rule.rrf_k, rule.weights)
-    if paths is None or not fused or not (rule.document_weight or (rule.name_weight and name_scores)):
+    if paths is None or not fused or not (rule.name_weight and name_scores):
         return fused
-    unit = rule.unit(list(runs))
-    bonus = np.zeros(len(fused))
-    if rule.document_weight:
-        best: dict[str, list[float]] = {}
-        for row, score, _ in fused:  # best first: the first document_chunks of a document are its best
-            kept = best.setdefault(paths[row], [])
-            if len(kept) < rule.document_chunks:
-                kept.append(score)
-        mean = {doc: sum(scores) / rule.document_chunks for doc, scores in best.items()}
-        bonus += [rule.document_weight * mean[paths[row]] for row, _, _ in fused]
-    if rule.name_weight and name_scores:
-        bonus += [rule.name_weight * unit * name_scores.get(paths[row], 0.0) for row, _, _ in fused]
-    rescored = [(row, score + float(extra), ranks) for (row, score, ranks), extra in zip(fused, bonus)]
+    bonus = rule.name_weight * rule.unit(list(runs))
+    rescored = [(row, score + bonus * name_scores.get(paths[row], 0.0), ranks) for row, score, ranks in fused]
     order = sorted(range(len(rescored)), key=lambda i: -rescored[i][1])  # stable: ties keep the fused order
     return [rescored[i] for i in order]

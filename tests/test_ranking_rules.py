@@ -1,4 +1,4 @@
-"""The ranking rules of hybrid search: retriever weights, the numbers of document names, document aggregation."""
+"""The ranking rules of hybrid search: retriever weights and the numbers of document names."""
 
 from __future__ import annotations
 
@@ -56,12 +56,3 @@ def test_periods_yield_their_years():
     assert {"2018"} <= terms("FY2018") and {"2018"} <= terms("fy18") and {"2021"} <= terms("Q3-2021")
     assert "2020" in terms("in H1 2020") and "2018" not in terms("on page 18 of the report")
     assert not {"2002", "2003"} & terms("FY 2-3 weeks")
-
-
-def test_a_document_that_many_candidates_come_from_rises():
-    paths = ["lone.txt", "many.txt", "many.txt", "many.txt"]
-    runs = {"dense": [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)], "bm25": [(0, 5.0), (1, 4.0), (2, 3.0), (3, 2.0)]}
-    assert fuse(runs, FusionRule(), paths)[0][0] == 0
-    aggregated = fuse(runs, FusionRule(document_weight=1.0), paths)
-    assert [row for row, _, _ in aggregated] == [1, 2, 3, 0]
-    assert fuse(runs, FusionRule(document_weight=1.0, document_chunks=1), paths)[0][0] == 0
