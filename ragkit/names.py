@@ -9,8 +9,8 @@ left to the contextual chunks (`ragkit.ingest.context`): a question's "law" or "
 of "European_Union_law" or "Apollo_program" it is about, and matched as names they mislead.
 
 Terms are lower-cased runs of letters and digits; a fiscal or calendar period ("FY2018", "FY18", "Q3-2021",
-"H1 2020") also yields its year ("2018", "2021", "2020"), so the question's "FY2018" matches the file name's
-"2018".
+"H1 2020", "2023Q2") also yields its year ("2018", "2021", "2020", "2023"), so the question's "FY2018" matches the
+file name's "2018" and "Q2 2023" matches "2023Q2".
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Iterable
 
 _TERM = re.compile(r"[a-z0-9]+")
 _PERIOD = re.compile(r"\b(?:fy|cy|q[1-4]|h[12])[\s'-]?(\d{4}|\d{2})\b")  # FY2018, FY18, Q3-2021, H1 2020
+_YEAR_FIRST = re.compile(r"\b((?:19|20)\d{2})[\s-]?(q[1-4]|h[12])\b")  # 2023Q2, 2023-Q2, 2021 H1
 STOPWORDS = frozenset("a an and are as at be by for from how in is it of on or the to was what when which who why "
                       "with".split())
 
@@ -32,10 +33,14 @@ def terms(text: str) -> set[str]:
 
     >>> sorted(terms("What is the FY18 capex of 3M's, and in Q3-2021?"))
     ['2018', '2021', '3m', 'capex', 'fy18', 'q3', 's']
+    >>> sorted(terms("AMCOR 2023Q2 10Q"))
+    ['10q', '2023', '2023q2', 'amcor', 'q2']
     """
     text = text.lower()
     found = {term for term in _TERM.findall(text) if term not in STOPWORDS}
     found.update(year if len(year) == 4 else "20" + year for year in _PERIOD.findall(text))
+    for year, part in _YEAR_FIRST.findall(text):
+        found.update((year, part))
     return found
 
 

@@ -56,3 +56,9 @@ def test_periods_yield_their_years():
     assert {"2018"} <= terms("FY2018") and {"2018"} <= terms("fy18") and {"2021"} <= terms("Q3-2021")
     assert "2020" in terms("in H1 2020") and "2018" not in terms("on page 18 of the report")
     assert not {"2002", "2003"} & terms("FY 2-3 weeks")
+
+
+def test_a_quarter_finds_the_quarterly_report_of_its_year():
+    matcher = NameMatcher(["AMCOR_2023Q2_10Q.txt", "AMCOR_2023_10K.txt", "AMCOR_2022_10K.txt"])
+    scores = matcher.scores("What was Amcor's net sales in Q2 2023?")
+    assert max(scores, key=scores.get) == "AMCOR_2023Q2_10Q.txt" and "AMCOR_2022_10K.txt" not in scores
