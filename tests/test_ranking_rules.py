@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from test_context import FILINGS, write
 
 from ragkit.api import Index
 from ragkit.config import Settings
 from ragkit.fusion import FusionRule, fuse
 from ragkit.names import NameMatcher, terms
-
-FILINGS = {
-    "acme_2018_annual.txt": "Total revenue grew in the year under review.\n",
-    "acme_2022_annual.txt": "Revenue, revenue and more revenue: total revenue grew in the year under review.\n",
-}
-
-
-def write(folder: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
-    return folder
 
 
 def test_a_weight_of_zero_leaves_a_retriever_out():
