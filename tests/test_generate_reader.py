@@ -298,6 +298,11 @@ def test_an_answer_that_starts_to_loop_ends_before_the_loop_and_never_streams_it
     for i in encode(tok, "They agreed: the budget is fixed, the colour is red, the budget is set"):
         unlooped.push(i)
     assert not unlooped.ended  # a clause said once, and short clauses said twice, are no loop
+    pieces = []
+    stammer = TextStream(tok, pieces.append, answer_end("Summarize the meeting"), loop_hold)
+    for i in encode(tok, "Professor E: Yeah. So I uh, I uh, I uh, I uh, I uh"):
+        stammer.push(i)
+    assert stammer.ended and stammer.close() == "".join(pieces) == "Professor E: Yeah. So I uh,"
 
 
 def test_an_account_question_gets_no_worked_example(tiny):

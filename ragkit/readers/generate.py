@@ -40,6 +40,8 @@ OnText = Callable[[str], None]
 PARAGRAPH_END = re.compile(r"\n\s*\n")  # where an answer ends: past it the model goes on to another question
 CLAUSE_END = re.compile(r"[,.;:!?\n]")
 LOOP_WORDS = 4  # a clause of at least this many words said twice is a loop, not an answer
+ECHO_CHARS = (3, 80)  # lengths of the pieces of text whose repeats at the end of an answer are checked
+REPEATS = 3  # that many copies in a row are a loop
 # A sentence's end: . ! or ? (not after a capital, as in "U.S.", nor in a title) with any closing quote or
 # bracket and the [n] citations after it, once another sentence starts.
 SENTENCE_END = re.compile(r"(?<![A-Z])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs))(?<!\bMrs)[.!?][\"')]*(?:\s*\[[\d\s,;–-]+\])*"
@@ -81,12 +83,16 @@ def paragraph_end(text: str) -> int | None:
 
 
 def loop_start(text: str) -> int | None:
-    """Where the text starts saying again what it said: the start of the first complete clause of at least
-    LOOP_WORDS words that repeats an earlier one (a small model caught in a loop), or None.
+    """Where the text starts saying again what it said (a small model caught in a loop), or None: the start of
+    the first complete clause of at least LOOP_WORDS words that repeats an earlier one, or the end of the first
+    of three or more copies of one piece of text that the text ends with ("I uh, I uh, I uh,").
 
     >>> text = "They agreed: the budget is fixed, the budget is fixed, the budget"
     >>> text[:loop_start(text)]
     'They agreed: the budget is fixed,'
+    >>> text = "Professor E: Yeah. So I uh, I uh, I uh, I"
+    >>> text[:loop_start(text)]
+    'Professor E: Yeah. So I uh,'
     """
     seen: set[str] = set()
     start = 0
@@ -98,29 +104,52 @@ def loop_start(text: str) -> int | None:
                 return start
             seen.add(key)
         start = found.end()
-    return None
+    echo = echoed_tail(text)
+    return echo[0] if echo and echo[1] >= REPEATS else None
+
+
+def echoed_tail(text: str) -> tuple[int, float] | None:
+    """The longest tail of the text that repeats the piece of text before it: (where the first copy of that piece
+    ends, how many copies the tail and that piece make), for pieces of ECHO_CHARS characters that hold a letter;
+    None when no tail echoes by two characters or more."""
+    best: tuple[int, float] | None = None
+    n = len(text)
+    for period in range(ECHO_CHARS[0], min(ECHO_CHARS[1], n // 2) + 1):
+        m = 0  # characters at the end that equal the character `period` before them
+        while m < n - period and text[n - 1 - m] == text[n - 1 - m - period]:
+            m += 1
+        first_end = n - m
+        if m >= 2 and any(c.isalpha() for c in text[first_end - period : first_end]):
+            if best is None or first_end < best[0]:
+                best = (first_end, (m + period) / period)
+    return best
 
 
 def loop_hold(text: str) -> int:
     """How much of the text may be sent before `loop_start` could cut it: all of it, but for an unfinished last
-    clause that begins like an earlier clause of at least LOOP_WORDS words (it may be a loop's first words).
+    clause that begins like an earlier clause of at least LOOP_WORDS words, and for a tail that echoes the text
+    before it (either may be a loop's first words).
 
     >>> loop_hold("They agreed: the budget is fixed, the bud")
     33
     >>> loop_hold("They agreed: the budget is fixed, the colour")
     44
+    >>> loop_hold("So I uh, I uh")
+    8
     """
+    echo = echoed_tail(text)
+    held = echo[0] if echo else len(text)
     clauses = [found.end() for found in CLAUSE_END.finditer(text)]
     start = clauses[-1] if clauses else 0
     pending = " ".join(text[start:].lower().split())
     if not pending:
-        return len(text)
+        return held
     edges = [0, *clauses]
     for a, b in zip(edges, clauses):
         words = text[a : b - 1].lower().split()
         if len(words) >= LOOP_WORDS and " ".join(words).startswith(pending):
-            return start
-    return len(text)
+            return min(start, held)
+    return held
 
 
 def is_account_question(question: str) -> bool:
