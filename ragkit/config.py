@@ -44,7 +44,7 @@ class Settings:
     device: str | None = None  # "cpu", "cuda", …; None lets torch choose
     mode: str = "hybrid"  # default retrieval mode: dense | bm25 | late | hybrid
     k: int = 10  # hits returned by search
-    rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+    rrf_k: int = 10  # reciprocal rank fusion constant (Cormack et al. 2009 use 60; the choice: benchmarks/RESULTS.md)
     candidates: int = 100  # candidates per retriever before fusion
     dense_exact_max: int = 100_000  # exact FAISS search up to this many chunks, HNSW beyond
     answer_sentences: int = 3  # evidence sentences in an extractive answer
@@ -60,7 +60,7 @@ class Settings:
     dense_weight: float = 1.0  # weight of the dense run in fusion
     bm25_weight: float = 1.0  # weight of the BM25 run in fusion
     late_weight: float = 1.0  # weight of the late-interaction run in fusion
-    name_weight: float = 0.0  # fusion bonus of a chunk whose file name holds what the question names (ragkit.names)
+    name_weight: float = 0.5  # fusion bonus of a chunk whose file name holds a year or code the question names
     reader: str | None = None  # extractive | generate | infini | hmt [generate when a reader model loads, else extractive]
     reader_model: str | None = None  # HF causal LM id, local folder or .gguf file [Qwen2.5-0.5B-Instruct, else embedded]
     reader_passages: int = 3  # top hits a reader model reads (the extractive reader reads every hit asked for)

@@ -542,7 +542,7 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, chunks, n_to
         lengths = [n_tokens[r] + more for r, more in zip(todo, extra)]
         _check_fits("dense", encoders.dense.max_tokens - encoders.dense.special_tokens, lengths)
         report.encoded_chunks = len(todo)
-        report.encoded_tokens = sum(n_tokens[r] for r in todo)
+        report.encoded_tokens = sum(lengths)  # the contexts' tokens included: what the encoder read
         progress(ProgressEvent("encode", 0, len(todo)))
         vectors[todo] = encoders.dense.encode_documents(
             read, lengths, batch_tokens=settings.encode_batch_tokens,

@@ -145,7 +145,7 @@ class Searcher:
             if mode == "hybrid":
                 fused = self._timed("fuse", self._fuse, queries[q], {name: result[q] for name, result in runs.items()})
                 if use_late:
-                    fused = self._timed("rerank", self._rerank, late_queries[q], fused)
+                    fused = self._timed("rerank", self._rerank, late_queries[q], fused, queries[q])
             else:
                 fused = [(row, score, {mode: rank}) for rank, (row, score) in enumerate(runs[mode][q], start=1)]
             hits = [self._hit(row, score, ranks) for row, score, ranks in fused[:k]]
@@ -190,13 +190,19 @@ class Searcher:
         names = self.name_scores(query) if rule.name_weight else None
         return fuse(runs, rule, self.paths, names)
 
-    def _rerank(self, late_query: np.ndarray, fused):
-        """Exact MaxSim over the top `rerank_depth` fused candidates; the rest keep their fused order below."""
+    def _rerank(self, late_query: np.ndarray, fused, query: str):
+        """Exact MaxSim over the top `rerank_depth` fused candidates; the rest keep their fused order below. The
+        name rule holds here too: a chunk of a document the query names gains `name_weight` × its name score in
+        units of the best MaxSim score of the head (as in fusion, where the unit is the best possible score)."""
         head, tail = fused[: self.settings.rerank_depth], fused[self.settings.rerank_depth :]
         if not head:
             return fused
         rows = np.array([row for row, _, _ in head], dtype=np.int64)
         scores = self.late.maxsim(late_query, rows)
+        if self.settings.name_weight and len(head) > 1:
+            names = self.name_scores(query)
+            named = np.array([names.get(self.paths[row], 0.0) for row in rows])
+            scores = scores + self.settings.name_weight * float(np.abs(scores).max()) * named
         order = np.argsort(-scores, kind="stable")
         floor = float(scores.min())
         reranked = [(head[i][0], float(scores[i]), head[i][2]) for i in order]

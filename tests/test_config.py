@@ -25,7 +25,7 @@ def config_error(**kwargs) -> str:
 def test_defaults_without_files_env_or_flags(tmp_path):
     s = load_settings(env={})
     assert s == Settings()
-    assert (s.index, s.mode, s.k, s.rrf_k) == (".ragkit", "hybrid", 10, 60)
+    assert (s.index, s.mode, s.k, s.rrf_k, s.name_weight) == (".ragkit", "hybrid", 10, 10, 0.5)
     assert s.device is None and s.max_file_mb == 50.0
     assert s.mode in MODES
     # settings that shape an index are unset: an existing index keeps its own, a new one takes the defaults

@@ -136,8 +136,9 @@ def test_index_builds_all_three_stages(tmp_path, settings):
     assert not (store.current_generation(small.path) / "late" / "plaid").exists()
     assert small.search("harpsichord", k=3, mode="late")
     manifest = store.read_manifest(generation)
-    # the late model reads exactly the chunk length: 64 - 2 dense special tokens, + CLS, [D], SEP
-    assert manifest["models"]["late"]["document_length"] == 62 + 3
+    # the late model reads exactly the chunk length: 64 - 2 dense special tokens - 15 of context (a quarter of
+    # what the dense encoder reads), + CLS, [D], SEP
+    assert manifest["models"]["late"]["document_length"] == 62 - 15 + 3
     for mode in ("late", "hybrid"):
         hits = idx.search("harpsichord", k=5, mode=mode)
         assert len(hits) == 5 and all(h.evidence for h in hits)

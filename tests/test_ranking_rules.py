@@ -50,3 +50,26 @@ def test_a_quarter_finds_the_quarterly_report_of_its_year():
     matcher = NameMatcher(["AMCOR_2023Q2_10Q.txt", "AMCOR_2023_10K.txt", "AMCOR_2022_10K.txt"])
     scores = matcher.scores("What was Amcor's net sales in Q2 2023?")
     assert max(scores, key=scores.get) == "AMCOR_2023Q2_10Q.txt" and "AMCOR_2022_10K.txt" not in scores
+
+
+def test_the_name_rule_holds_through_the_maxsim_rerank(tmp_path, tiny_encoder, tiny_colbert, monkeypatch):
+    """With a late stage the top candidates are re-ordered by MaxSim; a named year still decides, even when MaxSim
+    puts that year's filing last."""
+    import numpy as np
+
+    from ragkit.indexes.late import LateIndex
+
+    years = (2016, 2017, 2018, 2019, 2020)
+    docs = write(tmp_path / "docs", {f"acme_{year}_annual.txt": "Total revenue grew in the year under review.\n"
+                                     for year in years})
+    named_row = years.index(2018)  # one chunk per file, files in path order
+    monkeypatch.setattr(LateIndex, "maxsim", lambda self, query, rows: np.where(rows == named_row, 9.0,
+                                                                                 10.0 + 0.1 * rows))
+    order = {}
+    for weight in (0.0, 0.5):
+        index = Index(tmp_path / "index", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert),
+                                                   context_tokens=0, name_weight=weight))
+        index.add(docs)
+        order[weight] = [h.chunk.path for h in index.search("What was Acme's total revenue in FY2018?", k=5)]
+    assert order[0.0][-1] == "acme_2018_annual.txt"  # MaxSim alone
+    assert order[0.5][0] == "acme_2018_annual.txt"
