@@ -43,9 +43,9 @@ RULES: dict[str, dict[str, Any]] = {
     "convex": {"fusion": "convex"},
     "rrf+name 0.5": {"name_weight": 0.5},
     "rrf+name 1": {"name_weight": 1.0},
-    "rrf+name 2": {"name_weight": 2.0},
-    "rrf k=10+name 1": {"rrf_k": 10, "name_weight": 1.0},
-    "convex+name 1": {"fusion": "convex", "name_weight": 1.0},
+    "rrf k=10+name 0.5": {"rrf_k": 10, "name_weight": 0.5},
+    "rrf bm25×0.5+name 0.5": {"bm25_weight": 0.5, "name_weight": 0.5},
+    "convex+name 0.5": {"fusion": "convex", "name_weight": 0.5},
 }
 
 
