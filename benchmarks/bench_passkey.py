@@ -1,7 +1,7 @@
 """Passkey recall of a tiny Infini-attention model trained from scratch: memory on, gates shut, and the memory of
-another sequence, from the trained length to 64× it (readers.md §4.5, §7).
+another sequence, from the trained length to 64× it.
 
-    python benchmarks/bench_passkey.py                  # the CPU ablation of readers.md §7, one thread, ~11 min
+    python benchmarks/bench_passkey.py                  # the CPU ablation, one thread, ~11 min
     python benchmarks/bench_passkey.py --preset gpu     # a larger model, mixed lengths, up to 1M tokens (CUDA)
 
 Training: 2 layers, d_model 64, 2 heads, 32-token segments, 5-digit passkey (K = 1) at a random depth in the first
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import apply_preset, preset_parser, recall_cell_text, record  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # readers.md §7 sizes; ~0.07 s/step at batch 16 on one shared Xeon core
+    # the CPU ablation's sizes; ~0.07 s/step at batch 16 on one shared Xeon core
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments="4-4", curriculum=0.0, steps=7000,
                 batch_size=16, lr=1e-3, max_seconds=None, lengths="4,16,64,256", sequences=256, eval_batch=64,
                 device="cpu", eval_budget=None, name="bench_passkey"),

@@ -1,5 +1,5 @@
 """Passkey recall of a tiny HMT model trained from scratch with the paper's two stages: memory on, memory off and
-the memory of another sequence, from the trained length to 64× it (readers.md §3.3, §8), beside the Infini-attention
+the memory of another sequence, from the trained length to 64× it, beside the Infini-attention
 ablation of bench_passkey.py.
 
     python benchmarks/bench_passkey_hmt.py                  # CPU, one thread, ~6-8 min on a shared 2-core Xeon
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import apply_preset, preset_parser, recall_cell_text, record  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # readers.md §8 sizes; stage 1 ~0.06 s/step, stage 2 ~0.2 s/step at batch 32 on one shared Xeon core
+    # HMT's CPU sizes; stage 1 ~0.06 s/step, stage 2 ~0.2 s/step at batch 32 on one shared Xeon core
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, sensory=8, cache=64, stage1_steps=900,
                 stage2_steps=900, stage2_segments="4-4", batch_size=32, lr=1e-3, max_seconds=None,
                 lengths="4,16,64,256", wide_cache=256, sequences=256, eval_batch=64, device="cpu",

@@ -1,5 +1,4 @@
-"""Peak memory and throughput against input length: full attention, Infini-attention and HMT on one backbone
-(readers.md §5.4, items 1, 2 and 4).
+"""Peak memory and throughput against input length: full attention, Infini-attention and HMT on one backbone.
 
     python benchmarks/bench_reader_memory.py                  # tiny backbone on CPU, one thread, ~7 min
     python benchmarks/bench_reader_memory.py --preset gpu     # Qwen2.5-0.5B-sized, bf16, CUDA (~3 min on an H200

@@ -1,5 +1,5 @@
 """Multi-key associative recall under compression: Infini-attention and HMT side by side, same backbone, same
-training budget (readers.md §7-§8; the task of `ragkit.readers.tasks`).
+training budget (the task of `ragkit.readers.tasks`).
 
     python benchmarks/bench_recall.py                   # CPU, one thread: 6 runs of ~5 min training + evaluation
     python benchmarks/bench_recall.py --preset gpu      # 4 layers × d_model 256, batch 128, inputs to 64× (CUDA)
@@ -58,7 +58,7 @@ from benchmarks.common import (apply_preset, commit, machine, preset_parser, rec
                                record)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # readers.md §7-§8 sizes; one thread of a shared 2-core Xeon
+    # the CPU ablation's sizes; one thread of a shared 2-core Xeon
     "cpu": dict(d_model=64, layers=2, heads=2, segment_length=32, segments=8, segments_max=8, sensory=8, cache=8,
                 memory_tokens=1, keys="1,4,16",
                 readers="infini,hmt", budget=300.0, stage1_steps=800, batch_size=32, lr=1e-3,

@@ -1,6 +1,6 @@
 """Training memory readers: the synthetic recall tasks, the training loop (gate warm-up, loss), recall evaluation
 (memory on / gates shut / another sequence's memory), checkpoints and `ragkit reader train`. Tiny models, one thread;
-the slow test reproduces the CPU passkey ablation of readers.md §7."""
+the slow test reproduces the CPU passkey ablation (2 layers, d_model 64)."""
 
 from __future__ import annotations
 
@@ -1012,12 +1012,12 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     assert result.exit_code == 1 and "--reader hmt" in result.output
 
 
-# --- the CPU ablation of readers.md §7 ------------------------------------------------------------------------------
+# --- the CPU ablation -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_cpu_passkey_ablation_memory_carries_the_key():
-    """readers.md §7: 2 layers, d_model 64, 2 heads, 32-token segments, trained on 4 segments with the gates held at
+    """2 layers, d_model 64, 2 heads, 32-token segments, trained on 4 segments with the gates held at
     0.5 for 40% of the steps; the memory must carry the key (≥ 0.9 of digits) and nothing else may (≤ 0.2 shut)."""
     model, _ = build_reader(tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0)
     task = RecallTask(segment_length=32, keys=1)
@@ -1030,7 +1030,7 @@ def test_cpu_passkey_ablation_memory_carries_the_key():
 
 @pytest.mark.slow
 def test_cpu_hmt_passkey_memory_carries_the_key_beyond_the_trained_length():
-    """readers.md §8 on a Llama backbone: 2 layers, d_model 64, k = 8, N = 64; stage 1 on 2 segments (facts may reach
+    """HMT on a Llama backbone: 2 layers, d_model 64, k = 8, N = 64; stage 1 on 2 segments (facts may reach
     the sensory window), stage 2 on 4 segments with the search. Memory on must recall the key at the trained length
     and at 16× it; off and another sequence's memory must stay near chance (0.1)."""
     from ragkit.readers.train import stage1_recall_batches, train_two_stage

@@ -12,7 +12,7 @@ embeddings H_n (b, L, C) from the backbone's own embedding layer, it runs four s
 BBM is the backbone read with `inputs_embeds` and the last layer's hidden state (`output_hidden_states=True`,
 after the final norm) is what S_n and M_n are. T (the summary prompt), W_q, W_k and the initial memory are the
 only new parameters; the memory embedding M_n, a last-layer state, is fed back as an input embedding, which is
-why the paper fine-tunes the backbone with them (../shared/reference/readers.md §3, §4.3).
+why the paper fine-tunes the backbone with them.
 
 Choices where the paper is silent (as in the official code, OswaldHe/HMT-pytorch, unless said otherwise):
 - Every segment is an independent backbone pass with positions from 0, so the backbone never sees more than

@@ -14,7 +14,7 @@ and then writes the segment into the memory, with pre-RoPE K (retrieve from M_{s
     delta:  M_s = M_{s-1} + σ(K)ᵀ (V - σ(K) M_{s-1} / (σ(K) z_{s-1} + eps))                        (Eq. 9)
     both:   z_s = z_{s-1} + Σ_t σ(K_t)
 
-Choices where the paper is silent (see ../shared/reference/readers.md §1.6, §4.2):
+Choices where the paper is silent:
 - Retrofit, not pretraining: `InfiniAttention` takes over the q/k/v/o projections of an existing Llama or Qwen2
   attention (Qwen2's q/k/v biases come with them), its head counts, its scaling and the rotary (cos, sin) the
   backbone passes down. The backbone's state_dict keys are unchanged; only `self_attn.gate` is added.

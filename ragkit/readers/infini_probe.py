@@ -1,6 +1,6 @@
 """The memory value probe of Infini-attention, a training aid for recall tasks (`TrainConfig.memory_value_loss`).
 
-Learning to answer "QUERY <id> =" from a compressive memory comes late and abruptly (readers.md §7, RESULTS.md):
+Learning to answer "QUERY <id> =" from a compressive memory comes late and abruptly (benchmarks/RESULTS.md):
 the only signal is the answer at the end of the sequence, and it must shape what every earlier segment writes. The
 probe gives the writes a direct signal: after the segments that hold the facts, each layer's memory M (the one the
 question's segment reads) is read with a learned query per (key id, digit index), and the reads of all layers must

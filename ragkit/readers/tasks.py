@@ -5,9 +5,9 @@ A sequence is filler with K facts scattered across its segments, then a question
     … filler … KEY 7 = 3 1 4 1 5 … filler … KEY 2 = 9 2 6 5 3 … filler … QUERY 2 = 9 2 6 5 3
                                                                               └── answer: loss here only
 
-K = 1 is the passkey task ([INF] App. B, readers.md §4.5 and §7); K > 1 is multi-query associative recall (MQAR),
+K = 1 is the passkey task ([INF] App. B); K > 1 is multi-query associative recall (MQAR),
 which needs content-addressed reads: the question's id must pick its value out of the memory. Facts never straddle a
-segment boundary (readers.md §4.4) and never fall within `protect` tokens of the question, so a reader cannot answer
+segment boundary and never fall within `protect` tokens of the question, so a reader cannot answer
 from its local window (Infini-attention) or its sensory tokens (HMT): the fact has to come through memory.
 
 With `cue`, the question's segment also opens with the question without its answer (QUERY <id> =), as ragkit's
@@ -251,7 +251,7 @@ def _place_row(task: RecallTask, allowed: Tensor, g: torch.Generator) -> list[in
 
 def tiny_llama_config(vocab_size: int = VOCAB_SIZE, d_model: int = 64, layers: int = 2, heads: int = 2,
                       kv_heads: int | None = None, segment_length: int = 32, **overrides: Any):
-    """A `LlamaConfig` for a small model trained from scratch on these tasks (readers.md §7: 2 layers, d_model 64,
+    """A `LlamaConfig` for a small model trained from scratch on these tasks (2 layers, d_model 64,
     2 heads, 32-token segments). Positions restart in every segment, so the window is one segment."""
     from transformers import LlamaConfig
 

@@ -7,7 +7,7 @@ gradients, can be trained here; what is specific to Infini-attention (its gates)
 - recall: the synthetic tasks of `ragkit.readers.tasks` (passkey, K-key associative recall), loss on the answer only;
 - lm: next-token loss over every token of long documents from a folder, the segments of a window in order.
 
-What readers.md taught (§2.5, §4.2, §7), and what this loop therefore does:
+What the papers and the runs here taught, and what this loop therefore does:
 - The gates get their own AdamW group: a learning rate of ~10× the base and no weight decay ([HF-BLOG]).
 - Gate warm-up: the gates are held (at sigmoid 0.5 for a model trained from scratch) for the first share of steps,
   then trained. Trained from step 0, the layer-2 gate of a tiny passkey model shut within ~600 steps and training
@@ -16,7 +16,7 @@ What readers.md taught (§2.5, §4.2, §7), and what this loop therefore does:
   learn what to write ([BEOMI]), so the loop refuses one.
 - On CPU, denormal floats are flushed: steps slowed ~5× once a tiny model's loss fell near 1e-4 (§8).
 
-HMT (`ragkit.readers.hmt`) trains with the paper's two stages (readers.md §3.3, §8): `train_two_stage` runs stage 1
+HMT (`ragkit.readers.hmt`) trains with the paper's two stages: `train_two_stage` runs stage 1
 on 2 segments with `memory_search=False` (P_n = M_{n-1}: the model learns to store the key in a memory embedding),
 then stage 2 with the search on longer unrolls; trained plainly from scratch, the memory never held a usable
 encoding. On recall tasks stage 1 lets facts reach the sensory tokens (`stage1_recall_batches`): with every fact
@@ -118,7 +118,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     warmup: float = 0.02  # share of the run with a linear learning-rate warm-up, then cosine decay
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
-    gate_warmup: float = 0.4  # share of the run with the gates held fixed (readers.md §7); 0: train them at once
+    gate_warmup: float = 0.4  # share of the run with the gates held fixed; 0: train them at once
     gate_hold: float | None = 0.0  # β the gates are held at during the warm-up (0: sigmoid 0.5); None: as they are
     train_all: bool = True  # train every weight; False: only the gates or HMT parameters (a frozen backbone)
     hmt_lr: float | None = None  # peak learning rate of HMT's new parameters (T, memory, W_q, W_k); None: lr
@@ -357,7 +357,7 @@ def train(model: nn.Module, batches: Batches, config: TrainConfig,
     train_all=False, its backbone is left with requires_grad off)."""
     device = torch.device(config.device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals made late steps ~5× slower (readers.md §8)
+        torch.set_flush_denormal(True)  # denormals made late steps several times slower
     if getattr(getattr(model, "config", None), "bptt_segments", None) == 1:
         raise ConfigError("the reader detaches its memory after every segment (bptt_segments=1): it could not learn "
                           "what to write; use None (all segments) or at least 2")
@@ -634,7 +634,7 @@ def train_two_stage(model: nn.Module, batches: Batches, config: TrainConfig, sta
                     out: str | Path | None = None, meta: dict[str, Any] | None = None,
                     stage1_batches: Batches | None = None, stage1_seconds: float | None = None,
                     stage1_memory_id_loss: float | None = None) -> TrainResult:
-    """HMT's multi-stage training ([HMT] App. F; readers.md §3.3, §8). Stage 1: `stage1_steps` steps on
+    """HMT's multi-stage training ([HMT] App. F). Stage 1: `stage1_steps` steps on
     `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}), drawn from `stage1_batches` (None: from
     `batches`; for recall tasks pass `stage1_recall_batches(task)`); stage 2: `config` as given (its steps, its
     segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
@@ -703,8 +703,8 @@ def build_reader(reader: str = "infini", model: str | None = None, tiny: bool = 
     """A reader to train and the backbone's tokenizer (None for a tiny model, which reads task token ids).
 
     reader: "infini" or "hmt". tiny: a Llama of `layers` × `d_model` with `heads` heads, randomly initialised
-    (readers.md §7 sizes); Infini's gates start at β = 0 (sigmoid 0.5); HMT gets k = `sensory_tokens` (default 8)
-    and N = `cache_size` (default 64) as in readers.md §8, and the Llama's positions cover a segment plus the sensory
+    (CPU ablation sizes); Infini's gates start at β = 0 (sigmoid 0.5); HMT gets k = `sensory_tokens` (default 8)
+    and N = `cache_size` (default 64), and the Llama's positions cover a segment plus the sensory
     tokens and the memory tokens. Otherwise `model` names a Hugging Face causal LM (id or local path): Infini's
     gates start at InfiniConfig's default (≈ 0.01), so that step 0 is the pretrained model; HMT uses HMTConfig's
     defaults for k and N unless given. `update` is Infini's only; `memory_tokens` (r, memories written per segment)
