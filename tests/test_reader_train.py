@@ -425,7 +425,7 @@ def test_cli_reader_train_tiny_writes_a_checkpoint(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from ragkit.cli_reader import reader_app
+    from ragkit.cli.reader import reader_app
 
     app = typer.Typer()
     app.add_typer(reader_app, name="reader")
@@ -451,7 +451,7 @@ def test_cli_reader_train_errors_are_one_message(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from ragkit.cli_reader import reader_app
+    from ragkit.cli.reader import reader_app
 
     app = typer.Typer()
     app.add_typer(reader_app, name="reader")
@@ -948,7 +948,7 @@ def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from ragkit.cli_reader import reader_app
+    from ragkit.cli.reader import reader_app
 
     app = typer.Typer()
     app.add_typer(reader_app, name="reader")

@@ -1,18 +1,23 @@
-"""The `ragkit` command: parses flags, calls the library, renders results with Rich. Nothing heavy at import."""
+"""The `ragkit` command: parses flags, calls the library, renders results with Rich. Nothing heavy at import.
+
+Commands of the library's search side are here; `reader` holds `ragkit reader …`, `common` what both share
+(consoles, user errors, --json)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from ragkit.cli.common import JsonOpt, err, out
+from ragkit.cli.common import print_json as _print_json
+from ragkit.cli.common import user_errors as _user_errors
 
 app = typer.Typer(
     help="Local-first search and question answering over folders of long documents.",
@@ -20,11 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-
 IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | late | hybrid [default: hybrid].")]
 FusionOpt = Annotated[Optional[str], typer.Option(
     "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
@@ -81,46 +82,12 @@ def _main(version: Annotated[bool, typer.Option(
         reconfigure(errors="backslashreplace")
 
 
-@contextmanager
-def _user_errors(as_json: bool) -> Iterator[None]:
-    """Print a RagkitError as one clear message (or a JSON error object) and exit 1; no traceback."""
-    from ragkit.errors import RagkitError, RagkitWarning
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default", RagkitWarning)
-            warnings.showwarning = _show_warning
-            yield
-    except RagkitError as e:
-        if as_json:
-            print(json.dumps({"error": str(e)}))
-        err.print(f"[bold red]Error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/] The index is as it was before this run.")
-        raise typer.Exit(130) from None
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """ragkit's warnings as one line on stderr; other libraries' as Python prints them."""
-    from ragkit.errors import RagkitWarning
-
-    if issubclass(category, RagkitWarning):
-        err.print(f"[yellow]Warning:[/] {escape(str(message))}", soft_wrap=True)
-    else:
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-
 def _open(index: Optional[Path], **overrides: Any):
     from ragkit.api import Index
     from ragkit.config import load_settings
 
     settings = load_settings(index=str(index) if index else None, **overrides)
     return Index(settings.index, settings)
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    print(json.dumps(data, ensure_ascii=False))
 
 
 @app.command()
@@ -490,7 +457,7 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} TB"
 
 
-from ragkit.cli_reader import reader_app  # noqa: E402  (after `app`: the sub-app imports nothing heavy)
+from ragkit.cli.reader import reader_app  # noqa: E402  (after `app`: the sub-app imports nothing heavy)
 
 app.add_typer(reader_app, name="reader")
 

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from ragkit.cli.common import err, out, user_errors
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
 reader_app = typer.Typer(help="Train memory readers (Infini-attention, HMT) and measure their recall.",
                          no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
-out = Console()
-err = Console(stderr=True)
-
 
 @reader_app.callback()
 def _readers() -> None:
@@ -126,9 +124,8 @@ def train(
     --stage2-steps on --segments with it.
     """
     opts = dict(locals())
-    from ragkit.cli import _user_errors
 
-    with _user_errors(as_json):
+    with user_errors(as_json):
         try:
             _train(opts)
         except KeyboardInterrupt:
