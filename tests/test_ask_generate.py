@@ -29,8 +29,13 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def no_stop(monkeypatch):
-    """The random tiny model may emit its end-of-sequence id first: without stop ids it always writes."""
-    monkeypatch.setattr("ragkit.readers.generate.stop_token_ids", lambda tokenizer, model=None: set())
+    """The random tiny model may emit its end-of-sequence id first, or loop at once: without stop ids and loop
+    endings it always writes its whole answer."""
+    from ragkit.readers import generate
+
+    monkeypatch.setattr(generate, "stop_token_ids", lambda tokenizer, model=None: set())
+    monkeypatch.setattr(generate, "answer_end", lambda question: generate.paragraph_end)
+    monkeypatch.setattr(generate, "loop_hold", len)
 
 
 @pytest.fixture

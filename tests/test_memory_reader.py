@@ -119,8 +119,12 @@ def test_infini_reads_the_documents_into_memory_and_the_window_with_exact_attent
     """The model reads the hits' whole documents, then the window fit_window builds (as long as fits the backbone
     with the answer, whatever the segment length); with the gates shut the answer is exactly the backbone's greedy
     decoding of that window alone, and the citations are the hits."""
+    import ragkit.readers.generative as generative
+    from ragkit.readers.generate import paragraph_end
     from ragkit.readers.infini import InfiniLM
 
+    monkeypatch.setattr(generative, "answer_end", lambda question: paragraph_end)  # the random model may loop
+    monkeypatch.setattr(generative, "loop_hold", len)
     idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=8))
     calls = record_generate(monkeypatch, InfiniLM)
     idx.memory_reader("infini").model.shut_gates()
