@@ -143,9 +143,10 @@ class Searcher:
         out = []
         for q in range(len(queries)):
             if mode == "hybrid":
-                fused = self._timed("fuse", self._fuse, queries[q], {name: result[q] for name, result in runs.items()})
+                names = self.name_scores(queries[q]) if self.settings.name_weight else {}
+                fused = self._timed("fuse", self._fuse, names, {name: result[q] for name, result in runs.items()})
                 if use_late:
-                    fused = self._timed("rerank", self._rerank, late_queries[q], fused, queries[q])
+                    fused = self._timed("rerank", self._rerank, late_queries[q], fused, names)
             else:
                 fused = [(row, score, {mode: rank}) for rank, (row, score) in enumerate(runs[mode][q], start=1)]
             hits = [self._hit(row, score, ranks) for row, score, ranks in fused[:k]]
@@ -185,12 +186,10 @@ class Searcher:
             self._names = NameMatcher(self.manifest["files"])
         return self._names.scores(query)
 
-    def _fuse(self, query: str, runs: dict[str, list[tuple[int, float]]]) -> Fused:
-        rule = FusionRule.from_settings(self.settings)
-        names = self.name_scores(query) if rule.name_weight else None
-        return fuse(runs, rule, self.paths, names)
+    def _fuse(self, names: dict[str, float], runs: dict[str, list[tuple[int, float]]]) -> Fused:
+        return fuse(runs, FusionRule.from_settings(self.settings), self.paths, names)
 
-    def _rerank(self, late_query: np.ndarray, fused, query: str):
+    def _rerank(self, late_query: np.ndarray, fused, names: dict[str, float]):
         """Exact MaxSim over the top `rerank_depth` fused candidates; the rest keep their fused order below. The
         name rule holds here too: a chunk of a document the query names gains `name_weight` × its name score in
         units of the best MaxSim score of the head (as in fusion, where the unit is the best possible score)."""
@@ -199,8 +198,7 @@ class Searcher:
             return fused
         rows = np.array([row for row, _, _ in head], dtype=np.int64)
         scores = self.late.maxsim(late_query, rows)
-        if self.settings.name_weight and len(head) > 1:
-            names = self.name_scores(query)
+        if self.settings.name_weight and names and len(head) > 1:
             named = np.array([names.get(self.paths[row], 0.0) for row in rows])
             scores = scores + self.settings.name_weight * float(np.abs(scores).max()) * named
         order = np.argsort(-scores, kind="stable")
