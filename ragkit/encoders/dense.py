@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ragkit.models import load_model, model_revision, resolve_model_name
+from ragkit.tokens import quiet_transformers, token_batches
 
 # (chunks done, chunks total, tokens done)
 EncodeProgress = Callable[[int, int, int], None]
@@ -87,31 +88,3 @@ class DenseEncoder:
             show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
-
-
-def token_batches(order: list[int], n_tokens: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Split length-sorted (longest first) indices so that longest × count ≤ batch_tokens."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = n_tokens[current[0]] if current else n_tokens[i]
-        if current and longest * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def quiet_transformers() -> None:
-    """Silence load reports, download bars and the model libraries' own notes (such as sentence-transformers'
-    "creating a new one with mean pooling" before a load fails): ragkit reports what matters itself."""
-    import logging as std_logging
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    for library in ("sentence_transformers", "pylate"):
-        std_logging.getLogger(library).setLevel(std_logging.ERROR)

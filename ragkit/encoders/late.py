@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ragkit.encoders.dense import quiet_transformers, token_batches
 from ragkit.errors import ModelLoadError
 from ragkit.models import load_model, model_revision, resolve_model_name
+from ragkit.tokens import quiet_transformers, token_batches
 
 NO_SPAN = -1  # span of a token that stands for no text (CLS, SEP, the [D] prefix)
 

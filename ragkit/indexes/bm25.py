@@ -9,18 +9,9 @@ from typing import Sequence
 import numpy as np
 
 from ragkit.indexes.base import SearchResults
+from ragkit.tokens import STEMMER_LANGUAGE, tokenize
 
 PARAMS = "ragkit.json"
-STEMMER_LANGUAGE = "english"
-
-
-def tokenize(texts: Sequence[str]) -> list[list[str]]:
-    """Lower-cased, stop-worded, stemmed word tokens of each text."""
-    import bm25s
-    import Stemmer
-
-    stemmer = Stemmer.Stemmer(STEMMER_LANGUAGE)
-    return bm25s.tokenize(list(texts), stemmer=stemmer.stemWords, return_ids=False, show_progress=False)
 
 
 class LexicalIndex:

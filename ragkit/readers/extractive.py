@@ -140,7 +140,7 @@ class ExtractiveReader:
         return Answer(text, citations, list(hits))
 
     def _score(self, question: str, sentences: list[Sentence], hits: Sequence[Hit]) -> np.ndarray:
-        from ragkit.indexes.bm25 import tokenize
+        from ragkit.tokens import tokenize
 
         q_terms, *s_terms = tokenize([question] + [s.text for s in sentences])
         lexical = _coverage(set(q_terms), [set(t) for t in s_terms])

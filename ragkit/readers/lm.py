@@ -150,7 +150,7 @@ def _ready(lm: ReaderLM, device: str | None) -> ReaderLM:
 
 def _load_backbone(name: str, model_kwargs: dict[str, Any]) -> tuple[Any, Any, list[str]]:
     """Model, tokenizer and warnings for a GGUF file, or for an HF id or folder."""
-    from ragkit.encoders.dense import quiet_transformers
+    from ragkit.tokens import quiet_transformers
 
     quiet_transformers()
     if is_gguf(name):

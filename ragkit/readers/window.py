@@ -283,8 +283,8 @@ def anchors(hit: Hit, question: str) -> list[tuple[int, int]]:
 
 def sentences_like(text: str, question: str) -> list[tuple[int, int]]:
     """The sentences of `text` that share words (stemmed, no stop words) with `question`, most shared first."""
-    from ragkit.indexes.bm25 import tokenize
     from ragkit.readers.extractive import split_sentences
+    from ragkit.tokens import tokenize
 
     spans = split_sentences(text)
     if not spans:
