@@ -102,7 +102,8 @@ class Index:
                 if self.settings.reader_model is not None:
                     raise
                 self._no_reader_model = str(e)
-                warn(f"no reader model could be loaded, so answers are cited sentences (--reader extractive): {e}")
+                warn(f"no reader model could be loaded, so answers are cited sentences (--reader extractive): {e}",
+                     e.settings)
             else:
                 self._no_reader_model = ""
         return "extractive" if self._no_reader_model else "generate"

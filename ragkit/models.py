@@ -32,7 +32,7 @@ def load_model(kind: str, name: str, loader: Callable[[str], T]) -> T:
     try:
         return loader(resolved)
     except Exception as e:  # loaders raise OSError, ValueError, HF errors, …: all mean "cannot load"
-        raise ModelLoadError(_load_failure_message(kind, name, e)) from None
+        raise ModelLoadError(_load_failure_message(kind, name, e), settings=[f"{kind}_model"]) from None
 
 
 _hub_checked = False
@@ -99,7 +99,7 @@ def _load_failure_message(kind: str, name: str, error: Exception) -> str:
             where = "it could not be found locally or downloaded"
         lines.append(f"'{name}' is not a local folder and {where}.")
         lines.append(
-            f"Point ragkit at a local copy: --{kind}-model /path/to/model "
+            f"Point ragkit at a local copy: {kind}_model=/path/to/model "
             f"(or RAGKIT_{kind.upper()}_MODEL, or {kind}_model in ragkit.toml); or download it once with "
             "network access and HF_HUB_OFFLINE unset.")
     return "\n".join(lines)

@@ -97,13 +97,15 @@ def test_the_stream_writes_each_piece_and_ends_the_line(capsys):
 
 def test_without_any_reader_model_ask_answers_with_cited_sentences_and_says_why(indexed, monkeypatch):
     def no_model(self):
-        raise ModelLoadError("Could not load the reader model 'x'")
+        raise ModelLoadError("Could not load the reader model 'x'; pass reader_model=/path/to/model",
+                             settings=["reader_model"])
 
     monkeypatch.setattr(Index, "generative_reader", no_model)
     result = ask(indexed)
     assert result.exit_code == 0, result.stderr
-    assert "Warning: no reader model could be loaded, so answers are cited sentences" in " ".join(
-        result.stderr.split())
+    said = " ".join(result.stderr.split())
+    assert "Warning: no reader model could be loaded, so answers are cited sentences" in said
+    assert "pass --reader-model /path/to/model" in said  # the setting the library names, as its flag
     assert result.stdout.startswith("The oil crisis began in October 1973. [1]")
     with pytest.warns(RagkitWarning, match="no reader model could be loaded"):
         assert Index(indexed).ask(QUESTION, mode="bm25").reader == "extractive"

@@ -102,6 +102,9 @@ def test_bad_model_is_a_clear_error(tmp_path, docs):
     assert code == 1
     assert "typo/nope" in stderr and "--dense-model /path/to/model" in stderr
     assert "Traceback" not in stderr + stdout
+    code, stdout, _ = run("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", "typo/nope", "--json")
+    error = json.loads(stdout)["error"]
+    assert code == 1 and "--dense-model /path/to/model" in error and "dense_model=" not in error
 
 
 def test_bad_mode_is_a_clear_error(indexed):

@@ -201,7 +201,7 @@ def test_unreadable_model_gives_one_clear_message(tmp_path, docs):
     with pytest.raises(ModelLoadError) as info:
         idx.add(docs)
     message = str(info.value)
-    assert "nobody/no-such-model-xyz" in message and "--dense-model /path/to/model" in message
+    assert "nobody/no-such-model-xyz" in message and "dense_model=/path/to/model" in message
     assert not (tmp_path / "index" / store.CURRENT).exists()
 
 

@@ -58,7 +58,21 @@ def test_uncached_hub_id_offline_says_how_to_fix(monkeypatch):
     with pytest.raises(ModelLoadError) as info:
         DenseEncoder("acme/never-downloaded")
     message = str(info.value)
-    assert "HF_HUB_OFFLINE" in message and "--dense-model /path/to/model" in message
+    assert "HF_HUB_OFFLINE" in message and "dense_model=/path/to/model" in message
+
+
+def test_a_load_error_names_the_setting_and_the_cli_shows_its_flag(monkeypatch):
+    from ragkit.cli.common import with_flags
+    from ragkit.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        load_model("late", "acme/never-downloaded", lambda name: 1 / 0)
+    message = str(info.value)
+    assert info.value.settings == ("late_model",) and "--late-model" not in message
+    assert "Point ragkit at a local copy: late_model=/path/to/model (or RAGKIT_LATE_MODEL" in message
+    assert ("Point ragkit at a local copy: --late-model /path/to/model (or RAGKIT_LATE_MODEL, or late_model in "
+            "ragkit.toml)") in with_flags(message, info.value.settings)
 
 
 def test_an_unreachable_hub_is_found_once_and_fast(monkeypatch):
@@ -80,5 +94,5 @@ def test_an_unreachable_hub_is_found_once_and_fast(monkeypatch):
         DenseEncoder("acme/never-downloaded")
     assert time.perf_counter() - started < 10
     message = str(info.value)
-    assert "hub cannot be reached" in message and "--dense-model /path/to/model" in message
+    assert "hub cannot be reached" in message and "dense_model=/path/to/model" in message
     assert "HF_HUB_OFFLINE" in message and huggingface_hub.constants.HF_HUB_OFFLINE

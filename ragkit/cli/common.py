@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Sequence
 
 import typer
 from rich.console import Console
@@ -28,9 +29,10 @@ def user_errors(as_json: bool) -> Iterator[None]:
             warnings.showwarning = show_warning
             yield
     except RagkitError as e:
+        message = with_flags(str(e), e.settings)
         if as_json:
-            print(json.dumps({"error": str(e)}))
-        err.print(f"[bold red]Error:[/] {escape(str(e))}", soft_wrap=True)
+            print(json.dumps({"error": message}))
+        err.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted.[/] The index is as it was before this run.")
@@ -42,9 +44,23 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     from ragkit.errors import RagkitWarning
 
     if issubclass(category, RagkitWarning):
-        err.print(f"[yellow]Warning:[/] {escape(str(message))}", soft_wrap=True)
+        text = with_flags(str(message), getattr(message, "settings", ()))
+        err.print(f"[yellow]Warning:[/] {escape(text)}", soft_wrap=True)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def flag(setting: str) -> str:
+    """The command-line flag of a setting: dense_model → --dense-model."""
+    return "--" + setting.replace("_", "-")
+
+
+def with_flags(message: str, settings: Sequence[str]) -> str:
+    """A library message as the CLI shows it: each of `settings` that it names with a value, `dense_model=PATH`,
+    written as the flag, `--dense-model PATH` (see ragkit.errors)."""
+    for name in settings:
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=", flag(name) + " ", message)
+    return message
 
 
 def print_json(data: dict[str, Any]) -> None:
