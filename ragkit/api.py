@@ -55,13 +55,14 @@ class Index:
     def ask(self, question: str, k: int | None = None, mode: str | None = None,
             paths: Sequence[str] | None = None, reader: str | None = None,
             on_token: Callable[[str], None] | None = None):
-        """An answer to `question` with numbered citations, from the top `k` hits (default 5).
+        """An answer to `question` with numbered citations, from the top `k` hits (default: the settings' k, at
+        most 5).
 
-        reader: "generate" (a language model writes the answer from the hits, citing them as [n]), "extractive"
-        (cited sentences of the hits), "infini" or "hmt" (a language model with memory reads the whole documents of
-        the hits, then answers with the hits in its window); default: the settings' reader, else generate when a
-        reader model can be loaded and extractive when none can. A generated answer's text is streamed to
-        `on_token` piece by piece as it is written.
+        reader: "extractive" (cited sentences of the hits), "generate" (a language model writes the answer from the
+        first `reader_passages` hits, citing them as [n]), "infini" or "hmt" (a language model with memory reads the
+        whole documents of those hits, then answers with them in its window); default: the settings' reader, else
+        generate when a reader model can be loaded and extractive when none can. A generated answer's text is
+        streamed to `on_token` piece by piece as it is written.
         """
         mode = self._mode(mode)
         hits = self.search(question, k or min(self.settings.k, 5), mode, paths)

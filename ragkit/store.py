@@ -4,12 +4,16 @@ Layout (all plain files; see docs/index-format.md):
 
     .ragkit/
       CURRENT           name of the live generation (replaced atomically)
-      write.lock        held (flock) by the one process writing
-      gen-000007/       a complete generation
-        manifest.json   schema version, settings fingerprints, files → content hash and chunk rows
+      write.lock        held (flock) by the one process writing; says "pid N" while N writes
+      gen-000006/       the generation before the live one, kept for readers that opened it just before the switch
+      gen-000007/       the live generation
+        manifest.json   schema version, settings and stage fingerprints, models, files → content hash and chunk rows
         chunks.parquet  one row per chunk: text and provenance
         dense/          vectors.npy (+ index.faiss for HNSW), params.json
         bm25/           bm25s arrays and vocabulary, ragkit.json
+        late/           token vectors, spans, offsets, params.json (+ plaid/ and plaid_rows.npy); absent without
+                        a late stage
+      gen-000008.tmp/   a generation being written (renamed to gen-000008/ when complete)
 
 Rules: only the holder of write.lock changes the folder. A new generation is numbered above every one present. On
 taking the lock and again after its switch, the writer removes every `*.tmp` entry and every generation but the

@@ -1,21 +1,7 @@
-"""The small contract every search structure follows."""
+"""What every search structure returns (the dense, BM25 and late indexes each search rows 0..n-1 of the chunk
+table and load from their own folder of the generation)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol, Sequence
-
 # One result list per query: (row in the chunk table, score), best first.
 SearchResults = list[list[tuple[int, float]]]
-
-
-class SearchIndex(Protocol):
-    """A search structure over rows 0..n-1 of a chunk table, saved to and loaded from its own folder."""
-
-    def search(self, queries: Sequence, k: int) -> SearchResults:
-        """Top `k` rows for each query."""
-        ...
-
-    def save(self, folder: Path) -> None:
-        """Write the index as plain files into `folder`."""
-        ...
