@@ -1,4 +1,5 @@
-"""The shapes that flow through ingestion: a source file, its parsed text and its chunks."""
+"""The shapes that flow through ingestion: a source file, its parsed text (or why it cannot be parsed) and its
+chunks."""
 
 from __future__ import annotations
 
@@ -23,6 +24,28 @@ class Skipped:
 
     path: str  # relative to the indexed folder
     reason: str
+
+
+class ParseError(Exception):
+    """A file that cannot be indexed; `reason` is a short message shown to the user.
+
+    `damaged` marks a file the parsing library failed on: what it logged may say why.
+    """
+
+    def __init__(self, reason: str, *, damaged: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.damaged = damaged
+
+
+MAX_MESSAGE = 100  # chars of a library's error message kept in a reason
+
+
+def short_error(error: BaseException) -> str:
+    """A one-line, bounded description of a library error."""
+    lines = str(error).strip().strip("\"'").splitlines()  # KeyError quotes its message
+    message = lines[0] if lines else type(error).__name__
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -120,3 +143,8 @@ class Chunk:
 def line_starts(text: str) -> list[int]:
     """Char offset where each line of `text` starts (line 1 first)."""
     return [0] + [m.end() for m in re.finditer("\n", text)]
+
+
+def normalize_newlines(text: str) -> str:
+    """`text` with every line ending (\\r\\n, \\r) as \\n."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")

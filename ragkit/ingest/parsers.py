@@ -2,8 +2,8 @@
 
 Every parser keeps char offsets meaningful: for text formats (Markdown, reST, code, plain text)
 the document text is the decoded file itself, so offsets and line numbers map to the file's own
-lines. HTML, PDF and DOCX are rendered to plain text first and their structure is recorded
-against that rendering.
+lines. HTML, PDF (ragkit.ingest.pdf) and DOCX are rendered to plain text first and their structure
+is recorded against that rendering.
 
 Anything that should be skipped (unreadable, binary, empty, corrupt, encrypted) raises
 ParseError with a short reason for the user. Nothing is printed: what the parsing libraries warn
@@ -24,24 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ragkit.ingest.document import Heading, ParsedDocument, line_starts
+from ragkit.ingest.document import (MAX_MESSAGE, Heading, ParseError, ParsedDocument, line_starts, normalize_newlines,
+                                    short_error)
+from ragkit.ingest.pdf import parse_pdf
 
 if TYPE_CHECKING:
     from bs4 import Tag
     from markdown_it.token import Token
-    from pypdf import PdfReader
-
-
-class ParseError(Exception):
-    """A file that cannot be indexed; `reason` is a short message shown to the user.
-
-    `damaged` marks a file the parsing library failed on: what it logged may say why.
-    """
-
-    def __init__(self, reason: str, *, damaged: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.damaged = damaged
 
 
 _TEXT_SUFFIXES = (
@@ -68,7 +57,6 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
-_MAX_MESSAGE = 100  # chars of a library's error message kept in a reason
 _MAX_REASON = 120
 _MAX_WARNINGS = 20  # library messages kept per file
 _LIBRARY_LOGGERS = ("pypdf", "bs4", "docx", "charset_normalizer", "markdown_it")
@@ -158,8 +146,8 @@ class _Collector(logging.Handler):
 
     def keep(self, message: str) -> None:
         message = " ".join(message.split())
-        if len(message) > 2 * _MAX_MESSAGE:
-            message = message[: 2 * _MAX_MESSAGE - 1] + "…"
+        if len(message) > 2 * MAX_MESSAGE:
+            message = message[: 2 * MAX_MESSAGE - 1] + "…"
         if message and message not in self.messages and len(self.messages) < _MAX_WARNINGS:
             self.messages.append(message)
 
@@ -185,17 +173,6 @@ def _read_bytes(path: Path) -> bytes:
         raise ParseError(f"unreadable: {e.strerror or e}") from None
 
 
-def _short(error: BaseException) -> str:
-    """A one-line, bounded description of a library error."""
-    lines = str(error).strip().strip("\"'").splitlines()  # KeyError quotes its message
-    message = lines[0] if lines else type(error).__name__
-    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
-
-
-def _normalize_newlines(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # Text decoding
 
@@ -206,7 +183,7 @@ def decode_text(data: bytes) -> str:
     >>> decode_text(b"caf\xe9\r\nna\xefve\rend")
     'café\nnaïve\nend'
     """
-    text = _normalize_newlines(_decode(data))
+    text = normalize_newlines(_decode(data))
     if not text.strip():
         raise ParseError("empty file")
     return text
@@ -492,96 +469,6 @@ def _render_atomic(node: Tag, builder: _TextBuilder, headings: list[Heading]) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# PDF: page texts joined by blank lines; `pages` records where each page starts
-
-
-_REBUILD_XREF = b"\nstartxref\n0\n%%EOF\n"  # a trailer pointing nowhere: pypdf rebuilds the xref table
-_REBUILT = "damaged PDF: read after rebuilding its cross-reference table"
-
-
-class _DamagedPdf(Exception):
-    """pypdf could not read the file as it is; the message says why."""
-
-
-def _parse_pdf(data: bytes) -> ParsedDocument:
-    try:
-        texts, notes = _pdf_texts(data)
-    except _DamagedPdf as damage:
-        texts, notes = _rebuilt_pdf_texts(data, damage)
-    if not any(text.strip() for text in texts):
-        raise ParseError("no extractable text (scanned PDF?)")
-    pages = []
-    offset = 0
-    for text in texts:
-        pages.append(offset)
-        offset += len(text) + 2
-    return ParsedDocument("\n\n".join(texts), pages=pages, warnings=notes)
-
-
-def _rebuilt_pdf_texts(data: bytes, damage: _DamagedPdf) -> tuple[list[str], list[str]]:
-    """Read a PDF whose end (xref table, trailer, %%EOF) is missing or wrong, as in a cut-off download."""
-    try:
-        texts, notes = _pdf_texts(data + _REBUILD_XREF)
-    except _DamagedPdf:
-        raise ParseError(f"corrupt PDF: {damage}", damaged=True) from None
-    return texts, [_REBUILT, *notes]
-
-
-def _pdf_texts(data: bytes) -> tuple[list[str], list[str]]:
-    """The text of every page, and a note for each page whose text could not be extracted."""
-    from pypdf.errors import DependencyError
-
-    reader = _open_pdf(data)
-    try:
-        pages = list(reader.pages)
-    except Exception as e:  # pypdf raises many kinds of errors on damaged files
-        raise _DamagedPdf(_short(e)) from None
-    texts: list[str] = []
-    errors: list[str] = []
-    notes = []
-    for number, page in enumerate(pages, start=1):
-        try:
-            texts.append(_normalize_newlines(page.extract_text() or ""))
-        except DependencyError as e:  # e.g. AES without the `cryptography` package
-            raise ParseError(_dependency_reason(e)) from None
-        except Exception as e:
-            texts.append("")
-            errors.append(_short(e))
-            notes.append(f"page {number}: no text extracted ({errors[-1]})")
-    if pages and len(errors) == len(pages):
-        raise _DamagedPdf(errors[0])
-    return texts, notes
-
-
-def _open_pdf(data: bytes) -> PdfReader:
-    """A pypdf reader, decrypted with the empty password when the file is encrypted."""
-    from pypdf import PdfReader
-    from pypdf.errors import DependencyError
-
-    try:
-        reader = PdfReader(io.BytesIO(data))
-        readable = not reader.is_encrypted or reader.decrypt("")
-    except DependencyError as e:
-        raise ParseError(_dependency_reason(e)) from None
-    except Exception as e:
-        raise _DamagedPdf(_short(e)) from None
-    if not readable:
-        raise ParseError("encrypted PDF (password required)")
-    return reader
-
-
-def _dependency_reason(error: Exception) -> str:
-    """The reason for a PDF that needs a package that is not installed.
-
-    >>> _dependency_reason(Exception("cryptography>=3.1 is required for AES algorithm"))
-    "encrypted PDF (AES needs the 'cryptography' package: pip install cryptography)"
-    """
-    if "cryptography" in str(error):
-        return "encrypted PDF (AES needs the 'cryptography' package: pip install cryptography)"
-    return f"PDF needs a package that is not installed: {_short(error)}"
-
-
-# ---------------------------------------------------------------------------------------------
 # DOCX: paragraphs and tables in document order, separated by blank lines.
 # Heading levels: "Title" -> 1 and "Heading N" -> N, so Title and Heading 1 are both top level.
 
@@ -592,7 +479,7 @@ def _parse_docx(data: bytes) -> ParsedDocument:
     try:
         blocks = list(_docx_blocks(data))
     except Exception as e:  # not a zip, missing parts, malformed XML
-        raise ParseError(f"corrupt DOCX: {_short(e)}", damaged=True) from None
+        raise ParseError(f"corrupt DOCX: {short_error(e)}", damaged=True) from None
     parts: list[str] = []
     headings = []
     offset = 0
@@ -618,7 +505,7 @@ def _docx_blocks(data: bytes) -> Iterator[tuple[str, int | None]]:
             if table:
                 yield table, None
         elif item.text.strip():
-            yield _normalize_newlines(item.text), _docx_level(item.style.name if item.style else "")
+            yield normalize_newlines(item.text), _docx_level(item.style.name if item.style else "")
 
 
 def _docx_level(style: str | None) -> int | None:
@@ -634,6 +521,6 @@ _PARSERS: dict[str, Callable[[bytes], ParsedDocument]] = {
     "rst": _parse_rst,
     "python": _parse_python,
     "html": _parse_html,
-    "pdf": _parse_pdf,
+    "pdf": parse_pdf,
     "docx": _parse_docx,
 }
