@@ -339,7 +339,7 @@ def test_eval_on_real_squad_questions(squad_index, shared_data):
     questions = load_questions(shared_data / "squad-v1.1-dev" / "questions.jsonl",
                                shared_data / "squad-v1.1-dev" / "docs", limit=40)
     summary = evaluate(squad_index, questions, "hybrid", reader="extractive").summary
-    # measured 2026-11-26 on the first 100 questions: recall@5 0.99, evidence_hit@5 0.96, answer in citations 0.83
+    # floors a little below what these questions score, so that only a real regression fails
     assert summary["recall@5"] >= 0.95 and summary["evidence_hit@5"] >= 0.85
     assert summary["answer_in_citations"] >= 0.6
     # a gold inside the top sentence (whole words) is a gold inside the citations; every citation is cited
