@@ -158,7 +158,7 @@ def test_progress_is_a_line_per_stage_when_stderr_is_not_a_terminal(tmp_path, do
 
 
 def test_a_chunk_across_pdf_pages_cites_both_pages(tmp_path, tiny_encoder, tiny_colbert):
-    from test_parsers import make_pdf
+    from test_pdf import make_pdf
 
     docs = tmp_path / "pdfs"
     docs.mkdir()
@@ -248,7 +248,7 @@ def test_symlinks_out_of_the_folder_are_skipped_unless_followed(tmp_path, tiny_e
 
 
 def test_a_damaged_pdf_is_indexed_with_a_warning_that_names_it(tmp_path, tiny_encoder):
-    from test_parsers import make_pdf
+    from test_pdf import make_pdf
 
     folder = tmp_path / "docs"
     folder.mkdir()
