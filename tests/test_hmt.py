@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ragkit.errors import ModelLoadError
-from ragkit.readers.hmt import HMTConfig, HMTLM, memory_search
+from ragkit.memory.hmt import HMTConfig, HMTLM, memory_search
 
 SEG = 16
 K = 4
@@ -171,7 +171,7 @@ def test_gradients_flow_through_memory_across_segments():
 
     g = grads()
     assert g[:, :SEG].abs().sum() > 0  # segment 1 reaches segment 3 only through its memory M_1
-    for p in reader.hmt_parameters():  # T, P_1, W_q, W_k: the search over [M_1, M_2] depends on all of them
+    for p in reader.adapter_parameters():  # T, P_1, W_q, W_k: the search over [M_1, M_2] depends on all of them
         assert p.grad is not None and p.grad.abs().sum() > 0
     reader.config.bptt_segments = 1  # detach every segment: nothing flows back
     assert grads()[:, :SEG].abs().sum() == 0
@@ -185,7 +185,7 @@ def test_gradients_flow_through_memory_across_segments():
 
 
 def test_search_target_reports_its_log_weight_and_teacher_forcing_reads_that_memory(monkeypatch):
-    import ragkit.readers.hmt as hmt_module
+    import ragkit.memory.hmt as hmt_module
 
     reader = reader_for(tiny_backbone())  # N = 3 memories
     x = ids(4 * SEG, batch=2)
@@ -227,7 +227,7 @@ def test_adapter_round_trip(tmp_path):
     loaded = HMTLM(backbone, HMTConfig(segment_length=64)).eval()  # d_h = 32 until the adapter says otherwise
     loaded.load_adapter(folder)
     assert loaded.config == saved.config
-    for a, b in zip(saved.hmt_parameters(), loaded.hmt_parameters()):
+    for a, b in zip(saved.adapter_parameters(), loaded.adapter_parameters()):
         assert torch.equal(a, b)
     x = ids(5 * SEG)
     with torch.no_grad():
@@ -310,7 +310,7 @@ def test_several_memory_tokens_write_distinct_memories_and_keep_the_cache_to_n_s
     assert reader.cache.shape == (2, R * N, 32) and reader.cached_segments() == N
     assert reader.last_weights.shape == (2, 1, R * N)  # the search weighs every memory of the N segments
     assert reader.state_bytes() == 2 * (R * N * 32 * 4 + K * 32 * 4)
-    assert len(reader.hmt_parameters()) == 5 and reader.memory_slots.shape == (R, 32)
+    assert len(reader.adapter_parameters()) == 5 and reader.memory_slots.shape == (R, 32)
     assert reader_for(tiny_backbone()).memory_slots is None  # r = 1: the paper's layout, no slot embeddings
 
 
@@ -330,7 +330,7 @@ def test_several_memory_tokens_stream_like_one_call_and_stage1_reads_their_mean(
 
 
 def test_several_memory_tokens_search_target_sums_its_segments_memories_and_teacher_reads_their_mix(monkeypatch):
-    import ragkit.readers.hmt as hmt_module
+    import ragkit.memory.hmt as hmt_module
 
     reader = reader_for(tiny_backbone(), memory_tokens=R)
     x = ids(4 * SEG, batch=2)
@@ -365,14 +365,14 @@ def test_several_memory_tokens_adapter_round_trip_and_positions(tmp_path):
     loaded = HMTLM(backbone, HMTConfig(segment_length=64)).eval()  # r = 1 until the adapter says otherwise
     loaded.load_adapter(folder)
     assert loaded.config == saved.config and loaded.config.memory_tokens == R
-    for a, b in zip(saved.hmt_parameters(), loaded.hmt_parameters(), strict=True):
+    for a, b in zip(saved.adapter_parameters(), loaded.adapter_parameters(), strict=True):
         assert torch.equal(a, b)
     x = ids(4 * SEG)
     with torch.no_grad():
         assert torch.equal(saved(x), loaded(x))
     back = reader_for(backbone).save_adapter(tmp_path / "one")  # and back to r = 1: no slots left over
     loaded.load_adapter(back)
-    assert loaded.memory_slots is None and len(loaded.hmt_parameters()) == 4
+    assert loaded.memory_slots is None and len(loaded.adapter_parameters()) == 4
 
     from ragkit.errors import ConfigError
 
@@ -384,7 +384,7 @@ def test_several_memory_tokens_adapter_round_trip_and_positions(tmp_path):
 
 
 def test_search_slot_names_one_memory_of_the_segment_and_teacher_forcing_reads_it(monkeypatch):
-    import ragkit.readers.hmt as hmt_module
+    import ragkit.memory.hmt as hmt_module
 
     reader = reader_for(tiny_backbone(), memory_tokens=R)
     x = ids(4 * SEG, batch=2)

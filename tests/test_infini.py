@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ragkit.errors import ModelLoadError
-from ragkit.readers.infini import InfiniConfig, InfiniLM, write
+from ragkit.memory.infini import InfiniConfig, InfiniLM, write
 
 SEG = 16
 VOCAB = 64

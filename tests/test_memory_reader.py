@@ -121,7 +121,7 @@ def test_infini_reads_the_documents_into_memory_and_the_window_with_exact_attent
     decoding of that window alone, and the citations are the hits."""
     import ragkit.readers.generative as generative
     from ragkit.readers.generate import paragraph_end
-    from ragkit.readers.infini import InfiniLM
+    from ragkit.memory.infini import InfiniLM
 
     monkeypatch.setattr(generative, "answer_end", lambda question: paragraph_end)  # the random model may loop
     monkeypatch.setattr(generative, "loop_hold", len)
@@ -146,7 +146,7 @@ def test_with_default_settings_and_long_documents_the_question_is_in_the_window(
                                                                                 monkeypatch):
     """Default segment length (1024), documents of several thousand tokens: the question's tokens open and close
     the window the model attends to exactly, with every passage; only the documents go to memory."""
-    from ragkit.readers.infini import InfiniLM
+    from ragkit.memory.infini import InfiniLM
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -176,7 +176,7 @@ def test_infini_streams_the_documents_into_memory_and_answers_from_the_window(in
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    from ragkit.readers.infini import InfiniLM
+    from ragkit.memory.infini import InfiniLM
 
     idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=4))
     calls = record_generate(monkeypatch, InfiniLM)
@@ -207,7 +207,7 @@ def test_hmt_streams_the_documents_into_its_memory_cache(indexed, tiny_llama, mo
     import torch
     from transformers import LlamaForCausalLM
 
-    from ragkit.readers.hmt import HMTLM
+    from ragkit.memory.hmt import HMTLM
 
     idx = Index(indexed, Settings(reader="hmt", reader_model=str(tiny_llama), reader_segment=32, answer_tokens=4))
     calls = record_generate(monkeypatch, HMTLM)
@@ -230,7 +230,7 @@ def test_hmt_streams_the_documents_into_its_memory_cache(indexed, tiny_llama, mo
 
 def test_the_window_setting_bounds_the_memory_readers_window(indexed, tiny_llama, monkeypatch):
     from ragkit.errors import ConfigError
-    from ragkit.readers.infini import InfiniLM
+    from ragkit.memory.infini import InfiniLM
 
     idx = Index(indexed, Settings(reader="infini", reader_model=str(tiny_llama), answer_tokens=4, reader_window=200))
     calls = record_generate(monkeypatch, InfiniLM)
@@ -259,7 +259,7 @@ def test_infini_summary_of_a_document_that_fits_reads_it_all_in_the_window(tmp_p
     from ragkit.api import summarize_file
     from ragkit.readers.generate import SUMMARY_INSTRUCTION
     from ragkit.readers.generative import SUMMARY_CUE
-    from ragkit.readers.infini import InfiniLM
+    from ragkit.memory.infini import InfiniLM
     from ragkit.readers.window import render
 
     doc = tmp_path / "report.txt"

@@ -313,8 +313,8 @@ def test_a_hugging_face_folder_loads_with_its_context_length(tmp_path):
 def test_memory_readers_take_a_gguf_backbone(tiny_gguf, conversions):
     """InfiniLM/HMTLM.from_pretrained and load_causal_lm read a .gguf path (through the cache); dtype applies."""
     from ragkit.models import load_causal_lm
-    from ragkit.readers.hmt import HMTLM, HMTConfig
-    from ragkit.readers.infini import InfiniLM
+    from ragkit.memory.hmt import HMTLM, HMTConfig
+    from ragkit.memory.infini import InfiniLM
 
     path, source, _ = tiny_gguf
     expected = source.model.embed_tokens.weight

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from ragkit.errors import ConfigError
-from ragkit.readers.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
+from ragkit.memory.tasks import (EQUALS, FILLER, IGNORE, KEY, KEY_IDS, QUERY, VOCAB_SIZE, RecallTask,
                                   fact_slots, make_recall_batch,
                                   segment_fact_ids, slot_fact_ids, slot_fact_values)
-from ragkit.readers.train import (DocumentBatches, RecallBatches, TrainConfig, _seeded, build_reader,
-                                  evaluate_recall, load_checkpoint, save_checkpoint, train)
+from ragkit.memory.recall_eval import _seeded, evaluate_recall
+from ragkit.memory.recipes import build_reader
+from ragkit.memory.tasks import DocumentBatches, RecallBatches
+from ragkit.memory.train import TrainConfig, train
 
 torch.set_num_threads(1)
 
@@ -389,80 +391,7 @@ def test_on_recall_reads_the_sequences_own_prefix_and_other_another_sequences():
     assert other.digit == pytest.approx(float(right.float().mean())) and other.digit < 0.5
 
 
-# --- checkpoints and the CLI ----------------------------------------------------------------------------------------
-
-
-def test_full_checkpoint_round_trip(tmp_path):
-    model = tiny(seed=3)
-    with torch.no_grad():
-        for i, g in enumerate(model.gate_parameters()):
-            g.fill_(0.5 * i - 1)
-    save_checkpoint(model, tmp_path / "ck", full=True, meta={"step": 7})
-    loaded = load_checkpoint(tmp_path / "ck")
-    x = torch.randint(0, VOCAB_SIZE, (2, 3 * SEG), generator=gen())
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model.eval()(x))
-    assert torch.equal(loaded.gate_values(), model.gate_values())
-    assert json.loads((tmp_path / "ck" / "train.json").read_text())["step"] == 7
-
-
-def test_adapter_checkpoint_names_its_backbone(tmp_path):
-    from ragkit.readers.infini import InfiniConfig, InfiniLM
-
-    tiny(seed=4).model.save_pretrained(tmp_path / "backbone")  # a "pretrained" causal LM in a local folder
-    reader = InfiniLM.from_pretrained(str(tmp_path / "backbone"), InfiniConfig(segment_length=SEG))
-    config = TrainConfig(steps=2, batch_size=2, train_all=False, gate_warmup=0.0, gate_lr=0.1)
-    train(reader, RecallBatches(RecallTask(segment_length=SEG, digits=3)), config, out=tmp_path / "ck")
-    assert not (tmp_path / "ck" / "model.safetensors").exists()
-    loaded = load_checkpoint(tmp_path / "ck")
-    assert torch.equal(loaded.gate_values(), reader.gate_values())
-    x = torch.randint(0, VOCAB_SIZE, (1, 2 * SEG), generator=gen())
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), reader(x))
-
-
-def test_cli_reader_train_tiny_writes_a_checkpoint(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from ragkit.cli.reader import reader_app
-
-    app = typer.Typer()
-    app.add_typer(reader_app, name="reader")
-    out = tmp_path / "ck"
-    args = ["reader", "train", "--tiny", "--steps", "3", "--json", "--out", str(out), "--segment-length", "16",
-            "--d-model", "32", "--eval-sequences", "4", "--threads", "1", "--device", "cpu"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["steps"] == 3 and report["checkpoint"] == str(out)
-    assert {c["mode"] for c in report["eval"]} == {"on", "shut", "other"}
-    assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "infini_config.json", "config.json",
-                                               "model.safetensors", "train.json"}
-    assert load_checkpoint(out).config.segment_length == 16
-    result = CliRunner().invoke(app, args + ["--keys", "4", "--segments", "6", "--keys-curriculum", "0.5",
-                                             "--min-lr-ratio", "1"])
-    assert result.exit_code == 0, result.output
-    recorded = json.loads((out / "train.json").read_text())["train"]
-    assert (recorded["keys_curriculum"], recorded["min_lr_ratio"]) == (0.5, 1.0)
-
-
-def test_cli_reader_train_errors_are_one_message(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from ragkit.cli.reader import reader_app
-
-    app = typer.Typer()
-    app.add_typer(reader_app, name="reader")
-    for args, message in [(["--steps", "1"], "choose the backbone"),
-                          (["--tiny", "--segments", "5-2"], "--segments"),
-                          (["--tiny", "--objective", "lm"], "tokenizer"),
-                          (["--model", "x", "--objective", "lm", "--data", str(tmp_path), "--keys-curriculum", "0.5"],
-                           "--keys-curriculum"),
-                          (["--model", "x", "--memory-value-loss", "1"], "--train-all")]:
-        result = CliRunner().invoke(app, ["reader", "train", *args, "--out", str(tmp_path / "x")])
-        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+# --- HMT ----------------------------------------------------------------------------------------
 
 
 # --- HMT: two-stage training, the adapter in checkpoints, evaluation, the CLI ------------------------------------
@@ -485,22 +414,22 @@ def test_build_reader_hmt_tiny_fits_the_memory_tokens_in_its_positions():
     assert (model.config.sensory_tokens, model.config.cache_size, model.config.memory_search) == (4, 8, True)
     two = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, memory_tokens=2)[0]
     assert two.config.memory_tokens == 2 and two.model.config.max_position_embeddings == SEG + 8 + 3
-    with pytest.raises(ConfigError, match="unknown reader"):
+    with pytest.raises(ConfigError, match="unknown memory reader"):
         build_reader("rmt", tiny=True)
 
 
 def test_hmt_parameters_get_their_own_group_without_decay():
-    from ragkit.readers.train import param_groups
+    from ragkit.memory.train import param_groups
 
     model = tiny_hmt()
     groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-3, hmt_lr=5e-3))}
-    assert {id(p) for p in groups["hmt"]["params"]} == {id(p) for p in model.hmt_parameters()}
+    assert {id(p) for p in groups["hmt"]["params"]} == {id(p) for p in model.adapter_parameters()}
     assert groups["hmt"]["weight_decay"] == 0.0 and groups["hmt"]["base_lr"] == 5e-3
-    assert not {id(p) for p in groups["decay"]["params"]} & {id(p) for p in model.hmt_parameters()}
+    assert not {id(p) for p in groups["decay"]["params"]} & {id(p) for p in model.adapter_parameters()}
 
 
 def test_two_stage_training_reduces_the_loss_searches_only_in_stage_two_and_saves_the_search_on(tmp_path):
-    from ragkit.readers.train import train_two_stage
+    from ragkit.memory.train import train_two_stage
 
     model = tiny_hmt()
     events, searches = [], []
@@ -522,13 +451,13 @@ def test_two_stage_training_reduces_the_loss_searches_only_in_stage_two_and_save
     assert last < first - 0.3
     assert model.config.memory_search
     saved = json.loads((tmp_path / "ck" / "hmt_config.json").read_text())
-    assert saved["hmt"]["memory_search"] is True
+    assert saved["config"]["memory_search"] is True
     record = json.loads((tmp_path / "ck" / "train.json").read_text())
     assert record["reader"] == "hmt" and record["stages"]["stage1_steps"] == 12
 
 
 def test_two_stage_training_boxes_stage_one_in_time_and_gives_stage_two_the_rest():
-    from ragkit.readers.train import train_two_stage
+    from ragkit.memory.train import train_two_stage
 
     calls = []
     batches = RecallBatches(hmt_task())
@@ -547,8 +476,8 @@ def test_two_stage_training_boxes_stage_one_in_time_and_gives_stage_two_the_rest
 
 
 def test_stage_one_recall_batches_open_only_the_sensory_window():
-    from ragkit.readers.tasks import make_recall_batch
-    from ragkit.readers.train import stage1_recall_batches
+    from ragkit.memory.tasks import make_recall_batch
+    from ragkit.memory.tasks import stage1_recall_batches
 
     task = hmt_task()
     opened = stage1_recall_batches(task).task
@@ -562,7 +491,7 @@ def test_stage_one_recall_batches_open_only_the_sensory_window():
 
 
 def test_two_stage_training_draws_stage_one_from_its_own_batches():
-    from ragkit.readers.train import train_two_stage
+    from ragkit.memory.train import train_two_stage
 
     calls = []
 
@@ -593,9 +522,9 @@ def test_search_supervision_trains_the_search_and_needs_hmt_on_recall_batches():
     config = TrainConfig(steps=4, batch_size=4, segments=(4, 4), search_loss=0.5, search_teacher=0.5, log_every=1)
     train(model, RecallBatches(task), config)
     assert calls == [(True, True)] * 2 + [(True, False)] * 2  # teacher-forced for the first half of the run
-    with pytest.raises(ConfigError, match="HMT reader with recall batches"):
+    with pytest.raises(ConfigError, match="use the HMT reader"):
         train(tiny(), RecallBatches(task), TrainConfig(steps=1, search_loss=0.3))  # Infini has no search
-    with pytest.raises(ConfigError, match="HMT reader with recall batches"):
+    with pytest.raises(ConfigError, match="recall batches"):
         train(tiny_hmt(), lambda b, s, g: RecallBatches(task)(b, s, g), TrainConfig(steps=1, search_teacher=0.2))
     with pytest.raises(ConfigError, match="search_loss"):
         TrainConfig(search_loss=-1.0)
@@ -636,14 +565,15 @@ def test_memory_id_loss_teaches_hmt_memories_to_name_the_ids_of_their_facts():
     hits = [hit for _, hit in result.memory_id_hits]
     assert len(hits) == 9 and [e.memory_id_hit for e in events] == hits
     assert hits[0] < 0.2 and hits[-1] > 0.7, hits
-    with pytest.raises(ConfigError, match="memory_id_loss trains HMT"):
+    with pytest.raises(ConfigError, match="use the HMT reader"):
         train(tiny(), RecallBatches(task), TrainConfig(steps=1, memory_id_loss=1.0))
     with pytest.raises(ConfigError, match="memory_id_loss"):
         TrainConfig(memory_id_loss=-1.0)
 
 
 def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages_unless_told():
-    from ragkit.readers.train import stage1_recall_batches, train_two_stage
+    from ragkit.memory.tasks import stage1_recall_batches
+    from ragkit.memory.train import train_two_stage
 
     task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
     config = TrainConfig(steps=2, batch_size=8, segments=(4, 4), memory_id_loss=1.0, log_every=1)
@@ -656,7 +586,7 @@ def test_two_stage_training_keeps_the_memory_id_loss_in_both_stages_unless_told(
 
 
 def test_memory_id_terms_score_the_memories_before_the_question_against_their_segments():
-    from ragkit.readers.train import _memory_id_terms
+    from ragkit.memory.probes import memory_id_terms as _memory_id_terms
 
     targets = torch.zeros(1, 4, 1, 3)  # 4 segments, 1 slot, 3 ids: segment 1 holds id 2, segment 2 ids 0 and 1
     targets[0, 1, 0, 2] = targets[0, 2, 0, 0] = targets[0, 2, 0, 1] = 1.0
@@ -674,7 +604,7 @@ def test_memory_id_terms_score_the_memories_before_the_question_against_their_se
 
 
 def test_memory_id_terms_score_each_of_several_memories_per_segment_against_its_slot():
-    from ragkit.readers.train import _memory_id_terms
+    from ragkit.memory.probes import memory_id_terms as _memory_id_terms
 
     targets = torch.zeros(1, 3, 2, 3)  # 3 segments, 2 slots, 3 ids: segment 1 holds ids 0 then 2
     targets[0, 1, 0, 0] = targets[0, 1, 1, 2] = 1.0
@@ -691,7 +621,7 @@ def test_memory_id_terms_score_each_of_several_memories_per_segment_against_its_
 
 
 def test_memory_value_term_scores_the_digits_of_the_memories_given_one_fact():
-    from ragkit.readers.train import _memory_value_term
+    from ragkit.memory.probes import memory_value_term as _memory_value_term
 
     targets = torch.full((1, 3, 1, 2), IGNORE)  # 3 segments, 1 slot, 2 digits: segment 1 holds the fact "3 1"
     targets[0, 1, 0] = torch.tensor([3, 1])
@@ -729,7 +659,7 @@ def test_memory_value_loss_adds_hmts_weighted_probe_term_and_trains_the_probe(mo
     memory before the question's is given, read from HMT's cached memories; the probe trains at probe_lr without
     decay, its term's gradient reaches HMT's parameters and the backbone, the history keeps the task's loss, the hit
     rate logged is the probe's digit accuracy, and the probe is not part of the reader."""
-    import ragkit.readers.train as train_module
+    import ragkit.memory.probes as probes_module
 
     def hmt_model():
         return build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=1, heads=2, sensory_tokens=4,
@@ -742,9 +672,9 @@ def test_memory_value_loss_adds_hmts_weighted_probe_term_and_trains_the_probe(mo
     plain = train(hmt_model(), RecallBatches(task), base)
     model = hmt_model()
     names = set(model.state_dict())
-    reached = [*model.hmt_parameters(), model.model.model.layers[0].self_attn.v_proj.weight]
+    reached = [*model.adapter_parameters(), model.model.model.layers[0].self_attn.v_proj.weight]
     draws, calls = [], []
-    draw, real = RecallBatches.draw, train_module._memory_value_term
+    draw, real = RecallBatches.draw, probes_module.memory_value_term
 
     def recorded(self, *args, **kwargs):
         draws.append(draw(self, *args, **kwargs))
@@ -767,7 +697,7 @@ def test_memory_value_loss_adds_hmts_weighted_probe_term_and_trains_the_probe(mo
         return loss, hit
 
     monkeypatch.setattr(RecallBatches, "draw", recorded)
-    monkeypatch.setattr(train_module, "_memory_value_term", spy)
+    monkeypatch.setattr(probes_module, "memory_value_term", spy)
     events = []
     valued = train(model, RecallBatches(task), replace(base, memory_value_loss=weight, probe_lr=probe_lr),
                    progress=events.append)
@@ -794,13 +724,13 @@ def test_memory_value_loss_needs_recall_batches_and_a_memory():
         TrainConfig(memory_value_loss=-1.0)
     with pytest.raises(ConfigError, match="recall batches"):
         train(tiny_hmt(), lambda b, s, g: RecallBatches(task)(b, s, g), TrainConfig(steps=1, memory_value_loss=1.0))
-    with pytest.raises(ConfigError, match="memory_value_loss"):  # a model with no memory to train
+    with pytest.raises(ConfigError, match="memory reader"):  # a model with no memory to train
         train(nn.Sequential(nn.Embedding(VOCAB_SIZE, 8), nn.Linear(8, VOCAB_SIZE)), RecallBatches(task),
               TrainConfig(steps=1, memory_value_loss=1.0))
 
 
 def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
-    import ragkit.readers.train as train_module
+    import ragkit.memory.probes as probes_module
 
     model = tiny_hmt()
     task = replace(hmt_task(), keys=2, cue=True, protect=SEG - 6)
@@ -812,16 +742,16 @@ def test_teacher_forcing_ends_once_the_search_is_right(monkeypatch):
         return forward(*args, **kwargs)
 
     model.forward = spy
-    monkeypatch.setattr(train_module, "_search_hit_rate", lambda *args: 1.0)  # a search that is always right
+    always = lambda self, segment, prefix, slot=None: torch.ones(len(segment), dtype=torch.bool)  # noqa: E731
+    monkeypatch.setattr(type(model), "search_hits", always)  # a search that is always right
     events = []
     config = TrainConfig(steps=24, batch_size=2, segments=(3, 3), search_loss=0.3, search_teacher=1.0, log_every=4)
     result = train(model, RecallBatches(task), config, progress=events.append)
-    assert forced == [True] * train_module.SEARCH_TAUGHT_STEPS + [False] * 4
+    assert forced == [True] * probes_module.SEARCH_TAUGHT_STEPS + [False] * 4
     assert [e.search_hit for e in events] == [1.0] * 6 and result.search_hits == [(s, 1.0) for s in range(4, 25, 4)]
 
 
 def test_search_supervision_names_the_asked_facts_memory_when_a_segment_writes_several(monkeypatch):
-    import ragkit.readers.train as train_module
 
     task = replace(hmt_task(), keys=4, cue=True, protect=SEG - 6)
     for memory_tokens in (1, 2):
@@ -846,7 +776,7 @@ def test_search_supervision_names_the_asked_facts_memory_when_a_segment_writes_s
             assert seen == [None, None]  # one memory per segment: the segment names it
         else:
             for slot, batch in zip(seen, draws, strict=True):
-                assert torch.equal(slot, train_module.fact_slots(batch, SEG, 2)[:, 0])
+                assert torch.equal(slot, fact_slots(batch, SEG, 2)[:, 0])
 
 
 def test_only_the_hmt_parameters_train_on_a_frozen_backbone():
@@ -856,19 +786,6 @@ def test_only_the_hmt_parameters_train_on_a_frozen_backbone():
     train(model, RecallBatches(hmt_task()), config)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and not any(n.startswith("model.") for n in changed)
-
-
-def test_hmt_full_checkpoint_round_trip(tmp_path):
-    model = tiny_hmt(seed=5)
-    model.config.cache_size = 5
-    save_checkpoint(model, tmp_path / "ck", full=True, meta={"step": 3})
-    loaded = load_checkpoint(tmp_path / "ck")
-    assert type(loaded).__name__ == "HMTLM" and loaded.config == model.config
-    for a, b in zip(loaded.hmt_parameters(), model.hmt_parameters()):
-        assert torch.equal(a, b)
-    x = torch.randint(0, VOCAB_SIZE, (2, 4 * SEG), generator=gen())
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
 def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search_hits():
@@ -899,14 +816,14 @@ def test_evaluate_recall_for_hmt_disables_the_memory_for_shut_and_reports_search
 
 
 def test_the_segment_hit_counts_every_memory_of_the_asked_facts_segment(monkeypatch):
-    import ragkit.readers.train as train_module
+    import ragkit.memory.recall_eval as eval_module
 
     model = build_reader("hmt", tiny=True, segment_length=SEG, d_model=32, layers=2, heads=2, sensory_tokens=4,
                          cache_size=8, memory_tokens=2)[0]
     task = hmt_task()
     exact = []
     for slot in (0, 1):  # as if every fact had been given memory `slot` of its segment
-        monkeypatch.setattr(train_module, "_asked_slot", lambda m, batch, s: torch.full((len(batch.answer),), slot))
+        monkeypatch.setattr(eval_module, "asked_slot", lambda m, batch, s: torch.full((len(batch.answer),), slot))
         on = evaluate_recall(model, task, [4], sequences=16, batch_size=8, modes=("on",))[0]
         exact.append(on.search_hit)
     # the search's top memory is in the fact's segment exactly when it is that segment's first or second memory
@@ -914,16 +831,16 @@ def test_the_segment_hit_counts_every_memory_of_the_asked_facts_segment(monkeypa
     monkeypatch.undo()
     one = evaluate_recall(tiny_hmt(), task, [4], sequences=8, batch_size=8, modes=("on",))[0]
     assert one.search_segment_hit == one.search_hit  # one memory per segment: the same count
-    from ragkit.readers.train import hit_text
+    from ragkit.memory.recall_eval import hit_text
 
     assert (hit_text(0.0, 1.0), hit_text(0.5, 0.5), hit_text(None, None)) == ("0.000 (1.000 for the segment)",
                                                                              "0.500", "")
 
 
 def test_search_hits_point_at_the_key_segment_among_the_cached_memories():
-    from ragkit.readers.train import _search_hits
+    from ragkit.memory.hmt import HMTConfig, HMTLM
 
-    from ragkit.readers.hmt import HMTConfig
+    _search_hits = HMTLM.search_hits  # read on a stand-in with the attributes it reads
 
     class Reader:
         config = HMTConfig(segment_length=16, memory_tokens=1)
@@ -942,74 +859,6 @@ def test_search_hits_point_at_the_key_segment_among_the_cached_memories():
     assert hits.tolist() == [True, False, True]  # the second memory of segment 3, of segment 4
     hits = _search_hits(TwoSlots(), torch.tensor([3, 0, 4]), 5, key_slot=torch.tensor([1, 0, 0]))
     assert hits.tolist() == [True, False, False]  # segment 4's fact is in its first memory: the search took the other
-
-
-def test_cli_reader_train_hmt_tiny_writes_a_checkpoint(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from ragkit.cli.reader import reader_app
-
-    app = typer.Typer()
-    app.add_typer(reader_app, name="reader")
-    out = tmp_path / "ck"
-    args = ["reader", "train", "--reader", "hmt", "--tiny", "--steps", "5", "--stage1-steps", "2", "--json",
-            "--out", str(out), "--segment-length", "16", "--segments", "3", "--d-model", "32", "--batch-size", "4",
-            "--eval-sequences", "4", "--threads", "1", "--device", "cpu"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["steps"] == 5 and report["checkpoint"] == str(out)
-    assert {c["mode"] for c in report["eval"]} == {"on", "shut", "other"}
-    assert {p.name for p in out.iterdir()} >= {"hmt_adapter.safetensors", "hmt_config.json", "config.json",
-                                               "model.safetensors", "train.json"}
-    loaded = load_checkpoint(out)
-    assert loaded.config.segment_length == 16 and loaded.config.memory_search
-    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--stage1-steps", "2", "--out", str(out)])
-    assert result.exit_code == 1 and "--reader hmt" in result.output
-    # many keys: stage 1 still trains on one fact in 2 segments, stage 2 and the evaluation on 4 with the cue
-    many = [a if a != "3" else "6" for a in args] + ["--keys", "4"]
-    result = CliRunner().invoke(app, many)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {c["keys"] for c in report["eval"]} == {4} and {c["segments"] for c in report["eval"]} == {6}
-    record = json.loads((out / "train.json").read_text())
-    assert record["task"]["cue"] is True
-    assert (record["train"]["search_loss"], record["train"]["search_teacher"]) == (0.0, 0.0)  # off unless asked
-    result = CliRunner().invoke(app, many + ["--search-loss", "0.3", "--search-teacher", "0.5"])
-    assert result.exit_code == 0, result.output
-    record = json.loads((out / "train.json").read_text())
-    assert (record["train"]["search_loss"], record["train"]["search_teacher"], record["train"]["hmt_lr"]) == \
-        (0.3, 0.5, 1e-2)
-    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--search-loss", "0.3", "--out", str(out)])
-    assert result.exit_code == 1 and "--reader hmt" in result.output
-    result = CliRunner().invoke(app, many + ["--memory-id-loss", "1"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    stage1 = json.loads((out / "train.json").read_text())["stages"]["stage1_steps"]
-    assert report["memory_id_hits"][0][0] <= stage1 < report["memory_id_hits"][-1][0]  # in both stages
-    record = json.loads((out / "train.json").read_text())
-    assert (record["train"]["memory_id_loss"], record["train"]["hmt_lr"]) == (1.0, 1e-2)
-    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-id-loss", "1", "--out", str(out)])
-    assert result.exit_code == 1 and "--reader hmt" in result.output
-    result = CliRunner().invoke(app, many + ["--memory-id-loss", "1", "--memory-tokens", "2"])
-    assert result.exit_code == 0, result.output
-    loaded = load_checkpoint(out)
-    assert loaded.config.memory_tokens == 2 and loaded.memory_slots.shape == (2, loaded.dim)
-    result = CliRunner().invoke(app, many + ["--memory-tokens", "2", "--memory-value-loss", "1"])
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "train.json").read_text())["train"]["memory_value_loss"] == 1.0
-    infini = [a for a in many if a not in ("hmt", "--stage1-steps", "2")]  # the Infini-attention reader
-    assert "--reader" in infini and infini[infini.index("--reader") + 1] == "--tiny"
-    infini.remove("--reader")
-    result = CliRunner().invoke(app, infini + ["--memory-value-loss", "1"])
-    assert result.exit_code == 0, result.output
-    hits = json.loads(result.stdout.strip().splitlines()[-1])["memory_value_hits"]
-    assert [step for step, _ in hits] == [1, 2, 3, 4, 5] and all(0.0 <= hit <= 1.0 for _, hit in hits)
-    assert json.loads((out / "train.json").read_text())["train"]["memory_value_loss"] == 1.0
-    assert {p.name for p in out.iterdir()} >= {"infini_adapter.safetensors", "train.json"}
-    result = CliRunner().invoke(app, ["reader", "train", "--tiny", "--memory-tokens", "2", "--out", str(out)])
-    assert result.exit_code == 1 and "--reader hmt" in result.output
 
 
 # --- the CPU ablation -----------------------------------------------------------------------------------------------
@@ -1033,7 +882,8 @@ def test_cpu_hmt_passkey_memory_carries_the_key_beyond_the_trained_length():
     """HMT on a Llama backbone: 2 layers, d_model 64, k = 8, N = 64; stage 1 on 2 segments (facts may reach
     the sensory window), stage 2 on 4 segments with the search. Memory on must recall the key at the trained length
     and at 16× it; off and another sequence's memory must stay near chance (0.1)."""
-    from ragkit.readers.train import stage1_recall_batches, train_two_stage
+    from ragkit.memory.tasks import stage1_recall_batches
+    from ragkit.memory.train import train_two_stage
 
     torch.set_flush_denormal(True)
     model, _ = build_reader("hmt", tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0,
@@ -1075,7 +925,8 @@ def test_cpu_hmt_search_finds_the_asked_fact_by_its_name_with_the_memory_id_loss
     trained length and among 15 memories at 4× (at random: 1/3 and 1/15); without the memory id loss it reached 0.50
     at best in 1,200 s (benchmarks/RESULTS.md, "search supervision"). Reading the fact out of the memory it found is
     not asserted: it varies with the seed, from chance to 0.33 of digits in this budget."""
-    from ragkit.readers.train import stage1_recall_batches, train_two_stage
+    from ragkit.memory.tasks import stage1_recall_batches
+    from ragkit.memory.train import train_two_stage
 
     model, _ = build_reader("hmt", tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0,
                             sensory_tokens=8, cache_size=16)
@@ -1099,7 +950,8 @@ def test_cpu_hmt_associative_recall_reads_the_fact_it_finds_by_name():
     sharing it (0.96-0.98 overall in 1,200 s, benchmarks/RESULTS.md; one memory per segment read shared facts at
     about 0.46), and ≥ 0.9 at 4× with a cache of every segment; the backbone alone and another sequence's memory
     stay at chance."""
-    from ragkit.readers.train import stage1_recall_batches, train_two_stage
+    from ragkit.memory.tasks import stage1_recall_batches
+    from ragkit.memory.train import train_two_stage
 
     model, _ = build_reader("hmt", tiny=True, segment_length=32, d_model=64, layers=2, heads=2, seed=0,
                             sensory_tokens=8, cache_size=32, memory_tokens=2)

@@ -119,15 +119,12 @@ class MemoryReader:
 
 
 def _wrap(kind: str, backbone: Any, segment_length: int, adapter: str | None):
-    """The backbone with Infini-attention or HMT around it, the adapter loaded when given (its config wins)."""
-    if kind == "infini":
-        from ragkit.readers.infini import InfiniConfig, InfiniLM
+    """The backbone with the `kind` memory around it; with an adapter, its saved config and tensors."""
+    from ragkit.memory.base import reader_class
 
-        reader = InfiniLM(backbone, InfiniConfig(segment_length=segment_length))
-    else:
-        from ragkit.readers.hmt import HMTLM, HMTConfig
-
-        reader = HMTLM(backbone, HMTConfig(segment_length=segment_length))
+    cls = reader_class(kind)
+    config = cls.saved_config(adapter) if adapter is not None else cls.config_class(segment_length=segment_length)
+    reader = cls(backbone, config)
     if adapter is not None:
         reader.load_adapter(adapter)
     return reader

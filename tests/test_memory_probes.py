@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from ragkit.errors import ConfigError
-from ragkit.readers.infini import write
-from ragkit.readers.infini_probe import InfiniValueProbe, forward_keeping_memory
-from ragkit.readers.tasks import KEY_IDS, RecallTask
-from ragkit.readers.train import RecallBatches, TrainConfig, build_reader, train
+from ragkit.memory.infini import write
+from ragkit.memory.probes import InfiniValueProbe, forward_keeping_memory
+from ragkit.memory.tasks import KEY_IDS, RecallTask
+from ragkit.memory.recipes import build_reader
+from ragkit.memory.tasks import RecallBatches
+from ragkit.memory.train import TrainConfig, train
 
 SEG = 16
 
@@ -71,7 +73,7 @@ def test_memory_value_loss_adds_the_weighted_probe_term_trains_the_probe_and_log
     digits read from the memory the question's segment reads; the probe trains at probe_lr without decay, its term's
     gradient reaches what the layers write (K and V projections), the history keeps the task's loss alone, the hit
     rate logged is the probe's digit accuracy, and the probe is not part of the reader."""
-    import ragkit.readers.train as train_module
+    import ragkit.memory.probes as probes_module
 
     task = RecallTask(segment_length=SEG, keys=2, cue=True)
     base = TrainConfig(steps=3, batch_size=4, segments=(3, 3), seed=0, log_every=1, warmup=0.0, grad_clip=1e9)
@@ -81,7 +83,7 @@ def test_memory_value_loss_adds_the_weighted_probe_term_trains_the_probe_and_log
     names = set(model.state_dict())
     writes = [attn.k_proj.weight for attn in model.layers] + [attn.v_proj.weight for attn in model.layers]
     calls = []
-    real = train_module._infini_value_term
+    real = probes_module.infini_value_term
 
     def spy(probe, states, batch):
         loss, hit = real(probe, states, batch)
@@ -102,7 +104,7 @@ def test_memory_value_loss_adds_the_weighted_probe_term_trains_the_probe_and_log
         calls.append((probe, float(loss.detach()), hit, grads[: len(own)], grads[len(own) :], params))
         return loss, hit
 
-    monkeypatch.setattr(train_module, "_infini_value_term", spy)
+    monkeypatch.setattr(probes_module, "infini_value_term", spy)
     events = []
     valued = train(model, RecallBatches(task), replace(base, memory_value_loss=weight, probe_lr=probe_lr),
                    progress=events.append)

@@ -51,20 +51,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError
-from ragkit.readers.adapter_files import read_adapter, write_adapter
+from ragkit.memory.base import MemoryLM
 
-ADAPTER_WEIGHTS = "hmt_adapter.safetensors"
-ADAPTER_CONFIG = "hmt_config.json"
-ADAPTER_VERSION = 1
-ADAPTER_TENSORS = ("prompt", "memory_init", "w_q", "w_k", "memory_slots")  # as hmt_parameters() orders them
+ADAPTER_TENSORS = ("prompt", "memory_init", "w_q", "w_k", "memory_slots")  # as adapter_parameters() orders them
 
 
 @dataclass
@@ -130,9 +126,16 @@ def cache_index(segment: Tensor, current: int, cached: int) -> Tensor:
 # the reader: an unchanged causal LM, streamed segment by segment through HMT's memory
 
 
-class HMTLM(nn.Module):
+class HMTLM(MemoryLM):
     """A Hugging Face causal LM (Llama, Qwen2, SmolLM, OPT, …) wrapped in HMT. The backbone is not modified: it is
     only ever called with `inputs_embeds`."""
+
+    kind = "hmt"
+    label = "HMT"
+    config_class = HMTConfig
+    adapter_weights = "hmt_adapter.safetensors"
+    adapter_config = "hmt_config.json"
+    tiny_defaults = {"sensory_tokens": 8, "cache_size": 64}  # sized for the synthetic tasks' short sequences
 
     def __init__(self, model: nn.Module, config: HMTConfig | None = None) -> None:
         super().__init__()
@@ -165,18 +168,6 @@ class HMTLM(nn.Module):
         self.target_log_weight: Tensor | None = None  # (b,) log-weight of the search target (forward's search_target)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, config: HMTConfig | None = None,
-                        adapter: str | Path | None = None, **model_kwargs: Any) -> HMTLM:
-        """Load the backbone by HF id or local path (`model_kwargs` go to AutoModelForCausalLM), then the adapter
-        folder if given (its config replaces `config`)."""
-        from ragkit.models import load_causal_lm
-
-        reader = cls(load_causal_lm(name_or_path, **model_kwargs), config)
-        if adapter is not None:
-            reader.load_adapter(adapter)
-        return reader
-
     # --- state -------------------------------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -208,11 +199,20 @@ class HMTLM(nn.Module):
         """`disable_memory` under InfiniLM's name, so that code written for either reader runs the ablation."""
         self.disable_memory(shut)
 
-    def hmt_parameters(self) -> list[nn.Parameter]:
-        """The new parameters T, the initial memory, W_q, W_k and the slot embeddings if r > 1 (the adapter): give
-        them their own optimizer group."""
-        slots = [] if self.memory_slots is None else [self.memory_slots]
-        return [self.prompt, self.memory_init, self.w_q.weight, self.w_k.weight, *slots]
+    def search_hits(self, key_segment: Tensor, prefix_segments: int, key_slot: Tensor | None = None) -> Tensor | None:
+        """(b,) bool: did the latest memory search weigh the asked fact's memory highest: memory `key_slot` (b,) of
+        segment `key_segment` (b,), or with key_slot None any memory of that segment? The cache holds the r memories
+        each of the last m ≤ N of the `prefix_segments` segments read, oldest first. None without a search
+        (memory_search off, the memory disabled, nothing cached)."""
+        weights = self.last_weights
+        if weights is None or not self.config.memory_search or self.memory_disabled:
+            return None
+        r = self.config.memory_tokens  # memories per segment
+        index = cache_index(key_segment.to(weights.device), prefix_segments, weights.shape[-1] // r)  # (b,), -1: gone
+        best = weights[:, 0].argmax(dim=-1)  # (b,)
+        if key_slot is None:
+            return ((index >= 0) & (best // r == index)).cpu()
+        return ((index >= 0) & (best == index * r + key_slot.to(best.device))).cpu()
 
     # --- one segment -------------------------------------------------------------------------------------------
 
@@ -289,10 +289,6 @@ class HMTLM(nn.Module):
 
     # --- reading -----------------------------------------------------------------------------------------------
 
-    def _segments(self, n: int) -> list[slice]:
-        step = self.config.segment_length
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, reset: bool = True,
                 search_target: Tensor | None = None, teacher_search: bool = False,
                 search_slot: Tensor | None = None) -> Tensor:
@@ -314,7 +310,7 @@ class HMTLM(nn.Module):
             self.reset()
         self.target_log_weight = None
         h = self._embed(input_ids) if input_ids is not None else inputs_embeds  # (b, n, C)
-        segments = self._segments(h.shape[1])
+        segments = self.segments(h.shape[1])
         logits = []
         for i, seg in enumerate(segments):
             if self.config.bptt_segments and i > 0 and i % self.config.bptt_segments == 0:
@@ -341,74 +337,43 @@ class HMTLM(nn.Module):
         cache and the sensory tokens. Returns the logits of the last segment read, (b, L_last, V)."""
         if input_ids.shape[1] == 0:
             raise ValueError("read() needs at least one token")
-        for seg in self._segments(input_ids.shape[1]):  # embed one segment at a time: memory stays flat
+        for seg in self.segments(input_ids.shape[1]):  # embed one segment at a time: memory stays flat
             logits = self._segment(self._embed(input_ids[:, seg]))  # (b, L, V)
         self.detach_state()
         return logits
 
-    def max_window(self, new_tokens: int) -> int:
-        """The longest final window `generate` can read with `new_tokens` after it: the backbone's positions less
-        P_n's and the sensory tokens'."""
-        from ragkit.readers.lm import context_length
+    def window_overhead(self) -> int:
+        """A final window shares the backbone's positions with P_n and the sensory tokens."""
+        return 1 + self.config.sensory_tokens
 
-        return context_length(self.model) - new_tokens - 1 - self.config.sensory_tokens
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 window: int | None = None, on_token: Callable[[Tensor], None] | None = None,
-                 halt: Callable[[], bool] | None = None) -> Tensor:
-        """Greedy answer to prompt_ids (b, n). Everything before the last `window` tokens (default:
-        `segment_length`) is streamed into memory, segment by segment; the window (put the question and the
-        passages there), however long, is read in one backbone pass as [P ‖ sensory ‖ window], P searched with the
-        window's first j tokens, and the answer follows with a KV cache (positions from 0); the window is not
-        written into memory. With the memory disabled this is the backbone's own greedy decoding of
-        [sensory ‖ window]. eos_token_id: the id, or ids, that end a row; `on_token` gets each step's tokens (b,);
-        decoding ends early once `halt()` is true. Returns the new ids, (b, ≤ max_new_tokens); a row that has
-        ended is padded with the id that ended it."""
-        from transformers import DynamicCache
-
-        from ragkit.readers.generate import decode_greedy
-
-        self.reset()
-        n = prompt_ids.shape[1]
-        window = min(n, window or self.config.segment_length)
-        if n > window:
-            self.read(prompt_ids[:, : n - window])
-        h = self._embed(prompt_ids[:, n - window :])  # (b, window, C)
-        x, _ = self._inputs(self._memory_prompt(h), h, trailing=False)  # (b, 1 + s + window, C)
-        cache = DynamicCache(config=self.model.config)
+    def open_window(self, window_ids: Tensor, cache: Any) -> Tensor:
+        """The window (b, w), however long, in one backbone pass as [P ‖ sensory ‖ window], P searched with the
+        window's first j tokens; not written into memory. With the memory disabled this is the backbone's own
+        reading of [sensory ‖ window]."""
+        h = self._embed(window_ids)  # (b, w, C)
+        x, _ = self._inputs(self._memory_prompt(h), h, trailing=False)  # (b, 1 + s + w, C)
         kwargs = {"logits_to_keep": 1} if self._keep else {}
-        logits = self.model(inputs_embeds=x, past_key_values=cache, use_cache=True, **kwargs).logits
-        return decode_greedy(logits[:, -1], lambda token: self.model(input_ids=token[:, None], past_key_values=cache,
-                                                                     use_cache=True).logits[:, -1],
-                             max_new_tokens, eos_token_id, on_token, halt)
+        return self.model(inputs_embeds=x, past_key_values=cache, use_cache=True, **kwargs).logits[:, -1]
 
     # --- the adapter: new parameters and config, apart from the backbone ---------------------------------------
 
-    def save_adapter(self, folder: str | Path) -> Path:
-        """Write T, the initial memory, W_q, W_k, the slot embeddings if r > 1 (safetensors) and the config (JSON)
-        to `folder`; the backbone is not saved."""
-        tensors = dict(zip(ADAPTER_TENSORS, self.hmt_parameters()))
-        meta = {
-            "version": ADAPTER_VERSION,
-            "backbone": getattr(self.model.config, "_name_or_path", ""),
-            "embedding_dim": self.dim,
-            "hmt": asdict(self.config),
-        }
-        return write_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, tensors, meta)
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The new parameters T, the initial memory, W_q, W_k and the slot embeddings if r > 1."""
+        slots = [] if self.memory_slots is None else [self.memory_slots]
+        return [self.prompt, self.memory_init, self.w_q.weight, self.w_k.weight, *slots]
 
-    def load_adapter(self, folder: str | Path) -> None:
-        """Restore the new parameters and the config saved by `save_adapter`."""
-        meta, tensors = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "HMT")
-        if meta.get("embedding_dim") != self.dim:
-            raise ModelLoadError(f"the HMT adapter in {folder} was made for embeddings of width "
-                                 f"{meta.get('embedding_dim')}, this backbone's are {self.dim}")
-        config = _config_of(meta, folder)
+    def adapter_names(self) -> list[str]:
+        return list(ADAPTER_TENSORS[: len(self.adapter_parameters())])
+
+    def adapter_shape(self) -> dict[str, Any]:
+        return {"embedding_dim": self.dim}
+
+    def restore(self, config: HMTConfig, tensors: dict[str, Tensor], folder: Any) -> None:
+        """Take `config`, rebuilding W_q, W_k and the slot embeddings in the saved shapes, and the tensors."""
         expected = set(ADAPTER_TENSORS if config.memory_tokens > 1 else ADAPTER_TENSORS[:-1])  # slots: r > 1 only
         if set(tensors) != expected:
             raise ModelLoadError(f"the HMT adapter in {folder} holds {', '.join(sorted(tensors))}; its config needs "
                                  f"{', '.join(sorted(expected))}")
-        self.config = config
         kw = {"device": self.prompt.device, "dtype": self.prompt.dtype}
         d_h = tensors["w_q"].shape[0]
         if self.w_q.weight.shape[0] != d_h:  # another search width: new W_q, W_k of the saved shape
@@ -416,21 +381,4 @@ class HMTLM(nn.Module):
             self.w_k = nn.Linear(self.dim, d_h, bias=False, **kw)
         slots = tensors.get("memory_slots")
         self.memory_slots = None if slots is None else nn.Parameter(torch.empty(tuple(slots.shape), **kw))
-        with torch.no_grad():
-            for p, name in zip(self.hmt_parameters(), ADAPTER_TENSORS):
-                p.copy_(tensors[name])
-
-
-def saved_config(folder: str | Path) -> HMTConfig:
-    """The HMTConfig saved with the adapter in `folder`: read it before building a reader whose positions must fit
-    that config (HMTConfig's defaults may not fit a small backbone)."""
-    meta, _ = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "HMT")
-    return _config_of(meta, folder)
-
-
-def _config_of(meta: dict[str, Any], folder: str | Path) -> HMTConfig:
-    """The HMTConfig in an adapter's metadata, ignoring fields this version does not know."""
-    if not isinstance(meta.get("hmt"), dict):
-        raise ModelLoadError(f"Could not read the HMT adapter in {folder}: its config has no 'hmt' section")
-    known = {f.name for f in fields(HMTConfig)}
-    return HMTConfig(**{k: v for k, v in meta["hmt"].items() if k in known})
+        super().restore(config, tensors, folder)

@@ -37,21 +37,17 @@ plus JSON, so that the backbone stays any HF causal LM id or local path.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ragkit.errors import ConfigError, ModelLoadError
-from ragkit.readers.adapter_files import read_adapter, write_adapter
-
-ADAPTER_WEIGHTS = "infini_adapter.safetensors"
-ADAPTER_CONFIG = "infini_config.json"
-ADAPTER_VERSION = 1
+from ragkit.memory.base import MemoryLM
 
 
 @dataclass
@@ -71,6 +67,11 @@ class InfiniConfig:
             raise ConfigError(f"eps must be positive, got {self.eps}")
         if self.bptt_segments is not None and self.bptt_segments < 1:
             raise ConfigError(f"bptt_segments must be at least 1 or None, got {self.bptt_segments}")
+
+    @property
+    def positions(self) -> int:
+        """Positions of one backbone pass: a segment."""
+        return self.segment_length
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,9 +207,16 @@ class InfiniAttention(nn.Module):
 # the reader: a causal LM with every attention replaced, streamed segment by segment
 
 
-class InfiniLM(nn.Module):
+class InfiniLM(MemoryLM):
     """A Hugging Face Llama-family causal LM (LlamaForCausalLM, Qwen2ForCausalLM, …) with Infini-attention in every
     layer. The model is changed in place: each `self_attn` is replaced, its weights kept."""
+
+    kind = "infini"
+    label = "Infini-attention"
+    config_class = InfiniConfig
+    adapter_weights = "infini_adapter.safetensors"
+    adapter_config = "infini_config.json"
+    tiny_defaults = {"gate_init": 0.0}  # from scratch, the gates start half open: sigmoid(0) = 0.5
 
     def __init__(self, model: nn.Module, config: InfiniConfig | None = None) -> None:
         super().__init__()
@@ -220,18 +228,6 @@ class InfiniLM(nn.Module):
                                  "self_attn with q/k/v/o projections): the Infini-attention reader cannot wrap it")
         for layer in layers:
             layer.self_attn = InfiniAttention(layer.self_attn, self.config)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, config: InfiniConfig | None = None,
-                        adapter: str | Path | None = None, **model_kwargs: Any) -> InfiniLM:
-        """Load the backbone by HF id or local path (`model_kwargs` go to AutoModelForCausalLM), then the adapter
-        folder if given (its config replaces `config`)."""
-        from ragkit.models import load_causal_lm
-
-        reader = cls(load_causal_lm(name_or_path, **model_kwargs), config)
-        if adapter is not None:
-            reader.load_adapter(adapter)
-        return reader
 
     @property
     def layers(self) -> list[InfiniAttention]:
@@ -265,14 +261,10 @@ class InfiniLM(nn.Module):
         return torch.stack([torch.sigmoid(attn.gate.detach().float()) for attn in self.layers])
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The gates β, one tensor of H per layer: give them their own optimizer group (high LR, no decay)."""
+        """The gates β, one tensor of H per layer: their own optimizer group (high LR, no decay)."""
         return [attn.gate for attn in self.layers]
 
     # --- reading -----------------------------------------------------------------------------------------------
-
-    def _segments(self, n: int) -> list[slice]:
-        step = self.config.segment_length
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 reset: bool = True) -> Tensor:
@@ -285,7 +277,7 @@ class InfiniLM(nn.Module):
             self.reset()
         tokens = input_ids if input_ids is not None else inputs_embeds
         logits = []
-        for i, seg in enumerate(self._segments(tokens.shape[1])):
+        for i, seg in enumerate(self.segments(tokens.shape[1])):
             if self.config.bptt_segments and i > 0 and i % self.config.bptt_segments == 0:
                 self.detach_state()
             logits.append(self._segment(tokens[:, seg], embeds=inputs_embeds is not None))  # (b, N, V)
@@ -296,7 +288,7 @@ class InfiniLM(nn.Module):
         """Stream input_ids (b, n) into memory, segment by segment, after what was read before; keeps only
         (M, z) per layer. Returns the logits of the last segment read, (b, N_last, V)."""
         logits = None
-        for seg in self._segments(input_ids.shape[1]):
+        for seg in self.segments(input_ids.shape[1]):
             logits = self._segment(input_ids[:, seg])
         self.detach_state()
         if logits is None:
@@ -309,71 +301,41 @@ class InfiniLM(nn.Module):
             return self.model(inputs_embeds=tokens, use_cache=False).logits
         return self.model(input_ids=tokens, use_cache=False).logits
 
-    def max_window(self, new_tokens: int) -> int:
-        """The longest final window `generate` can read with `new_tokens` after it: the backbone's positions."""
-        from ragkit.readers.lm import context_length
-
-        return context_length(self.model) - new_tokens
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 window: int | None = None, on_token: Callable[[Tensor], None] | None = None,
-                 halt: Callable[[], bool] | None = None) -> Tensor:
-        """Greedy answer to prompt_ids (b, n). The last `window` tokens (default: `segment_length`; put the question
-        and the passages there) are read as one local segment, however long, with exact causal attention
-        (positions from 0) mixed with a read of the memory; everything before them is streamed into memory first,
-        segment by segment. The window and the answer, attended with a KV cache, read the memory but never write
-        it. With the gates shut this is the backbone's own greedy decoding of the window. eos_token_id: the id, or
-        ids, that end a row; `on_token` gets each step's tokens (b,); decoding ends early once `halt()` is true.
-        Returns the new ids, (b, ≤ max_new_tokens); a row that has ended is padded with the id that ended it."""
-        from transformers import DynamicCache
-
-        from ragkit.readers.generate import decode_greedy
-
-        self.reset()
-        n = prompt_ids.shape[1]
-        window = min(n, window or self.config.segment_length)
-        if n > window:
-            self.read(prompt_ids[:, : n - window])
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """The final window and the answer read the memory but never write it."""
         for attn in self.layers:
             attn.write_memory = False
         try:
-            cache = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=prompt_ids[:, n - window :], past_key_values=cache, use_cache=True).logits
-            return decode_greedy(logits[:, -1], lambda token: self.model(input_ids=token[:, None], past_key_values=cache,
-                                                                         use_cache=True).logits[:, -1],
-                                 max_new_tokens, eos_token_id, on_token, halt)
+            yield
         finally:
             for attn in self.layers:
                 attn.write_memory = True
 
+    def open_window(self, window_ids: Tensor, cache: Any) -> Tensor:
+        """The window (b, w) as one local segment, however long: exact causal attention (positions from 0) mixed
+        with a read of the memory. With the gates shut this is the backbone's own reading of the window."""
+        return self.model(input_ids=window_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+
     # --- the adapter: gates and config, apart from the backbone -------------------------------------------------
 
-    def save_adapter(self, folder: str | Path) -> Path:
-        """Write the gates (safetensors) and the config (JSON) to `folder`; the backbone is not saved."""
-        tensors = {f"layers.{i}.gate": attn.gate for i, attn in enumerate(self.layers)}
-        meta = {
-            "version": ADAPTER_VERSION,
-            "backbone": getattr(self.model.config, "_name_or_path", ""),
-            "num_layers": len(self.layers),
-            "num_attention_heads": self.layers[0].n_head,
-            "infini": asdict(self.config),
-        }
-        return write_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, tensors, meta)
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return self.gate_parameters()
 
-    def load_adapter(self, folder: str | Path) -> None:
-        """Restore the gates and the config saved by `save_adapter`."""
-        meta, tensors = read_adapter(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_VERSION, "Infini-attention")
-        if meta["num_layers"] != len(self.layers) or meta["num_attention_heads"] != self.layers[0].n_head:
-            raise ModelLoadError(f"the adapter in {folder} was made for {meta['num_layers']} layers × "
-                                 f"{meta['num_attention_heads']} heads, this backbone has {len(self.layers)} × "
-                                 f"{self.layers[0].n_head}")
-        known = {f.name for f in fields(InfiniConfig)}
-        self.config = InfiniConfig(**{k: v for k, v in meta["infini"].items() if k in known})
-        with torch.no_grad():
-            for i, attn in enumerate(self.layers):
-                attn.gate.copy_(tensors[f"layers.{i}.gate"])
-                attn.infini = self.config
+    def adapter_names(self) -> list[str]:
+        return [f"layers.{i}.gate" for i in range(len(self.layers))]
+
+    def adapter_shape(self) -> dict[str, Any]:
+        return {"num_layers": len(self.layers), "num_attention_heads": self.layers[0].n_head}
+
+    def restore(self, config: InfiniConfig, tensors: dict[str, Tensor], folder: Any) -> None:
+        super().restore(config, tensors, folder)
+        for attn in self.layers:
+            attn.infini = config
+
+    def optimizer_groups(self, lr: float, gate_lr: float, adapter_lr: float | None) -> list[dict[str, Any]]:
+        gates = [p for p in self.gate_parameters() if p.requires_grad]
+        return [{"params": gates, "weight_decay": 0.0, "base_lr": gate_lr, "name": "gates"}] if gates else []
 
 
 def _is_llama_attention(attn: nn.Module) -> bool:

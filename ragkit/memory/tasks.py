@@ -28,13 +28,15 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from ragkit.errors import ConfigError
+from ragkit.progress import ProgressEvent
 
 # --- the vocabulary ---------------------------------------------------------------------------------------------
 DIGITS = tuple(range(10))  # token d is the digit d
@@ -265,3 +267,116 @@ def tiny_llama_config(vocab_size: int = VOCAB_SIZE, d_model: int = 64, layers: i
     config = LlamaConfig(**kwargs)
     config._attn_implementation = "sdpa"
     return config
+
+
+# --- batch sources for training ---------------------------------------------------------------------------------
+
+
+class Batches(Protocol):
+    """A source of training batches: (input_ids, labels), both (batch_size, segments × segment_length). `task` is
+    the recall task for synthetic recall, None for documents."""
+
+    task: RecallTask | None
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator,
+                 keys: int | None = None) -> tuple[Tensor, Tensor]: ...
+
+
+class RecallBatches:
+    """Synthetic recall batches (passkey for keys = 1): loss on the answer digits only. `keys` draws sequences with
+    that many facts instead of the task's K (the key curriculum)."""
+
+    def __init__(self, task: RecallTask) -> None:
+        self.task = task
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator,
+                 keys: int | None = None) -> tuple[Tensor, Tensor]:
+        batch = self.draw(batch_size, segments, generator, keys)
+        return batch.input_ids, batch.labels
+
+    def draw(self, batch_size: int, segments: int, generator: torch.Generator,
+             keys: int | None = None) -> RecallBatch:
+        """The same draw as a call, with where each fact lies (for the losses that supervise the memory)."""
+        task = self.task if keys is None or keys == self.task.keys else replace(self.task, keys=keys)
+        return make_recall_batch(task, batch_size, segments, generator)
+
+
+def stage1_recall_batches(task: RecallTask) -> RecallBatches:
+    """HMT's stage-1 batches for a recall task: one fact per sequence (stage 1 learns to write a memory and read it
+    back; its 2 segments have no room for many facts), allowed in the sensory window before the question's segment
+    (`protect=None`). With every fact out of reach of the sensory tokens, stage 1 of a model trained from scratch
+    never left ln 10: reading the digits and writing them to memory must be learnt at once, and neither has a
+    gradient until the other works. The few facts that reach the sensory tokens teach the readout first; the memory
+    follows within a few hundred steps. Stage 2 and every evaluation keep the task's own protection."""
+    return RecallBatches(replace(task, keys=1, cue=False, protect=None))
+
+
+def curriculum_keys(share: float, keys: int, curriculum: float) -> int:
+    """Facts per sequence at `share` of a run whose task has `keys` facts: 1, 2, 4, … (the powers of two below
+    `keys`), each for an equal part of the first `curriculum` share of the run, then `keys`. A model that must pick
+    one fact among many by its name learns first to read a fact back at all (K = 1), then to tell two apart by
+    name, and so on.
+
+    >>> [curriculum_keys(s, 4, 2 / 3) for s in (0.0, 0.3, 0.5, 0.7, 1.0)]
+    [1, 1, 2, 4, 4]
+    >>> curriculum_keys(0.1, 4, 0.0), curriculum_keys(0.1, 1, 0.5)
+    (4, 1)
+    """
+    levels = [2**i for i in range(max(keys - 1, 0).bit_length())]  # powers of two below keys
+    if share >= curriculum or not levels:
+        return keys
+    return levels[min(int(share / curriculum * len(levels)), len(levels) - 1)]
+
+
+class DocumentBatches:
+    """Windows of `segments × segment_length` consecutive tokens from long documents, for plain language modelling:
+    every token is a target. Documents are parsed like `ragkit index` parses them and tokenized once."""
+
+    task = None
+
+    def __init__(self, folder: str | Path, tokenizer: Any, segment_length: int, max_tokens: int = 50_000_000,
+                 progress: Callable[[ProgressEvent], None] | None = None) -> None:
+        from ragkit.ingest.parsers import ParseError, parse_file
+        from ragkit.ingest.sources import scan_folder
+        from ragkit.tokens import token_ids
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"the training data folder {folder} does not exist")
+        self.segment_length = segment_length
+        files = scan_folder(folder).files
+        docs: list[Tensor] = []
+        total = 0
+        for i, source in enumerate(files):
+            try:
+                text = parse_file(source.path).text
+            except ParseError:
+                continue
+            ids = token_ids(tokenizer, text)
+            if len(ids) > 1:
+                docs.append(torch.tensor(ids, dtype=torch.long))
+                total += len(ids)
+            if progress:
+                progress(ProgressEvent("tokenize", i + 1, len(files), total))
+            if total >= max_tokens:
+                break
+        if not docs:
+            raise ConfigError(f"no readable documents in {folder}")
+        self.docs = sorted(docs, key=len, reverse=True)  # (n_i,) token ids each, longest first
+        self.tokens = total
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator,
+                 keys: int | None = None) -> tuple[Tensor, Tensor]:
+        n = segments * self.segment_length
+        room = torch.tensor([max(len(d) - n + 1, 0) for d in self.docs], dtype=torch.float)  # windows per document
+        if room.sum() == 0:
+            raise ConfigError(f"no document has {n} tokens ({segments} segments of {self.segment_length}); the "
+                              f"longest has {len(self.docs[0])}: use fewer or shorter segments, or longer documents")
+        picks = torch.multinomial(room, batch_size, replacement=True, generator=generator)  # uniform over windows
+        rows = []
+        for d in picks.tolist():
+            start = int(torch.randint(int(room[d]), (1,), generator=generator))
+            rows.append(self.docs[d][start : start + n])
+        ids = torch.stack(rows)  # (b, n)
+        labels = torch.cat([ids[:, 1:], torch.full((batch_size, 1), IGNORE)], dim=1)  # next token; none after the last
+        return ids, labels
