@@ -74,8 +74,8 @@ def build(args: argparse.Namespace, method: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ragkit.readers.hmt import HMTConfig, HMTLM
-    from ragkit.readers.infini import InfiniConfig, InfiniLM
+    from ragkit.memory.hmt import HMTConfig, HMTLM
+    from ragkit.memory.infini import InfiniConfig, InfiniLM
 
     config = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,

@@ -1,5 +1,5 @@
 """Multi-key associative recall under compression: Infini-attention and HMT side by side, same backbone, same
-training budget (the task of `ragkit.readers.tasks`).
+training budget (the task of `ragkit.memory.tasks`).
 
     python benchmarks/bench_recall.py                   # CPU, one thread: 6 runs of ~5 min training + evaluation
     python benchmarks/bench_recall.py --preset gpu      # 4 layers × d_model 256, batch 128, inputs to 64× (CUDA)
@@ -8,6 +8,11 @@ training budget (the task of `ragkit.readers.tasks`).
     python benchmarks/bench_recall.py --preset gpu --keys 1 --segments-max 64 --save ck     # mixed lengths 8-64
     python benchmarks/bench_recall.py --checkpoint ck/hmt-k1 --modes on --caches trained --multiples 4096  # 1M tokens
     python benchmarks/bench_recall.py --combine a.json b.json       # one entry for runs made at once with --out
+    python benchmarks/bench_recall.py --recipe recipes/passkey-infini-tiny.toml    # one recipe (here: passkey, K = 1)
+    python benchmarks/bench_recall.py --recipe recipes/recall-hmt-tiny.toml --seed 1
+
+Every memory reader trains through `ragkit.memory.recipes.run`, the code path of `ragkit reader train --recipe`:
+a `--recipe` file as it is, or the grid below as the recipe its preset and flags make (`recipe_of`).
 
 For each reader and each K (facts per sequence): a Llama of `layers` × `d_model` from scratch, trained for the same
 wall-clock budget on sequences of `segments` segments holding K facts "KEY <id> = <5 digits>" and a question naming
@@ -16,7 +21,7 @@ one id at the end; loss on the answer digits only. The question's segment opens 
 the answer can only come through memory, looked up by its id.
 - Infini-attention: one run, the gates held at sigmoid 0.5 for the first 40% of the budget, then trained at 10×
   the learning rate without decay. `--memory-value-loss 1` adds a loss making each layer's memory, as the question's
-  segment reads it, give every fact's digits to a probe that queries it once per (id, digit) (`infini_probe`).
+  segment reads it, give every fact's digits to a probe that queries it once per (id, digit) (`ragkit.memory.probes`).
 - HMT: the paper's two stages: stage 1 (`stage1_steps`, 2 segments, no search) on the one-key task with the sensory
   window open (`stage1_recall_batches`), then stage 2 with the search on the K-key task for the rest of the budget.
   For K > 1 the search can be taught where it must choose (off by default; `--search-loss 0.3`: a loss on the weight
@@ -82,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="on,shut,other", help="memory on, off (shut) and another sequence's")
     parser.add_argument("--save", type=Path, help="save each trained reader to SAVE/<reader>-k<K> (a checkpoint)")
+    parser.add_argument("--recipe", type=Path, action="append",
+                        help="train and evaluate the reader of this recipe file (recipes/*.toml) instead of the grid; "
+                        "--keys (one value) and --seed override it")
     parser.add_argument("--checkpoint", type=Path, action="append",
                         help="evaluate this saved reader (its task from its train.json) instead of training one")
     parser.add_argument("--caches", choices=("both", "trained", "wide"), default="both",
@@ -94,28 +102,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--combine", type=Path, nargs="+", help="record the runs of these --out files as one entry")
     parser.add_argument("--at-once", type=int, default=None,
                         help="with --combine: how many of the commands ran at a time (default: all of them)")
-    return apply_preset(parser.parse_args(argv), PRESETS)
+    given = set(argv if argv is not None else sys.argv[1:])
+    args = apply_preset(parser.parse_args(argv), PRESETS)
+    args.keys_given, args.seed_given = "--keys" in given, "--seed" in given
+    return args
 
 
-def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
-    """Train one reader on K-key recall within the budget, save it if asked, evaluate it; the raw record."""
-    from dataclasses import asdict
-
-    from ragkit.readers.tasks import RecallTask
-    from ragkit.readers.train import (RecallBatches, TrainConfig, TrainEvent, build_reader, save_checkpoint,
-                                      stage1_recall_batches, train, train_two_stage)
+def recipe_of(reader: str, keys: int, args: argparse.Namespace) -> Any:
+    """The recipe of one memory reader's run of the grid: the preset and flags, as `ragkit reader train --recipe`
+    would run them (`recipes/recall-*-tiny.toml` are two of them)."""
+    from ragkit.memory.recipes import Recipe
+    from ragkit.memory.tasks import RecallTask
 
     hmt = reader == "hmt"
-    lengths = (args.segments, max(args.segments, args.segments_max))  # mixed lengths when segments_max is larger
-    if reader == "full":
-        model = full_attention(args, lengths[1])
+    supervise = hmt and keys > 1 and (args.search_loss > 0 or args.search_teacher > 0)  # K = 1: nothing to choose
+    stages = {int(s) for s in str(args.memory_id_stages).split(",")}
+    if stages not in ({1, 2}, {2}):
+        raise SystemExit(f"--memory-id-stages takes 2 or 1,2, got {args.memory_id_stages!r}")
+    schedule: dict[str, Any] = dict(steps=10**6, max_seconds=args.budget, batch_size=args.batch_size,
+                                    segments=[args.segments, max(args.segments, args.segments_max)], lr=args.lr,
+                                    min_lr_ratio=args.min_lr_ratio, keys_curriculum=args.keys_curriculum,
+                                    probe_lr=args.probe_lr, log_every=100, seed=args.seed)
+    if hmt:
+        settings = {"sensory_tokens": args.sensory, "cache_size": args.cache, "memory_tokens": args.memory_tokens}
+        losses = {"search_loss": args.search_loss if supervise else 0.0,
+                  "search_teacher": args.search_teacher if supervise else 0.0,
+                  "memory_id_loss": args.memory_id_loss, "memory_value_loss": args.memory_value_loss}
+        if any(losses.values()):
+            schedule["hmt_lr"] = args.hmt_lr
+        stage1 = {"stage1_steps": args.stage1_steps, "stage1_seconds": 0.4 * args.budget}
     else:
-        model, _ = build_reader(reader, tiny=True, segment_length=args.segment_length, d_model=args.d_model,
-                                layers=args.layers, heads=args.heads, seed=args.seed, update=args.update,
-                                **({"sensory_tokens": args.sensory, "cache_size": args.cache,
-                                    "memory_tokens": args.memory_tokens} if hmt else {}))
+        settings = {"update": args.update}
+        losses = {"memory_value_loss": args.memory_value_loss}
+        stage1 = {}
     protect = RecallTask.protect_with_sensory(args.segment_length, args.sensory)
-    task = RecallTask(segment_length=args.segment_length, keys=keys, protect=protect, cue=True)
+    return Recipe(f"{args.name}-{reader}-k{keys}", reader, args.segment_length, None,
+                  {"d_model": args.d_model, "layers": args.layers, "heads": args.heads}, settings, "recall",
+                  {"keys": keys, "cue": True, "protect": protect}, {**schedule, **losses}, stage1, 1 in stages,
+                  {"sequences": 0})
+
+
+def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | None,
+            recipe: Any = None) -> dict[str, Any]:
+    """Train one reader (from `recipe`, or the grid's recipe for `reader` and `keys`) within its budget, save it if
+    asked, evaluate it; the raw record."""
+    from ragkit.memory.recipes import recall_task, run
+    from ragkit.memory.train import TrainConfig, TrainEvent, train
+
     gates: list[Any] = []
 
     def log(e: TrainEvent) -> None:
@@ -127,37 +160,26 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
         print(f"{reader} K={keys} step {e.step:>6}  loss {e.loss:.4f}{hit}  {e.seconds:.0f}s", file=sys.stderr,
               flush=True)
 
-    if hmt:
-        # stage 1 runs its steps within 40% of the budget at most; stage 2 runs until the budget is spent
-        supervise = keys > 1 and (args.search_loss > 0 or args.search_teacher > 0)  # K = 1: nothing to choose
-        stages = {int(s) for s in str(args.memory_id_stages).split(",")}
-        if not stages or not stages <= {1, 2}:
-            raise SystemExit(f"--memory-id-stages takes 1, 2 or 1,2, got {args.memory_id_stages!r}")
+    if reader == "full":
+        from ragkit.memory.tasks import RecallBatches, RecallTask
+
+        lengths = (args.segments, max(args.segments, args.segments_max))
+        model = full_attention(args, lengths[1])
+        protect = RecallTask.protect_with_sensory(args.segment_length, args.sensory)
+        task = RecallTask(segment_length=args.segment_length, keys=keys, protect=protect, cue=True)
         config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
                              max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
-                             search_loss=args.search_loss if supervise else 0.0,
-                             search_teacher=args.search_teacher if supervise else 0.0,
-                             memory_id_loss=args.memory_id_loss if 2 in stages else 0.0,
-                             memory_value_loss=args.memory_value_loss,  # both stages
-                             probe_lr=args.probe_lr,
-                             hmt_lr=args.hmt_lr if supervise or args.memory_id_loss or args.memory_value_loss
-                             else None,
-                             keys_curriculum=args.keys_curriculum,
-                             min_lr_ratio=args.min_lr_ratio)
-        result = train_two_stage(model, RecallBatches(task), config, stage1_steps=args.stage1_steps, progress=log,
-                                 stage1_batches=stage1_recall_batches(task), stage1_seconds=0.4 * args.budget,
-                                 stage1_memory_id_loss=args.memory_id_loss if 1 in stages else 0.0)
-    else:
-        config = TrainConfig(steps=10**6, batch_size=args.batch_size, segments=lengths, lr=args.lr,
-                             max_seconds=args.budget, log_every=100, seed=args.seed, device=args.device,
-                             keys_curriculum=args.keys_curriculum, min_lr_ratio=args.min_lr_ratio,
-                             memory_value_loss=args.memory_value_loss if reader == "infini" else 0.0,
-                             probe_lr=args.probe_lr)
+                             keys_curriculum=args.keys_curriculum, min_lr_ratio=args.min_lr_ratio)
         result = train(model, RecallBatches(task), config, progress=log)
-    if args.save:
-        save_checkpoint(model, args.save / f"{reader}-k{keys}", full=True,
-                        meta={"objective": "recall", "task": asdict(task), "segments": list(lengths)})
-    return {"reader": reader, "keys": keys, "seed": args.seed,
+    else:
+        recipe = recipe or recipe_of(reader, keys, args)
+        lengths = tuple(recipe.schedule["segments"])
+        done = run(recipe, out=args.save / f"{reader}-k{keys}" if args.save else None, device=args.device,
+                   progress=log)
+        model, result = done.model, done.result
+        task = recall_task(recipe, model)
+    hmt = reader == "hmt"
+    return {"reader": reader, "keys": keys, "seed": args.seed, "recipe": recipe.to_json() if recipe else None,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_segments": list(lengths), "keys_curriculum": args.keys_curriculum,
             "min_lr_ratio": args.min_lr_ratio,
@@ -175,52 +197,99 @@ def run_one(reader: str, keys: int, args: argparse.Namespace, deadline: float | 
             **evaluate_one(model, task, reader, args, deadline)}
 
 
-class FullAttention(nn.Module):
-    """The baseline without a memory: the backbone attends to the whole sequence at once, so its state (the
-    prefix, or its KV cache) grows with what was read. `read` and `forward(reset=False)` follow the readers'
-    protocol, so `evaluate_recall` scores it as it scores them."""
+def from_recipe(path: Path, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
+    """Train and evaluate the reader of a recipe file; the grid's settings that describe the run (sizes, budget,
+    losses, lengths, sequences) are taken from it, so that tables and notes say what ran."""
+    from ragkit.memory.recipes import apply_overrides, load_recipe
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.prefix: Tensor | None = None  # (b, n) every id read so far
+    written = load_recipe(path)
+    recipe = apply_overrides(written, seed=args.seed if args.seed_given else None, eval_sequences=0)
+    s, reader = recipe.schedule, recipe.reader
+    keys = int(args.keys) if args.keys_given else recipe.task.get("keys", 1)
+    recipe.task["keys"] = keys
+    args.__dict__.update(recipe.tiny)
+    args.__dict__.update(segment_length=recipe.segment_length, segments=s["segments"][0], segments_max=s["segments"][1],
+                         budget=s.get("max_seconds"), steps=s.get("steps"), batch_size=s.get("batch_size", 16),
+                         lr=s.get("lr", 1e-3), min_lr_ratio=s.get("min_lr_ratio", 0.1),
+                         keys_curriculum=s.get("keys_curriculum", 0.0), seed=s.get("seed", 0),
+                         update=recipe.settings.get("update", "linear"),
+                         search_loss=s.get("search_loss", 0.0), search_teacher=s.get("search_teacher", 0.0),
+                         memory_id_loss=s.get("memory_id_loss", 0.0), memory_value_loss=s.get("memory_value_loss", 0.0),
+                         memory_tokens=recipe.settings.get("memory_tokens", 1), probe_lr=s.get("probe_lr"),
+                         memory_id_stages="1,2" if recipe.memory_id_in_stage1 else "2",
+                         stage1_steps=recipe.stage1.get("stage1_steps", 0), hmt_lr=s.get("hmt_lr") or 0.0,
+                         sensory=recipe.settings.get("sensory_tokens", args.sensory),
+                         cache=recipe.settings.get("cache_size", args.cache))
+    args.sequences = written.evaluation.get("sequences", args.sequences)
+    if "lengths" in written.evaluation:  # in segments: as multiples of the shortest trained length
+        args.multiples = ",".join(str(max(1, n // args.segments)) for n in written.evaluation["lengths"])
+    return run_one(reader, keys, args, deadline, recipe)
 
-    def reset(self) -> None:
-        self.prefix = None
 
-    def read(self, input_ids: Tensor) -> None:
-        self.prefix = input_ids if self.prefix is None else torch.cat([self.prefix, input_ids], dim=1)
+def full_attention_class() -> type:
+    """FullAttention, defined once torch is imported."""
+    from ragkit.memory.base import MemoryLM
 
-    def forward(self, input_ids: Tensor, reset: bool = True) -> Tensor:
-        """Logits (b, n, V) of input_ids (b, n), attending to everything read before them unless `reset`."""
-        if reset:
-            self.reset()
-        self.read(input_ids)
-        return self.model(input_ids=self.prefix, use_cache=False).logits[:, -input_ids.shape[1]:]
+    class FullAttention(MemoryLM):
+        """The baseline without a memory: the backbone attends to the whole sequence at once, so its state (the
+        prefix, or its KV cache) grows with what was read. `read` and `forward(reset=False)` follow the readers'
+        protocol, so `evaluate_recall` scores it and `train` trains it as them; it has no parameters of its own."""
+
+        kind = "full"
+        label = "full attention"
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+            self.config = None
+            self.prefix: Tensor | None = None  # (b, n) every id read so far
+
+        def adapter_parameters(self) -> list[nn.Parameter]:
+            return []
+
+        def reset(self) -> None:
+            self.prefix = None
+
+        def read(self, input_ids: Tensor) -> None:
+            self.prefix = input_ids if self.prefix is None else torch.cat([self.prefix, input_ids], dim=1)
+
+        def forward(self, input_ids: Tensor, reset: bool = True) -> Tensor:
+            """Logits (b, n, V) of input_ids (b, n), attending to everything read before them unless `reset`."""
+            if reset:
+                self.reset()
+            self.read(input_ids)
+            return self.model(input_ids=self.prefix, use_cache=False).logits[:, -input_ids.shape[1]:]
+
+    return FullAttention
 
 
-def full_attention(args: argparse.Namespace, segments: int) -> FullAttention:
+def full_attention(args: argparse.Namespace, segments: int) -> Any:
     """A Llama of the readers' size whose positions cover `segments` segments: full attention, no memory."""
     from transformers import LlamaForCausalLM
 
-    from ragkit.readers.tasks import tiny_llama_config
+    from ragkit.memory.tasks import tiny_llama_config
 
     torch.manual_seed(args.seed)
     config = tiny_llama_config(d_model=args.d_model, layers=args.layers, heads=args.heads,
                                segment_length=segments * args.segment_length)
-    return FullAttention(LlamaForCausalLM(config))
+    return full_attention_class()(LlamaForCausalLM(config))
 
 
 def load_one(folder: Path, args: argparse.Namespace, deadline: float | None) -> dict[str, Any]:
-    """Evaluate a reader saved by --save on the task it was trained on; the raw record."""
-    from ragkit.readers.tasks import RecallTask
-    from ragkit.readers.train import TRAIN_META, load_checkpoint
+    """Evaluate a reader saved by --save (or `ragkit reader train`) on the task it was trained on; the raw record."""
+    from ragkit.memory.checkpoints import load_checkpoint, read_checkpoint_meta
+    from ragkit.memory.recipes import Recipe, recall_task
+    from ragkit.memory.tasks import RecallTask
 
-    meta = json.loads((folder / TRAIN_META).read_text())
-    task = RecallTask(**meta["task"])
+    meta = read_checkpoint_meta(folder)
     model = load_checkpoint(folder, device=args.device)
+    if meta["recipe"]:  # format 2: the recipe that made it
+        recipe = Recipe(**meta["recipe"])
+        task, segments = recall_task(recipe, model), recipe.schedule.get("segments")
+    else:  # format 1: the task itself
+        task, segments = RecallTask(**meta["task"]), meta.get("segments")
     return {"reader": meta["reader"], "keys": task.keys, "parameters": sum(p.numel() for p in model.parameters()),
-            "train_segments": meta.get("segments"), "checkpoint": str(folder),
+            "train_segments": segments, "checkpoint": str(folder),
             **evaluate_one(model, task, meta["reader"], args, deadline)}
 
 
@@ -228,7 +297,7 @@ def evaluate_one(model: Any, task: Any, reader: str, args: argparse.Namespace,
                  deadline: float | None) -> dict[str, Any]:
     """Cells for every length of `args.multiples` (× `args.segments`) and mode; a length predicted to end after
     `deadline` (perf_counter seconds) is left out, the prediction scaling the last length's time by segments."""
-    from ragkit.readers.train import evaluate_recall
+    from ragkit.memory.recall_eval import evaluate_recall
 
     hmt = reader == "hmt"
     trained_cache = model.config.cache_size if hmt else None
@@ -297,7 +366,7 @@ def tables(raw: dict[str, Any]) -> str:
 
 def search_hit_text(on: dict[str, Any] | None) -> str:
     """The search hit of a memory-on cell (`hit_text`), or nothing."""
-    from ragkit.readers.train import hit_text
+    from ragkit.memory.recall_eval import hit_text
 
     return hit_text(on.get("search_hit"), on.get("search_segment_hit")) if on else ""
 
@@ -338,7 +407,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     deadline = started + args.deadline if args.deadline else None
-    if args.checkpoint:
+    if args.recipe:
+        runs = [from_recipe(path, args, deadline) for path in args.recipe]
+    elif args.checkpoint:
         runs = [load_one(folder, args, deadline) for folder in args.checkpoint]
     else:
         runs = [run_one(reader, int(k), args, deadline) for reader in args.readers.split(",")
@@ -367,8 +438,10 @@ def title(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
                                     ("memory id loss", any(r.get("memory_id_loss") for r in runs)),
                                     ("memory value loss", any(r.get("memory_value_loss") for r in runs))) if on]
     supervised = f" with {' and '.join(taught)}" if taught else ""
-    return (f"Associative recall{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
-            f"trained on {trained} segments of {args.segment_length} tokens, {args.budget:.0f} s each ({args.device})")
+    task = "Passkey recall" if all(r["keys"] == 1 for r in runs) else "Associative recall"
+    budget = f"{args.budget:.0f} s" if args.budget else f"{args.steps:,} steps"
+    return (f"{task}{supervised}, {which}, {args.layers} layers × d_model {args.d_model}, "
+            f"trained on {trained} segments of {args.segment_length} tokens, {budget} each ({args.device})")
 
 
 def notes(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) -> str:
