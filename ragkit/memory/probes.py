@@ -10,8 +10,9 @@ memory_value_loss); the training loop only adds its terms.
   fact's digits.
 - Infini-attention's memory values (`memory_value_loss`): the probe below.
 
-The memory value probe of Infini-attention. Learning to answer "QUERY <id> =" from a compressive memory comes late and abruptly (benchmarks/RESULTS.md):
-the only signal is the answer at the end of the sequence, and it must shape what every earlier segment writes. The
+The memory value probe of Infini-attention. Learning to answer "QUERY <id> =" from a compressive memory comes late
+and abruptly: the only signal is the answer at the end of the sequence, and it must shape what every earlier
+segment writes. The
 probe gives the writes a direct signal: after the segments that hold the facts, each layer's memory M (the one the
 question's segment reads) is read with a learned query per (key id, digit index), and the reads of all layers must
 name that digit of that fact. For the probe to succeed, the memory must bind each fact's digits to its id, which is
@@ -227,7 +228,8 @@ def _digit_loss_and_accuracy(logits: Tensor, wanted: Tensor) -> tuple[Tensor, fl
 
 def _prefix_memories(cache: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor] | None:
     """The cached memories of the segments before the question's, (b, m - 1, r, C), and their rows of `targets`
-    (b, s, r, …), or None if fewer than two segments' memories are cached. cache: (b, r·m, C), segments s - m … s - 1."""
+    (b, s, r, …), or None if fewer than two segments' memories are cached.
+    cache: (b, r·m, C), the memories of segments s - m … s - 1."""
     s, r = targets.shape[1], targets.shape[2]
     if cache is None or cache.shape[1] < 2 * r:
         return None

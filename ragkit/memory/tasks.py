@@ -5,9 +5,9 @@ A sequence is filler with K facts scattered across its segments, then a question
     … filler … KEY 7 = 3 1 4 1 5 … filler … KEY 2 = 9 2 6 5 3 … filler … QUERY 2 = 9 2 6 5 3
                                                                               └── answer: loss here only
 
-K = 1 is the passkey task ([INF] App. B); K > 1 is multi-query associative recall (MQAR),
-which needs content-addressed reads: the question's id must pick its value out of the memory. Facts never straddle a
-segment boundary and never fall within `protect` tokens of the question, so a reader cannot answer
+K = 1 is the passkey task (the Infini-attention paper, arXiv 2404.07143, App. B); K > 1 is multi-query associative
+recall (MQAR), which needs content-addressed reads: the question's id must pick its value out of the memory. Facts
+never straddle a segment boundary and never fall within `protect` tokens of the question, so a reader cannot answer
 from its local window (Infini-attention) or its sensory tokens (HMT): the fact has to come through memory.
 
 With `cue`, the question's segment also opens with the question without its answer (QUERY <id> =), as ragkit's

@@ -302,7 +302,7 @@ def train_two_stage(model: MemoryLM, batches: Batches, config: TrainConfig, stag
                     out: str | Path | None = None, meta: dict[str, Any] | None = None,
                     stage1_batches: Batches | None = None, stage1_seconds: float | None = None,
                     stage1_memory_id_loss: float | None = None) -> TrainResult:
-    """HMT's multi-stage training ([HMT] App. F). Stage 1: `stage1_steps` steps on
+    """HMT's multi-stage training (the HMT paper, arXiv 2405.06067, App. F). Stage 1: `stage1_steps` steps on
     `stage1_segments` segments with `memory_search=False` (P_n = M_{n-1}), drawn from `stage1_batches` (None: from
     `batches`; for recall tasks pass `stage1_recall_batches(task)`); stage 2: `config` as given (its steps, its
     segment range) with the search on. Each stage has its own optimizer and warm-up + cosine schedule; with
