@@ -284,7 +284,8 @@ def test_a_named_model_never_falls_back(tiny_gguf, empty_hub, monkeypatch):
     for name in ("acme/never-downloaded", reader_lm.DEFAULT_READER_MODEL):
         with pytest.raises(ModelLoadError, match=f"Could not load the reader model '{name}'") as info:
             load_reader_lm(name)
-        assert "--reader-model" in str(info.value) and "embedded" not in str(info.value)
+        assert "reader_model=/path/to/model" in str(info.value) and "embedded" not in str(info.value)
+        assert info.value.settings == ("reader_model",)  # the CLI shows it as --reader-model
 
 
 def test_the_default_falls_back_to_the_embedded_model_offline(tiny_gguf, empty_hub, monkeypatch):
