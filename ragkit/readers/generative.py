@@ -57,7 +57,7 @@ class MemoryReader:
         from ragkit.readers.lm import load_reader_lm
 
         self.spec = spec
-        lm = load_reader_lm(spec.model)
+        lm = load_reader_lm(spec.model or _adapter_backbone(spec.kind, spec.adapter))
         self.tokenizer, self.name, self.warnings = lm.tokenizer, lm.name, lm.warnings
         self.model = _wrap(spec.kind, lm.model, spec.segment_length, spec.adapter)
         self.model.eval()
@@ -116,6 +116,15 @@ class MemoryReader:
 
     def _device(self):
         return next(self.model.parameters()).device
+
+
+def _adapter_backbone(kind: str, adapter: str | None) -> str | None:
+    """The backbone an adapter was trained on, when no reader model is named (None: the default reader model)."""
+    if adapter is None:
+        return None
+    from ragkit.memory.base import reader_class
+
+    return reader_class(kind).saved_backbone(adapter) or None
 
 
 def _wrap(kind: str, backbone: Any, segment_length: int, adapter: str | None):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import ModelLoadError
-from ragkit.models import embedded_reader_model, is_gguf, load_model, resolve_model_name
+from ragkit.models import embedded_reader_model, is_gguf, load_model, reader_model_path, resolve_model_name
 
 DEFAULT_READER_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 CACHE_ENV = "RAGKIT_CACHE_DIR"  # overrides the user cache folder (platformdirs) for everything ragkit caches
@@ -70,6 +70,7 @@ def load_reader_lm(name: str | None = None, device: str | None = None) -> Reader
     raises ModelLoadError."""
     if name is None:
         return _load_default(device)
+    name = reader_model_path(name)
     model, tokenizer, warnings = _load_backbone(name, {})
     return _ready(ReaderLM(model, tokenizer, name, context_length(model, tokenizer), warnings=warnings), device)
 
@@ -88,6 +89,7 @@ def load_gguf_model(name: str, **model_kwargs: Any) -> Any:
 
 def load_reader_tokenizer(name: str) -> Any:
     """The tokenizer of the reader model `name` (a GGUF file's comes from the cache, built once)."""
+    name = reader_model_path(name)
     if not is_gguf(name):
         from transformers import AutoTokenizer
 
