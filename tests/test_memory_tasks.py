@@ -260,3 +260,40 @@ def test_stage_one_recall_batches_open_only_the_sensory_window():
     assert bool((starts + opened.fact_length > SEG - 4).any())  # but some reach the 4 sensory tokens
     kept = make_recall_batch(task, 512, 3, torch.Generator().manual_seed(0)).key_positions[:, 0]
     assert int(kept.max()) + task.fact_length <= 2 * SEG - 4  # the task itself keeps them out
+
+
+class Characters:
+    """A tokenizer with one token per character, so that a test can read back what it planted."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_a_planted_fact_lies_inside_the_document_and_never_in_the_questions_segment():
+    import random
+
+    from models import TRAINING_TEXT
+
+    from ragkit.memory.tasks import plant_fact
+
+    tokenizer = Characters()
+    doc = tokenizer.encode(TRAINING_TEXT)[:1024]
+    rng = random.Random(0)
+    starts = set()
+    for _ in range(50):
+        fact = plant_fact(tokenizer, doc, rng)
+        length = len(doc)
+        assert 0 <= fact.fact_start < fact.fact_end <= length and fact.answer_tokens > 0
+        said = tokenizer.decode(fact.ids[fact.fact_start : fact.fact_end])
+        code = tokenizer.decode(fact.ids[-fact.answer_tokens :]).strip()
+        assert code.isdigit() and len(code) == 5 and code in said  # the fact states the answer
+        assert code not in tokenizer.decode(fact.ids[length : -fact.answer_tokens])  # the question does not
+        assert fact.ids[: fact.fact_start] == doc[: fact.fact_start]  # the document around it is kept, in order
+        assert fact.ids[fact.fact_end : length] == doc[fact.fact_start : length - (fact.fact_end - fact.fact_start)]
+        starts.add(fact.fact_start)
+    assert len(starts) > 20  # at every depth
+    with pytest.raises(ConfigError, match="no room"):
+        plant_fact(tokenizer, doc[:3], rng)

@@ -392,3 +392,39 @@ class DocumentBatches:
         ids = torch.stack(rows)  # (b, n)
         labels = torch.cat([ids[:, 1:], torch.full((batch_size, 1), IGNORE)], dim=1)  # next token; none after the last
         return ids, labels
+
+
+# --- a fact planted in a real document --------------------------------------------------------------------------
+
+FACT_SUBJECTS = ("the Marlow archive", "the north gate", "hangar seven", "the Orlov account", "the blue cabinet",
+                 "the east wing server", "the harbour office", "the Linden vault", "the night shift locker",
+                 "the Kestrel project")
+
+
+@dataclass
+class PlantedFact:
+    """A document's first tokens with one fact sentence inside, then a question on it and its answer."""
+
+    ids: list[int]  # the L document tokens (fact included), then the question's and the answer's
+    fact_start: int  # where the fact's tokens start in `ids`
+    fact_end: int  # where they end (≤ L: the question, from L on, never holds the fact)
+    question: str  # the question's text, without the answer
+    answer_tokens: int  # the answer's tokens, which close `ids`
+
+
+def plant_fact(tokenizer: Any, doc_ids: list[int], rng: Any) -> PlantedFact:
+    """Put "The access code of <subject> is <5 digits>." at a random depth of `doc_ids` (keeping its length L, so
+    that a question starting at L starts a segment of its own when L is a whole number of segments), then the
+    question and its answer. `rng`: a random.Random."""
+    from ragkit.tokens import token_ids
+
+    subject, code = rng.choice(FACT_SUBJECTS), rng.randrange(10_000, 100_000)
+    fact = token_ids(tokenizer, f" The access code of {subject} is {code}. ")
+    question = f"\n\nQuestion: What is the access code of {subject}?\nAnswer: The access code of {subject} is"
+    asked, answer = token_ids(tokenizer, question), token_ids(tokenizer, f" {code}")
+    length = len(doc_ids)
+    if len(fact) > length:
+        raise ConfigError(f"a document of {length} tokens has no room for a fact of {len(fact)}")
+    start = rng.randrange(length - len(fact) + 1)
+    prefix = doc_ids[:start] + fact + doc_ids[start : length - len(fact)]  # (L,)
+    return PlantedFact(prefix + asked + answer, start, start + len(fact), question, len(answer))
