@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for folder in args.checkpoint:
         meta = read_checkpoint_meta(folder)
         recipe = meta["recipe"]
-        if not recipe or recipe["objective"] != "lm":
+        if not recipe or recipe["objective"] not in ("lm", "facts"):
             raise SystemExit(f"{folder} was not trained on documents by a recipe")
         reader = load_checkpoint(folder)
         backbone = load_causal_lm(recipe["backbone"]).eval()

@@ -297,3 +297,31 @@ def test_a_planted_fact_lies_inside_the_document_and_never_in_the_questions_segm
     assert len(starts) > 20  # at every depth
     with pytest.raises(ConfigError, match="no room"):
         plant_fact(tokenizer, doc[:3], rng)
+
+
+def test_fact_batches_ask_at_the_end_for_a_fact_planted_before_the_last_segment():
+    import torch
+
+    from models import TRAINING_TEXT
+
+    from ragkit.memory.tasks import FactBatches
+
+    tokenizer = Characters()
+
+    class Folderless(FactBatches):  # the documents given as ids, not read from folders
+        def __init__(self) -> None:
+            self.tokenizer, self.segment_length = tokenizer, 128
+            self.docs = [torch.tensor(tokenizer.encode(TRAINING_TEXT * 3))]
+
+    batches = Folderless()
+    ids, labels = batches(4, 3, gen(1))
+    assert ids.shape == labels.shape == (4, 3 * 128)
+    for row, label in zip(ids.tolist(), labels.tolist()):
+        scored = [t for t, y in enumerate(label) if y != IGNORE]
+        code = tokenizer.decode([label[t] for t in scored]).strip()
+        assert scored == list(range(3 * 128 - len(scored) - 1, 3 * 128 - 1)) and code.isdigit() and len(code) == 5
+        assert code in tokenizer.decode(row[: 2 * 128])  # the fact lies before the question's segment …
+        assert code not in tokenizer.decode(row[2 * 128 : -len(scored)])  # … not in it
+        assert tokenizer.decode(row[:-len(scored)]).endswith("is")
+    with pytest.raises(ConfigError, match="at least 2 segments"):
+        batches(1, 1, gen())

@@ -12,7 +12,8 @@
     heads = 2
 
     [task]                    # what it learns from
-    kind = "recall"           # recall (synthetic facts) | lm (next tokens of long documents)
+    kind = "recall"           # recall (synthetic facts) | lm (next tokens of long documents) | facts (a fact
+                              # planted in a long document, asked at the end: loss on the answer)
     keys = 4                  # recall: facts per sequence (1: passkey); also digits, protect, cue
     data = ["docs/"]          # lm: folders, relative to the recipe file
     holdout = 0.1             # lm: the share of documents (by a hash of their names) kept out for evaluation
@@ -67,7 +68,7 @@ class Recipe:
     backbone: str | None  # a pretrained causal LM, or None for a tiny model
     tiny: dict[str, int] = field(default_factory=dict)  # d_model, layers, heads (, vocab_size) of a tiny model
     settings: dict[str, Any] = field(default_factory=dict)  # the reader's config fields besides segment_length
-    objective: str = "recall"  # "recall" | "lm"
+    objective: str = "recall"  # "recall" | "lm" | "facts"
     task: dict[str, Any] = field(default_factory=dict)  # RecallTask fields; for lm: data, max_tokens
     schedule: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (without defaults applied)
     stage1: dict[str, Any] = field(default_factory=dict)  # HMT: stage1_steps, stage1_segments, stage1_seconds
@@ -105,13 +106,13 @@ def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
     task = dict(raw.get("task", {}))
     _only(task, TASK_KEYS, f"{path} [task]")
     objective = task.pop("kind", "recall")
-    if objective not in ("recall", "lm"):
-        raise ConfigError(f"{path}: [task] kind must be \"recall\" or \"lm\", got {objective!r}")
-    if objective == "lm":
+    if objective not in ("recall", "lm", "facts"):
+        raise ConfigError(f"{path}: [task] kind must be \"recall\", \"lm\" or \"facts\", got {objective!r}")
+    if objective in ("lm", "facts"):
         if tiny is not None:
             raise ConfigError(f"{path}: a language-model task needs a backbone with a tokenizer: name a model")
         if "data" not in task:
-            raise ConfigError(f"{path}: [task] kind = \"lm\" needs data = \"FOLDER\" (long documents)")
+            raise ConfigError(f"{path}: [task] kind = \"{objective}\" needs data = \"FOLDER\" (long documents)")
         data = [task["data"]] if isinstance(task["data"], str) else list(task["data"])
         task["data"] = [str((path.parent / folder).resolve()) for folder in data]
 
@@ -245,7 +246,7 @@ def run(recipe: Recipe, out: str | Path | None = None, device: str = "cpu",
     task, evaluate its recall. `progress` gets each TrainEvent, `on_tokenize` the tokenizing of an lm task's
     documents."""
     from ragkit.memory.recall_eval import MODES, evaluate_recall
-    from ragkit.memory.tasks import DocumentBatches, RecallBatches, stage1_recall_batches
+    from ragkit.memory.tasks import DocumentBatches, FactBatches, RecallBatches, stage1_recall_batches
     from ragkit.memory.train import train, train_two_stage
 
     config = train_config(recipe, device)
@@ -258,7 +259,8 @@ def run(recipe: Recipe, out: str | Path | None = None, device: str = "cpu",
         task = recall_task(recipe, model)
         batches = RecallBatches(task)
     else:
-        batches = DocumentBatches(recipe.task["data"], tokenizer, recipe.segment_length,
+        source = FactBatches if recipe.objective == "facts" else DocumentBatches
+        batches = source(recipe.task["data"], tokenizer, recipe.segment_length,
                                   max_tokens=recipe.task.get("max_tokens", 50_000_000), progress=on_tokenize,
                                   holdout=recipe.task.get("holdout", 0.0))
     if recipe.reader == "hmt":

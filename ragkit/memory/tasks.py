@@ -428,3 +428,33 @@ def plant_fact(tokenizer: Any, doc_ids: list[int], rng: Any) -> PlantedFact:
     start = rng.randrange(length - len(fact) + 1)
     prefix = doc_ids[:start] + fact + doc_ids[start : length - len(fact)]  # (L,)
     return PlantedFact(prefix + asked + answer, start, start + len(fact), question, len(answer))
+
+
+class FactBatches(DocumentBatches):
+    """Windows of real documents with a fact planted in all but the last segment and a question on it closing the
+    last (`plant_fact`): loss on the answer's tokens only, so that the memory must carry the fact to the question."""
+
+    def __init__(self, folders: str | Path | Sequence[str | Path], tokenizer: Any, segment_length: int,
+                 **kwargs: Any) -> None:
+        super().__init__(folders, tokenizer, segment_length, **kwargs)
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch_size: int, segments: int, generator: torch.Generator,
+                 keys: int | None = None) -> tuple[Tensor, Tensor]:
+        import random
+
+        if segments < 2:
+            raise ConfigError("a planted fact needs at least 2 segments: one to hold it, one for the question")
+        n, body = segments * self.segment_length, (segments - 1) * self.segment_length
+        ids, _ = super().__call__(batch_size, segments, generator)  # (b, n) document windows
+        rng = random.Random(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        rows, labels = [], torch.full((batch_size, n), IGNORE)
+        for i, window in enumerate(ids.tolist()):
+            fact = plant_fact(self.tokenizer, window[:body], rng)
+            tail = fact.ids[body:]  # the question and its answer
+            if len(tail) >= self.segment_length:
+                raise ConfigError(f"segments of {self.segment_length} tokens are too short for the question")
+            rows.append(fact.ids[:body] + window[body : n - len(tail)] + tail)  # (n,)
+            answer = torch.tensor(rows[-1][n - fact.answer_tokens :])
+            labels[i, n - fact.answer_tokens - 1 : n - 1] = answer  # the logits before each answer token
+        return torch.tensor(rows), labels
