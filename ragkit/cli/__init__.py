@@ -38,14 +38,15 @@ SummaryReaderOpt = Annotated[Optional[str], typer.Option(
     "--reader", help="generate (sections, then their summaries) | infini | hmt (the document streams through "
                      "memory) [default: generate].")]
 ReaderModelOpt = Annotated[Optional[str], typer.Option(
-    "--reader-model", help="Reader language model: HF causal LM id, local folder or .gguf file [default: "
-                           "Qwen/Qwen2.5-0.5B-Instruct; the embedded SmolLM2-135M-Instruct when that cannot be "
-                           "loaded].")]
+    "--reader-model", help="Reader language model: HF causal LM id, local folder, .gguf file, or 'embedded' (the "
+                           "embedded SmolLM2-135M-Instruct) [default: Qwen/Qwen2.5-0.5B-Instruct; the embedded model "
+                           "when that cannot be loaded].")]
 ReaderWindowOpt = Annotated[Optional[int], typer.Option(
     "--reader-window", help="Most tokens of the prompt the reader model reads (question and passages) [default: "
                             "what fits the model with the answer].", min=1)]
 AdapterOpt = Annotated[Optional[str], typer.Option(
-    "--adapter", help="Folder of a trained memory adapter [default: none: the untrained memory].")]
+    "--adapter", help="Folder of a trained memory adapter; without --reader-model it reads with the backbone it "
+                      "was trained on [default: none: the untrained memory].")]
 PathsOpt = Annotated[Optional[list[str]], typer.Option(
     "--path", help="Only search files with this relative path or glob (repeatable) [default: every file].")]
 DenseModelOpt = Annotated[Optional[str], typer.Option(
