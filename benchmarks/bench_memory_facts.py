@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_memory_lm import held_out_documents  # noqa: E402
+from benchmarks.bench_memory_lm import held_out_documents, trained_steps  # noqa: E402
 from benchmarks.common import record  # noqa: E402
 
 METHODS = ("memory reader", "memory off", "backbone, whole text", "retrieval (BM25, top 2 chunks)")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{meta['reader']} L={length} {name}: " + ", ".join(f"{m.split(' ')[0]} {r}/{fact.answer_tokens}"
                       for m, (r, _) in scores.items()), file=sys.stderr, flush=True)
         runs.append({"checkpoint": str(folder), "reader": meta["reader"], "recipe": recipe["name"],
-                     "steps": meta.get("step"), "segment_length": segment, "docs": [n for n, _ in docs],
+                     "steps": trained_steps(meta), "segment_length": segment, "docs": [n for n, _ in docs],
                      "cells": {k: {"tokens": sum(v["tokens"]) / len(v["tokens"]),
                                    "whole": sum(v["whole"]) / len(v["whole"]), "n": len(v["whole"])}
                                for k, v in cells.items()}})

@@ -76,6 +76,12 @@ def held_out_documents(recipe: dict[str, Any], tokenizer: Any, count: int, token
     return docs
 
 
+def trained_steps(meta: dict[str, Any]) -> int | None:
+    """Steps the checkpoint was trained for (both of HMT's stages)."""
+    stages = meta.get("stages")
+    return stages["stage1_steps"] + stages["stage2_steps"] if stages else meta.get("step")
+
+
 def token_nll(logits: Any, ids: Any) -> Any:
     """Negative log-likelihood of each next token: logits (1, n, V), ids (1, n) → (n - 1,)."""
     import torch
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{meta['reader']}: {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         ppl = {mode: [math.exp(s / c) for s, c in zip(sums[mode], counts)] for mode in MODES}
         runs.append({"checkpoint": str(folder), "reader": meta["reader"], "recipe": recipe["name"],
-                     "steps": meta.get("step"), "train_seconds": None, "segment_length": recipe["segment_length"],
+                     "steps": trained_steps(meta), "segment_length": recipe["segment_length"],
                      "docs": [name for name, _ in docs], "buckets": buckets(recipe["segment_length"], args.tokens),
                      "tokens_per_bucket": counts, "perplexity": ppl,
                      "gates": reader.gate_values().tolist() if reader.gate_values() is not None else None})
