@@ -6,7 +6,8 @@
 One index per set (all-MiniLM-L6-v2 dense + BM25, no late stage), built once and kept in benchmarks/out/index/ for
 the next run; hybrid search. Every reader answers the same first --limit questions of each set from the same top-5
 hits, through `ragkit eval`'s runner (ragkit.evaluate), whose metrics say what each number means. The generating
-readers use ragkit's reader model (--reader-model to name another); infini and hmt run with untrained adapters.
+readers use ragkit's reader model (--reader-model to name another); infini and hmt run with untrained adapters
+unless --adapter names a trained one.
 Each reader first answers one question unscored, so loading its model is not counted in seconds per answer.
 
 Each set gets a RESULTS.md entry and results/bench_answers-SET.json; per-question answers go to benchmarks/out/
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--readers", default=",".join(READERS))
     parser.add_argument("--limit", type=int, default=100, help="first N questions of each set (0: all)")
     parser.add_argument("--reader-model", default=None, help="reader model [default: ragkit's]")
+    parser.add_argument("--adapter", default=None, help="a trained memory adapter for the infini/hmt readers "
+                        "(its backbone unless --reader-model names one) [default: untrained]")
     parser.add_argument("--index-root", type=Path, default=HERE / "out" / "index", help="one index per set here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
     parser.add_argument("--no-record", action="store_true", help="print the tables, write no RESULTS.md entry")
@@ -77,6 +80,8 @@ def open_set(name: str, args: argparse.Namespace):
 
     dataset = DATA / name
     extra = {"reader_model": args.reader_model} if args.reader_model else {}
+    if args.adapter:
+        extra["adapter"] = args.adapter
     settings = Settings(dense_model=minilm_model(), late=False, mode=MODE, **extra)
     index = Index(args.index_root / name, settings)
     index_report = index.add(dataset / "docs")
@@ -98,11 +103,13 @@ def measure_set(name: str, readers: list[str], args: argparse.Namespace,
         warm = evaluate(index, questions[:1], MODE, reader=reader).summary  # loads the reader's model
         report = evaluate(index, questions, MODE, reader=reader)
         s = report.summary
-        write_answers(out_dir / f"answers-{name}-{reader}.jsonl", report.per_question)
+        label = f"{reader} (adapter {args.adapter})" if args.adapter and reader in ("infini", "hmt") else reader
+        write_answers(out_dir / f"answers-{name}-{reader}{'-adapter' if label != reader else ''}.jsonl",
+                      report.per_question)
         by_group = {m: breakdown(report.per_question, groups, m) for m in METRICS} if groups else {}
         raw["readers"][reader] = {"summary": s, "first_answer_seconds": warm["seconds_per_answer"],
                                   "by_group": by_group}
-        rows.append(table_row(reader, s))
+        rows.append(table_row(label, s))
         if by_group.get("answer_f1"):
             notes.append(f"- {reader} F1 by " + ", ".join(f"{g} {v:.3f} (n={n})"
                                                           for g, (v, n) in by_group["answer_f1"].items()))
