@@ -170,7 +170,7 @@ NOTES = ("Retrieval: all-MiniLM-L6-v2 dense + BM25 fused (hybrid, no late stage)
          "with [n] (not for yes/no labels). Answer in citations: a gold answer inside any of the answer's "
          "citations. s/answer: the reader call only, after one unscored answer that loads the model; tok/s: "
          "generated tokens over those seconds. `—`: no question of the set has that metric, or the reader does not "
-         "count tokens. Infini and HMT: untrained adapters.")
+         "count tokens. Infini and HMT: untrained adapters unless the row names one.")
 
 
 if __name__ == "__main__":
