@@ -3,9 +3,11 @@
     python benchmarks/bench_reader_memory.py                  # tiny backbone on CPU, one thread, ~7 min
     python benchmarks/bench_reader_memory.py --preset gpu     # Qwen2.5-0.5B-sized, bf16, CUDA (~3 min on an H200
                                                               # with --methods infini,hmt,full --budget 270)
+    python benchmarks/bench_reader_memory.py --preset smollm2 # the embedded SmolLM2-135M-Instruct, real weights
 
-Three ways to read the same token ids, all on the SAME LlamaForCausalLM with random weights (seed 0; each method
-builds it afresh, since InfiniLM replaces the attention modules in place):
+Three ways to read the same token ids, all on the SAME LlamaForCausalLM: random weights (seed 0), or with
+`--backbone NAME` a real reader model (its dimensions must be the preset's, as in the smollm2 preset); each method
+builds it afresh, since InfiniLM replaces the attention modules in place:
 
 - full: the backbone reads the whole input in one forward pass with SDPA (causal, no mask tensor), keeping its KV
   cache (what a prefill keeps for decoding) and only the last position's logits;
@@ -44,11 +46,16 @@ METHODS = ("full", "infini", "hmt")
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1000, dtype="float32",
                 device="cpu", segment=512, hmt_segment=512, sensory=32, cache_size=300,
-                lengths="4096,16384,65536,262144,1048576", cap=120.0, name="bench_reader_memory"),
+                lengths="4096,16384,65536,262144,1048576", cap=120.0, name="bench_reader_memory", backbone="random"),
     # Qwen2.5-0.5B dimensions (tied embeddings), random weights
     "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, dtype="bfloat16",
                 device="cuda", segment=2048, hmt_segment=1024, sensory=32, cache_size=300,
-                lengths="4096,16384,65536,262144,524288,1048576", cap=60.0, name="bench_reader_memory_gpu"),
+                lengths="4096,16384,65536,262144,524288,1048576", cap=60.0, name="bench_reader_memory_gpu",
+                backbone="random"),
+    # the embedded SmolLM2-135M-Instruct (real weights; 8,192 positions, so full attention past them extrapolates)
+    "smollm2": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, dtype="float32",
+                    device="cpu", segment=1024, hmt_segment=1024, sensory=32, cache_size=300,
+                    lengths="2048,8192,32768", cap=300.0, name="bench_reader_memory_smollm2", backbone="embedded"),
 }
 
 
@@ -81,9 +88,17 @@ def build(args: argparse.Namespace, method: str):
                          num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
                          vocab_size=args.vocab, max_position_embeddings=2 ** 21, tie_word_embeddings=True,
                          attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config)
+    if args.backbone == "random":
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config)
+    else:
+        from ragkit.models import load_causal_lm
+
+        model = load_causal_lm(args.backbone).to(args.device)
+        got = (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_key_value_heads)
+        if got != (args.hidden, args.layers, args.kv_heads):
+            raise SystemExit(f"{args.backbone} has hidden, layers, KV heads {got}: give the preset's dimensions")
     model = model.to(getattr(torch, args.dtype)).eval()
     if method == "full":
         return model
@@ -292,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_record:
         print(table)
         return
-    notes = (f"Backbone: LlamaForCausalLM, random weights, hidden {args.hidden}, {args.layers} layers, {args.heads} "
+    weights = "random weights" if args.backbone == "random" else f"the weights of {args.backbone}"
+    notes = (f"Backbone: LlamaForCausalLM, {weights}, hidden {args.hidden}, {args.layers} layers, {args.heads} "
              f"heads, {args.kv_heads} KV heads, intermediate {args.intermediate}, vocab {args.vocab}, {args.dtype}. "
              f"Infini segment {args.segment}; HMT L={args.hmt_segment}, k={args.sensory}, N={args.cache_size}. "
              f"Cap {args.cap:.0f} s per run; {args.threads} CPU thread(s); one timed run per cell after a warm-up. "
