@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 x = torch.tensor([ids])
                 with torch.no_grad():
                     scores = {METHODS[0]: answer_scores(reader(x), ids, fact.answer_tokens)}
-                    reader.shut_gates(True)
-                    try:
+                    with reader.memory_off():
                         scores[METHODS[1]] = answer_scores(reader(x), ids, fact.answer_tokens)
-                    finally:
-                        reader.shut_gates(False)
                     scores[METHODS[2]] = answer_scores(backbone(input_ids=x, use_cache=False).logits, ids,
                                                        fact.answer_tokens)
                     near = retrieved(tokenizer, ids[:length], fact.question, segment) + ids[length:]

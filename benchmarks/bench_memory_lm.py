@@ -102,11 +102,8 @@ def score(reader: Any, backbone: Any, ids: list[int]) -> dict[str, Any]:
         pieces = [backbone(input_ids=x[:, i : i + step], use_cache=False).logits for i in range(0, x.shape[1], step)]
         out[MODES[1]] = token_nll(torch.cat(pieces, dim=1), x)
         out[MODES[2]] = token_nll(reader(x), x)
-        reader.shut_gates(True)
-        try:
+        with reader.memory_off():
             out[MODES[3]] = token_nll(reader(x), x)
-        finally:
-            reader.shut_gates(False)
     return out
 
 
@@ -129,12 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reader = load_checkpoint(folder)
         backbone = load_causal_lm(recipe["backbone"]).eval()
         docs = held_out_documents(recipe, load_reader_tokenizer(recipe["backbone"]), args.docs, args.tokens)
-        sums = {mode: [0.0] * len(buckets(recipe["segment_length"], args.tokens)) for mode in MODES}
-        counts = [0] * len(buckets(recipe["segment_length"], args.tokens))
+        edges = buckets(recipe["segment_length"], args.tokens)
+        sums = {mode: [0.0] * len(edges) for mode in MODES}
+        counts = [0] * len(edges)
         for name, ids in docs:
             t0 = time.perf_counter()
             nll = score(reader, backbone, ids)
-            for b, (lo, hi) in enumerate(buckets(recipe["segment_length"], args.tokens)):
+            for b, (lo, hi) in enumerate(edges):
                 lo = max(lo, 1) - 1  # nll[i] scores token i + 1
                 for mode in MODES:
                     sums[mode][b] += float(nll[mode][lo : hi - 1].sum())
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ppl = {mode: [math.exp(s / c) for s, c in zip(sums[mode], counts)] for mode in MODES}
         runs.append({"checkpoint": str(folder), "reader": meta["reader"], "recipe": recipe["name"],
                      "steps": trained_steps(meta), "segment_length": recipe["segment_length"],
-                     "docs": [name for name, _ in docs], "buckets": buckets(recipe["segment_length"], args.tokens),
+                     "docs": [name for name, _ in docs], "buckets": edges,
                      "tokens_per_bucket": counts, "perplexity": ppl,
                      "gates": reader.gate_values().tolist() if reader.gate_values() is not None else None})
     raw = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs,

@@ -51,10 +51,16 @@ class MemoryLM(nn.Module):
         wrapped with the positions it was trained with."""
         from ragkit.models import load_causal_lm
 
-        if adapter is not None:
-            config = cls.saved_config(adapter)
         backbone = load_causal_lm(name_or_path, **model_kwargs)
         backbone.config._name_or_path = str(name_or_path)  # as named ("embedded", an id): what adapters record
+        return cls.wrap(backbone, config, adapter)
+
+    @classmethod
+    def wrap(cls, backbone: nn.Module, config: Any = None, adapter: str | Path | None = None) -> MemoryLM:
+        """`backbone` with this memory around it; with an adapter, its saved config (which replaces `config`, so
+        that the backbone is wrapped with the positions it was trained with) and its tensors."""
+        if adapter is not None:
+            config = cls.saved_config(adapter)
         reader = cls(backbone, config)
         if adapter is not None:
             reader.load_adapter(adapter)
@@ -103,6 +109,15 @@ class MemoryLM(nn.Module):
             return decode_greedy(logits, lambda token: self.model(input_ids=token[:, None], past_key_values=cache,
                                                                   use_cache=True).logits[:, -1],
                                  max_new_tokens, eos_token_id, on_token, halt)
+
+    @contextlib.contextmanager
+    def memory_off(self) -> Iterator[None]:
+        """The memory shut (`shut_gates`) while inside, open again after."""
+        self.shut_gates(True)
+        try:
+            yield
+        finally:
+            self.shut_gates(False)
 
     @contextlib.contextmanager
     def answering(self) -> Iterator[None]:
@@ -162,17 +177,17 @@ class MemoryLM(nn.Module):
     @classmethod
     def saved_config(cls, folder: str | Path) -> Any:
         """The config saved with the adapter in `folder`."""
-        from ragkit.memory.checkpoints import read_adapter
+        from ragkit.memory.checkpoints import read_adapter_meta
 
-        meta, _ = read_adapter(folder, cls.kind, cls.adapter_weights, cls.adapter_config, cls.label)
+        meta = read_adapter_meta(folder, cls.kind, cls.adapter_config, cls.label)
         return cls.config_of(meta, folder)
 
     @classmethod
     def saved_backbone(cls, folder: str | Path) -> str:
         """The backbone the adapter in `folder` was made for, as it was named ("" when it was built in memory)."""
-        from ragkit.memory.checkpoints import read_adapter
+        from ragkit.memory.checkpoints import read_adapter_meta
 
-        meta, _ = read_adapter(folder, cls.kind, cls.adapter_weights, cls.adapter_config, cls.label)
+        meta = read_adapter_meta(folder, cls.kind, cls.adapter_config, cls.label)
         return str(meta.get("backbone") or "")
 
     @classmethod

@@ -76,16 +76,12 @@ def write_adapter(folder: str | Path, weights_name: str, config_name: str, tenso
     return folder
 
 
-def read_adapter(folder: str | Path, kind: str, weights_name: str, config_name: str,
-                 label: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(meta in the newest format, tensors) of the `kind` adapter in `folder`; a clear ModelLoadError naming
-    `label` when the files are missing, unreadable, of an unknown version or of another reader."""
-    from safetensors.torch import load_file
-
+def read_adapter_meta(folder: str | Path, kind: str, config_name: str, label: str) -> dict[str, Any]:
+    """The metadata, in the newest format, of the `kind` adapter in `folder` (its tensors left unread); a clear
+    ModelLoadError naming `label` when it is missing, unreadable, of an unknown version or of another reader."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / config_name).read_text())
-        tensors = load_file(str(folder / weights_name))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"Could not read the {label} adapter in {folder}: {e}") from None
     if not isinstance(meta, dict):
@@ -93,6 +89,20 @@ def read_adapter(folder: str | Path, kind: str, weights_name: str, config_name: 
     meta = migrate(meta, ADAPTER_MIGRATIONS, f"the {label} adapter in {folder}")
     if meta.get("reader") != kind:
         raise ModelLoadError(f"{folder} holds an adapter of the {meta.get('reader')} reader, not {label}")
+    return meta
+
+
+def read_adapter(folder: str | Path, kind: str, weights_name: str, config_name: str,
+                 label: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(meta in the newest format, tensors) of the `kind` adapter in `folder`, with `read_adapter_meta`'s
+    messages, and one when the tensors cannot be read."""
+    from safetensors.torch import load_file
+
+    meta = read_adapter_meta(folder, kind, config_name, label)
+    try:
+        tensors = load_file(str(Path(folder) / weights_name))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"Could not read the {label} adapter in {folder}: {e}") from None
     return meta, tensors
 
 

@@ -29,6 +29,7 @@ True
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -441,8 +442,6 @@ class FactBatches(DocumentBatches):
 
     def __call__(self, batch_size: int, segments: int, generator: torch.Generator,
                  keys: int | None = None) -> tuple[Tensor, Tensor]:
-        import random
-
         if segments < 2:
             raise ConfigError("a planted fact needs at least 2 segments: one to hold it, one for the question")
         n, body = segments * self.segment_length, (segments - 1) * self.segment_length

@@ -132,11 +132,7 @@ def _wrap(kind: str, backbone: Any, segment_length: int, adapter: str | None):
     from ragkit.memory.base import reader_class
 
     cls = reader_class(kind)
-    config = cls.saved_config(adapter) if adapter is not None else cls.config_class(segment_length=segment_length)
-    reader = cls(backbone, config)
-    if adapter is not None:
-        reader.load_adapter(adapter)
-    return reader
+    return cls.wrap(backbone, cls.config_class(segment_length=segment_length), adapter)
 
 
 def document_texts(root: Path, paths: Sequence[str], follow_links: bool = False) -> list[str]:
