@@ -5,6 +5,8 @@ documents; and stage one's recall batches, which open the sensory window. Tiny m
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import replace
 
 import pytest
@@ -273,8 +275,6 @@ class Characters:
 
 
 def test_a_planted_fact_lies_inside_the_document_and_never_in_the_questions_segment():
-    import random
-
     from models import TRAINING_TEXT
 
     from ragkit.memory.tasks import plant_fact
@@ -297,6 +297,31 @@ def test_a_planted_fact_lies_inside_the_document_and_never_in_the_questions_segm
     assert len(starts) > 20  # at every depth
     with pytest.raises(ConfigError, match="no room"):
         plant_fact(tokenizer, doc[:3], rng)
+
+
+def test_several_planted_facts_keep_the_document_and_the_question_asks_one_of_them():
+    from models import TRAINING_TEXT
+
+    from ragkit.memory.tasks import FACT_SUBJECTS, plant_fact
+
+    tokenizer = Characters()
+    doc = tokenizer.encode(TRAINING_TEXT)[:2048]
+    rng, asked_depths = random.Random(1), set()
+    for _ in range(20):
+        fact = plant_fact(tokenizer, doc, rng, facts=16)
+        length, text = len(doc), tokenizer.decode(fact.ids[: len(doc)])
+        said = re.findall(r" The access code of (.+?) is (\d{5})\. ", text)
+        assert len(said) == 16 and len({subject for subject, _ in said}) == 16  # distinct subjects
+        code = tokenizer.decode(fact.ids[-fact.answer_tokens :]).strip()
+        asked = tokenizer.decode(fact.ids[fact.fact_start : fact.fact_end])
+        assert f"is {code}." in asked and asked.split(" is ")[0].split("code of ")[1] in fact.question
+        assert not re.search(r"\d{5}", tokenizer.decode(fact.ids[length : -fact.answer_tokens]))  # no fact after L
+        rest = re.sub(r" The access code of .+? is \d{5}\. ", "", text)  # the document, in order, cut at its end
+        assert tokenizer.encode(rest) == doc[: len(rest)] and fact.facts == 16
+        asked_depths.add(fact.fact_start * 4 // length)
+    assert asked_depths == {0, 1, 2, 3}  # the asked fact at every depth
+    with pytest.raises(ConfigError, match="between 1 and"):
+        plant_fact(tokenizer, doc, rng, facts=len(FACT_SUBJECTS) + 1)
 
 
 def test_fact_batches_ask_at_the_end_for_a_fact_planted_before_the_last_segment():

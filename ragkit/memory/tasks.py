@@ -399,36 +399,51 @@ class DocumentBatches:
 
 FACT_SUBJECTS = ("the Marlow archive", "the north gate", "hangar seven", "the Orlov account", "the blue cabinet",
                  "the east wing server", "the harbour office", "the Linden vault", "the night shift locker",
-                 "the Kestrel project")
+                 "the Kestrel project", "the west stairwell", "the Tamsin ledger", "dock four", "the grey safe",
+                 "the Halden mailbox", "the river depot")
 
 
 @dataclass
 class PlantedFact:
-    """A document's first tokens with one fact sentence inside, then a question on it and its answer."""
+    """A document's first tokens with fact sentences inside, then a question on one of them and its answer."""
 
-    ids: list[int]  # the L document tokens (fact included), then the question's and the answer's
-    fact_start: int  # where the fact's tokens start in `ids`
-    fact_end: int  # where they end (≤ L: the question, from L on, never holds the fact)
+    ids: list[int]  # the L document tokens (facts included), then the question's and the answer's
+    fact_start: int  # where the asked fact's tokens start in `ids`
+    fact_end: int  # where they end (≤ L: the question, from L on, never holds a fact)
     question: str  # the question's text, without the answer
     answer_tokens: int  # the answer's tokens, which close `ids`
+    facts: int = 1  # facts planted (the others are distractors: other subjects, other codes)
 
 
-def plant_fact(tokenizer: Any, doc_ids: list[int], rng: Any) -> PlantedFact:
-    """Put "The access code of <subject> is <5 digits>." at a random depth of `doc_ids` (keeping its length L, so
-    that a question starting at L starts a segment of its own when L is a whole number of segments), then the
-    question and its answer. `rng`: a random.Random."""
+def plant_fact(tokenizer: Any, doc_ids: list[int], rng: Any, facts: int = 1) -> PlantedFact:
+    """Put `facts` sentences "The access code of <subject> is <5 digits>." (distinct subjects) at random depths of
+    `doc_ids`, keeping its length L, so that a question starting at L starts a segment of its own when L is a whole
+    number of segments; then the question on one of them and its answer. `rng`: a random.Random."""
     from ragkit.tokens import token_ids
 
-    subject, code = rng.choice(FACT_SUBJECTS), rng.randrange(10_000, 100_000)
-    fact = token_ids(tokenizer, f" The access code of {subject} is {code}. ")
+    if not 1 <= facts <= len(FACT_SUBJECTS):
+        raise ConfigError(f"between 1 and {len(FACT_SUBJECTS)} facts can be planted, not {facts}")
+    pool, planted = list(FACT_SUBJECTS), []
+    for _ in range(facts):
+        subject, code = rng.choice(pool), rng.randrange(10_000, 100_000)
+        pool.remove(subject)
+        planted.append((subject, code, token_ids(tokenizer, f" The access code of {subject} is {code}. ")))
+    length, room = len(doc_ids), len(doc_ids) - sum(len(ids) for _, _, ids in planted)
+    if room < 0:
+        raise ConfigError(f"a document of {length} tokens has no room for {facts} fact(s) of "
+                          f"{length - room} tokens")
+    depths = sorted(rng.randrange(room + 1) for _ in planted)  # in the document's tokens that stay
+    asked = rng.randrange(facts) if facts > 1 else 0
+    prefix, kept, spans = [], 0, []
+    for depth, (_, _, fact) in zip(depths, planted):
+        prefix += doc_ids[kept:depth]
+        spans.append((len(prefix), len(prefix) + len(fact)))
+        prefix, kept = prefix + fact, depth
+    prefix += doc_ids[kept:room]  # (L,)
+    subject, code, _ = planted[asked]
     question = f"\n\nQuestion: What is the access code of {subject}?\nAnswer: The access code of {subject} is"
-    asked, answer = token_ids(tokenizer, question), token_ids(tokenizer, f" {code}")
-    length = len(doc_ids)
-    if len(fact) > length:
-        raise ConfigError(f"a document of {length} tokens has no room for a fact of {len(fact)}")
-    start = rng.randrange(length - len(fact) + 1)
-    prefix = doc_ids[:start] + fact + doc_ids[start : length - len(fact)]  # (L,)
-    return PlantedFact(prefix + asked + answer, start, start + len(fact), question, len(answer))
+    answer = token_ids(tokenizer, f" {code}")
+    return PlantedFact(prefix + token_ids(tokenizer, question) + answer, *spans[asked], question, len(answer), facts)
 
 
 class FactBatches(DocumentBatches):
