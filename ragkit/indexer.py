@@ -22,7 +22,7 @@ from ragkit import store
 from ragkit.config import DEFAULT_DENSE_MODEL, DEFAULT_LATE_MODEL, Settings
 from ragkit.errors import RagkitError
 from ragkit.ingest.context import SEPARATOR, chunk_context, contextual_texts
-from ragkit.ingest.document import Chunk, Skipped, SourceFile
+from ragkit.ingest.document import Chunk, Skipped, SourceFile, content_hash
 from ragkit.models import embedded_dense_model, model_revision, resolve_model_name, tokenizer_fingerprint
 from ragkit.progress import Progress, ProgressEvent, silent
 
@@ -286,7 +286,7 @@ def _hash_files(files: list[SourceFile], skipped: list[Skipped]) -> dict[str, tu
         except OSError as e:
             skipped.append(Skipped(source.rel, f"unreadable: {e.strerror or e}"))
             continue
-        out[source.rel] = (source, hashlib.blake2b(data, digest_size=16).hexdigest())
+        out[source.rel] = (source, content_hash(data))
     return out
 
 

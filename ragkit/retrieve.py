@@ -64,6 +64,7 @@ class Searcher:
         self.timings: dict[str, float] = {}  # seconds per stage of the last search
         self._paths: list[str] | None = None
         self._names = None
+        self._rows_by_id: dict[str, int] | None = None
 
     def reopen(self, generation: Path) -> "Searcher":
         """A searcher of `generation` that keeps this one's loaded encoders where the models are the same."""
@@ -220,6 +221,13 @@ class Searcher:
                 stored[i] = (item.vectors.astype(np.float32), item.spans)
         for hit, (vectors, spans) in zip(hits, stored):
             hit.evidence = maxsim_evidence(query_words, vectors, spans, hit.chunk.text)
+
+    def chunk(self, chunk_id: str) -> Chunk | None:
+        """The chunk with this id in this generation, or None."""
+        if self._rows_by_id is None:
+            self._rows_by_id = {cid: row for row, cid in enumerate(self.table.column("chunk_id").to_pylist())}
+        row = self._rows_by_id.get(chunk_id)
+        return None if row is None else store.chunk_from_record(store.chunk_record(self.table, row))
 
     def rows_of(self, paths: Sequence[str]) -> np.ndarray:
         """Sorted chunk rows of the indexed files that match any of `paths` (relative names or globs)."""

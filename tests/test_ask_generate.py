@@ -20,13 +20,6 @@ runner = CliRunner()
 QUESTION = "When did the oil crisis begin?"
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    from models import build_llama_reader
-
-    return build_llama_reader(tmp_path_factory.mktemp("tiny-llama"))
-
-
 @pytest.fixture
 def no_stop(monkeypatch):
     """The random tiny model may emit its end-of-sequence id first, or loop at once: without stop ids and loop

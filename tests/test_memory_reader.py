@@ -15,13 +15,6 @@ from ragkit.config import Settings
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    from models import build_llama_reader
-
-    return build_llama_reader(tmp_path_factory.mktemp("tiny-llama"))
-
-
 @pytest.fixture
 def indexed(tmp_path, tiny_encoder, tiny_colbert) -> Path:
     docs = tmp_path / "docs"

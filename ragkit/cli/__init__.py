@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold "[default: …]", which is not Rich markup
 )
 IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | late | hybrid [default: hybrid].")]
@@ -461,6 +462,11 @@ def _human_bytes(n: int) -> str:
 from ragkit.cli.reader import reader_app  # noqa: E402  (after `app`: the sub-app imports nothing heavy)
 
 app.add_typer(reader_app, name="reader")
+
+from ragkit.cli.serve import mcp, serve  # noqa: E402
+
+app.command()(serve)
+app.command()(mcp)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 reader_app = typer.Typer(help="Train memory readers (Infini-attention, HMT) and measure their recall.",
                          no_args_is_help=True,
-                         add_completion=False, pretty_exceptions_enable=False)
+                         add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 @reader_app.callback()
 def _readers() -> None:

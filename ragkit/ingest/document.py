@@ -4,6 +4,7 @@ chunks."""
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,3 +149,8 @@ def line_starts(text: str) -> list[int]:
 def normalize_newlines(text: str) -> str:
     """`text` with every line ending (\\r\\n, \\r) as \\n."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def content_hash(data: bytes) -> str:
+    """The hash an index records for a file's bytes (it tells a changed file from an unchanged one)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -1,0 +1,1 @@
+"""The web page of `ragkit serve` (see app.py)."""
