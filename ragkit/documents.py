@@ -3,6 +3,7 @@ inside its folder, and only the neighbourhood of the lines asked for."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -49,10 +50,12 @@ class DocumentText:
 
 
 class DocumentReader:
-    """Reads indexed documents through ragkit's parsers, keeping the last few parsed (keyed by size and mtime)."""
+    """Reads indexed documents through ragkit's parsers, keeping the last few parsed (keyed by size and mtime);
+    safe to share between threads."""
 
     def __init__(self) -> None:
         self._cache: OrderedDict[tuple[str, int, int], tuple[ParsedDocument, str]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def read(self, manifest: dict[str, Any], rel: str) -> DocumentText:
         from ragkit.ingest.parsers import ParseError, parse_file
@@ -60,16 +63,17 @@ class DocumentReader:
         path = indexed_file(manifest, rel)
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._cache:
-            try:
-                parsed = parse_file(path)
-            except ParseError as e:
-                raise DocumentNotFound(f"{rel!r} cannot be read: {e.reason}") from None
-            self._cache[key] = (parsed, content_hash(path.read_bytes()))
-            while len(self._cache) > CACHED_DOCUMENTS:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        parsed, digest = self._cache[key]
+        with self._lock:
+            if key not in self._cache:
+                try:
+                    parsed = parse_file(path)
+                except ParseError as e:
+                    raise DocumentNotFound(f"{rel!r} cannot be read: {e.reason}") from None
+                self._cache[key] = (parsed, content_hash(path.read_bytes()))
+                while len(self._cache) > CACHED_DOCUMENTS:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            parsed, digest = self._cache[key]
         return DocumentText(rel, parsed, changed=digest != manifest["files"][rel].get("hash"))
 
 

@@ -114,6 +114,13 @@ class Service:
         marks = chunk_marks(chunk.char_start, evidence) if chunk is not None and chunk.path == path else []
         return document_window(doc, line, end_line, page, marks)
 
+    def document_text(self, path: str) -> str:
+        """The whole parsed text of the indexed document `path` (DocumentNotFound when the index does not hold
+        it)."""
+        with self._search_lock:
+            manifest = self.index.manifest()
+        return self.documents.read(manifest, path).parsed.text
+
     def _checked(self, query: str, k: int | None, mode: str | None, paths: Sequence[str] | None,
                  default_k: int) -> tuple[str, int, str | None, list[str] | None]:
         query = (query or "").strip()
