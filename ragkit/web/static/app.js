@@ -128,5 +128,5 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!$("index-progress").hidden) followIndexRun();
   }
   const target = location.hash && document.getElementById(location.hash.slice(1));
-  if (target) target.scrollIntoView({ block: "center" });
+  if (target) target.scrollIntoView({ block: "start" });  // with the scroll margin the stylesheet leaves above
 });
