@@ -100,3 +100,42 @@ def test_the_eval_example_runs_as_written(shared_data, tmp_path, monkeypatch):
     result = shell(block("### How good it is: `ragkit eval`", "bash").strip(), tmp_path / "repo")
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "repo" / "per-question.jsonl").read_text().splitlines()) == 100
+
+
+def test_ci_runs_exactly_the_set_up_and_test_commands_of_the_readme():
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert block("## Set up", "bash").strip() in ci
+    assert block("## Run the tests", "bash").strip() in ci
+
+
+def test_the_serve_command_serves_the_index_it_was_pointed_at(workdir):
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    assert shell("ragkit index ./docs", workdir).returncode == 0
+    command = block("## The web page and AI assistants", "bash").split("#")[0].strip()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(["bash", "-c", f"exec {command} --port {port}"], cwd=workdir, env=env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as response:
+                    status = json.load(response)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("ragkit serve did not answer")
+        assert status["files"] == len(ARTICLES) and status["root"] == str((workdir / "docs").resolve())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/?q=oil+embargo&mode=bm25", timeout=30) as response:
+            assert "1973_oil_crisis.txt" in response.read().decode()
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    assert f"at http://localhost:{port}/" in stderr and "Traceback" not in stderr

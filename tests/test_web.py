@@ -290,3 +290,28 @@ def test_pages_render_hits_answers_and_status_and_fail_without_tracebacks(served
     for response in (failed.get("/api/search", params={"q": "oil"}), failed.get("/", params={"q": "oil"})):
         assert response.status_code == 500 and "Traceback" not in response.text
         assert "/secret/path" not in response.text
+
+
+def test_serve_warns_off_loopback_and_says_when_it_cannot_start(served, monkeypatch, tmp_path):
+    import socket
+
+    import uvicorn
+
+    root, _, _ = served
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    result = runner.invoke(app, ["serve", "--index", str(root / "index"), "--port", "0"])
+    assert result.exit_code == 2  # the port must be 1-65535
+    local = runner.invoke(app, ["serve", "--index", str(root / "index"), "--port", "8765"])
+    assert local.exit_code == 0 and "Warning" not in local.stderr and calls[-1]["host"] == "127.0.0.1"
+    wide = runner.invoke(app, ["serve", "--index", str(root / "index"), "--host", "0.0.0.0", "--port", "8765"])
+    assert wide.exit_code == 0 and "Warning: listening on 0.0.0.0" in wide.stderr
+    assert calls[-1] == {"host": "0.0.0.0", "port": 8765, "log_level": "warning"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = runner.invoke(app, ["serve", "--index", str(root / "index"), "--port", str(port)])
+    assert busy.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    missing = runner.invoke(app, ["serve", "--index", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "there is no index at" in missing.stderr and len(calls) == 2

@@ -145,3 +145,13 @@ def test_each_search_mode_shows_hits_with_their_places(site, browser, mode, tmp_
         assert page.locator("article.hit mark").count() > 0
     if mode == "hybrid":
         shoot(page, tmp_path, "search.png")
+
+
+def test_the_status_page_runs_an_index_update_and_shows_its_result(site, browser, shared_data):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(site + "/status")
+    assert page.inner_text("#files") == str(len(ARTICLES))
+    page.click("#index-button")
+    page.wait_for_function("document.getElementById('index-message').textContent.includes('unchanged')",
+                           timeout=120_000)
+    assert f"{len(ARTICLES)} unchanged" in page.inner_text("#index-message")

@@ -77,7 +77,7 @@ def serve(
         from ragkit.web.app import create_app
 
         url = f"http://{'localhost' if is_loopback(host) else host}:{port}/"
-        err.print(f"ragkit: serving {escape(str(service.index.path))} at {url} (Ctrl+C to stop)")
+        err.print(f"ragkit: serving {escape(str(service.index.path))} at {url} (Ctrl+C to stop)", soft_wrap=True)
         if open_browser:
             import webbrowser
 
