@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    from ragkit.errors import ConfigError
     from ragkit.memory.checkpoints import load_checkpoint, read_checkpoint_meta
     from ragkit.memory.tasks import plant_fact
     from ragkit.models import load_causal_lm
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for length in lengths:
                 if length % segment:
                     raise SystemExit(f"--lengths must be multiples of the reader's segment ({segment})")
-                planted = [plant_fact(tokenizer, doc[:length], rng, facts) for _, doc in docs]
+                try:
+                    planted = [plant_fact(tokenizer, doc[:length], rng, facts) for _, doc in docs]
+                except ConfigError as e:  # K facts longer than the document: the cell stays empty
+                    print(f"{meta['reader']} K={facts} L={length}: {e}", file=sys.stderr, flush=True)
+                    continue
                 for i, ((name, _), fact) in enumerate(zip(docs, planted)):
                     ids, other = fact.ids, planted[(i + 1) % len(planted)].ids[:length] + fact.ids[length:]
                     x = torch.tensor([ids])
