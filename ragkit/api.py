@@ -135,6 +135,22 @@ class Index:
                 warn(message)
         return self._reader
 
+    def export_qdrant(self, path: str | Path | None = None, url: str | None = None, collection: str | None = None,
+                      progress: Progress = silent):
+        """Copy the index's dense and late vectors into a Qdrant collection (a folder in local mode, or a server),
+        incrementally; an ExportReport. Unnamed, each comes from the settings (qdrant_path, qdrant_url,
+        qdrant_collection)."""
+        from ragkit.indexes.qdrant import export, open_client
+
+        if path is None and url is None:
+            path, url = self.settings.qdrant_path, self.settings.qdrant_url
+        client = open_client(path, url)
+        try:
+            return export(store.current_generation(self.path), client, collection or self.settings.qdrant_collection,
+                          progress)
+        finally:
+            client.close()
+
     def manifest(self) -> dict[str, Any]:
         """The live generation's manifest (see docs/index-format.md)."""
         return self.searcher.manifest

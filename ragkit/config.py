@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from ragkit.errors import ConfigError
 
 MODES = ("dense", "bm25", "late", "hybrid")
+BACKENDS = ("local", "qdrant")
 FUSIONS = ("rrf", "convex")
 READERS = ("extractive", "generate", "infini", "hmt")
 DEFAULT_DENSE_MODEL = "Alibaba-NLP/gte-modernbert-base"
@@ -68,6 +69,10 @@ class Settings:
     adapter: str | None = None  # folder of a trained memory adapter (gates and config)
     reader_segment: int = 1024  # tokens per memory segment the documents are streamed in
     answer_tokens: int = 256  # most tokens a reader model generates
+    backend: str = "local"  # where dense and late candidates come from: local (the index folder) | qdrant
+    qdrant_path: str | None = None  # folder of a Qdrant collection in local mode (no server)
+    qdrant_url: str | None = None  # or the URL of a Qdrant server
+    qdrant_collection: str = "ragkit"  # the collection `ragkit export qdrant` writes and `--backend qdrant` reads
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with the non-None `changes` applied and validated."""
@@ -184,6 +189,8 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError(f"reader must be one of {', '.join(READERS)}, got '{settings.reader}'")
     if settings.fusion not in FUSIONS:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got '{settings.fusion}'")
+    if settings.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{settings.backend}'")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",

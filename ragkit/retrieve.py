@@ -49,7 +49,8 @@ class Hit:
 class Searcher:
     """Searches one generation of an index; loads each part on first use."""
 
-    def __init__(self, generation: Path, settings: Settings, encoder=None, late_encoder=None) -> None:
+    def __init__(self, generation: Path, settings: Settings, encoder=None, late_encoder=None,
+                 qdrant_client=None) -> None:
         self.generation = generation
         self.settings = settings
         self.manifest = store.read_manifest(generation)
@@ -65,10 +66,13 @@ class Searcher:
         self._paths: list[str] | None = None
         self._names = None
         self._rows_by_id: dict[str, int] | None = None
+        self._qdrant_client = qdrant_client  # kept across reopens: a local-mode folder admits one client
+        self._qdrant = None
 
     def reopen(self, generation: Path) -> "Searcher":
         """A searcher of `generation` that keeps this one's loaded encoders where the models are the same."""
-        return Searcher(generation, self.settings, encoder=self._encoder, late_encoder=self._late_encoder)
+        return Searcher(generation, self.settings, encoder=self._encoder, late_encoder=self._late_encoder,
+                        qdrant_client=self._qdrant_client)
 
     @property
     def dense_model(self) -> str:
@@ -121,6 +125,21 @@ class Searcher:
             self._late = LateIndex.load(self.generation / "late")
         return self._late
 
+    @property
+    def qdrant(self):
+        """The Qdrant collection that gives dense and late candidates (backend qdrant), or None (local)."""
+        if self.settings.backend != "qdrant":
+            return None
+        if self._qdrant is None:
+            from ragkit.indexes.qdrant import QdrantCandidates, open_client
+
+            if self._qdrant_client is None:
+                self._qdrant_client = open_client(self.settings.qdrant_path, self.settings.qdrant_url)
+            stamp = {stage: self.manifest["fingerprint"][stage] for stage in ("dense", "late")}
+            self._qdrant = QdrantCandidates(self._qdrant_client, self.settings.qdrant_collection,
+                                            self.table.column("chunk_id").to_pylist(), stamp)
+        return self._qdrant
+
     def search(self, query: str, k: int, mode: str, paths: Sequence[str] | None = None) -> list[Hit]:
         return self.search_many([query], k, mode, paths)[0]
 
@@ -162,12 +181,15 @@ class Searcher:
     def _candidates(self, queries, late_queries, k: int, mode: str, rows) -> dict[str, SearchResults]:
         depth = max(k, self.settings.candidates) if mode == "hybrid" else k
         runs: dict[str, SearchResults] = {}
+        qdrant = self.qdrant
         if mode in ("dense", "hybrid"):
             vectors = self._timed("dense_query", self.encoder.encode_queries, queries)
-            runs["dense"] = self._timed("dense", self.dense.search, vectors, depth, rows)
+            runs["dense"] = self._timed("dense", qdrant.dense if qdrant else self.dense.search, vectors, depth, rows)
         if mode in ("bm25", "hybrid"):
             runs["bm25"] = self._timed("bm25", self.lexical.search, queries, depth, rows)
-        if late_queries is not None:
+        if late_queries is not None and qdrant:
+            runs["late"] = self._timed("late", qdrant.late, late_queries, depth, rows)
+        elif late_queries is not None:
             runs["late"] = self._timed("late", self.late.search, late_queries, depth, rows,
                                        self.settings.late_exact_max_tokens, self.settings.plaid_candidates)
         return runs

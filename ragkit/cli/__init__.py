@@ -135,11 +135,23 @@ def search(
     mode: ModeOpt = None,
     fusion: FusionOpt = None,
     paths: PathsOpt = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--backend", help="Where dense and late candidates come from: local | qdrant (the collection `ragkit export "
+                          "qdrant` wrote) [default: local].")] = None,
+    qdrant_path: Annotated[Optional[Path], typer.Option(
+        "--qdrant-path", help="Folder of the Qdrant collection in local mode [default: the qdrant_path "
+                              "setting].")] = None,
+    qdrant_url: Annotated[Optional[str], typer.Option(
+        "--qdrant-url", help="URL of a Qdrant server [default: the qdrant_url setting].")] = None,
+    collection: Annotated[Optional[str], typer.Option(
+        "--collection", help="Qdrant collection [default: ragkit].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index and list the best chunks (evidence highlighted)."""
     with _user_errors(as_json):
-        idx = _open(index, mode=mode, k=k, fusion=fusion)
+        idx = _open(index, mode=mode, k=k, fusion=fusion, backend=backend,
+                    qdrant_path=str(qdrant_path) if qdrant_path else None, qdrant_url=qdrant_url,
+                    qdrant_collection=collection)
         hits = idx.search(query, paths=paths)
         if as_json:
             _print_json({"hits": [h.to_json() for h in hits]})
@@ -463,7 +475,10 @@ from ragkit.cli.reader import reader_app  # noqa: E402  (after `app`: the sub-ap
 
 app.add_typer(reader_app, name="reader")
 
+from ragkit.cli.export import export_app  # noqa: E402
 from ragkit.cli.serve import mcp, serve  # noqa: E402
+
+app.add_typer(export_app, name="export")
 
 app.command()(serve)
 app.command()(mcp)
