@@ -14,7 +14,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -144,10 +144,14 @@ def build_index(
     settings: Settings,
     progress: Progress = silent,
     rebuild: bool = False,
+    accept: Callable[[str], bool] | None = None,
+    exclude: Sequence[Path] = (),
 ) -> IndexReport:
     """Index `folder` into `index_dir`; only new and changed files are parsed and encoded.
 
-    Settings left unset keep what the existing index was built with (see `Settings.for_index`).
+    Settings left unset keep what the existing index was built with (see `Settings.for_index`). `accept`: only
+    the files whose relative path it accepts (a shard's part of the folder); `exclude`: folders not scanned besides
+    `index_dir`.
     """
     from ragkit.ingest.sources import printable_path, scan_folder
 
@@ -169,8 +173,12 @@ def build_index(
         before: dict[str, Any] = previous["manifest"]["files"] if previous and not rebuild else {}  # for the counts
 
         progress(ProgressEvent("scan", 0, 1))
-        scan = scan_folder(folder, exclude=[index_dir], max_file_bytes=int(encoders.settings.max_file_mb * 2**20),
+        scan = scan_folder(folder, exclude=[index_dir, *exclude],
+                           max_file_bytes=int(encoders.settings.max_file_mb * 2**20),
                            follow_links=encoders.settings.follow_links)
+        if accept is not None:
+            scan.files = [f for f in scan.files if accept(f.rel)]
+            scan.skipped = [s for s in scan.skipped if accept(s.path)]
         report.skipped.extend(Skipped(printable_path(s.path), s.reason) for s in scan.skipped)
         progress(ProgressEvent("scan", 1, 1))
         hashed = _hash_files(_storable(scan.files, report.skipped), report.skipped)
