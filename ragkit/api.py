@@ -33,11 +33,24 @@ class Index:
         self._no_reader_model: str | None = None  # why no reader model loads ("" when one does; None: not tried)
 
     def exists(self) -> bool:
-        return (self.path / store.CURRENT).is_file()
+        return (self.path / store.CURRENT).is_file() or self.shards is not None
 
-    def add(self, folder: str | Path, progress: Progress = silent, rebuild: bool = False) -> IndexReport:
-        """Index `folder` (incrementally: only new and changed files are parsed and encoded)."""
+    @property
+    def shards(self) -> int | None:
+        """How many shards the index holds (None: not sharded)."""
+        from ragkit.shards import shard_count
+
+        return shard_count(self.path)
+
+    def add(self, folder: str | Path, progress: Progress = silent, rebuild: bool = False,
+            shards: int | None = None) -> IndexReport:
+        """Index `folder` (incrementally: only new and changed files are parsed and encoded); `shards`: build a
+        new index as that many shards (see ragkit.shards); a sharded index stays sharded."""
         # the searcher notices the new generation itself and reopens it with the models it already loaded
+        if shards is not None or self.shards is not None:
+            from ragkit.shards import build_sharded
+
+            return build_sharded(Path(folder), self.path, self.settings, shards, progress=progress, rebuild=rebuild)
         return build_index(Path(folder), self.path, self.settings, progress=progress, rebuild=rebuild)
 
     def search(self, query: str, k: int | None = None, mode: str | None = None,
@@ -142,6 +155,8 @@ class Index:
         qdrant_collection)."""
         from ragkit.indexes.qdrant import export, open_client
 
+        if self.shards:
+            raise RagkitError("a sharded index cannot be exported to Qdrant yet; export an unsharded index")
         if path is None and url is None:
             path, url = self.settings.qdrant_path, self.settings.qdrant_url
         client = open_client(path, url)
@@ -157,8 +172,7 @@ class Index:
 
     def status(self) -> dict[str, Any]:
         """Files, chunks, tokens, models, size on disk and the last run of the index."""
-        generation = store.current_generation(self.path)
-        manifest = store.read_manifest(generation)
+        manifest = self.searcher.manifest if self.shards else store.read_manifest(store.current_generation(self.path))
         size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
         return {
             "index": str(self.path),
@@ -196,10 +210,18 @@ class Index:
         """The searcher of the live generation (reopened when another run has switched it)."""
         from ragkit.retrieve import Searcher
 
-        generation = store.current_generation(self.path)
+        if self.shards:
+            from ragkit.shards import current_generations, sharded_searcher
+
+            generation = current_generations(self.path)
+            fresh = lambda: sharded_searcher(generation, self.settings)  # noqa: E731
+        else:
+            generation = store.current_generation(self.path)
+            fresh = lambda: Searcher(generation, self.settings)  # noqa: E731
         if self._searcher is None or self._searcher.generation != generation:
             old = self._searcher
-            self._searcher = old.reopen(generation) if old else Searcher(generation, self.settings)
+            same_kind = old is not None and (type(old) is not Searcher) == bool(self.shards)
+            self._searcher = old.reopen(generation) if same_kind else fresh()
         return self._searcher
 
     def _mode(self, mode: str | None) -> str:

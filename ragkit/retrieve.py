@@ -53,8 +53,7 @@ class Searcher:
                  qdrant_client=None) -> None:
         self.generation = generation
         self.settings = settings
-        self.manifest = store.read_manifest(generation)
-        self.table = store.load_chunks(generation)
+        self.manifest, self.table = self._read(generation)
         self._dense = None
         self._lexical = None
         self._late = None
@@ -69,10 +68,14 @@ class Searcher:
         self._qdrant_client = qdrant_client  # kept across reopens: a local-mode folder admits one client
         self._qdrant = None
 
+    def _read(self, generation: Path):
+        """The manifest and chunk table of the generation searched."""
+        return store.read_manifest(generation), store.load_chunks(generation)
+
     def reopen(self, generation: Path) -> "Searcher":
         """A searcher of `generation` that keeps this one's loaded encoders where the models are the same."""
-        return Searcher(generation, self.settings, encoder=self._encoder, late_encoder=self._late_encoder,
-                        qdrant_client=self._qdrant_client)
+        return type(self)(generation, self.settings, encoder=self._encoder, late_encoder=self._late_encoder,
+                          qdrant_client=self._qdrant_client)
 
     @property
     def dense_model(self) -> str:
@@ -104,26 +107,29 @@ class Searcher:
     @property
     def dense(self):
         if self._dense is None:
-            from ragkit.indexes.faiss_index import DenseIndex
-
-            self._dense = DenseIndex.load(self.generation / "dense")
+            self._dense = self._load("dense")
         return self._dense
 
     @property
     def lexical(self):
         if self._lexical is None:
-            from ragkit.indexes.bm25 import LexicalIndex
-
-            self._lexical = LexicalIndex.load(self.generation / "bm25")
+            self._lexical = self._load("bm25")
         return self._lexical
 
     @property
     def late(self):
         if self._late is None:
-            from ragkit.indexes.late import LateIndex
-
-            self._late = LateIndex.load(self.generation / "late")
+            self._late = self._load("late")
         return self._late
+
+    def _load(self, part: str):
+        """The generation's search structure `part`: dense, bm25 or late."""
+        from ragkit.indexes.bm25 import LexicalIndex
+        from ragkit.indexes.faiss_index import DenseIndex
+        from ragkit.indexes.late import LateIndex
+
+        kind = {"dense": DenseIndex, "bm25": LexicalIndex, "late": LateIndex}[part]
+        return kind.load(self.generation / part)
 
     @property
     def qdrant(self):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rankings import assert_same_ranking
 from typer.testing import CliRunner
 
 from ragkit.api import Index
@@ -33,21 +34,6 @@ def indexed(tmp_path, tiny_encoder, tiny_colbert) -> tuple[Path, Settings]:
     settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), reader="extractive")
     Index(tmp_path / "index", settings).add(docs)
     return tmp_path, settings
-
-
-def assert_same_ranking(got, expected, tie: float = 1e-4) -> None:
-    """The same scores (Qdrant computes in float32 as FAISS does, summing in its own order) and the same chunks at
-    each score; chunks whose scores differ by less than `tie` may come in either order, and those tied at the cut
-    may differ."""
-    assert [h.score for h in got] == pytest.approx([h.score for h in expected], abs=tie)
-    groups: list[list[int]] = []
-    for i, hit in enumerate(expected):
-        if groups and abs(expected[groups[-1][0]].score - hit.score) < tie:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    for group in groups[:-1] if len(expected) == len(got) else groups:
-        assert {got[i].chunk_id for i in group} == {expected[i].chunk_id for i in group}
 
 
 def unscored(hit) -> dict:

@@ -112,6 +112,9 @@ def index(
         help="Follow symlinks that lead outside the folder [default: no: they are listed as skipped].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, … [default: chosen by torch].")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-encode everything from scratch.")] = False,
+    shards: Annotated[Optional[int], typer.Option(
+        help="Make a new index of N shards, each the index of the files whose path hashes to it; search merges "
+             "them as one [default: one unsharded index; a sharded index keeps its number].", min=1)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index a folder (incremental: only new and changed files are encoded)."""
@@ -120,7 +123,7 @@ def index(
                     chunk_tokens=chunk_tokens, context_tokens=context_tokens, follow_links=follow_links,
                     device=device)
         with _progress_bar(enabled=not as_json) as progress:
-            report = idx.add(folder, progress=progress, rebuild=rebuild)
+            report = idx.add(folder, progress=progress, rebuild=rebuild, shards=shards)
         if as_json:
             _print_json(report.to_json())
         else:

@@ -8,27 +8,57 @@ from typing import Sequence
 
 import numpy as np
 
+from ragkit.errors import RagkitError
 from ragkit.indexes.base import SearchResults
 from ragkit.tokens import STEMMER_LANGUAGE, tokenize
 
 PARAMS = "ragkit.json"
+LENGTHS = "lengths.npy"  # tokens of each row, int32 (n,)
 
 
 class LexicalIndex:
-    """BM25 over rows 0..n-1; an empty collection is allowed."""
+    """BM25 over rows 0..n-1; an empty collection is allowed.
 
-    def __init__(self, retriever, count: int) -> None:
+    `lengths` (tokens of each row) let `postings` give back each term's frequencies from bm25s's stored scores,
+    which is what search over several shards needs to score with the statistics of all of them; indexes written
+    before lengths were kept have None.
+    """
+
+    def __init__(self, retriever, count: int, lengths: np.ndarray | None = None) -> None:
         self.retriever = retriever
         self.count = count
+        self.lengths = lengths
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> "LexicalIndex":
         import bm25s
 
         retriever = bm25s.BM25()
+        tokens = tokenize(texts)
         if texts:
-            retriever.index(tokenize(texts), show_progress=False)
-        return cls(retriever, len(texts))
+            retriever.index(tokens, show_progress=False)
+        return cls(retriever, len(texts), np.array([len(t) for t in tokens], dtype=np.int32))
+
+    def postings(self, term: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, term frequencies) of the rows holding `term` (a token as `tokenize` makes it).
+
+        bm25s stores idf × tf / (tf + k1 (1 − b + b·len/avglen)) per (term, row); with the row lengths the
+        frequency follows: tf = t·K / (1 − t), t = score / idf, K = k1 (1 − b + b·len/avglen), a whole number.
+        """
+        if self.lengths is None:
+            raise RagkitError("this index was built before BM25 kept its row lengths; rebuild it with "
+                              "`ragkit index FOLDER --rebuild` to search it in shards")
+        column = self.retriever.vocab_dict.get(term) if self.count else None
+        if column is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        scores = self.retriever.scores
+        start, end = int(scores["indptr"][column]), int(scores["indptr"][column + 1])
+        rows = np.asarray(scores["indices"][start:end], dtype=np.int64)
+        k1, b = self.retriever.k1, self.retriever.b
+        idf = np.log(1 + (self.count - (end - start) + 0.5) / ((end - start) + 0.5))  # lucene
+        norm = k1 * (1 - b + b * self.lengths[rows] / self.lengths.mean())
+        share = np.asarray(scores["data"][start:end], dtype=np.float64) / idf
+        return rows, np.rint(share * norm / (1 - share))
 
     def __len__(self) -> int:
         return self.count
@@ -53,6 +83,8 @@ class LexicalIndex:
         folder.mkdir(parents=True, exist_ok=True)
         if self.count:
             self.retriever.save(str(folder), show_progress=False)
+        if self.lengths is not None:
+            np.save(folder / LENGTHS, self.lengths)
         (folder / PARAMS).write_text(json.dumps({"count": self.count, "stemmer": STEMMER_LANGUAGE}, indent=2))
 
     @classmethod
@@ -60,6 +92,7 @@ class LexicalIndex:
         import bm25s
 
         count = json.loads((folder / PARAMS).read_text())["count"]
+        lengths = np.load(folder / LENGTHS, allow_pickle=False) if (folder / LENGTHS).is_file() else None
         if not count:
-            return cls(bm25s.BM25(), 0)
-        return cls(bm25s.BM25.load(str(folder), mmap=True, show_progress=False), count)
+            return cls(bm25s.BM25(), 0, lengths)
+        return cls(bm25s.BM25.load(str(folder), mmap=True, show_progress=False), count, lengths)
