@@ -81,7 +81,7 @@ def record(name: str, title: str, raw: dict[str, Any], table: str, notes: str = 
     header = {"benchmark": name, "date": stamp, **(header or {"machine": machine(), "commit": commit()})}
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({**header, **raw}, indent=2) + "\n")
+    out.write_text(json.dumps({**header, **raw}, indent=2, default=str) + "\n")  # paths and the like as text
     entry = (f"\n## {title} — {stamp}\n\nMachine: {header['machine']}. Commit: `{header['commit']}`. "
              f"Command: `{command or f'python benchmarks/{name}.py'}`. Raw numbers: `benchmarks/results/{name}.json`.\n\n"
              f"{table}\n" + (f"\n{notes.strip()}\n" if notes.strip() else ""))
