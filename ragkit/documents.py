@@ -78,9 +78,12 @@ class DocumentReader:
 
 
 def document_window(doc: DocumentText, start_line: int = 1, end_line: int | None = None, page: int | None = None,
-                    marks: Sequence[tuple[int, int]] = (), context: int = CONTEXT_LINES) -> dict[str, Any]:
-    """The lines around [start_line, end_line] (of `page` for documents with pages; lines count from its top),
-    `context` lines either side, with `marks` (char spans of the document's text) as spans of each line.
+                    marks: Sequence[tuple[int, int]] = (), context: int = CONTEXT_LINES,
+                    first: int | None = None) -> dict[str, Any]:
+    """The lines around [start_line, end_line] (of `page` for documents with pages; lines count from its top;
+    an `end_line` below 0 is the page's last line), `context` lines either side, with `marks` (char spans of the
+    document's text) as spans of each line. `first`: show the 2 × `context` + 1 lines from this one instead (paging
+    through the document, the cited lines still marked).
 
     Shape: {"path", "page", "pages", "start_line", "end_line", "first_line", "last_line", "total_lines",
     "changed", "lines": [{"n", "text", "cited", "marks": [[start, end], ...]}]}.
@@ -90,6 +93,8 @@ def document_window(doc: DocumentText, start_line: int = 1, end_line: int | None
     if pages:
         page = min(max(1, page or 1), len(pages))
         base, stop = pages[page - 1], pages[page] if page < len(pages) else len(text)
+        while stop > base and text[stop - 1] in "\n\f":  # what separates this page from the next is no line
+            stop -= 1
     else:
         page, base, stop = None, 0, len(text)
     starts = [base + s for s in line_starts(text[base:stop])]  # char offset of each line of the page (or file)
@@ -97,8 +102,12 @@ def document_window(doc: DocumentText, start_line: int = 1, end_line: int | None
         starts.pop()
     total = len(starts)
     start_line = min(max(1, start_line), total)
-    end_line = min(max(start_line, end_line or start_line), total)
-    first, last = max(1, start_line - context), min(total, end_line + context)
+    end_line = total if end_line is not None and end_line < 0 else min(max(start_line, end_line or start_line), total)
+    if first is None:
+        first, last = max(1, start_line - context), min(total, end_line + context)
+    else:
+        first = min(max(1, first), total)
+        last = min(total, first + 2 * context)
     lines = []
     for n in range(first, last + 1):
         a = starts[n - 1]

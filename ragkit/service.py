@@ -6,11 +6,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ragkit.api import Index
 from ragkit.config import MODES
-from ragkit.documents import DocumentNotFound, DocumentReader, chunk_marks, document_window
+from ragkit.documents import DocumentNotFound, DocumentReader, chunk_marks, document_window, indexed_file
 from ragkit.errors import RagkitError
 
 MAX_QUERY_CHARS = 2_000
@@ -23,7 +24,7 @@ class RequestError(RagkitError):
 
 
 class BusyError(RagkitError):
-    """More answers are asked for than the limit, or an index run is already going (HTTP 429 / 409)."""
+    """More answers are asked for than the limit, or an index run is already going (HTTP 429)."""
 
 
 @dataclass
@@ -87,7 +88,9 @@ class Service:
                 hits = self.index.search(question, k, mode, paths)
             if on_hits is not None:
                 on_hits([h.to_json() for h in hits])
-            with self._answer_lock:
+            # the extractive reader encodes with the searches' dense encoder: it waits for them, and they for it
+            lock = self._search_lock if self.index.reader_kind() == "extractive" else self._answer_lock
+            with lock:
                 answer = self.index.answer_from_hits(question, hits, mode, on_token=on_token)
             return answer.to_json()
         finally:
@@ -104,15 +107,27 @@ class Service:
             return sorted(self.index.manifest()["files"])
 
     def document(self, path: str, line: int = 1, end_line: int | None = None, page: int | None = None,
-                 chunk_id: str | None = None, evidence: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
+                 chunk_id: str | None = None, evidence: Sequence[tuple[int, int]] = (),
+                 first: int | None = None) -> dict[str, Any]:
         """The lines of `path` around [line, end_line] (see ragkit.documents.document_window); `evidence`: char
-        spans of the chunk `chunk_id` of that document, highlighted."""
+        spans of the chunk `chunk_id` of that document, highlighted; `first`: the window's first line instead."""
         with self._search_lock:
             manifest = self.index.manifest()
             chunk = self.index.searcher.chunk(chunk_id) if chunk_id else None
         doc = self.documents.read(manifest, path)
         marks = chunk_marks(chunk.char_start, evidence) if chunk is not None and chunk.path == path else []
-        return document_window(doc, line, end_line, page, marks)
+        return document_window(doc, line, end_line, page, marks, first=first)
+
+    def check(self, query: str, k: int | None = None, mode: str | None = None,
+              paths: Sequence[str] | None = None) -> None:
+        """Raise RequestError for what `search` or `ask` would refuse (before an answer's stream begins)."""
+        self._checked(query, k, mode, paths, default_k=1)
+
+    def file_path(self, path: str) -> Path:
+        """The file on disk of the indexed document `path` (DocumentNotFound unless the index holds it)."""
+        with self._search_lock:
+            manifest = self.index.manifest()
+        return indexed_file(manifest, path)
 
     def document_text(self, path: str) -> str:
         """The whole parsed text of the indexed document `path` (DocumentNotFound when the index does not hold
@@ -123,7 +138,9 @@ class Service:
 
     def _checked(self, query: str, k: int | None, mode: str | None, paths: Sequence[str] | None,
                  default_k: int) -> tuple[str, int, str | None, list[str] | None]:
-        query = (query or "").strip()
+        if not isinstance(query, str) or not all(isinstance(p, str) for p in paths or []):
+            raise RequestError("the query and paths must be text")
+        query = query.strip()
         if not query:
             raise RequestError("the query is empty")
         if len(query) > MAX_QUERY_CHARS:
@@ -145,7 +162,8 @@ class Service:
         with self._job_lock:
             if self.job.state == "running":
                 raise BusyError("an index run is in progress; wait for it to finish")
-            root = self.index.manifest()["root"]
+            with self._search_lock:
+                root = self.index.manifest()["root"]
             self.job = IndexJob(state="running", started=time.time(), message=f"indexing {root}")
             threading.Thread(target=self._run_index, args=(root, self.job), daemon=True,
                              name="ragkit-index").start()

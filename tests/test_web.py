@@ -4,6 +4,7 @@ from the index, limits, concurrent answers, the index run, and errors without tr
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -112,7 +113,14 @@ def test_a_pdf_page_is_shown_with_its_own_line_numbers_and_a_link_to_the_file(se
     doc = client.get("/api/document", params={"path": "paper.pdf", "page": 2, "line": 1}).json()
     assert (doc["page"], doc["pages"]) == (2, 2)
     assert doc["lines"][0]["n"] == 1 and "Glaciers retreat" in doc["lines"][0]["text"]
-    assert all("Introduction" not in line["text"] for line in doc["lines"])
+    first = client.get("/api/document", params={"path": "paper.pdf", "page": 1, "line": 1, "end": -1}).json()
+    assert first["total_lines"] == 1 and first["lines"][-1]["text"].strip()  # no blank line between pages
+    crossing = {"path": "paper.pdf", "start_line": 2, "end_line": 1, "page": 1, "end_page": 2, "chunk_id": "c"}
+    from ragkit.web.render import citation_link
+
+    assert "end=-1" in citation_link(crossing)  # a passage running onto the next page: cited to its page's end
+    both = client.get("/api/document", params={"path": "paper.pdf", "page": 2, "line": 1, "end": -1}).json()
+    assert [line["cited"] for line in both["lines"]] == [True, True]
     page = client.get("/document", params={"path": "paper.pdf", "page": 2})
     assert 'href="/raw/paper.pdf#page=2"' in page.text
     raw = client.get("/raw/paper.pdf")
@@ -165,18 +173,36 @@ def test_limits_and_bad_values_are_refused_with_a_message(served):
         client.post("/api/search", content="{not json", headers={"content-type": "application/json"}),
         client.post("/api/search", json={"q": "oil " * 20_000}),
         client.get("/api/ask", params={"q": "x" * (MAX_QUERY_CHARS + 1)}),
+        client.post("/api/search", json={"q": 5}),
+        client.post("/api/search", json={"q": "oil", "path": [3]}),
+        client.post("/api/search", json={"q": "oil", "k": [1]}),
+        client.post("/api/search", json=["q", "oil"]),
     ]
     for response in refused:
         assert response.status_code == 400, response.request.url
         assert response.json()["error"] and "Traceback" not in response.text
     page = client.get("/", params={"q": "oil", "k": 0})
     assert page.status_code == 400 and "k must be between 1 and" in page.text
+    odd = client.get("/api/document", params={"path": "notes.txt", "ev": "²-5,x-y,9-3"})  # spans that are not
+    assert odd.status_code == 200 and all(not line["marks"] for line in odd.json()["lines"])
 
 
 def test_a_request_naming_another_host_is_refused(served):
-    _, _, client = served
+    import socket
+
+    _, service, client = served
     assert client.get("/api/status", headers={"host": "attacker.example"}).status_code == 400
     assert client.get("/api/status", headers={"host": "127.0.0.1:8000"}).status_code == 200
+    everywhere = TestClient(create_app(service, "0.0.0.0", allow_hosts=["docs.example"]), base_url="http://localhost")
+    assert everywhere.get("/api/status", headers={"host": "attacker.example"}).status_code == 400
+    assert everywhere.get("/api/status", headers={"host": f"{socket.gethostname()}:8000"}).status_code == 200
+    assert everywhere.get("/api/status", headers={"host": "docs.example"}).status_code == 200
+
+
+def test_a_get_cannot_start_an_index_run_whatever_its_parameters_say(served):
+    _, service, client = served
+    response = client.get("/api/index", params={"_method": "POST"})
+    assert response.status_code == 200 and response.json()["state"] == "idle" and service.job.state == "idle"
 
 
 def test_answers_beyond_the_limit_are_refused_while_others_run(served, monkeypatch):
@@ -231,8 +257,8 @@ def test_the_answer_streams_as_server_sent_events(tmp_path, tiny_encoder, tiny_l
     final = events[-1][1]
     assert tokens.strip() == final["answer"].strip() and final["reader"] == "generate"
     assert {c["chunk_id"] for c in final["citations"]} <= {h["chunk_id"] for h in events[0][1]}
-    failing = client.get("/api/ask/stream", params={"q": "oil", "k": 0}).text
-    assert failing.startswith("event: failure") and "k must be between" in failing
+    failing = client.get("/api/ask/stream", params={"q": "oil", "k": 0})  # refused before the stream starts
+    assert failing.status_code == 400 and "k must be between" in failing.json()["error"]
 
 
 def test_the_index_button_runs_one_incremental_run_at_a_time(tmp_path, tiny_encoder, monkeypatch):
@@ -280,6 +306,10 @@ def test_pages_render_hits_answers_and_status_and_fail_without_tracebacks(served
     status = client.get("/status")
     assert "broken.pdf" in status.text and 'id="index-button"' in status.text
     assert client.get("/static/app.js").status_code == 200
+    text = client.get("/document", params={"path": "notes.txt"}).text
+    assert 'id="pdf-link"' not in text  # only PDFs have a file to open at a page
+    paged = client.get("/document", params={"path": "long.txt", "line": NEEDLE_LINE, "from": 1}).text
+    assert 'id="L1"' in paged and f'id="L{NEEDLE_LINE}"' not in paged and "↓ lines 82–162" in paged
     assert client.get("/api/openapi.json").json()["paths"]["/api/search"]["get"]["parameters"][0]["name"] == "q"
 
     def broken(*args, **kwargs):
@@ -315,3 +345,74 @@ def test_serve_warns_off_loopback_and_says_when_it_cannot_start(served, monkeypa
     assert busy.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
     missing = runner.invoke(app, ["serve", "--index", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "there is no index at" in missing.stderr and len(calls) == 2
+
+
+def test_paths_a_forged_or_swapped_index_might_hold_are_still_refused(tmp_path):
+    from ragkit.documents import DocumentNotFound, indexed_file
+
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "sub" / "a.txt").write_text("inside\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "a.txt").write_text("outside\n")
+    (tmp_path / "secret.txt").write_text("secret\n")
+    forged = ("sub/a.txt", "../secret.txt", "/etc/passwd", "sub/../../secret.txt")
+    files = {rel: {"hash": "x", "size": 1} for rel in forged}
+    manifest = {"root": str(tmp_path / "docs"), "files": files, "settings": {}}
+    assert indexed_file(manifest, "sub/a.txt") == tmp_path / "docs" / "sub" / "a.txt"
+    for rel in ("../secret.txt", "/etc/passwd", "sub/../../secret.txt"):  # recorded, yet outside: refused
+        with pytest.raises(DocumentNotFound):
+            indexed_file(manifest, rel)
+    shutil.rmtree(tmp_path / "docs" / "sub")
+    (tmp_path / "docs" / "sub").symlink_to(tmp_path / "outside")  # a recorded folder swapped for a link out
+    with pytest.raises(DocumentNotFound, match="leads outside"):
+        indexed_file(manifest, "sub/a.txt")
+
+
+def test_raw_files_refuse_encoded_traversal_that_reaches_the_route(served):
+    _, _, client = served
+    for attempt in ("%2e%2e/secret.txt", "..%2fsecret.txt", "%2e%2e%2fsecret.txt", "sub%2f..%2f..%2fsecret.txt",
+                    "%2fetc%2fpasswd"):
+        response = client.get(f"/raw/{attempt}")
+        assert response.status_code == 404 and "4242" not in response.text, attempt
+
+
+def test_closing_an_answer_stream_stops_the_answer_and_frees_its_slot(served, monkeypatch):
+    import socket
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    _, service, _ = served
+    written: list[int] = []
+
+    def slow(self, question, hits, mode=None, reader=None, on_token=None):
+        for n in range(1000):  # ten seconds of answer unless the stream is closed
+            on_token(f"piece {n} ")
+            written.append(n)
+            time.sleep(0.01)
+        raise AssertionError("the answer ran to its end")
+
+    monkeypatch.setattr(Index, "answer_from_hits", slow)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        response = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/ask/stream?q=oil", timeout=10)
+        while b"event: token" not in response.readline():
+            pass
+        response.close()  # the page goes away
+        for _ in range(100):
+            if service._answer_slots._value == service.max_answers:
+                break
+            time.sleep(0.05)
+        assert service._answer_slots._value == service.max_answers  # the slot is free again
+        assert len(written) < 500
+    finally:
+        server.should_exit = True
+        thread.join(10)

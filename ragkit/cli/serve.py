@@ -64,6 +64,9 @@ def serve(
     reader_model: ReaderModelOpt = None,
     max_answers: Annotated[int, typer.Option(
         help="Answers that may be waiting or being written at once; one more is refused.", min=1)] = 2,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", help="Another name clients may reach this server by (repeatable) [default: loopback names, "
+                             "--host, and with 0.0.0.0 this machine's names and addresses].")] = None,
 ) -> None:
     """Serve a local web page to search the index and ask questions, with highlighted evidence."""
     with user_errors(False):
@@ -82,7 +85,7 @@ def serve(
             import webbrowser
 
             threading.Timer(1.0, webbrowser.open, args=(url,)).start()
-        uvicorn.run(create_app(service, host), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(service, host, allow_host or ()), host=host, port=port, log_level="warning")
 
 
 def mcp(index: IndexOpt = None, reader: ReaderOpt = None, reader_model: ReaderModelOpt = None) -> None:

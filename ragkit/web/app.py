@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
+from urllib.parse import urlencode
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -22,8 +24,8 @@ from starlette.staticfiles import StaticFiles
 
 from ragkit.cite import location
 from ragkit.config import MODES
-from ragkit.documents import DocumentNotFound, indexed_file
-from ragkit.errors import RagkitError
+from ragkit.documents import CONTEXT_LINES, DocumentNotFound
+from ragkit.errors import IndexNotFoundError, ModelLoadError, RagkitError
 from ragkit.service import BusyError, RequestError, Service
 from ragkit.web.openapi import OPENAPI
 from ragkit.web.render import answer_html, citation_link, snippet_parts
@@ -34,8 +36,23 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 MAX_BODY_BYTES = 64 * 1024
 
 
+def machine_names() -> set[str]:
+    """The names and addresses of this machine, which requests reaching it on any address may name as their host
+    (a DNS name pointed at it by a web page elsewhere is none of them)."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    for name in list(names):
+        try:
+            names.update(info[4][0] for info in socket.getaddrinfo(name, None))
+        except OSError:
+            pass
+    return {n for n in names if n} | {f"[{n}]" for n in names if ":" in n}
+
+
 def status_of(error: Exception) -> int:
-    """The HTTP status a ragkit error stands for."""
+    """The HTTP status a ragkit error stands for: the caller's mistake (400, 404, 429) or the server's state (503:
+    a model that does not load, an index that is gone)."""
+    if isinstance(error, (ModelLoadError, IndexNotFoundError)):
+        return 503
     if isinstance(error, DocumentNotFound):
         return 404
     if isinstance(error, BusyError):
@@ -45,12 +62,13 @@ def status_of(error: Exception) -> int:
     return 400 if isinstance(error, RagkitError) else 500
 
 
-def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
-    """The web app over `service`. Requests must name a loopback host (or `host` itself), so that a page of another
-    site cannot reach this server through a DNS name it controls."""
+def create_app(service: Service, host: str = "127.0.0.1", allow_hosts: Sequence[str] = ()) -> Starlette:
+    """The web app over `service`. Requests must name as their host a loopback name, `host` itself (with 0.0.0.0 or
+    ::, this machine's names and addresses) or one of `allow_hosts`, so that a page of another site cannot reach
+    this server through a DNS name it controls."""
     templates = Environment(loader=PackageLoader("ragkit.web", "templates"), autoescape=select_autoescape(),
                             trim_blocks=True, lstrip_blocks=True)
-    templates.globals.update(modes=MODES, location=location)
+    templates.globals.update(modes=MODES, location=location, context_lines=CONTEXT_LINES)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         html = templates.get_template(name).render(request=request, **context)
@@ -100,11 +118,12 @@ def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
         try:
             window = await asyncio.to_thread(
                 service.document, q.get("path", ""), _int(q.get("line")) or 1, _int(q.get("end")),
-                _int(q.get("page")), q.get("chunk") or None, _spans(q.get("ev", "")))
+                _int(q.get("page")), q.get("chunk") or None, _spans(q.get("ev", "")), _int(q.get("from")))
         except RagkitError as e:
             return page(request, "error.html", status_of(e), message=str(e))
         lines = [{**line, "parts": _marked(line["text"], line["marks"])} for line in window["lines"]]
-        return page(request, "document.html", doc=window, lines=lines, query=q)
+        return page(request, "document.html", doc=window, lines=lines, pdf=window["path"].lower().endswith(".pdf"),
+                    above=_paging(q, window, up=True), below=_paging(q, window, up=False))
 
     async def status_page(request: Request) -> HTMLResponse:
         try:
@@ -116,10 +135,13 @@ def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
     async def raw(request: Request) -> Response:
         """The indexed file itself (the PDF a citation's page link opens)."""
         try:
-            path = indexed_file(service.index.manifest(), request.path_params["path"])
+            path = await asyncio.to_thread(service.file_path, request.path_params["path"])
         except RagkitError as e:
             return page(request, "error.html", status_of(e), message=str(e))
-        return FileResponse(path, headers={"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"})
+        headers = {"X-Content-Type-Options": "nosniff"}
+        if path.suffix.lower() != ".pdf":  # an indexed HTML file runs no script here; browsers show PDFs unsandboxed
+            headers["Content-Security-Policy"] = "sandbox"
+        return FileResponse(path, headers=headers)
 
     # --- the JSON API -----------------------------------------------------------------------------------------
 
@@ -131,7 +153,8 @@ def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
 
     def document_api(p: dict[str, Any]) -> dict[str, Any]:
         return service.document(p.get("path", ""), _int(p.get("line")) or 1, _int(p.get("end")),
-                                _int(p.get("page")), p.get("chunk") or None, _spans(p.get("ev", "")))
+                                _int(p.get("page")), p.get("chunk") or None, _spans(str(p.get("ev", ""))),
+                                _int(p.get("from")))
 
     def index_api(p: dict[str, Any]) -> dict[str, Any]:
         return service.start_index() if p.get("_method") == "POST" else service.job.to_json()
@@ -141,19 +164,26 @@ def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
         "answer" (the whole answer, as /api/ask), or "failure" ({"error", "status"})."""
         try:
             p = await _params(request)
+            service.check(p.get("q", ""), _int(p.get("k")), p.get("mode") or None, _paths(p))
         except RagkitError as e:
             return JSONResponse({"error": str(e)}, status_code=status_of(e))
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def put(event: str | None, data: Any = None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (event, data))
 
+        def token(piece: str) -> None:
+            if gone.is_set():  # the page closed the stream: stop writing, free the answer's slot
+                raise _Closed
+            put("token", piece)
+
         def work() -> None:
             try:
                 answer = service.ask(p.get("q", ""), _int(p.get("k")), p.get("mode") or None, _paths(p),
-                                     on_token=lambda piece: put("token", piece),
-                                     on_hits=lambda hits: put("hits", hits))
+                                     on_token=token, on_hits=lambda hits: put("hits", hits))
                 put("answer", answer)
+            except _Closed:
+                pass
             except RagkitError as e:
                 put("failure", {"error": str(e), "status": status_of(e)})
             except Exception:  # noqa: BLE001 - told to the page; the traceback goes to the server's log only
@@ -165,11 +195,14 @@ def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
         threading.Thread(target=work, daemon=True, name="ragkit-answer").start()
 
         async def events():
-            while True:
-                event, data = await queue.get()
-                if event is None:
-                    return
-                yield f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+            try:
+                while True:
+                    event, data = await queue.get()
+                    if event is None:
+                        return
+                    yield f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+            finally:
+                gone.set()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -201,7 +234,7 @@ def create_app(service: Service, host: str = "127.0.0.1") -> Starlette:
         Route("/api/openapi.json", openapi),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    hosts = sorted({*LOOPBACK_NAMES, host}) if host not in ("0.0.0.0", "::") else ["*"]
+    hosts = sorted({*LOOPBACK_NAMES, host, *allow_hosts, *(machine_names() if host in ("0.0.0.0", "::") else ())})
     return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
                      exception_handlers={HTTPException: not_found, Exception: server_error})
 
@@ -211,6 +244,7 @@ async def _params(request: Request) -> dict[str, Any]:
     a form on another site cannot send that without the browser asking this server first."""
     params: dict[str, Any] = dict(request.query_params)
     params["path_list"] = request.query_params.getlist("path")
+    params["_method"] = request.method  # what the request is, whatever its parameters say
     if request.method == "POST":
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise RequestError("send the request body as JSON (Content-Type: application/json)")
@@ -226,12 +260,16 @@ async def _params(request: Request) -> dict[str, Any]:
         params.update(data)
         if "path" in data:
             params["path_list"] = data["path"] if isinstance(data["path"], list) else [data["path"]]
-        params["_method"] = "POST"
+        params["_method"] = request.method
     return params
 
 
+class _Closed(Exception):
+    """The page that asked closed its stream."""
+
+
 def _paths(params: dict[str, Any]) -> list[str] | None:
-    paths = [str(p) for p in params.get("path_list") or [] if p]
+    paths = [p for p in params.get("path_list") or [] if p]  # the service refuses what is not text
     return paths or None
 
 
@@ -249,9 +287,24 @@ def _spans(text: str) -> list[tuple[int, int]]:
     spans = []
     for part in text.split(",")[:32]:
         start, _, end = part.partition("-")
-        if start.isdigit() and end.isdigit() and int(start) < int(end):
+        if start.isascii() and start.isdigit() and end.isascii() and end.isdigit() and int(start) < int(end):
             spans.append((int(start), int(end)))
     return spans
+
+
+def _paging(query: Any, window: dict[str, Any], up: bool) -> tuple[str, str] | None:
+    """(link, label) of the lines just above (or below) the window shown, the cited lines and evidence kept."""
+    span = 2 * CONTEXT_LINES
+    if up and window["first_line"] > 1:
+        first = max(1, window["first_line"] - 1 - span)
+        last = window["first_line"] - 1
+    elif not up and window["last_line"] < window["total_lines"]:
+        first = window["last_line"] + 1
+        last = min(window["total_lines"], first + span)
+    else:
+        return None
+    params = {key: query[key] for key in ("path", "line", "end", "page", "chunk", "ev") if query.get(key)}
+    return f"/document?{urlencode({**params, 'from': first})}#L{first if not up else last}", f"lines {first}–{last}"
 
 
 def _marked(text: str, marks: list[list[int]]) -> list[tuple[str, bool]]:

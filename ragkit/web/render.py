@@ -64,7 +64,7 @@ def citation_link(item: dict[str, Any], evidence: Sequence[dict[str, Any]] = ())
     if item.get("page") is not None:
         params["page"] = item["page"]
         if item.get("end_page") not in (None, item["page"]):
-            params["end"] = ""  # the passage runs on to the next page: from its first line to the page's end
+            params["end"] = -1  # the passage runs on to the next page: from its first line to the page's end
     params["chunk"] = item.get("chunk_id") or ""
     if evidence:
         params["ev"] = ",".join(f"{e['start']}-{e['end']}" for e in evidence)

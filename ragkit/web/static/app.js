@@ -14,7 +14,7 @@ function location_(c) {
 function documentLink(c, evidence) {
   const p = new URLSearchParams({ path: c.path, line: c.start_line });
   const crossesPage = c.page !== null && c.page !== undefined && c.end_page !== null && c.end_page !== undefined && c.end_page !== c.page;
-  if (!crossesPage) p.set("end", c.end_line);
+  p.set("end", crossesPage ? -1 : c.end_line);  // -1: to the end of the page
   if (c.page !== null && c.page !== undefined) p.set("page", c.page);
   if (c.chunk_id) p.set("chunk", c.chunk_id);
   if (evidence && evidence.length) p.set("ev", evidence.map((e) => `${e.start}-${e.end}`).join(","));
