@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 from ragkit import store
 from ragkit.config import MODES, READERS, Settings, load_settings
 from ragkit.errors import ConfigError, ModelLoadError, RagkitError, warn
-from ragkit.indexer import IndexReport, build_index
+from ragkit.indexer import Engine, IndexReport, build_index
 from ragkit.progress import Progress, silent
 
 
@@ -43,15 +43,17 @@ class Index:
         return shard_count(self.path)
 
     def add(self, folder: str | Path, progress: Progress = silent, rebuild: bool = False,
-            shards: int | None = None) -> IndexReport:
+            shards: int | None = None, engine: Engine | None = None) -> IndexReport:
         """Index `folder` (incrementally: only new and changed files are parsed and encoded); `shards`: build a
-        new index as that many shards (see ragkit.shards); a sharded index stays sharded."""
+        new index as that many shards (see ragkit.shards); a sharded index stays sharded. `engine`: where files
+        are parsed and chunks encoded (default: this process; see ragkit.engines)."""
         # the searcher notices the new generation itself and reopens it with the models it already loaded
         if shards is not None or self.shards is not None:
             from ragkit.shards import build_sharded
 
-            return build_sharded(Path(folder), self.path, self.settings, shards, progress=progress, rebuild=rebuild)
-        return build_index(Path(folder), self.path, self.settings, progress=progress, rebuild=rebuild)
+            return build_sharded(Path(folder), self.path, self.settings, shards, progress=progress, rebuild=rebuild,
+                                 engine=engine)
+        return build_index(Path(folder), self.path, self.settings, progress=progress, rebuild=rebuild, engine=engine)
 
     def search(self, query: str, k: int | None = None, mode: str | None = None,
                paths: Sequence[str] | None = None) -> list:

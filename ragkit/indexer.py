@@ -6,6 +6,9 @@ Three stages, each with its own fingerprint in the manifest:
 - dense: the single-vector model; a change re-encodes the dense vectors of every chunk, nothing else;
 - late: the ColBERT model and token pooling; a change re-encodes the token vectors of every chunk.
 Within a stage, content hashes decide which files are parsed and encoded again.
+
+Parsing and encoding go through an engine (ragkit.engines: this process by default, or a Ray cluster); this module
+alone writes the generation.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from ragkit import store
 from ragkit.config import DEFAULT_DENSE_MODEL, DEFAULT_LATE_MODEL, Settings
+from ragkit.engines import ChunkSpec, Engine, LocalEngine, ParsedFile
 from ragkit.errors import RagkitError
 from ragkit.ingest.context import SEPARATOR, chunk_context, contextual_texts
 from ragkit.ingest.document import Chunk, Skipped, SourceFile, content_hash
@@ -146,16 +150,18 @@ def build_index(
     rebuild: bool = False,
     accept: Callable[[str], bool] | None = None,
     exclude: Sequence[Path] = (),
+    engine: Engine | None = None,
 ) -> IndexReport:
     """Index `folder` into `index_dir`; only new and changed files are parsed and encoded.
 
     Settings left unset keep what the existing index was built with (see `Settings.for_index`). `accept`: only
     the files whose relative path it accepts (a shard's part of the folder); `exclude`: folders not scanned besides
-    `index_dir`.
+    `index_dir`; `engine`: where files are parsed and chunks encoded (default: this process).
     """
     from ragkit.ingest.sources import printable_path, scan_folder
 
     started = time.perf_counter()
+    engine = engine or LocalEngine()
     folder = folder.expanduser().resolve()
     index_dir = index_dir.expanduser().resolve()
     if not folder.is_dir():
@@ -188,7 +194,7 @@ def build_index(
         report.skipped.extend(changes.known_bad)
         unparsable = dict(changes.unparsable)
 
-        new_chunks = _parse_and_chunk(hashed, changes.changed, encoders, report, unparsable, progress)
+        new_chunks = _parse_and_chunk(hashed, changes.changed, encoders, report, unparsable, progress, engine)
         old_files: dict[str, Any] = old["manifest"]["files"] if old else {}
         current = {rel for rel in hashed if rel in new_chunks or rel in old_files and rel not in changes.changed}
         report.added = len(set(new_chunks) - set(before))
@@ -208,7 +214,7 @@ def build_index(
 
         hashed = {rel: hashed[rel] for rel in current}
         _write_generation(folder, index_dir, new_fp, old, plan, hashed, new_chunks, encoders, unparsable, report,
-                          progress, started)
+                          progress, started, engine)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -383,42 +389,37 @@ class _Encoders:
             self.late.fit_to_chunks(budget)
         return budget
 
-    def token_starts(self, text: str) -> list[int]:
-        """Token starts by the tokenizer that cuts `text` finer, so a chunk fits both encoders."""
-        starts = self.dense.token_starts(text)
-        if self.late is not None:
-            late = self.late.token_starts(text)
-            if len(late) > len(starts):
-                return late
-        return starts
+    def chunk_spec(self) -> ChunkSpec:
+        """How this run cuts files into chunks (its tokenizers and chunk budget)."""
+        budget = self.chunk_budget()
+        late = (self.late.tokenizer,) if self.late is not None else ()
+        return ChunkSpec((self.dense.tokenizer, *late), budget)
 
 
 def _parse_and_chunk(hashed, changed: set[str], encoders: _Encoders, report: IndexReport,
-                     unparsable: dict[str, Any], progress: Progress) -> dict[str, list[Chunk]]:
-    """Parse and chunk the changed files, by path.
+                     unparsable: dict[str, Any], progress: Progress, engine: Engine) -> dict[str, list[Chunk]]:
+    """Parse and chunk the changed files, by path, through `engine`.
 
     Files that fail to parse join `report.skipped` and, with their hash, `unparsable`.
     """
-    from ragkit.ingest.chunking import chunk_document
-    from ragkit.ingest.parsers import ParseError, parse_file
-
     if not changed:
         return {}
-    budget = encoders.chunk_budget()
-    out: dict[str, list[Chunk]] = {}
+    spec = encoders.chunk_spec()
     todo = sorted(changed)
     progress(ProgressEvent("parse", 0, len(todo)))
-    for i, rel in enumerate(todo):
-        source, digest = hashed[rel]
-        try:
-            doc = parse_file(source.path)
-        except ParseError as e:
-            report.skipped.append(Skipped(rel, e.reason))
-            unparsable[rel] = {"hash": digest, "reason": e.reason}
+    parsed: dict[str, ParsedFile] = {}
+    for result in engine.parse([(rel, hashed[rel][0].path) for rel in todo], spec):
+        parsed[result.rel] = result
+        progress(ProgressEvent("parse", len(parsed), len(todo)))
+    out: dict[str, list[Chunk]] = {}
+    for rel in todo:
+        result = parsed[rel]
+        if result.chunks is None:
+            report.skipped.append(Skipped(rel, result.reason))
+            unparsable[rel] = {"hash": hashed[rel][1], "reason": result.reason}
         else:
-            out[rel] = chunk_document(doc, rel, encoders.token_starts, budget)
-            report.warnings.extend(f"{rel}: {warning}" for warning in doc.warnings)
-        progress(ProgressEvent("parse", i + 1, len(todo)))
+            out[rel] = result.chunks
+            report.warnings.extend(f"{rel}: {warning}" for warning in result.warnings)
     return out
 
 
@@ -427,7 +428,7 @@ def _chunk_id(rel: str, digest: str, ordinal: int) -> str:
 
 
 def _write_generation(folder, index_dir, new_fp, old, plan: _Plan, hashed, new_chunks, encoders: _Encoders,
-                      unparsable, report: IndexReport, progress: Progress, started: float) -> None:
+                      unparsable, report: IndexReport, progress: Progress, started: float, engine: Engine) -> None:
     """Assemble kept and new rows in path order, encode what is missing, build the indexes, switch over."""
     import pyarrow as pa
 
@@ -459,13 +460,13 @@ def _write_generation(folder, index_dir, new_fp, old, plan: _Plan, hashed, new_c
     models = {}
     paths, headings = table.column("path").to_pylist(), table.column("heading").to_pylist()
     dense_info = _write_dense(writer.folder / "dense", settings, old, plan, sources, (paths, headings, texts),
-                              n_tokens, encoders, report, progress)
+                              n_tokens, encoders, report, progress, engine)
     models["dense"] = dense_info
     if settings.late:
         chunk_ids = table.column("chunk_id").to_pylist()
         old_ids = old_table.column("chunk_id").to_pylist() if old_table is not None else None
         models["late"] = _write_late(writer.folder / "late", settings, old, plan, sources, texts, n_tokens,
-                                     chunk_ids, old_ids, encoders, report, progress)
+                                     chunk_ids, old_ids, encoders, report, progress, engine)
     progress(ProgressEvent("write", 0, 2))
     from ragkit.indexes.bm25 import LexicalIndex
 
@@ -528,7 +529,7 @@ def _check_fits(stage: str, limit: int, n_tokens: list[int]) -> None:
 
 
 def _write_dense(folder: Path, settings, old, plan: _Plan, sources, chunks, n_tokens, encoders: _Encoders,
-                 report: IndexReport, progress: Progress) -> dict:
+                 report: IndexReport, progress: Progress, engine: Engine) -> dict:
     """Dense vectors of every row: kept ones copied, the others encoded with their context before their text.
     `chunks`: (paths, headings, texts) of the rows."""
     from ragkit.indexes.faiss_index import DenseIndex, load_vectors
@@ -552,15 +553,15 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, chunks, n_to
         report.encoded_chunks = len(todo)
         report.encoded_tokens = sum(lengths)  # the contexts' tokens included: what the encoder read
         progress(ProgressEvent("encode", 0, len(todo)))
-        vectors[todo] = encoders.dense.encode_documents(
-            read, lengths, batch_tokens=settings.encode_batch_tokens,
+        vectors[todo] = engine.encode_dense(
+            encoders, read, lengths,
             progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
     DenseIndex.build(vectors, settings.dense_exact_max).save(folder)
     return encoders.dense.fingerprint() if todo or not reuse else old["manifest"]["models"]["dense"]
 
 
 def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_tokens, chunk_ids, old_ids,
-                encoders: _Encoders, report: IndexReport, progress: Progress) -> dict:
+                encoders: _Encoders, report: IndexReport, progress: Progress, engine: Engine) -> dict:
     from ragkit.indexes.late import LateIndex, write_late_index
 
     old_late_dir = old["folder"] / "late" if old else None
@@ -579,9 +580,8 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
                    [n_tokens[r] for r in todo])
         report.late_encoded_chunks = len(todo)
         progress(ProgressEvent("late", 0, len(todo)))
-        encoded = encoders.late.encode_documents(
-            [texts[r] for r in todo], [n_tokens[r] for r in todo], batch_tokens=settings.encode_batch_tokens,
-            pool_factor=settings.pool_factor,
+        encoded = engine.encode_late(
+            encoders, [texts[r] for r in todo], [n_tokens[r] for r in todo],
             progress=lambda done, total, tokens: progress(ProgressEvent("late", done, total, tokens)))
         for r, item in zip(todo, encoded):
             parts[r] = (item.vectors, item.spans)

@@ -47,9 +47,9 @@ def shard_dirs(index_dir: Path, count: int) -> list[Path]:
 
 
 def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | None, progress: Progress = silent,
-                  rebuild: bool = False):
+                  rebuild: bool = False, engine: Any = None):
     """Index `folder` into the shards of `index_dir` (made with `count` shards when new), shard after shard; one
-    report for the whole run."""
+    report for the whole run. `engine`: where files are parsed and chunks encoded (see ragkit.indexer)."""
     from ragkit.indexer import IndexReport, build_index
 
     index_dir = index_dir.expanduser().resolve()
@@ -68,7 +68,7 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
     total = IndexReport()
     for i, shard in enumerate(shard_dirs(index_dir, count)):
         part = build_index(folder, shard, settings, progress=progress, rebuild=rebuild,
-                           accept=lambda rel, i=i: shard_of(rel, count) == i, exclude=[index_dir])
+                           accept=lambda rel, i=i: shard_of(rel, count) == i, exclude=[index_dir], engine=engine)
         for name in ("added", "updated", "removed", "unchanged", "chunks", "encoded_chunks", "encoded_tokens",
                      "late_encoded_chunks", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(part, name))

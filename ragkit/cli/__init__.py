@@ -115,15 +115,25 @@ def index(
     shards: Annotated[Optional[int], typer.Option(
         help="Make a new index of N shards, each the index of the files whose path hashes to it; search merges "
              "them as one [default: one unsharded index; a sharded index keeps its number].", min=1)] = None,
+    engine: Annotated[str, typer.Option(
+        help="Where files are parsed and chunks encoded: local (this process) | ray (a Ray cluster through Ray "
+             "Data; pip install 'ragkit[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to connect to, for --engine ray [default: a local Ray instance for this run].")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Encoding actors for --engine ray, and the CPUs of its local Ray instance [default: the cluster's "
+             "GPUs, else its CPUs].", min=1)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index a folder (incremental: only new and changed files are encoded)."""
     with _user_errors(as_json):
+        from ragkit.engines import open_engine
+
         idx = _open(index, dense_model=dense_model, late_model=late_model, late=late, pool_factor=pool_factor,
                     chunk_tokens=chunk_tokens, context_tokens=context_tokens, follow_links=follow_links,
                     device=device)
-        with _progress_bar(enabled=not as_json) as progress:
-            report = idx.add(folder, progress=progress, rebuild=rebuild, shards=shards)
+        with open_engine(engine, address, workers) as runner, _progress_bar(enabled=not as_json) as progress:
+            report = idx.add(folder, progress=progress, rebuild=rebuild, shards=shards, engine=runner)
         if as_json:
             _print_json(report.to_json())
         else:
