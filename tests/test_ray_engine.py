@@ -85,11 +85,14 @@ def report_counts(report) -> dict:
 @pytest.fixture(scope="module")
 def engine():
     """The engine's own local Ray instance with 2 CPUs, shared by this module's tests."""
+    ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     from ragkit.engines.ray_engine import ray_engine
 
     with ray_engine(workers=2) as engine:
+        assert ray.cluster_resources().get("CPU") == 2
         yield engine
+    assert not ray.is_initialized()  # the instance it started stops with it
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +249,21 @@ def test_any_engine_serves_every_shard(tmp_path, tiny_encoder):
         docs, shards=2, engine=counting)
     assert report.added == len(DOCS)
     assert sorted(counting.parsed) == sorted(DOCS)
+
+
+def test_the_cli_connects_to_a_running_cluster_with_address(tmp_path, tiny_encoder, engine):
+    import subprocess
+
+    import ray
+
+    docs = tmp_path / "docs"
+    write_docs(docs, DOCS)
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "ragkit.cli", "index", str(docs), "--index", str(tmp_path / "index"),
+               "--dense-model", str(tiny_encoder), "--no-late", "--engine", "ray", "--address", address, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    expected = Index(tmp_path / "local", Settings(dense_model=str(tiny_encoder), late=False)).add(docs)
+    assert {name: report[name] for name in COUNTS} == report_counts(expected)
+    assert ray.cluster_resources().get("CPU") == 2  # the cluster outlives a run that connected to it

@@ -1,12 +1,12 @@
 """The Ray engine: files are parsed and chunked in Ray tasks, chunks encoded in pools of Ray actors, through Ray
 Data; the driver (ragkit.indexer) writes the generation from what comes back.
 
-Files travel in blocks to tasks that run `ragkit.indexer.parse_source`, the function the local loop calls. Chunks
+Files travel in blocks to tasks that run `ragkit.engines.parse_source`, the function the local loop calls. Chunks
 travel in the length-sorted, token-bounded batches the local loop makes (`encode_batch_tokens`) to actors that
 load the model once and encode with it (one GPU each when the cluster has GPUs, else an equal share of its CPUs).
 Only what the indexer hands over reaches the cluster: new and changed files, and chunks without reusable vectors.
-A task that fails is retried, an actor that dies is restarted; a run that fails all the same raises a RagkitError
-before anything is written, so the previous generation stays live.
+A task whose worker dies is retried, an actor that dies is restarted; a run that fails all the same raises a
+RagkitError before the new generation goes live, so the previous one stays live.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ragkit.ingest.document import Chunk, short_error
 from ragkit.tokens import token_batches
 
 INSTALL = "pip install 'ragkit[ray]'"
-FILES_PER_TASK = 16  # at most this many files per parsing task once every worker has work
+FILES_PER_TASK = 16  # most files in one parsing task
 RETRIES = 3  # retries of a failed task, restarts of a dead actor
 
 
