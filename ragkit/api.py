@@ -33,7 +33,11 @@ class Index:
         self._no_reader_model: str | None = None  # why no reader model loads ("" when one does; None: not tried)
 
     def exists(self) -> bool:
-        return (self.path / store.CURRENT).is_file() or self.shards is not None
+        if self.shards is None:
+            return (self.path / store.CURRENT).is_file()
+        from ragkit.shards import shard_dirs
+
+        return any((shard / store.CURRENT).is_file() for shard in shard_dirs(self.path, self.shards))
 
     @property
     def shards(self) -> int | None:

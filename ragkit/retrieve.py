@@ -137,13 +137,15 @@ class Searcher:
         if self.settings.backend != "qdrant":
             return None
         if self._qdrant is None:
-            from ragkit.indexes.qdrant import QdrantCandidates, open_client
+            from ragkit.indexes.qdrant import QdrantCandidates, collection_stamp, open_client
 
+            if self.manifest.get("shards"):
+                raise RagkitError("a sharded index cannot search from Qdrant yet (it cannot be exported); search it "
+                                  "with --backend local")
             if self._qdrant_client is None:
                 self._qdrant_client = open_client(self.settings.qdrant_path, self.settings.qdrant_url)
-            stamp = {stage: self.manifest["fingerprint"][stage] for stage in ("dense", "late")}
             self._qdrant = QdrantCandidates(self._qdrant_client, self.settings.qdrant_collection,
-                                            self.table.column("chunk_id").to_pylist(), stamp)
+                                            self.table.column("chunk_id").to_pylist(), collection_stamp(self.manifest))
         return self._qdrant
 
     def search(self, query: str, k: int, mode: str, paths: Sequence[str] | None = None) -> list[Hit]:

@@ -25,6 +25,7 @@ from ragkit.indexes.base import SearchResults
 from ragkit.progress import Progress, silent
 
 SHARDS = "shards.json"
+LAST_RUN = "last_run.json"  # the report of the last run over all shards (a shard with nothing to do keeps its own)
 
 
 def shard_of(rel: str, count: int) -> int:
@@ -57,10 +58,14 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
     if existing is None and store.CURRENT in {p.name for p in index_dir.glob("*")}:
         raise ConfigError(f"the index at {index_dir} is not sharded; index into another folder (--index DIR) to "
                           "make a sharded one")
-    if existing is not None and count is not None and count != existing:
+    if not Path(folder).expanduser().is_dir():
+        raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
+    written = existing is not None and any((shard / store.CURRENT).is_file() for shard in shard_dirs(index_dir,
+                                                                                                      existing))
+    if written and count is not None and count != existing:  # unwritten shards may still change their number
         raise ConfigError(f"the index at {index_dir} has {existing} shards, not {count}; index into another folder "
                           "(--index DIR) to change their number")
-    count = existing or count
+    count = count if count is not None and not written else existing
     if not count or count < 1:
         raise ConfigError("an index needs at least 1 shard")
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -73,10 +78,20 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
                      "late_encoded_chunks", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(part, name))
         total.skipped += part.skipped
-        total.warnings += [w for w in part.warnings if w not in total.warnings]
+        total.warnings += [w for w in part.warnings if w not in total.warnings
+                           and not w.startswith("no documents to index")]  # a shard may hold none
         total.rebuilt = total.rebuilt or part.rebuilt
     total.skipped.sort(key=lambda s: s.path)
+    if not total.chunks:
+        total.warnings.append(f"no documents to index in {folder}")
+    _write_atomically(index_dir / LAST_RUN, json.dumps(total.to_json()))
     return total
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def current_generations(index_dir: Path) -> tuple[Path, ...]:
@@ -85,9 +100,11 @@ def current_generations(index_dir: Path) -> tuple[Path, ...]:
     return tuple(store.current_generation(shard) for shard in shard_dirs(index_dir, count or 0))
 
 
-def merged_manifest(manifests: Sequence[dict[str, Any]], offsets: Sequence[int]) -> dict[str, Any]:
+def merged_manifest(manifests: Sequence[dict[str, Any]], offsets: Sequence[int],
+                    last_run: dict[str, Any] | None = None) -> dict[str, Any]:
     """One manifest for the shards together: their files (rows shifted to the rows of the joined chunk table),
-    skipped files, stats and last runs summed; models, fingerprint and settings of the first (all must agree)."""
+    skipped files and stats summed, `last_run` (the whole run's report; else the shards' last runs summed), the
+    shards' generations as a list; models, fingerprint and settings of the first (all must agree)."""
     first = manifests[0]
     for other in manifests[1:]:
         if other["fingerprint"] != first["fingerprint"]:
@@ -107,8 +124,8 @@ def merged_manifest(manifests: Sequence[dict[str, Any]], offsets: Sequence[int])
         "skipped": sorted((s for m in manifests for s in m["skipped"]), key=lambda s: s["path"]),
         "unparsable": {k: v for m in manifests for k, v in m.get("unparsable", {}).items()},
         "stats": {key: sum(m["stats"][key] for m in manifests) for key in ("files", "chunks", "tokens")},
-        "last_run": {**first["last_run"], **{key: sum(m["last_run"].get(key) or 0 for m in manifests)
-                                            for key in run_keys}},
+        "last_run": last_run or {**first["last_run"], **{key: sum(m["last_run"].get(key) or 0 for m in manifests)
+                                                        for key in run_keys}},
         "shards": len(manifests),
     }
 
@@ -196,6 +213,9 @@ class ShardedLexical(_Sharded):
         from ragkit.tokens import tokenize
 
         total = len(self)
+        if any(part.lengths is None for part in self.parts):
+            raise RagkitError("a shard of this index was built before BM25 kept its row lengths; rebuild it with "
+                              "`ragkit index FOLDER --rebuild` to search it in shards")
         if total == 0 or k == 0:
             return [[] for _ in queries]
         mean_length = sum(float(p.lengths.sum()) for p in self.parts if p.count) / total
@@ -236,7 +256,9 @@ def _searcher_class():
             parts = [(store.read_manifest(g), store.load_chunks(g)) for g in generations]
             self._sizes = [table.num_rows for _, table in parts]
             offsets = [0, *np.cumsum(self._sizes).tolist()]
-            manifest = merged_manifest([m for m, _ in parts], offsets)
+            last_run = generations[0].parent.parent / LAST_RUN if generations else None
+            manifest = merged_manifest([m for m, _ in parts], offsets,
+                                       json.loads(last_run.read_text()) if last_run and last_run.is_file() else None)
             return manifest, pa.concat_tables([table for _, table in parts])
 
         def _load(self, part: str):

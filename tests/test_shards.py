@@ -112,3 +112,39 @@ def test_the_number_of_shards_is_kept_and_a_plain_index_is_not_sharded_in_place(
     assert plain.exit_code == 1 and "is not sharded" in plain.stderr
     found = runner.invoke(app, ["search", "apollo moon", "--index", str(tmp_path / "s"), "--mode", "bm25", "--json"])
     assert found.exit_code == 0 and json.loads(found.stdout)["hits"][0]["path"] == "Apollo_program.txt"
+
+
+def test_more_shards_than_files_leaves_some_empty_and_still_ranks_as_one(corpus, tmp_path):
+    root, settings = corpus
+    one = Index(root / "one", settings)
+    sharded = Index(tmp_path / "twelve", settings)
+    report = sharded.add(root / "docs", shards=12)
+    sizes = [len(json.loads(next((tmp_path / "twelve" / f"shard-{i}").glob("gen-*/manifest.json")).read_text())
+                            ["files"]) for i in range(12)]
+    assert 0 in sizes and sum(sizes) == ARTICLES  # some shards hold no file
+    assert not report.warnings  # an empty shard is no cause for a warning
+    for mode in ("dense", "bm25", "late", "hybrid"):
+        same(sharded, one, QUERIES[1], mode)
+    assert_same_ranking(sharded.search("moon landing", k=5, mode="bm25", paths=["Apollo_*", "Black_*"]),
+                        one.search("moon landing", k=5, mode="bm25", paths=["Apollo_*", "Black_*"]))
+
+
+def test_status_tells_the_last_run_over_all_shards(corpus, tmp_path):
+    root, settings = corpus
+    docs = tmp_path / "docs"
+    shutil.copytree(root / "docs", docs)
+    index = Index(tmp_path / "index", settings)
+    index.add(docs, shards=3)
+    (docs / "new.txt").write_text("A note on tidal power.\n")
+    report = index.add(docs)
+    last = index.status()["last_run"]
+    assert (last["added"], last["unchanged"], last["chunks"]) == (1, ARTICLES, report.chunks)
+
+
+def test_a_failed_first_run_does_not_fix_the_number_of_shards(corpus, tmp_path):
+    root, settings = corpus
+    index = Index(tmp_path / "index", settings)
+    with pytest.raises(Exception, match="is not a folder"):
+        index.add(tmp_path / "missing", shards=2)
+    assert not index.exists()
+    assert index.add(root / "docs", shards=3).added == ARTICLES and index.shards == 3

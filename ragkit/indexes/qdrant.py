@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ragkit import store
-from ragkit.errors import RagkitError
+from ragkit.errors import RagkitError, warn
 from ragkit.indexes.base import SearchResults
 from ragkit.progress import Progress, ProgressEvent, silent
 
@@ -81,7 +81,7 @@ def export(generation: Path, client: Any, collection: str, progress: Progress = 
     table = store.load_chunks(generation)
     dense = np.load(generation / "dense" / "vectors.npy", mmap_mode="r", allow_pickle=False)
     late = _late_index(generation) if manifest["models"].get("late") else None
-    stamp = {"dense": manifest["fingerprint"]["dense"], "late": manifest["fingerprint"]["late"]}
+    stamp = collection_stamp(manifest)
     report = ExportReport(collection)
     report.recreated = _prepare(client, collection, stamp, dense.shape[1],
                                 manifest["models"]["late"]["dim"] if late is not None else None)
@@ -106,6 +106,7 @@ def export(generation: Path, client: Any, collection: str, progress: Progress = 
         client.upsert(collection, points=points)
         report.upserted += len(batch)
         progress(ProgressEvent("export", report.upserted, len(new)))
+    client.update_collection(collection, metadata={"ragkit": stamp})  # complete: searchable from now on
     report.points = client.count(collection, exact=True).count
     report.seconds = time.perf_counter() - started
     return report
@@ -120,16 +121,22 @@ def _prepare(client: Any, collection: str, stamp: dict[str, Any], dense_dim: int
         metadata = client.get_collection(collection).config.metadata or {}
         if metadata.get("ragkit") == stamp:
             return None
-        reason = "the index's models differ from the collection's" if metadata.get("ragkit") else \
-            "the collection was not made by ragkit export"
+        reason = "the index's models or chunks differ from the collection's" if metadata.get("ragkit") else \
+            "the collection was not made by a finished ragkit export"
         client.delete_collection(collection)
     vectors = {DENSE: models.VectorParams(size=dense_dim, distance=models.Distance.DOT)}  # unit vectors: cosine
     if late_dim is not None:
         vectors[LATE] = models.VectorParams(size=late_dim, distance=models.Distance.DOT,
                                             multivector_config=models.MultiVectorConfig(
                                                 comparator=models.MultiVectorComparator.MAX_SIM))
-    client.create_collection(collection, vectors_config=vectors, metadata={"ragkit": stamp})
+    client.create_collection(collection, vectors_config=vectors, metadata={"ragkit": None})  # stamped when done
     return reason
+
+
+def collection_stamp(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a collection's vectors and payloads depend on: the index's chunk, dense and late fingerprints (chunk ids
+    do not change when files are chunked anew)."""
+    return {stage: manifest["fingerprint"][stage] for stage in ("chunks", "dense", "late")}
 
 
 def _point_ids(client: Any, collection: str) -> set[int]:
@@ -158,10 +165,12 @@ class QdrantCandidates:
             raise RagkitError(f"there is no Qdrant collection '{collection}'; make it with `ragkit export qdrant`")
         metadata = client.get_collection(collection).config.metadata or {}
         if metadata.get("ragkit") != stamp:
-            raise RagkitError(f"the Qdrant collection '{collection}' holds vectors of other models than this "
-                              "index's; bring it up to date with `ragkit export qdrant`")
+            raise RagkitError(f"the Qdrant collection '{collection}' holds vectors of other models or chunks than "
+                              "this index's, or an export that did not finish; bring it up to date with "
+                              "`ragkit export qdrant`")
         self.client, self.collection = client, collection
         self.rows = {point_id(cid): row for row, cid in enumerate(chunk_ids)}
+        self.points = {row: pid for pid, row in self.rows.items()}
         self.stale = 0  # points of chunks the local index no longer has (an export is due)
 
     def dense(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> SearchResults:
@@ -175,9 +184,7 @@ class QdrantCandidates:
 
         where = None
         if rows is not None:
-            wanted = set(int(r) for r in rows)
-            where = models.Filter(must=[models.HasIdCondition(
-                has_id=[pid for pid, row in self.rows.items() if row in wanted])])
+            where = models.Filter(must=[models.HasIdCondition(has_id=[self.points[int(r)] for r in rows])])
         # twice as many as asked: chunks tied at the cut are then taken in row order, as the local search does
         found = self.client.query_points(self.collection, query=vector, using=using, limit=2 * k, query_filter=where,
                                          with_payload=False, with_vectors=False).points
@@ -185,6 +192,9 @@ class QdrantCandidates:
         for point in found:
             row = self.rows.get(int(point.id))
             if row is None:
+                if not self.stale:
+                    warn(f"the Qdrant collection '{self.collection}' holds chunks this index no longer has; bring "
+                         "it up to date with `ragkit export qdrant`")
                 self.stale += 1
             else:
                 out.append((row, float(point.score)))
