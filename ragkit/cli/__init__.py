@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ragkit.cli.common import JsonOpt, err, out
+from ragkit.cli.common import CollectionOpt, IndexOpt, JsonOpt, err, out
 from ragkit.cli.common import print_json as _print_json
 from ragkit.cli.common import user_errors as _user_errors
 
@@ -26,7 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts hold "[default: …]", which is not Rich markup
 )
-IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | bm25 | late | hybrid [default: hybrid].")]
 FusionOpt = Annotated[Optional[str], typer.Option(
     "--fusion", help="How hybrid fuses its retrievers: rrf | convex [default: rrf].")]
@@ -156,8 +155,7 @@ def search(
                               "setting].")] = None,
     qdrant_url: Annotated[Optional[str], typer.Option(
         "--qdrant-url", help="URL of a Qdrant server [default: the qdrant_url setting].")] = None,
-    collection: Annotated[Optional[str], typer.Option(
-        "--collection", help="Qdrant collection [default: ragkit].")] = None,
+    collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index and list the best chunks (evidence highlighted)."""

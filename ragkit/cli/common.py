@@ -7,7 +7,8 @@ import re
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Annotated, Any, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.markup import escape
 out = Console()
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+IndexOpt = Annotated[Optional[Path], typer.Option(
+    "--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
+CollectionOpt = Annotated[Optional[str], typer.Option("--collection", help="Qdrant collection [default: ragkit].")]
 
 
 @contextmanager

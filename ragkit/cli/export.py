@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ragkit.cli.common import JsonOpt, out, print_json, user_errors
+from ragkit.cli.common import CollectionOpt, IndexOpt, JsonOpt, out, print_json, user_errors
 
 export_app = typer.Typer(help="Copy the index's vectors to a vector database.", no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -21,10 +21,8 @@ def qdrant(
                        "setting].")] = None,
     url: Annotated[Optional[str], typer.Option(
         "--url", help="URL of a Qdrant server [default: the qdrant_url setting].")] = None,
-    collection: Annotated[Optional[str], typer.Option(
-        "--collection", help="Collection name [default: ragkit].")] = None,
-    index: Annotated[Optional[Path], typer.Option(
-        "--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")] = None,
+    collection: CollectionOpt = None,
+    index: IndexOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Copy each chunk's dense vector and ColBERT token vectors (a MAX_SIM multivector) with its path, lines,

@@ -11,10 +11,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ragkit.cli.common import err, user_errors
+from ragkit.cli.common import IndexOpt, err, user_errors
 from ragkit.errors import RagkitError
 
-IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder [default: ./.ragkit, or RAGKIT_INDEX].")]
 ReaderOpt = Annotated[Optional[str], typer.Option(
     "--reader", help="generate | extractive | infini | hmt, as for `ragkit ask` [default: generate; extractive when "
                      "no reader model can be loaded].")]
