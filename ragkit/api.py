@@ -217,17 +217,14 @@ class Index:
         from ragkit.retrieve import Searcher
 
         if self.shards:
-            from ragkit.shards import current_generations, sharded_searcher
+            from ragkit.shards import ShardedSearcher, current_generations
 
-            generation = current_generations(self.path)
-            fresh = lambda: sharded_searcher(generation, self.settings)  # noqa: E731
+            kind, generation = ShardedSearcher, current_generations(self.path)
         else:
-            generation = store.current_generation(self.path)
-            fresh = lambda: Searcher(generation, self.settings)  # noqa: E731
+            kind, generation = Searcher, store.current_generation(self.path)
         if self._searcher is None or self._searcher.generation != generation:
             old = self._searcher
-            same_kind = old is not None and (type(old) is not Searcher) == bool(self.shards)
-            self._searcher = old.reopen(generation) if same_kind else fresh()
+            self._searcher = old.reopen(generation) if type(old) is kind else kind(generation, self.settings)
         return self._searcher
 
     def _mode(self, mode: str | None) -> str:

@@ -21,6 +21,17 @@ class Evidence:
         return {"start": self.start, "end": self.end, "score": round(self.score, 4)}
 
 
+def snippet_bounds(length: int, center: int, limit: int) -> tuple[int, int]:
+    """[start, end) of the window of at most `limit` chars of a text of `length` chars that a snippet shows around
+    `center` (its best evidence): a third of the window before it.
+
+    >>> snippet_bounds(1000, 500, 300), snippet_bounds(1000, 990, 300), snippet_bounds(50, 10, 300)
+    ((400, 700), (700, 1000), (0, 50))
+    """
+    start = max(0, min(center - limit // 3, length - limit))
+    return start, min(length, start + limit)
+
+
 def maxsim_evidence(query: np.ndarray, vectors: np.ndarray, spans: np.ndarray, text: str,
                     limit: int = MAX_SPANS) -> list[Evidence]:
     """Spans of `text` holding the document token each query token aligns to, best first.

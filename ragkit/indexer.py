@@ -50,6 +50,9 @@ class IndexReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    COUNTS = ("added", "updated", "removed", "unchanged", "chunks", "encoded_chunks", "encoded_tokens",
+              "late_encoded_chunks", "seconds")  # what adds up over runs (the shards of one run)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "added": self.added,

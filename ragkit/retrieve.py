@@ -46,6 +46,16 @@ class Hit:
         }
 
 
+def load_structure(generation: Path, part: str):
+    """The search structure `part` (dense, bm25 or late) of a generation, from its folder of that name."""
+    from ragkit.indexes.bm25 import LexicalIndex
+    from ragkit.indexes.faiss_index import DenseIndex
+    from ragkit.indexes.late import LateIndex
+
+    kind = {"dense": DenseIndex, "bm25": LexicalIndex, "late": LateIndex}[part]
+    return kind.load(generation / part)
+
+
 class Searcher:
     """Searches one generation of an index; loads each part on first use."""
 
@@ -124,12 +134,7 @@ class Searcher:
 
     def _load(self, part: str):
         """The generation's search structure `part`: dense, bm25 or late."""
-        from ragkit.indexes.bm25 import LexicalIndex
-        from ragkit.indexes.faiss_index import DenseIndex
-        from ragkit.indexes.late import LateIndex
-
-        kind = {"dense": DenseIndex, "bm25": LexicalIndex, "late": LateIndex}[part]
-        return kind.load(self.generation / part)
+        return load_structure(self.generation, part)
 
     @property
     def qdrant(self):

@@ -103,8 +103,7 @@ class Service:
 
     def files(self) -> list[str]:
         """The documents the index records (relative paths, sorted)."""
-        with self._search_lock:
-            return sorted(self.index.manifest()["files"])
+        return sorted(self._manifest()["files"])
 
     def document(self, path: str, line: int = 1, end_line: int | None = None, page: int | None = None,
                  chunk_id: str | None = None, evidence: Sequence[tuple[int, int]] = (),
@@ -125,16 +124,17 @@ class Service:
 
     def file_path(self, path: str) -> Path:
         """The file on disk of the indexed document `path` (DocumentNotFound unless the index holds it)."""
-        with self._search_lock:
-            manifest = self.index.manifest()
-        return indexed_file(manifest, path)
+        return indexed_file(self._manifest(), path)
 
     def document_text(self, path: str) -> str:
         """The whole parsed text of the indexed document `path` (DocumentNotFound when the index does not hold
         it)."""
+        return self.documents.read(self._manifest(), path).parsed.text
+
+    def _manifest(self) -> dict[str, Any]:
+        """The live manifest (taken under the search lock: it may open the searcher of a new generation)."""
         with self._search_lock:
-            manifest = self.index.manifest()
-        return self.documents.read(manifest, path).parsed.text
+            return self.index.manifest()
 
     def _checked(self, query: str, k: int | None, mode: str | None, paths: Sequence[str] | None,
                  default_k: int) -> tuple[str, int, str | None, list[str] | None]:
@@ -162,8 +162,7 @@ class Service:
         with self._job_lock:
             if self.job.state == "running":
                 raise BusyError("an index run is in progress; wait for it to finish")
-            with self._search_lock:
-                root = self.index.manifest()["root"]
+            root = self._manifest()["root"]
             self.job = IndexJob(state="running", started=time.time(), message=f"indexing {root}")
             threading.Thread(target=self._run_index, args=(root, self.job), daemon=True,
                              name="ragkit-index").start()

@@ -22,7 +22,9 @@ import numpy as np
 from ragkit import store
 from ragkit.errors import ConfigError, RagkitError
 from ragkit.indexes.base import SearchResults
+from ragkit.indexes.bm25 import top_rows
 from ragkit.progress import Progress, silent
+from ragkit.retrieve import Searcher, load_structure
 
 SHARDS = "shards.json"
 LAST_RUN = "last_run.json"  # the report of the last run over all shards (a shard with nothing to do keeps its own)
@@ -74,13 +76,11 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
     for i, shard in enumerate(shard_dirs(index_dir, count)):
         part = build_index(folder, shard, settings, progress=progress, rebuild=rebuild,
                            accept=lambda rel, i=i: shard_of(rel, count) == i, exclude=[index_dir], engine=engine)
-        for name in ("added", "updated", "removed", "unchanged", "chunks", "encoded_chunks", "encoded_tokens",
-                     "late_encoded_chunks", "seconds"):
+        for name in IndexReport.COUNTS:
             setattr(total, name, getattr(total, name) + getattr(part, name))
-        total.skipped += part.skipped
+        total.skipped, total.rebuilt = total.skipped + part.skipped, total.rebuilt or part.rebuilt
         total.warnings += [w for w in part.warnings if w not in total.warnings
                            and not w.startswith("no documents to index")]  # a shard may hold none
-        total.rebuilt = total.rebuilt or part.rebuilt
     total.skipped.sort(key=lambda s: s.path)
     if not total.chunks:
         total.warnings.append(f"no documents to index in {folder}")
@@ -114,8 +114,8 @@ def merged_manifest(manifests: Sequence[dict[str, Any]], offsets: Sequence[int],
     for manifest, offset in zip(manifests, offsets):
         for rel, info in manifest["files"].items():
             files[rel] = {**info, "rows": [info["rows"][0] + offset, info["rows"][1]]}
-    run_keys = ("added", "updated", "removed", "unchanged", "chunks", "encoded_chunks", "encoded_tokens",
-                "late_encoded_chunks", "seconds")
+    from ragkit.indexer import IndexReport
+
     return {
         **first,
         "generation": [m["generation"] for m in manifests],
@@ -125,7 +125,7 @@ def merged_manifest(manifests: Sequence[dict[str, Any]], offsets: Sequence[int],
         "unparsable": {k: v for m in manifests for k, v in m.get("unparsable", {}).items()},
         "stats": {key: sum(m["stats"][key] for m in manifests) for key in ("files", "chunks", "tokens")},
         "last_run": last_run or {**first["last_run"], **{key: sum(m["last_run"].get(key) or 0 for m in manifests)
-                                                        for key in run_keys}},
+                                                        for key in IndexReport.COUNTS}},
         "shards": len(manifests),
     }
 
@@ -219,10 +219,6 @@ class ShardedLexical(_Sharded):
         if total == 0 or k == 0:
             return [[] for _ in queries]
         mean_length = sum(float(p.lengths.sum()) for p in self.parts if p.count) / total
-        mask = None
-        if rows is not None:
-            mask = np.zeros(total, dtype=bool)
-            mask[rows] = True
         out = []
         for terms in tokenize(queries):
             scores = np.zeros(total)
@@ -236,44 +232,26 @@ class ShardedLexical(_Sharded):
                     k1, b = part.retriever.k1, part.retriever.b
                     norm = k1 * (1 - b + b * part.lengths[found] / mean_length)
                     scores[found + offset] += idf * tf / (tf + norm)
-            if mask is not None:
-                scores[~mask] = 0
-            top = np.argsort(-scores, kind="stable")[:k]
-            out.append([(int(r), float(scores[r])) for r in top if scores[r] > 0])
+            out.append(top_rows(scores.astype(np.float32), k, rows))  # float32, as bm25s scores
         return out
 
 
-def _searcher_class():
-    from ragkit.retrieve import Searcher
+class ShardedSearcher(Searcher):
+    """A Searcher over the shards' live generations (a tuple of them): the joined chunk table and manifest, and each
+    retriever's results merged across shards (see the module docstring)."""
 
-    class ShardedSearcher(Searcher):
-        """A Searcher over the shards' live generations (a tuple of them): the joined chunk table and manifest,
-        and each retriever's results merged across shards (see the module docstring)."""
+    def _read(self, generations: tuple[Path, ...]):
+        import pyarrow as pa
 
-        def _read(self, generations: tuple[Path, ...]):
-            import pyarrow as pa
+        parts = [(store.read_manifest(g), store.load_chunks(g)) for g in generations]
+        self._sizes = [table.num_rows for _, table in parts]
+        offsets = [0, *np.cumsum(self._sizes).tolist()]
+        last_run = generations[0].parent.parent / LAST_RUN if generations else None
+        manifest = merged_manifest([m for m, _ in parts], offsets,
+                                   json.loads(last_run.read_text()) if last_run and last_run.is_file() else None)
+        return manifest, pa.concat_tables([table for _, table in parts])
 
-            parts = [(store.read_manifest(g), store.load_chunks(g)) for g in generations]
-            self._sizes = [table.num_rows for _, table in parts]
-            offsets = [0, *np.cumsum(self._sizes).tolist()]
-            last_run = generations[0].parent.parent / LAST_RUN if generations else None
-            manifest = merged_manifest([m for m, _ in parts], offsets,
-                                       json.loads(last_run.read_text()) if last_run and last_run.is_file() else None)
-            return manifest, pa.concat_tables([table for _, table in parts])
-
-        def _load(self, part: str):
-            from ragkit.indexes.bm25 import LexicalIndex
-            from ragkit.indexes.faiss_index import DenseIndex
-            from ragkit.indexes.late import LateIndex
-
-            kind = {"dense": DenseIndex, "bm25": LexicalIndex, "late": LateIndex}[part]
-            loaded = _in_parallel(lambda s: kind.load(self.generation[s] / part), len(self.generation))
-            view = {"dense": ShardedDense, "bm25": ShardedLexical, "late": ShardedLate}[part]
-            return view(loaded, self._sizes)
-
-    return ShardedSearcher
-
-
-def sharded_searcher(generations: tuple[Path, ...], settings: Any):
-    """A searcher over the live generations of a sharded index's shards."""
-    return _searcher_class()(generations, settings)
+    def _load(self, part: str):
+        loaded = _in_parallel(lambda s: load_structure(self.generation[s], part), len(self.generation))
+        view = {"dense": ShardedDense, "bm25": ShardedLexical, "late": ShardedLate}[part]
+        return view(loaded, self._sizes)

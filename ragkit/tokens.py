@@ -19,6 +19,13 @@ def tokenize(texts: Sequence[str]) -> list[list[str]]:
     return bm25s.tokenize(list(texts), stemmer=stemmer.stemWords, return_ids=False, show_progress=False)
 
 
+def token_starts(tokenizer: Any, text: str) -> list[int]:
+    """Char offset where each token of `text` starts, as `tokenizer` (a fast tokenizer) cuts it; special tokens
+    excluded."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [start for start, end in offsets if end > start]
+
+
 def token_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a whole document, without special tokens or the length warning of `tokenizer.encode`."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)

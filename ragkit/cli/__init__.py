@@ -448,10 +448,10 @@ def _snippet(hit, limit: int = 240):
     """A window of the hit's text around its best evidence, evidence spans highlighted."""
     from rich.text import Text
 
+    from ragkit.evidence import snippet_bounds
+
     text = hit.chunk.text
-    center = hit.evidence[0].start if hit.evidence else 0
-    start = max(0, min(center - limit // 3, len(text) - limit))
-    end = min(len(text), start + limit)
+    start, end = snippet_bounds(len(text), hit.evidence[0].start if hit.evidence else 0, limit)
     window = Text(("…" if start else "") + text[start:end] + ("…" if end < len(text) else ""))
     shift = 1 if start else 0
     for e in hit.evidence:

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ragkit.models import load_model, model_revision, resolve_model_name
-from ragkit.tokens import quiet_transformers, token_batches
+from ragkit.tokens import quiet_transformers, token_batches, token_starts
 
 # (chunks done, chunks total, tokens done)
 EncodeProgress = Callable[[int, int, int], None]
@@ -43,8 +43,7 @@ class DenseEncoder:
 
     def token_starts(self, text: str) -> list[int]:
         """Char offset where each token of `text` starts (special tokens excluded)."""
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return [start for start, end in offsets if end > start]
+        return token_starts(self.tokenizer, text)
 
     def count_tokens(self, text: str) -> int:
         """Tokens in `text`, special tokens excluded."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from ragkit.errors import ModelLoadError
 from ragkit.models import load_model, model_revision, resolve_model_name
-from ragkit.tokens import quiet_transformers, token_batches
+from ragkit.tokens import quiet_transformers, token_batches, token_starts
 
 NO_SPAN = -1  # span of a token that stands for no text (CLS, SEP, the [D] prefix)
 
@@ -71,8 +71,7 @@ class LateEncoder:
 
     def token_starts(self, text: str) -> list[int]:
         """Char offset where each token of `text` starts, as this model's tokenizer cuts it."""
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return [start for start, end in offsets if end > start]
+        return token_starts(self.tokenizer, text)
 
     def fingerprint(self) -> dict[str, object]:
         return {"model": self.name, "revision": self.revision, "dim": self.dim,

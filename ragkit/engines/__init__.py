@@ -14,6 +14,7 @@ import numpy as np
 
 from ragkit.errors import ConfigError
 from ragkit.ingest.document import Chunk
+from ragkit.tokens import token_starts
 
 ENGINES = ("local", "ray")
 EncodeProgress = Callable[[int, int, int], None]  # (chunks done, chunks total, tokens done)
@@ -30,13 +31,7 @@ class ChunkSpec:
 
     def token_starts(self, text: str) -> list[int]:
         """Token starts by the tokenizer that cuts `text` finer, so a chunk fits every encoder."""
-        best: list[int] = []
-        for tokenizer in self.tokenizers:
-            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            starts = [start for start, end in offsets if end > start]
-            if len(starts) > len(best):
-                best = starts
-        return best
+        return max((token_starts(tokenizer, text) for tokenizer in self.tokenizers), key=len)
 
 
 @dataclass

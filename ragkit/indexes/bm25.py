@@ -16,6 +16,21 @@ PARAMS = "ragkit.json"
 LENGTHS = "lengths.npy"  # tokens of each row, int32 (n,)
 
 
+def top_rows(scores: np.ndarray, k: int, rows: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """The `k` best rows with a positive score (among `rows` when given), best first; equal scores in row order,
+    so that one index and its shards rank ties alike.
+
+    >>> top_rows(np.array([0.5, 2.0, 0.0, 2.0]), 3)
+    [(1, 2.0), (3, 2.0), (0, 0.5)]
+    """
+    if rows is not None:
+        kept = np.zeros(len(scores), dtype=bool)
+        kept[rows] = True
+        scores = np.where(kept, scores, 0)
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [(int(r), float(scores[r])) for r in top if scores[r] > 0]
+
+
 class LexicalIndex:
     """BM25 over rows 0..n-1; an empty collection is allowed.
 
@@ -68,16 +83,12 @@ class LexicalIndex:
         k = min(k, self.count)
         if k == 0:
             return [[] for _ in queries]
-        mask = None
-        if rows is not None:
-            mask = np.zeros(self.count, dtype=np.float32)
-            mask[rows] = 1.0
-        results = self.retriever.retrieve(tokenize(queries), k=k, show_progress=False, n_threads=1,
-                                          weight_mask=mask)
-        return [
-            [(int(r), float(s)) for r, s in zip(rows, scores) if s > 0]
-            for rows, scores in zip(results.documents, results.scores)
-        ]
+        out = []
+        for terms in tokenize(queries):
+            known = [term for term in terms if term in self.retriever.vocab_dict]
+            scores = self.retriever.get_scores(known) if known else np.zeros(self.count)
+            out.append(top_rows(scores, k, rows))
+        return out
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

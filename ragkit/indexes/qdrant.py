@@ -76,11 +76,13 @@ def export(generation: Path, client: Any, collection: str, progress: Progress = 
     points of chunks it no longer has."""
     from qdrant_client import models
 
+    from ragkit.indexes.late import LateIndex
+
     started = time.perf_counter()
     manifest = store.read_manifest(generation)
     table = store.load_chunks(generation)
     dense = np.load(generation / "dense" / "vectors.npy", mmap_mode="r", allow_pickle=False)
-    late = _late_index(generation) if manifest["models"].get("late") else None
+    late = LateIndex.load(generation / "late") if manifest["models"].get("late") else None
     stamp = collection_stamp(manifest)
     report = ExportReport(collection)
     report.recreated = _prepare(client, collection, stamp, dense.shape[1],
@@ -148,12 +150,6 @@ def _point_ids(client: Any, collection: str) -> set[int]:
         ids.update(int(r.id) for r in records)
         if offset is None:
             return ids
-
-
-def _late_index(generation: Path):
-    from ragkit.indexes.late import LateIndex
-
-    return LateIndex.load(generation / "late")
 
 
 class QdrantCandidates:

@@ -28,7 +28,7 @@ from ragkit.documents import CONTEXT_LINES, DocumentNotFound
 from ragkit.errors import IndexNotFoundError, ModelLoadError, RagkitError
 from ragkit.service import BusyError, RequestError, Service
 from ragkit.web.openapi import OPENAPI
-from ragkit.web.render import answer_html, citation_link, snippet_parts
+from ragkit.web.render import answer_html, citation_link, snippet_parts, split_marked
 
 log = logging.getLogger("ragkit.web")
 STATIC = Path(__file__).parent / "static"
@@ -68,7 +68,7 @@ def create_app(service: Service, host: str = "127.0.0.1", allow_hosts: Sequence[
     this server through a DNS name it controls."""
     templates = Environment(loader=PackageLoader("ragkit.web", "templates"), autoescape=select_autoescape(),
                             trim_blocks=True, lstrip_blocks=True)
-    templates.globals.update(modes=MODES, location=location, context_lines=CONTEXT_LINES)
+    templates.globals.update(modes=MODES, location=location)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         html = templates.get_template(name).render(request=request, **context)
@@ -91,7 +91,7 @@ def create_app(service: Service, host: str = "127.0.0.1", allow_hosts: Sequence[
         q = request.query_params
         query, mode, path, action = q.get("q", ""), q.get("mode") or None, q.get("path", ""), q.get("do", "search")
         context: dict[str, Any] = {"query": query, "mode": mode or service.index.settings.mode, "path": path,
-                                   "action": action, "hits": None, "answer": None, "error": None}
+                                   "hits": None, "answer": None, "error": None}
         if query and action == "search":
             try:
                 result = await asyncio.to_thread(service.search, query, _int(q.get("k")), mode,
@@ -101,7 +101,7 @@ def create_app(service: Service, host: str = "127.0.0.1", allow_hosts: Sequence[
             except RagkitError as e:
                 context["error"] = str(e)
                 return page(request, "index.html", status_of(e), **context)
-        elif query and action == "ask" and q.get("js") != "1":  # without JavaScript: the whole answer at once
+        elif query and action == "ask":  # the script streams answers; this page shows the whole answer at once
             try:
                 hits: list[dict[str, Any]] = []
                 answer = await asyncio.to_thread(service.ask, query, _int(q.get("k")), mode,
@@ -116,12 +116,10 @@ def create_app(service: Service, host: str = "127.0.0.1", allow_hosts: Sequence[
     async def document(request: Request) -> HTMLResponse:
         q = request.query_params
         try:
-            window = await asyncio.to_thread(
-                service.document, q.get("path", ""), _int(q.get("line")) or 1, _int(q.get("end")),
-                _int(q.get("page")), q.get("chunk") or None, _spans(q.get("ev", "")), _int(q.get("from")))
+            window = await asyncio.to_thread(document_api, dict(q))
         except RagkitError as e:
             return page(request, "error.html", status_of(e), message=str(e))
-        lines = [{**line, "parts": _marked(line["text"], line["marks"])} for line in window["lines"]]
+        lines = [{**line, "parts": split_marked(line["text"], line["marks"])} for line in window["lines"]]
         return page(request, "document.html", doc=window, lines=lines, pdf=window["path"].lower().endswith(".pdf"),
                     above=_paging(q, window, up=True), below=_paging(q, window, up=False))
 
@@ -305,13 +303,6 @@ def _paging(query: Any, window: dict[str, Any], up: bool) -> tuple[str, str] | N
         return None
     params = {key: query[key] for key in ("path", "line", "end", "page", "chunk", "ev") if query.get(key)}
     return f"/document?{urlencode({**params, 'from': first})}#L{first if not up else last}", f"lines {first}–{last}"
-
-
-def _marked(text: str, marks: list[list[int]]) -> list[tuple[str, bool]]:
-    """A line cut into (text, highlighted) parts by its mark spans."""
-    from ragkit.web.render import split_marked
-
-    return split_marked(text, [(a, b) for a, b in marks])
 
 
 def _evidence_of(citation: dict[str, Any], hits: list[dict[str, Any]]) -> list[dict[str, Any]]:

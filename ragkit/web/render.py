@@ -9,6 +9,8 @@ from urllib.parse import urlencode
 
 from markupsafe import Markup, escape
 
+from ragkit.evidence import snippet_bounds
+
 SNIPPET_CHARS = 360
 _MARKER = re.compile(r"\[(\d+)\]")
 
@@ -40,9 +42,7 @@ def snippet_parts(text: str, evidence: Sequence[dict[str, Any]], limit: int = SN
     >>> snippet_parts("a b  c", [{"start": 2, "end": 3}])
     [('a ', False), ('b', True), (' c', False)]
     """
-    center = evidence[0]["start"] if evidence else 0
-    start = max(0, min(center - limit // 3, len(text) - limit))
-    end = min(len(text), start + limit)
+    start, end = snippet_bounds(len(text), evidence[0]["start"] if evidence else 0, limit)
     spans = [(e["start"] - start, e["end"] - start) for e in evidence if e["end"] > start and e["start"] < end]
     parts = split_marked(text[start:end], spans)
     folded = [(re.sub(r"\s+", " ", part), marked) for part, marked in parts]
