@@ -13,6 +13,7 @@ from ragkit.errors import ConfigError
 
 MODES = ("dense", "bm25", "late", "hybrid")
 BACKENDS = ("local", "qdrant")
+DENSE_BACKENDS = ("torch", "onnx", "onnx-int8")  # how the dense encoder runs (ragkit.encoders.onnx)
 FUSIONS = ("rrf", "convex")
 READERS = ("extractive", "generate", "infini", "hmt")
 DEFAULT_DENSE_MODEL = "Alibaba-NLP/gte-modernbert-base"
@@ -21,6 +22,7 @@ DEFAULT_LATE_MODEL = "lightonai/GTE-ModernColBERT-v1"
 # new index takes INDEX_DEFAULTS; set by the user (flag, env, ragkit.toml, argument), they apply.
 INDEX_DEFAULTS: dict[str, Any] = {
     "dense_model": DEFAULT_DENSE_MODEL,
+    "dense_backend": "torch",
     "chunk_tokens": 8192,
     "context_tokens": 32,
     "late": True,
@@ -36,6 +38,8 @@ class Settings:
 
     index: str = ".ragkit"  # index folder
     dense_model: str | None = None  # sentence-transformers id or local path [index's, or DEFAULT_DENSE_MODEL]
+    dense_backend: str | None = None  # torch | onnx (the same vectors) | onnx-int8 (int8 weights) [index's, or torch]
+    onnx_queries: bool = True  # encode queries through the dense model's cached ONNX export (no torch import)
     chunk_tokens: int | None = None  # upper bound (the encoder's own maximum also bounds it) [index's, or 8192]
     context_tokens: int | None = None  # tokens of the document's name and heading path that the dense encoder and
     # BM25 read before each chunk's text (0: none) [index's, or 32]
@@ -191,6 +195,8 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got '{settings.fusion}'")
     if settings.backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{settings.backend}'")
+    if settings.dense_backend is not None and settings.dense_backend not in DENSE_BACKENDS:
+        raise ConfigError(f"dense_backend must be one of {', '.join(DENSE_BACKENDS)}, got '{settings.dense_backend}'")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",

@@ -3,7 +3,8 @@
 Three stages, each with its own fingerprint in the manifest:
 - chunks: chunk size, the tokens of context (document name and heading path) read before each chunk, and the
   tokenizers that measure them; a change re-chunks and re-encodes every file;
-- dense: the single-vector model; a change re-encodes the dense vectors of every chunk, nothing else;
+- dense: the single-vector model, and its backend when that changes the vectors (int8); a change re-encodes the
+  dense vectors of every chunk, nothing else;
 - late: the ColBERT model and token pooling; a change re-encodes the token vectors of every chunk.
 Within a stage, content hashes decide which files are parsed and encoded again.
 
@@ -27,11 +28,9 @@ from ragkit.engines import ChunkSpec, Engine, LocalEngine, ParsedFile
 from ragkit.errors import RagkitError
 from ragkit.ingest.context import SEPARATOR, chunk_context, contextual_texts
 from ragkit.ingest.document import Chunk, Skipped, SourceFile, content_hash
-from ragkit.models import embedded_dense_model, model_revision, resolve_model_name, tokenizer_fingerprint
+from ragkit.fingerprints import fingerprints, recorded_settings, unresolved
+from ragkit.models import embedded_dense_model, resolve_model_name
 from ragkit.progress import Progress, ProgressEvent, silent
-
-CHUNKER_VERSION = 2  # bump when chunk boundaries change for the same input
-
 
 @dataclass
 class IndexReport:
@@ -68,48 +67,6 @@ class IndexReport:
             "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
-
-
-def fingerprints(settings: Settings) -> dict[str, Any]:
-    """Per stage, everything that shapes its output (see the module docstring); `settings` are resolved
-    (`Settings.for_index`). A hub model not downloaded yet has revision "unknown" until it is loaded."""
-    dense_name = resolve_model_name(settings.dense_model)
-    dense = {"model": dense_name, "revision": model_revision(dense_name)}
-    late = None
-    if settings.late:
-        late_name = resolve_model_name(settings.late_model)
-        late = {"model": late_name, "revision": model_revision(late_name), "pool_factor": settings.pool_factor}
-    chunks = {
-        "chunk_tokens": settings.chunk_tokens,
-        "context_tokens": settings.context_tokens,
-        "chunker_version": CHUNKER_VERSION,
-        "dense_tokenizer": tokenizer_fingerprint(dense_name),
-        "late_tokenizer": tokenizer_fingerprint(late["model"]) if late else None,
-    }
-    return {"chunks": chunks, "dense": dense, "late": late}
-
-
-def _unresolved(fingerprint: dict[str, Any]) -> bool:
-    """Whether a model of this fingerprint is not on disk yet, so its revision is still unknown."""
-    stages = [fingerprint["dense"], fingerprint["late"] or {}]
-    return any(stage.get("revision") == "unknown" for stage in stages) or "unknown" in (
-        fingerprint["chunks"]["dense_tokenizer"], fingerprint["chunks"]["late_tokenizer"])
-
-
-def recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The index-shaping settings an index was built with (older manifests: read from its models)."""
-    settings = manifest.get("settings", {})
-    models = manifest.get("models", {})
-    return {
-        "dense_model": settings.get("dense_model") or models.get("dense", {}).get("model"),
-        "chunk_tokens": settings.get("chunk_tokens"),
-        # indexes made before contextual chunks read no context
-        "context_tokens": settings.get("context_tokens", 0 if settings else None),
-        "late": settings.get("late"),
-        "late_model": settings.get("late_model") or (models.get("late") or {}).get("model"),
-        "pool_factor": settings.get("pool_factor"),
-        "follow_links": settings.get("follow_links"),
-    }
 
 
 @dataclass
@@ -229,7 +186,7 @@ def _plan_run(previous, hashed, encoders: "_Encoders", rebuild: bool, report: In
     fingerprint = fingerprints(encoders.settings)
     old, plan = _reuse_plan(previous, fingerprint, rebuild, report)
     changes = _compare(hashed, old["manifest"] if old else {})
-    if changes.changed or plan.dense_all or plan.late_all or _unresolved(fingerprint) or not previous:
+    if changes.changed or plan.dense_all or plan.late_all or unresolved(fingerprint) or not previous:
         encoders.load()
         resolved = fingerprints(encoders.settings)  # a model fell back, or its revision is known now
         if resolved != fingerprint:
@@ -338,7 +295,8 @@ class _Encoders:
             from ragkit.errors import ModelLoadError
 
             try:
-                self._dense = DenseEncoder(self.settings.dense_model, device=self.settings.device)
+                self._dense = DenseEncoder(self.settings.dense_model, self.settings.device,
+                                           self.settings.dense_backend)
             except ModelLoadError as e:
                 embedded = embedded_dense_model()
                 if self.dense_named or self.settings.dense_model != DEFAULT_DENSE_MODEL or embedded is None:
@@ -348,7 +306,7 @@ class _Encoders:
                 self.report.warnings.append(
                     f"the default dense model could not be loaded ({self.dense_fallback}); using the embedded "
                     "all-MiniLM-L6-v2 instead; pass --dense-model to choose another")
-                self._dense = DenseEncoder(embedded, device=self.settings.device)
+                self._dense = DenseEncoder(embedded, self.settings.device, self.settings.dense_backend)
         return self._dense
 
     @property
@@ -502,6 +460,7 @@ def _recorded(settings: Settings, encoders: _Encoders) -> dict[str, Any]:
         # a default out of reach is tried again next time: the run that reaches it re-encodes with it
         "dense_model": DEFAULT_DENSE_MODEL if encoders.dense_fallback else resolve_model_name(settings.dense_model),
         "dense_fallback": encoders.dense_fallback,
+        "dense_backend": settings.dense_backend,
         "chunk_tokens": settings.chunk_tokens,
         "context_tokens": settings.context_tokens,
         "late": settings.late or encoders.late_skipped is not None,  # a skipped default is tried again next time
@@ -559,6 +518,10 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, chunks, n_to
         vectors[todo] = engine.encode_dense(
             encoders, read, lengths,
             progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
+        failure = encoders.dense.export_for_queries() if settings.onnx_queries else None
+        if failure:
+            report.warnings.append(f"queries will start slower, through torch: the dense model has no ONNX export "
+                                   f"({failure})")
     DenseIndex.build(vectors, settings.dense_exact_max).save(folder)
     return encoders.dense.fingerprint() if todo or not reuse else old["manifest"]["models"]["dense"]
 

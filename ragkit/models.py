@@ -10,6 +10,17 @@ from typing import Any, Callable, TypeVar
 from ragkit.errors import ModelLoadError
 
 T = TypeVar("T")
+CACHE_ENV = "RAGKIT_CACHE_DIR"  # overrides the user cache folder (platformdirs) for everything ragkit caches
+
+
+def cache_dir(part: str) -> Path:
+    """The folder `part` of ragkit's cache: under $RAGKIT_CACHE_DIR, or the user cache folder."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        import platformdirs
+
+        root = platformdirs.user_cache_dir("ragkit")
+    return Path(root).expanduser() / part
 
 
 def resolve_model_name(name: str) -> str:

@@ -67,7 +67,7 @@ class Searcher:
         self._dense = None
         self._lexical = None
         self._late = None
-        self._encoder = encoder if encoder is not None and encoder.name == self.dense_model else None
+        self._encoder = encoder if encoder is not None and encoder.matches(self.manifest["models"]["dense"]) else None
         late_info = self.manifest["models"].get("late")
         self._late_encoder = late_encoder if late_info and late_encoder is not None and \
             late_encoder.name == late_info["model"] else None
@@ -97,11 +97,12 @@ class Searcher:
 
     @property
     def encoder(self):
-        """The dense encoder recorded in the index."""
+        """The encoder of queries for the dense model recorded in the index (its ONNX export when cached)."""
         if self._encoder is None:
-            from ragkit.encoders.dense import DenseEncoder
+            from ragkit.encoders.onnx import query_encoder
 
-            self._encoder = DenseEncoder(self.dense_model, device=self.settings.device)
+            self._encoder = query_encoder(self.manifest["models"]["dense"], self.settings.device,
+                                          self.settings.onnx_queries)
         return self._encoder
 
     @property

@@ -55,7 +55,7 @@ def test_the_dense_encoder_reads_name_and_headings_the_citation_does_not(tmp_pat
     table = store.load_chunks(store.current_generation(index.path))
     texts, headings = table.column("text").to_pylist(), table.column("heading").to_pylist()
     assert len(texts) > 2 and len(read) == len(texts)
-    encoder = index.searcher.encoder
+    encoder = DenseEncoder(str(tiny_encoder))
     limit = encoder.max_tokens - encoder.special_tokens
     for text, heading in zip(texts, headings):
         seen = next(r for r in read if r.endswith(text))

@@ -372,7 +372,7 @@ def test_index_settings_are_kept_unless_named_again(tmp_path, docs, tiny_encoder
 def test_fingerprints_name_the_model_as_loaded_not_as_it_was_before_download(tmp_path, idx, docs, monkeypatch):
     """A hub model not yet downloaded has an unknown revision until it loads; recording that would make the next
     run encode everything again."""
-    from ragkit import indexer
+    from ragkit import fingerprints as indexer
     from ragkit.encoders.dense import DenseEncoder
     from ragkit.encoders.late import LateEncoder
 

@@ -52,6 +52,9 @@ PathsOpt = Annotated[Optional[list[str]], typer.Option(
 DenseModelOpt = Annotated[Optional[str], typer.Option(
     "--dense-model", help="sentence-transformers model id or local path [default: the index's model; for a new "
                           "index Alibaba-NLP/gte-modernbert-base].")]
+DenseBackendOpt = Annotated[Optional[str], typer.Option(
+    "--dense-backend", help="How the dense model runs: torch | onnx (ONNX Runtime, the same vectors) | onnx-int8 "
+                            "(int8 weights: faster, vectors close to torch's) [default: the index's; torch].")]
 LateModelOpt = Annotated[Optional[str], typer.Option(
     "--late-model", help="PyLate ColBERT model id or local path; a model without a ColBERT head compares its own "
                          "token vectors [default: the index's model; for a new index "
@@ -96,6 +99,7 @@ def index(
     folder: Annotated[Path, typer.Argument(help="Folder of documents to index.")],
     index: IndexOpt = None,
     dense_model: DenseModelOpt = None,
+    dense_backend: DenseBackendOpt = None,
     late_model: LateModelOpt = None,
     late: LateOpt = None,
     pool_factor: Annotated[Optional[int], typer.Option(
@@ -128,7 +132,8 @@ def index(
     with _user_errors(as_json):
         from ragkit.engines import open_engine
 
-        idx = _open(index, dense_model=dense_model, late_model=late_model, late=late, pool_factor=pool_factor,
+        idx = _open(index, dense_model=dense_model, dense_backend=dense_backend, late_model=late_model, late=late,
+                    pool_factor=pool_factor,
                     chunk_tokens=chunk_tokens, context_tokens=context_tokens, follow_links=follow_links,
                     device=device)
         with open_engine(engine, address, workers) as runner, _progress_bar(enabled=not as_json) as progress:
@@ -296,6 +301,7 @@ def eval_(
     k: Annotated[int, typer.Option("-k", help="Depth of the ranking metrics.", min=1)] = 10,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions [default: all].", min=1)] = None,
     dense_model: DenseModelOpt = None,
+    dense_backend: DenseBackendOpt = None,
     late_model: LateModelOpt = None,
     late: LateOpt = None,
     fusion: FusionOpt = None,
@@ -317,7 +323,8 @@ def eval_(
         from ragkit.config import load_settings
         from ragkit.evaluate import run_dataset
 
-        settings = load_settings(dense_model=dense_model, late_model=late_model, late=late, mode=mode, fusion=fusion,
+        settings = load_settings(dense_model=dense_model, dense_backend=dense_backend, late_model=late_model,
+                                 late=late, mode=mode, fusion=fusion,
                                  reader=reader, reader_model=reader_model, reader_window=reader_window,
                                  adapter=adapter)
         with _progress_bar(enabled=not as_json) as progress:

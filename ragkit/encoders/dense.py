@@ -14,9 +14,13 @@ EncodeProgress = Callable[[int, int, int], None]
 
 
 class DenseEncoder:
-    """Loads a sentence-transformers model by hub id or local path and encodes text to unit vectors."""
+    """Loads a sentence-transformers model by hub id or local path and encodes text to unit vectors.
 
-    def __init__(self, name: str, device: str | None = None) -> None:
+    backend: torch runs the model as loaded; onnx and onnx-int8 run its ONNX export (`ragkit.encoders.onnx`, made
+    on first use) through ONNX Runtime, float32 (torch's vectors) or with int8 weights (faster, close to them).
+    """
+
+    def __init__(self, name: str, device: str | None = None, backend: str = "torch") -> None:
         from sentence_transformers import SentenceTransformer
 
         quiet_transformers()
@@ -30,6 +34,45 @@ class DenseEncoder:
         self.tokenizer.model_max_length = 10**9  # we count whole documents; never truncate or warn here
         self.dim = int(self.model.get_sentence_embedding_dimension())
         self.revision = model_revision(self.name)
+        self.backend = backend
+        self._onnx = self._open_export(backend) if backend != "torch" else None
+
+    def _open_export(self, backend: str):
+        """The ONNX encoder of this model for `backend`, exported now if it is not in the cache."""
+        from ragkit.encoders.onnx import OnnxEncoder
+        from ragkit.errors import ModelLoadError
+
+        int8 = backend == "onnx-int8"
+        failure = self.export_for_queries()
+        if failure:
+            raise ModelLoadError(f"the dense model '{self.name}' cannot run on the {backend} backend ({failure}); "
+                                 "use dense_backend=torch")
+        encoder = OnnxEncoder.cached(self.name, self.revision, int8)
+        if encoder is None:
+            raise ModelLoadError(f"the int8 export of the dense model '{self.name}' strays too far from its "
+                                 "vectors; use dense_backend=onnx or torch")
+        return encoder
+
+    def export_for_queries(self) -> str | None:
+        """Make (once per model) the ONNX export that encodes a query without torch; returns why it cannot be
+        made, or None when it is there."""
+        from ragkit.encoders.onnx import ExportError, export, export_failure, ready_export
+
+        if ready_export(self.name, self.revision, int8=False):
+            return None
+        if export_failure(self.name, self.revision):
+            return export_failure(self.name, self.revision)
+        try:
+            export(self.model, self.name, self.revision)
+        except ExportError as e:
+            return str(e)
+        return None
+
+    def matches(self, info: dict) -> bool:
+        """Whether this encoder makes the query vectors of an index whose dense stage is `info`."""
+        from ragkit.encoders.onnx import same_vectors
+
+        return info["model"] == self.name and same_vectors(self.backend, info.get("backend", "torch"))
 
     @property
     def max_tokens(self) -> int:
@@ -51,7 +94,9 @@ class DenseEncoder:
 
     def fingerprint(self) -> dict[str, object]:
         """What identifies the vectors this encoder makes."""
-        return {"model": self.name, "revision": self.revision, "dim": self.dim, "max_tokens": self.max_tokens}
+        backend = {} if self.backend == "torch" else {"backend": self.backend}  # as indexes before backends
+        return {"model": self.name, "revision": self.revision, "dim": self.dim, "max_tokens": self.max_tokens,
+                **backend}
 
     def encode_documents(
         self,
@@ -78,6 +123,8 @@ class DenseEncoder:
         return self._encode(list(queries), is_query=True)
 
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        if self._onnx is not None:
+            return self._onnx.encode_queries(texts) if is_query else self._onnx.encode_documents(texts)
         encode = self.model.encode_query if is_query else self.model.encode_document
         vectors = encode(
             texts,

@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import ModelLoadError
-from ragkit.models import embedded_reader_model, is_gguf, load_model, reader_model_path, resolve_model_name
+from ragkit.models import cache_dir, embedded_reader_model, is_gguf, load_model, reader_model_path, resolve_model_name
 
 DEFAULT_READER_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-CACHE_ENV = "RAGKIT_CACHE_DIR"  # overrides the user cache folder (platformdirs) for everything ragkit caches
 CACHE_FORMAT = 1  # version of a cache entry's layout; an entry of another version is rebuilt
 META_FILE = "ragkit-reader.json"
 STALE_TEMP_SECONDS = 6 * 3600  # a temporary folder this old was left by a killed run and is removed
@@ -239,12 +238,7 @@ def file_digest(file: Path) -> str:
 
 def reader_cache_dir() -> Path:
     """Where converted GGUF reader models are kept: $RAGKIT_CACHE_DIR, or the user cache folder."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        import platformdirs
-
-        root = platformdirs.user_cache_dir("ragkit")
-    return Path(root).expanduser() / "reader-models"
+    return cache_dir("reader-models")
 
 
 def _convert(file: Path, shown: str, model_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:

@@ -1,0 +1,272 @@
+"""Dense encoding through ONNX Runtime, without torch: an export of the sentence-transformers model made here.
+
+The export lives in ragkit's cache (`cache_dir("onnx")`), one folder per model and revision:
+    model.onnx       the whole sentence-transformers pipeline (transformer, pooling, normalisation), float32,
+                     inputs input_ids and attention_mask (batch, tokens), output embedding (batch, dim)
+    model.int8.onnx  the same with int8 weights (dynamic quantisation per channel), when it checks out
+    tokenizer.json   the model's fast tokenizer
+    encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing) and the check made at export
+
+An export is used only after its vectors were compared with torch's on probe texts at export time: float32 must
+agree to within FLOAT32_TOLERANCE (the same vectors, so an index encoded by torch is searched through it), int8
+within INT8_MIN_COSINE. A model the exporter cannot handle gets `failed.json` with the reason, and torch serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragkit.models import cache_dir
+
+EXPORT_VERSION = 1
+FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
+INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
+MODEL, MODEL_INT8, TOKENIZER, META, FAILED = (
+    "model.onnx", "model.int8.onnx", "tokenizer.json", "encoder.json", "failed.json")
+PROBES = (
+    "What is the capital of France?",
+    "Revenue grew 12% year over year, driven by services; operating margin was 31.4%.",
+    "def encode(texts): return model(texts)  # a line of code",
+)
+
+
+class ExportError(Exception):
+    """The model cannot be exported to ONNX, or its export disagrees with torch."""
+
+
+def export_folder(model: str, revision: str) -> Path:
+    """The cache folder of the export of `model` at `revision`."""
+    key = hashlib.blake2b(f"{EXPORT_VERSION}\0{model}\0{revision}".encode(), digest_size=8).hexdigest()
+    return cache_dir("onnx") / f"{Path(model).name or 'model'}-{key}"
+
+
+def ready_export(model: str, revision: str, int8: bool) -> Path | None:
+    """The checked export of `model` at `revision` (with its int8 model when `int8`), or None."""
+    folder = export_folder(model, revision)
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("version") != EXPORT_VERSION or (int8 and not meta.get("int8")):
+        return None
+    return folder
+
+
+def export_failure(model: str, revision: str) -> str | None:
+    """Why an earlier export of `model` at `revision` failed, or None."""
+    try:
+        return json.loads((export_folder(model, revision) / FAILED).read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def export(st_model: Any, model: str, revision: str) -> Path:
+    """Export a loaded SentenceTransformer to the cache, check it against torch, and return its folder.
+
+    Written in a temporary folder and moved into place whole, so that a reader never sees half an export.
+    Raises ExportError (and records it, so that the next run does not try again) when it fails."""
+    folder = export_folder(model, revision)
+    if ready_export(model, revision, int8=False):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with _quiet():
+            meta = _export_into(st_model, work)
+        meta.update(model=model, revision=revision)
+        (work / META).write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(work, folder)
+    except Exception as e:
+        shutil.rmtree(work, ignore_errors=True)
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / FAILED).write_text(json.dumps({"version": EXPORT_VERSION, "reason": reason}))
+        raise ExportError(reason) from e
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's and quantiser's advice (warnings, and root-logger lines from onnxruntime)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _export_into(st_model: Any, work: Path) -> dict[str, Any]:
+    """Write model.onnx, model.int8.onnx and tokenizer.json of `st_model` into `work`; returns encoder.json's
+    fields. Only the usual pipeline is exported: a transformer whose fast tokenizer makes every input, then
+    modules that read its output (pooling, dense layers, normalisation)."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    first = st_model[0]
+    tokenizer = getattr(first, "tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(first, "max_seq_length"):
+        raise ExportError("the first module is not a transformer with a fast tokenizer")
+    if any(getattr(module, "include_prompt", True) is False for module in st_model):
+        raise ExportError("its pooling leaves the prompt out, which the export does not reproduce")
+    meta = {
+        "version": EXPORT_VERSION,
+        "dim": int(st_model.get_sentence_embedding_dimension()),
+        "max_tokens": int(st_model.max_seq_length),
+        "lower_case": bool(getattr(first, "do_lower_case", False)),
+        "query_prompt": _prompt(st_model, "query"),
+        "document_prompt": _prompt(st_model, "document"),
+    }
+    tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
+    device = next(st_model.parameters()).device
+    sample = tokenizer(list(PROBES), padding=True, return_tensors="pt").to(device)
+    with torch.no_grad():
+        torch.onnx.export(
+            _pipeline(st_model), (sample["input_ids"], sample["attention_mask"]), str(work / MODEL), dynamo=False,
+            input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=17,
+            dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                          "embedding": {0: "batch"}})
+    probes = [*PROBES, " ".join(["evidence"] * (meta["max_tokens"] + 16))]  # the last one is truncated
+    reference = _torch_vectors(st_model, probes)
+    float32 = OnnxEncoder(work, meta, int8=False).encode_texts(probes)
+    if float(np.abs(float32 - reference).max()) > FLOAT32_TOLERANCE:
+        raise ExportError("the exported model's vectors differ from torch's")
+    quantize_dynamic(str(work / MODEL), str(work / MODEL_INT8), weight_type=QuantType.QInt8, per_channel=True)
+    int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
+    meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
+    meta["int8"] = meta["int8_min_cosine"] >= INT8_MIN_COSINE
+    if not meta["int8"]:
+        (work / MODEL_INT8).unlink()
+    return meta
+
+
+def _pipeline(st_model: Any):
+    """The SentenceTransformer as a module of two tensors, (batch, tokens) ids and mask → (batch, dim), for the
+    exporter to trace."""
+    import torch
+
+    class Pipeline(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.st = st_model
+
+        def forward(self, input_ids, attention_mask):
+            return self.st({"input_ids": input_ids, "attention_mask": attention_mask})["sentence_embedding"]
+
+    return Pipeline().eval()
+
+
+def _prompt(st_model: Any, kind: str) -> str:
+    """The prompt sentence-transformers puts before a query or document (encode_query / encode_document)."""
+    prompts = getattr(st_model, "prompts", None) or {}
+    return prompts.get(kind) or ""
+
+
+def _torch_vectors(st_model: Any, texts: list[str]) -> np.ndarray:
+    """`texts` as sentence-transformers encodes them, unit length, with no prompt."""
+    vectors = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
+                              show_progress_bar=False)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+class OnnxEncoder:
+    """Encodes with an export through ONNX Runtime and `tokenizers`: the dense encoder of a query, with no torch."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any] | None = None, int8: bool = False,
+                 threads: int | None = None) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        self.folder = folder
+        self.meta = meta or json.loads((folder / META).read_text())
+        self.name = self.meta.get("model", "")
+        self.int8 = int8
+        self.dim = int(self.meta["dim"])
+        self.max_tokens = int(self.meta["max_tokens"])
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_tokens)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: one per core
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(folder / (MODEL_INT8 if int8 else MODEL)), options,
+                                                    providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def cached(cls, model: str, revision: str, int8: bool) -> "OnnxEncoder | None":
+        """The encoder of the checked export of `model` at `revision`, or None when there is none."""
+        folder = ready_export(model, revision, int8)
+        return cls(folder, int8=int8) if folder else None
+
+    @property
+    def backend(self) -> str:
+        return "onnx-int8" if self.int8 else "onnx"
+
+    def matches(self, info: dict) -> bool:
+        """Whether this encoder makes the query vectors of an index whose dense stage is `info`."""
+        return info["model"] == self.name and same_vectors(self.backend, info.get("backend", "torch"))
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        """Unit vectors (n, dim) float32 for queries, the model's query prompt before each."""
+        return self.encode_texts([self.meta["query_prompt"] + q for q in queries])
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors (n, dim) float32 for documents, the model's document prompt before each."""
+        return self.encode_texts([self.meta["document_prompt"] + t for t in texts])
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors (n, dim) float32 of `texts` as one batch, read as sentence-transformers reads them."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        cleaned = [str(t).strip() for t in texts]
+        if self.meta["lower_case"]:
+            cleaned = [t.lower() for t in cleaned]
+        encodings = self.tokenizer.encode_batch(cleaned)
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), width), dtype=np.int64)  # (batch, tokens); padding is masked out
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        (vectors,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})  # (batch, dim)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def same_vectors(backend: str, other: str) -> bool:
+    """Whether two backends make the same vectors: torch and onnx (float32) do, int8 only its own."""
+    return (backend == "onnx-int8") == (other == "onnx-int8")
+
+
+def query_encoder(info: dict, device: str | None, onnx_queries: bool = True):
+    """The encoder of queries to an index whose dense stage is `info`: the model's cached ONNX export on a CPU
+    (ONNX Runtime starts in a fraction of the time torch takes to import), else the model itself, which then
+    makes the export for the next query."""
+    backend = info.get("backend", "torch")
+    usable = onnx_queries and device in (None, "cpu") and info.get("revision", "unknown") != "unknown"
+    if usable:
+        found = OnnxEncoder.cached(info["model"], info["revision"], int8=backend == "onnx-int8")
+        if found is not None:
+            return found
+    from ragkit.encoders.dense import DenseEncoder
+
+    encoder = DenseEncoder(info["model"], device=device, backend=backend)
+    if usable and encoder.revision == info["revision"]:
+        encoder.export_for_queries()
+    return encoder

@@ -1,0 +1,140 @@
+"""Dense encoder backends: the ONNX export makes torch's vectors, int8 ranks as torch does, and a query needs no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ragkit.api import Index
+from ragkit.cli import app
+from ragkit.config import Settings
+from ragkit.errors import ConfigError, ModelLoadError
+
+TEXTS = ["alpha beta gamma", "  the quick brown fox jumps over the lazy dog  ", "delta " * 200]  # last: truncated
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "oil.txt").write_text("The oil crisis began in October 1973.\nPrices rose fourfold.\n")
+    (folder / "fox.md").write_text("# Animals\n\nThe quick brown fox jumps over the lazy dog.\n")
+    (folder / "tea.txt").write_text("Green tea is steamed; black tea is oxidised before drying.\n")
+    return folder
+
+
+@pytest.fixture
+def prompted_encoder(tiny_encoder, tmp_path) -> Path:
+    """The tiny encoder with query and document prompts, as E5-style models have."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_encoder), device="cpu")
+    model.prompts = {"query": "query: ", "document": "passage: "}
+    model.save(str(tmp_path / "prompted"))
+    return tmp_path / "prompted"
+
+
+def test_the_onnx_backend_and_the_query_encoder_make_torch_s_vectors(prompted_encoder):
+    from ragkit.encoders.dense import DenseEncoder
+    from ragkit.encoders.onnx import OnnxEncoder
+
+    reference = DenseEncoder(str(prompted_encoder))
+    onnx = DenseEncoder(str(prompted_encoder), backend="onnx")
+    lengths = [reference.count_tokens(t) for t in TEXTS]
+    assert max(lengths) > reference.max_tokens  # the truncation of a long text is checked too
+    documents = reference.encode_documents(TEXTS, lengths)
+    assert np.abs(onnx.encode_documents(TEXTS, lengths) - documents).max() < 1e-5
+    light = OnnxEncoder.cached(reference.name, reference.revision, int8=False)  # what a query uses: no torch
+    queries = reference.encode_queries(TEXTS)
+    assert np.abs(light.encode_queries(TEXTS) - queries).max() < 1e-5
+    assert np.abs(queries - documents).max() > 1e-3  # the prompts differ, and both are applied
+
+
+def test_an_int8_index_ranks_as_the_torch_index(tmp_path, minilm, shared_data):
+    squad = shared_data / "squad-v1.1-dev"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for path in sorted((squad / "docs").iterdir())[:4]:
+        (docs / path.name).write_text(path.read_text())
+    questions = [json.loads(line) for line in (squad / "questions.jsonl").read_text().splitlines()]
+    questions = [q["question"] for q in questions if (docs / q["doc"]).is_file()][:20]
+    tops = {}
+    for backend in ("torch", "onnx-int8"):
+        idx = Index(tmp_path / backend, Settings(dense_model=str(minilm), late=False, dense_backend=backend))
+        idx.add(docs)
+        tops[backend] = [[h.chunk_id for h in idx.search(q, k=5, mode="dense")] for q in questions]
+    assert len(questions) == 20
+    same_first = sum(a[0] == b[0] for a, b in zip(tops["torch"], tops["onnx-int8"]))
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(tops["torch"], tops["onnx-int8"])])
+    assert same_first >= 18 and overlap >= 0.8
+
+
+def test_the_backend_is_part_of_the_dense_fingerprint(tmp_path, docs, tiny_encoder):
+    settings = Settings(dense_model=str(tiny_encoder), late=False)
+    idx = Index(tmp_path / "i", settings)
+    idx.add(docs)
+    assert "backend" not in idx.manifest()["models"]["dense"]  # as indexes made before backends existed
+    report = Index(tmp_path / "i", settings.replace(dense_backend="onnx-int8")).add(docs)
+    assert report.encoded_chunks == report.chunks and "dense" in report.rebuilt
+    assert Index(tmp_path / "i").manifest()["models"]["dense"]["backend"] == "onnx-int8"
+    same = Index(tmp_path / "i", settings)  # the backend is kept when not named again
+    assert same.add(docs).encoded_chunks == 0
+    assert same.searcher.encoder.backend == "onnx-int8" and same.search("oil crisis", k=1, mode="dense")
+    report = Index(tmp_path / "i", settings.replace(dense_backend="onnx")).add(docs)
+    assert report.encoded_chunks == report.chunks
+
+
+def test_a_search_from_the_shell_imports_no_torch(tmp_path, docs, tiny_encoder):
+    Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False)).add(docs)
+    code = ("import sys; from ragkit.cli import app; "
+            f"app(['search', 'oil crisis', '--index', {str(tmp_path / 'i')!r}, '--json'], standalone_mode=False); "
+            "print('torch' in sys.modules, 'sentence_transformers' in sys.modules)")
+
+    def run(**env: str) -> list[str]:
+        import os
+
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.strip().splitlines()
+        assert "oil.txt" in json.loads("\n".join(lines[:-1]))["hits"][0]["path"]
+        return lines[-1].split()
+
+    assert run() == ["False", "False"]
+    assert run(RAGKIT_ONNX_QUERIES="false") == ["True", "True"]  # the model itself, when asked
+
+
+def test_a_model_that_does_not_export_is_searched_through_torch(tmp_path, docs, tiny_encoder, monkeypatch):
+    from ragkit.encoders import onnx
+    from ragkit.encoders.dense import DenseEncoder
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def failing(st_model, work):
+        calls.append(work)
+        raise RuntimeError("this exporter cannot trace the model")
+
+    monkeypatch.setattr(onnx, "_export_into", failing)
+    idx = Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False))
+    report = idx.add(docs)
+    assert any("queries will start slower" in w and "cannot trace" in w for w in report.warnings)
+    assert len(calls) == 1 and list((tmp_path / "cache" / "onnx").glob("*/failed.json"))
+    assert not list((tmp_path / "cache" / "onnx").glob(".*"))  # the half-made export is gone
+    assert isinstance(idx.searcher.encoder, DenseEncoder) and idx.search("oil crisis", k=1, mode="dense")
+    assert len(calls) == 1  # recorded: not tried again at every query
+    with pytest.raises(ModelLoadError, match="cannot run on the onnx backend"):
+        DenseEncoder(str(tiny_encoder), backend="onnx")
+
+
+def test_an_unknown_backend_is_a_clear_error(tmp_path, docs):
+    with pytest.raises(ConfigError, match="dense_backend must be one of torch, onnx, onnx-int8"):
+        Settings().replace(dense_backend="tensorrt")
+    result = CliRunner().invoke(app, ["index", str(docs), "--index", str(tmp_path / "i"), "--dense-backend", "fast"])
+    assert result.exit_code == 1 and "dense_backend must be one of" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
