@@ -138,3 +138,12 @@ def test_an_unknown_backend_is_a_clear_error(tmp_path, docs):
     result = CliRunner().invoke(app, ["index", str(docs), "--index", str(tmp_path / "i"), "--dense-backend", "fast"])
     assert result.exit_code == 1 and "dense_backend must be one of" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_fast_start(tmp_path, docs, tiny_encoder, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "a-file"))  # no folder can be made under a file
+    idx = Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False))
+    report = idx.add(docs)
+    assert any("cannot be written" in w for w in report.warnings)
+    assert idx.search("oil crisis", k=1, mode="dense")

@@ -76,24 +76,35 @@ def export(st_model: Any, model: str, revision: str) -> Path:
     """Export a loaded SentenceTransformer to the cache, check it against torch, and return its folder.
 
     Written in a temporary folder and moved into place whole, so that a reader never sees half an export.
-    Raises ExportError (and records it, so that the next run does not try again) when it fails."""
+    Raises ExportError when it fails, and records why when the model is at fault, so that the next run does not
+    try again."""
     folder = export_folder(model, revision)
     if ready_export(model, revision, int8=False):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as e:
+        raise ExportError(f"the cache folder {folder.parent} cannot be written ({e.strerror or e})") from e
     try:
         with _quiet():
             meta = _export_into(st_model, work)
         meta.update(model=model, revision=revision)
         (work / META).write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(work, folder)
+        shutil.rmtree(folder, ignore_errors=True)  # a failure recorded before, or an export of an older version
+        try:
+            os.replace(work, folder)
+        except OSError:
+            if ready_export(model, revision, int8=False) is None:
+                raise
+            shutil.rmtree(work, ignore_errors=True)  # another process (a worker of the same run) made it first
     except Exception as e:
         shutil.rmtree(work, ignore_errors=True)
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / FAILED).write_text(json.dumps({"version": EXPORT_VERSION, "reason": reason}))
+        if not isinstance(e, OSError):  # the model's failure, not the disk's: do not try again at every run
+            with contextlib.suppress(OSError):
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / FAILED).write_text(json.dumps({"version": EXPORT_VERSION, "reason": reason}))
         raise ExportError(reason) from e
     return folder
 

@@ -73,10 +73,10 @@ def ray_engine(address: str | None = None, workers: int | None = None) -> Iterat
 class _DenseActor:
     """Ray actor: loads the dense model once, then encodes batches of chunks."""
 
-    def __init__(self, name: str, device: str | None, batch_tokens: int) -> None:
+    def __init__(self, name: str, device: str | None, batch_tokens: int, backend: str = "torch") -> None:
         from ragkit.encoders.dense import DenseEncoder
 
-        self.encoder = DenseEncoder(name, device=device)
+        self.encoder = DenseEncoder(name, device=device, backend=backend)
         self.batch_tokens = batch_tokens
 
     def __call__(self, batch: Any) -> Any:
@@ -146,7 +146,8 @@ class RayEngine:
                      progress: Callable[[int, int, int], None]) -> np.ndarray:
         """Dense vectors of `texts`, encoded by actors that each load the run's dense model."""
         settings = encoders.settings
-        model = {"name": settings.dense_model, "device": settings.device, "batch_tokens": settings.encode_batch_tokens}
+        model = {"name": settings.dense_model, "device": settings.device, "batch_tokens": settings.encode_batch_tokens,
+                 "backend": settings.dense_backend}
         out = np.zeros((len(texts), encoders.dense.dim), dtype=np.float32)
         for rows, result in self._encode("dense", self.dense_actor, model, texts, lengths, progress):
             out[rows] = np.frombuffer(result["vectors"], dtype=np.float32).reshape(len(rows), -1)

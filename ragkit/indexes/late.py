@@ -8,9 +8,11 @@ Folder layout (all plain files):
     plaid/          fast-plaid index (centroids, codes, residuals; plain npy + json, never its pickled caches)
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
-MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over a memory-mapped token matrix beats PLAID up
-to a few million tokens (faster and exact): search uses PLAID only above `exact_max_tokens`, where it proposes
-candidates and exact MaxSim re-ranks them. PLAID is kept up to date in every generation (unless the caller
+MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over the token matrix beats PLAID up to a few million
+tokens (faster and exact): search uses PLAID only above `exact_max_tokens`, where it proposes candidates and exact
+MaxSim re-ranks them. The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits
+RESIDENT_MAX_BYTES keeps that copy in memory after its first search (made while that search streams the blocks,
+so it costs the first query nothing), larger ones are converted block by block at every search. PLAID is kept up to date in every generation (unless the caller
 skips it for small collections), so it is ready when the collection grows past that size.
 """
 
@@ -20,6 +22,7 @@ import gc
 import json
 import re
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ MIN_PLAID_TOKENS = 1000  # below this PLAID may not train its codec; exact searc
 RETRAIN_SHARE = 0.05  # retrain PLAID's centroids once this share of documents arrived after training
 BLOCK_TOKENS = 1 << 16  # tokens scored per block in exhaustive search (bounds memory)
 MAX_BLOCK_SCORES = 1 << 25  # similarities held at once in exhaustive search (128 MiB of float32)
+RESIDENT_MAX_BYTES = 1 << 30  # largest float32 copy of the token matrix kept in memory between searches
 # The files of a fast-plaid folder that a generation carries over to the next (see docs/index-format.md)
 PLAID_FILE = re.compile(r"(metadata|plan|doclens\.\d+|\d+\.metadata|merged_(codes|residuals)\.manifest)\.json"
                         r"|(centroids|avg_residual|bucket_cutoffs|bucket_weights|cluster_threshold|ivf|ivf_lengths"
@@ -64,6 +68,9 @@ class LateIndex:
         self.offsets = offsets
         self.params = params
         self._plaid = None
+        self._resident: np.ndarray | None = None  # (T, dim) float32 copy of `tokens`, filled up to _resident_rows
+        self._resident_rows = 0  # chunk rows whose tokens the copy holds (blocks are whole chunks)
+        self._resident_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -101,11 +108,18 @@ class LateIndex:
         return out
 
     def maxsim(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Exact MaxSim of one query (q_tokens, dim) against each of `rows`."""
-        scores = np.empty(len(rows), dtype=np.float32)
-        for i, row in enumerate(rows):
-            vectors, _ = self.token_data(int(row))
-            scores[i] = (vectors @ query.T).max(axis=0).sum() if len(vectors) else 0.0
+        """Exact MaxSim of one query (q_tokens, dim) against each of `rows`: their tokens gathered, one product."""
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = np.zeros(len(rows), dtype=np.float32)
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        filled = np.flatnonzero(lengths)  # a chunk with no token vectors scores 0
+        if len(filled) == 0:
+            return scores
+        source = self._resident if self._resident_rows == len(self) else self.tokens
+        gathered = np.concatenate([source[self.offsets[r] : self.offsets[r + 1]] for r in rows[filled]])
+        starts = np.concatenate([[0], np.cumsum(lengths[filled])[:-1]])
+        similarities = np.asarray(gathered, dtype=np.float32) @ np.asarray(query, dtype=np.float32).T
+        scores[filled] = np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
         return scores
 
     def maxsim_all(self, query: np.ndarray) -> np.ndarray:
@@ -130,15 +144,31 @@ class LateIndex:
         while row < n:
             end = int(np.searchsorted(self.offsets, self.offsets[row] + BLOCK_TOKENS, side="right")) - 1
             end = min(max(end, row + 1), n)
-            a, b = int(self.offsets[row]), int(self.offsets[end])
-            block = np.asarray(self.tokens[a:b], dtype=np.float32)  # (block tokens, dim)
-            starts = self.offsets[row:end] - a
-            for g, stacked, bounds in groups:
-                best = np.maximum.reduceat(block @ stacked.T, starts, axis=0)  # (rows in block, Σ q_tokens)
+            block = self._float32_block(row, end)  # (block tokens, dim)
+            filled = row + np.flatnonzero(np.diff(self.offsets[row : end + 1]))  # rows with tokens; the rest score 0
+            starts = self.offsets[filled] - self.offsets[row]
+            for g, stacked, bounds in groups if len(filled) else ():
+                best = np.maximum.reduceat(block @ stacked.T, starts, axis=0)  # (filled rows, Σ q_tokens)
                 for i in range(len(bounds) - 1):
-                    out[g + i][row:end] = best[:, bounds[i] : bounds[i + 1]].sum(axis=1)
+                    out[g + i][filled] = best[:, bounds[i] : bounds[i + 1]].sum(axis=1)
             row = end
         return out
+
+    def _float32_block(self, row: int, end: int) -> np.ndarray:
+        """The token vectors of chunk rows row..end-1 as float32: from the resident copy, converted into it now
+        (blocks come in row order, from row 0), or converted for this search alone when the copy would not fit."""
+        a, b = int(self.offsets[row]), int(self.offsets[end])
+        if self.tokens.size * 4 > RESIDENT_MAX_BYTES:
+            return np.asarray(self.tokens[a:b], dtype=np.float32)
+        with self._resident_lock:
+            if self._resident is None:
+                self._resident = np.empty(self.tokens.shape, dtype=np.float32)
+            if self._resident_rows == row:
+                self._resident[a:b] = self.tokens[a:b]
+                self._resident_rows = end
+            elif self._resident_rows < end:  # another search is filling the copy: convert this block alone
+                return np.asarray(self.tokens[a:b], dtype=np.float32)
+        return self._resident[a:b]
 
     # ----------------------------------------------------------------------------------------------- PLAID
 

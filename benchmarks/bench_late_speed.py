@@ -1,0 +1,195 @@
+"""Late-interaction search speed: ragkit's exact MaxSim (float32 copy kept in memory, or blocks converted per search)
+against PLAID (fast-plaid, as PyLate uses it) and PyLate's exhaustive rerank, at 294k and at 10M tokens, in one run.
+
+    python benchmarks/bench_late_speed.py [--queries 100] [--scale 34]
+
+Vectors: SQuAD v1.1 dev articles chunked by ragkit and encoded by a PyLate ColBERT over all-MiniLM-L6-v2 with an
+untrained 128-d projection (the usual ColBERT width; no trained ColBERT can be downloaded here), queries from the
+dev questions. The large collection repeats those chunks `scale` times with small noise (real token vectors, each
+chunk made distinct), so that its ranking is as hard as the small one's; PLAID is trained on it like on any index.
+
+Measured: p50/p95 latency and QPS of one query at a time, recall@10 against exact MaxSim, bytes per token held; the
+memory-bandwidth limit (the token matrix read once per query at the bandwidth a numpy sum reaches here); and the
+time of each stage of a hybrid query (dense + BM25 + late, fused, re-ranked) at 294k tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import DATA, minilm_colbert, minilm_model, percentiles, record  # noqa: E402
+
+
+def latencies(search, queries) -> tuple[list[list[int]], list[float]]:
+    found, times = [], []
+    for q in queries:
+        started = time.perf_counter()
+        found.append(search(q))
+        times.append(time.perf_counter() - started)
+    return found, times
+
+
+def recall_at_10(found: list[list[int]], truth: list[list[int]]) -> float:
+    return sum(len(set(f[:10]) & set(t[:10])) / max(1, len(t[:10])) for f, t in zip(found, truth)) / len(truth)
+
+
+def bandwidth_gb_s() -> float:
+    """Bytes per second a numpy sum reads from a 1 GiB float32 array here (best of 3)."""
+    import numpy as np
+
+    data = np.ones(1 << 28, dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best / 1e9
+
+
+def measure(late, queries, with_pylate: bool) -> dict:
+    """Every late search method on one LateIndex, against exact MaxSim."""
+    from ragkit.indexes import late as late_module
+
+    n = len(queries)
+    out: dict = {"tokens": late.total_tokens, "chunks": len(late)}
+    first = time.perf_counter()
+    exact, _ = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=10**12)[0]], queries[:1])
+    out["first_query_ms"] = 1000 * (time.perf_counter() - first)  # fills the float32 copy when it fits
+    exact, times = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=10**12)[0]], queries)
+    out["exact"] = {**percentiles(times), "recall@10": 1.0, "resident": late._resident_rows == len(late)}
+    saved = late_module.RESIDENT_MAX_BYTES
+    late_module.RESIDENT_MAX_BYTES = 0  # blocks converted at every search, as before the copy
+    streamed = type(late).load(late.folder)
+    found, times = latencies(lambda q: [r for r, _ in streamed.search([q], 10, exact_max_tokens=10**12)[0]], queries)
+    late_module.RESIDENT_MAX_BYTES = saved
+    out["exact_streamed"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    late.plaid_search(queries[:1], 10)  # opens PLAID
+    found, times = latencies(lambda q: [r for r, _ in late.plaid_search([q], 10)[0]], queries)
+    out["plaid"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    found, times = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=0)[0]], queries)
+    out["plaid_rerank"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    if with_pylate:
+        from pylate import rank
+
+        documents = [late.token_data(r)[0] for r in range(len(late))]
+        ids = list(range(len(late)))
+        found, times = latencies(lambda q: [int(r["id"]) for r in rank.rerank(
+            documents_ids=[ids], queries_embeddings=[q], documents_embeddings=[documents])[0][:10]], queries)
+        out["pylate_rerank"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    for name in ("exact", "exact_streamed", "plaid", "plaid_rerank", "pylate_rerank"):
+        if name in out:
+            out[name]["qps"] = 1000 / out[name]["p50_ms"]
+    out["queries"] = n
+    return out
+
+
+def scaled_copy(source: Path, target: Path, scale: int, seed: int = 0) -> Path:
+    """A late folder of `scale` noisy copies of every chunk of `source`, with PLAID trained on it."""
+    import numpy as np
+
+    from ragkit.indexes.late import LateIndex, write_late_index
+
+    small = LateIndex.load(source)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for copy in range(scale):
+        for row in range(len(small)):
+            vectors = small.token_data(row)[0]
+            noisy = vectors + rng.normal(scale=0.02, size=vectors.shape).astype(np.float32) * (copy > 0)
+            noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+            parts.append((noisy.astype(np.float16), np.full((len(noisy), 2), -1, dtype=np.int32)))
+    write_late_index(target, parts, [f"c{i}" for i in range(len(parts))], dict(small.params), None, None,
+                     plaid=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--scale", type=int, default=34)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ragkit import store
+    from ragkit.api import Index
+    from ragkit.config import Settings
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-late-speed-"))
+    questions = [json.loads(line)["question"] for line in
+                 (DATA / "squad-v1.1-dev" / "questions.jsonl").read_text().splitlines()[: args.queries]]
+    colbert = minilm_colbert(work / "colbert", identity=False)
+    idx = Index(work / "index", Settings(dense_model=minilm_model(), late_model=colbert))
+    idx.add(DATA / "squad-v1.1-dev" / "docs")
+    searcher = idx.searcher
+    queries = searcher.late_encoder.encode_queries(questions)
+    raw: dict = {"questions": len(questions), "threads": args.threads, "bandwidth_GB_s": bandwidth_gb_s()}
+    raw["small"] = measure(searcher.late, queries, with_pylate=True)
+    print("small", raw["small"], flush=True)
+
+    for q in questions[:5]:
+        idx.search(q, k=10, mode="hybrid")
+    stages: dict[str, float] = {}
+    hybrid = []
+    for q in questions:
+        started = time.perf_counter()
+        idx.search(q, k=10, mode="hybrid")
+        hybrid.append(time.perf_counter() - started)
+        for stage, seconds in searcher.timings.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    raw["hybrid"] = {**percentiles(hybrid), "stage_ms": {s: 1000 * v / len(questions) for s, v in stages.items()}}
+    print("hybrid", raw["hybrid"], flush=True)
+
+    from ragkit.indexes.late import LateIndex
+
+    big_dir = work / f"late-x{args.scale}"
+    started = time.perf_counter()
+    if not (big_dir / "params.json").is_file():
+        shutil.rmtree(big_dir, ignore_errors=True)
+        scaled_copy(store.current_generation(idx.path) / "late", big_dir, args.scale)
+    raw["large_build_seconds"] = time.perf_counter() - started
+    raw["large"] = measure(LateIndex.load(big_dir), queries[: max(10, args.queries // 5)], with_pylate=False)
+    print("large", raw["large"], flush=True)
+    for size in ("small", "large"):
+        late_dir = store.current_generation(idx.path) / "late" if size == "small" else big_dir
+        tokens = raw[size]["tokens"]
+        raw[size]["bytes_per_token"] = {
+            "float16_matrix": (late_dir / "tokens.npy").stat().st_size / tokens,
+            "plaid": sum(p.stat().st_size for p in (late_dir / "plaid").rglob("*") if p.is_file()) / tokens,
+            "float32_copy_in_memory": 4 * 128 if raw[size]["exact"]["resident"] else 0}
+        raw[size]["bandwidth_limit_ms"] = {
+            "float16": 1000 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9),
+            "float32": 1000 * 2 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9)}
+    if not args.no_record:
+        record("bench_late_speed", "Late-interaction search speed: exact MaxSim against PLAID and PyLate's rerank, "
+               "294k and 10M tokens", raw, table(raw), command="python benchmarks/bench_late_speed.py")
+
+
+def table(raw: dict) -> str:
+    lines = ["| collection | method | p50 ms | p95 ms | QPS | recall@10 vs exact | QPS vs PLAID |",
+             "|---|---|---|---|---|---|---|"]
+    for size in ("small", "large"):
+        entry = raw[size]
+        for method in ("exact", "exact_streamed", "plaid", "plaid_rerank", "pylate_rerank"):
+            if method in entry:
+                m = entry[method]
+                lines.append(f"| {entry['tokens']:,} tokens | {method} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} | "
+                             f"{m['qps']:.1f} | {m['recall@10']:.3f} | {m['qps'] / entry['plaid']['qps']:.2f}× |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
