@@ -518,10 +518,7 @@ def _write_dense(folder: Path, settings, old, plan: _Plan, sources, chunks, n_to
         vectors[todo] = engine.encode_dense(
             encoders, read, lengths,
             progress=lambda done, total, tokens: progress(ProgressEvent("encode", done, total, tokens)))
-        failure = encoders.dense.export_for_queries() if settings.onnx_queries else None
-        if failure:
-            report.warnings.append(f"queries will start slower, through torch: the dense model has no ONNX export "
-                                   f"({failure})")
+        _export_for_queries(encoders.dense, "dense", settings, report)
     DenseIndex.build(vectors, settings.dense_exact_max).save(folder)
     return encoders.dense.fingerprint() if todo or not reuse else old["manifest"]["models"]["dense"]
 
@@ -551,9 +548,18 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
             progress=lambda done, total, tokens: progress(ProgressEvent("late", done, total, tokens)))
         for r, item in zip(todo, encoded):
             parts[r] = (item.vectors, item.spans)
+        _export_for_queries(encoders.late, "late", settings, report)
     info = encoders.late.fingerprint() if todo or previous is None else old["manifest"]["models"]["late"]
     params = {"model": info["model"], "dim": info["dim"], "pool_factor": settings.pool_factor}
     total_tokens = sum(len(vectors) for vectors, _ in parts)
     write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None,
                      plaid=total_tokens > settings.plaid_min_tokens)
     return info
+
+
+def _export_for_queries(encoder, stage: str, settings: Settings, report: IndexReport) -> None:
+    """Make the ONNX export that encodes this stage's queries without torch, or say why queries will be slower."""
+    failure = encoder.export_for_queries() if settings.onnx_queries else None
+    if failure:
+        report.warnings.append(f"{stage} queries will start slower, through torch: the {stage} model has no ONNX "
+                               f"export ({failure})")

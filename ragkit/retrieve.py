@@ -107,8 +107,18 @@ class Searcher:
 
     @property
     def late_encoder(self):
-        """The late-interaction encoder recorded in the index."""
+        """The encoder of queries for the late model recorded in the index (its ONNX export when cached)."""
         if self._late_encoder is None:
+            from ragkit.encoders.late_onnx import late_query_encoder
+
+            self._late_encoder = late_query_encoder(self.manifest["models"]["late"], self.settings.device,
+                                                    self.settings.onnx_queries)
+        return self._late_encoder
+
+    @property
+    def late_document_encoder(self):
+        """The late model itself, which encodes documents (the query encoder when that is the model)."""
+        if not hasattr(self.late_encoder, "encode_documents"):
             from ragkit.encoders.late import LateEncoder
 
             info = self.manifest["models"]["late"]
@@ -251,7 +261,7 @@ class Searcher:
         pooled = (self.late.params.get("pool_factor") or 1) > 1
         missing = [i for i, (_, spans) in enumerate(stored) if pooled or len(spans) and (spans[:, 0] < 0).all()]
         if missing:
-            fresh = self.late_encoder.encode_documents([hits[i].chunk.text for i in missing],
+            fresh = self.late_document_encoder.encode_documents([hits[i].chunk.text for i in missing],
                                                        [hits[i].chunk.n_tokens for i in missing])
             for i, item in zip(missing, fresh):
                 stored[i] = (item.vectors.astype(np.float32), item.spans)

@@ -56,6 +56,21 @@ def test_the_onnx_backend_and_the_query_encoder_make_torch_s_vectors(prompted_en
     assert np.abs(queries - documents).max() > 1e-3  # the prompts differ, and both are applied
 
 
+@pytest.mark.parametrize("late_model", ["tiny_colbert", "tiny_encoder"])  # [Q] and [MASK] expansion; identity
+def test_the_late_query_export_makes_pylate_s_query_vectors(request, late_model):
+    from ragkit.encoders.late import LateEncoder
+    from ragkit.encoders.late_onnx import OnnxLateQueryEncoder
+
+    reference = LateEncoder(str(request.getfixturevalue(late_model)), 64)
+    assert reference.export_for_queries() is None
+    light = OnnxLateQueryEncoder.cached(reference.name, reference.revision)
+    queries = ["oil crisis", "  What did the fox jump over, and when?  ", "word " * 80]
+    for query, ours, theirs in zip(queries, light.encode_queries(queries), reference.encode_queries(queries)):
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-5
+        assert np.array_equal(light.word_positions(query), reference.word_positions(query))
+    assert light.encode_queries(["oil crisis"])[0].shape == reference.encode_queries(["oil crisis"])[0].shape
+
+
 def test_an_int8_index_ranks_as_the_torch_index(tmp_path, minilm, shared_data):
     squad = shared_data / "squad-v1.1-dev"
     docs = tmp_path / "docs"
@@ -90,23 +105,28 @@ def test_the_backend_is_part_of_the_dense_fingerprint(tmp_path, docs, tiny_encod
     assert report.encoded_chunks == report.chunks
 
 
-def test_a_search_from_the_shell_imports_no_torch(tmp_path, docs, tiny_encoder):
-    Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False)).add(docs)
+def test_a_hybrid_search_from_the_shell_imports_no_torch_and_finds_the_same(tmp_path, docs, tiny_encoder,
+                                                                            tiny_colbert):
+    Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).add(docs)
     code = ("import sys; from ragkit.cli import app; "
             f"app(['search', 'oil crisis', '--index', {str(tmp_path / 'i')!r}, '--json'], standalone_mode=False); "
-            "print('torch' in sys.modules, 'sentence_transformers' in sys.modules)")
+            "print('torch' in sys.modules, 'pylate' in sys.modules)")
 
-    def run(**env: str) -> list[str]:
+    def run(**env: str) -> tuple[list[dict], list[str]]:
         import os
 
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
         assert done.returncode == 0, done.stderr
         lines = done.stdout.strip().splitlines()
-        assert "oil.txt" in json.loads("\n".join(lines[:-1]))["hits"][0]["path"]
-        return lines[-1].split()
+        return json.loads("\n".join(lines[:-1]))["hits"], lines[-1].split()
 
-    assert run() == ["False", "False"]
-    assert run(RAGKIT_ONNX_QUERIES="false") == ["True", "True"]  # the model itself, when asked
+    fast, imported = run()
+    assert imported == ["False", "False"]
+    slow, imported = run(RAGKIT_ONNX_QUERIES="false")  # the models themselves, when asked
+    assert imported == ["True", "True"]
+    assert [h["chunk_id"] for h in fast] == [h["chunk_id"] for h in slow] and fast[0]["evidence"]
+    assert np.allclose([h["score"] for h in fast], [h["score"] for h in slow], atol=1e-4)
+    assert [h["evidence"] for h in fast] == [h["evidence"] for h in slow]
 
 
 def test_a_model_that_does_not_export_is_searched_through_torch(tmp_path, docs, tiny_encoder, monkeypatch):
@@ -120,10 +140,10 @@ def test_a_model_that_does_not_export_is_searched_through_torch(tmp_path, docs, 
         calls.append(work)
         raise RuntimeError("this exporter cannot trace the model")
 
-    monkeypatch.setattr(onnx, "_export_into", failing)
+    monkeypatch.setattr(onnx, "export_dense", failing)
     idx = Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False))
     report = idx.add(docs)
-    assert any("queries will start slower" in w and "cannot trace" in w for w in report.warnings)
+    assert any("dense queries will start slower" in w and "cannot trace" in w for w in report.warnings)
     assert len(calls) == 1 and list((tmp_path / "cache" / "onnx").glob("*/failed.json"))
     assert not list((tmp_path / "cache" / "onnx").glob(".*"))  # the half-made export is gone
     assert isinstance(idx.searcher.encoder, DenseEncoder) and idx.search("oil crisis", k=1, mode="dense")

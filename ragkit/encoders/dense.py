@@ -56,17 +56,9 @@ class DenseEncoder:
     def export_for_queries(self) -> str | None:
         """Make (once per model) the ONNX export that encodes a query without torch; returns why it cannot be
         made, or None when it is there."""
-        from ragkit.encoders.onnx import ExportError, export, export_failure, ready_export
+        from ragkit.encoders.onnx import ensure_export
 
-        if ready_export(self.name, self.revision, int8=False):
-            return None
-        if export_failure(self.name, self.revision):
-            return export_failure(self.name, self.revision)
-        try:
-            export(self.model, self.name, self.revision)
-        except ExportError as e:
-            return str(e)
-        return None
+        return ensure_export(self.model, self.name, self.revision)
 
     def matches(self, info: dict) -> bool:
         """Whether this encoder makes the query vectors of an index whose dense stage is `info`."""

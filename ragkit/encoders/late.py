@@ -77,6 +77,14 @@ class LateEncoder:
         return {"model": self.name, "revision": self.revision, "dim": self.dim,
                 "document_length": self.document_length, "projection": self.projection}
 
+    def export_for_queries(self) -> str | None:
+        """Make (once per model) the ONNX export that encodes a query without torch (ragkit.encoders.late_onnx);
+        returns why it cannot be made, or None when it is there."""
+        from ragkit.encoders.late_onnx import KIND, export_late_query
+        from ragkit.encoders.onnx import ensure_export
+
+        return ensure_export(self, self.name, self.revision, KIND, export_late_query)
+
     def encode_queries(self, queries: Sequence[str]) -> list[np.ndarray]:
         """(query tokens, dim) float32 per query, unit rows. Through an identity projection only the query's
         words are kept: an untrained model's [CLS] and [SEP] vectors resemble every text alike."""

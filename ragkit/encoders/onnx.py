@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,15 +46,16 @@ class ExportError(Exception):
     """The model cannot be exported to ONNX, or its export disagrees with torch."""
 
 
-def export_folder(model: str, revision: str) -> Path:
-    """The cache folder of the export of `model` at `revision`."""
-    key = hashlib.blake2b(f"{EXPORT_VERSION}\0{model}\0{revision}".encode(), digest_size=8).hexdigest()
+def export_folder(model: str, revision: str, kind: str = "dense") -> Path:
+    """The cache folder of the export of `model` at `revision`; `kind`: dense, or late-query (a ColBERT model's
+    query side, ragkit.encoders.late_onnx)."""
+    key = hashlib.blake2b(f"{EXPORT_VERSION}\0{kind}\0{model}\0{revision}".encode(), digest_size=8).hexdigest()
     return cache_dir("onnx") / f"{Path(model).name or 'model'}-{key}"
 
 
-def ready_export(model: str, revision: str, int8: bool) -> Path | None:
+def ready_export(model: str, revision: str, int8: bool = False, kind: str = "dense") -> Path | None:
     """The checked export of `model` at `revision` (with its int8 model when `int8`), or None."""
-    folder = export_folder(model, revision)
+    folder = export_folder(model, revision, kind)
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError):
@@ -64,22 +65,24 @@ def ready_export(model: str, revision: str, int8: bool) -> Path | None:
     return folder
 
 
-def export_failure(model: str, revision: str) -> str | None:
+def export_failure(model: str, revision: str, kind: str = "dense") -> str | None:
     """Why an earlier export of `model` at `revision` failed, or None."""
     try:
-        return json.loads((export_folder(model, revision) / FAILED).read_text())["reason"]
+        return json.loads((export_folder(model, revision, kind) / FAILED).read_text())["reason"]
     except (OSError, ValueError, KeyError):
         return None
 
 
-def export(st_model: Any, model: str, revision: str) -> Path:
-    """Export a loaded SentenceTransformer to the cache, check it against torch, and return its folder.
+def export(source: Any, model: str, revision: str, kind: str = "dense",
+           build: Callable[[Any, Path], dict[str, Any]] | None = None) -> Path:
+    """Export a loaded model to the cache, check it against torch, and return its folder. `build(source, folder)`
+    writes the files and returns encoder.json's fields (default: `export_dense` of a SentenceTransformer).
 
     Written in a temporary folder and moved into place whole, so that a reader never sees half an export.
     Raises ExportError when it fails, and records why when the model is at fault, so that the next run does not
     try again."""
-    folder = export_folder(model, revision)
-    if ready_export(model, revision, int8=False):
+    folder = export_folder(model, revision, kind)
+    if ready_export(model, revision, kind=kind):
         return folder
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -88,14 +91,14 @@ def export(st_model: Any, model: str, revision: str) -> Path:
         raise ExportError(f"the cache folder {folder.parent} cannot be written ({e.strerror or e})") from e
     try:
         with _quiet():
-            meta = _export_into(st_model, work)
+            meta = (build or export_dense)(source, work)
         meta.update(model=model, revision=revision)
         (work / META).write_text(json.dumps(meta, indent=2))
         shutil.rmtree(folder, ignore_errors=True)  # a failure recorded before, or an export of an older version
         try:
             os.replace(work, folder)
         except OSError:
-            if ready_export(model, revision, int8=False) is None:
+            if ready_export(model, revision, kind=kind) is None:
                 raise
             shutil.rmtree(work, ignore_errors=True)  # another process (a worker of the same run) made it first
     except Exception as e:
@@ -107,6 +110,20 @@ def export(st_model: Any, model: str, revision: str) -> Path:
                 (folder / FAILED).write_text(json.dumps({"version": EXPORT_VERSION, "reason": reason}))
         raise ExportError(reason) from e
     return folder
+
+
+def ensure_export(source: Any, model: str, revision: str, kind: str = "dense",
+                  build: Callable[[Any, Path], dict[str, Any]] | None = None) -> str | None:
+    """Make the export of `model` unless it is cached (see `export`); returns why it cannot be made, or None."""
+    if ready_export(model, revision, kind=kind):
+        return None
+    if export_failure(model, revision, kind):
+        return export_failure(model, revision, kind)
+    try:
+        export(source, model, revision, kind, build)
+    except ExportError as e:
+        return str(e)
+    return None
 
 
 @contextlib.contextmanager
@@ -123,11 +140,10 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _export_into(st_model: Any, work: Path) -> dict[str, Any]:
+def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
     """Write model.onnx, model.int8.onnx and tokenizer.json of `st_model` into `work`; returns encoder.json's
     fields. Only the usual pipeline is exported: a transformer whose fast tokenizer makes every input, then
     modules that read its output (pooling, dense layers, normalisation)."""
-    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     first = st_model[0]
@@ -146,13 +162,7 @@ def _export_into(st_model: Any, work: Path) -> dict[str, Any]:
     }
     tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
     device = next(st_model.parameters()).device
-    sample = tokenizer(list(PROBES), padding=True, return_tensors="pt").to(device)
-    with torch.no_grad():
-        torch.onnx.export(
-            _pipeline(st_model), (sample["input_ids"], sample["attention_mask"]), str(work / MODEL), dynamo=False,
-            input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=17,
-            dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-                          "embedding": {0: "batch"}})
+    export_graph(st_model, tokenizer(list(PROBES), padding=True, return_tensors="pt").to(device), work / MODEL)
     probes = [*PROBES, " ".join(["evidence"] * (meta["max_tokens"] + 16))]  # the last one is truncated
     reference = _torch_vectors(st_model, probes)
     float32 = OnnxEncoder(work, meta, int8=False).encode_texts(probes)
@@ -167,9 +177,9 @@ def _export_into(st_model: Any, work: Path) -> dict[str, Any]:
     return meta
 
 
-def _pipeline(st_model: Any):
-    """The SentenceTransformer as a module of two tensors, (batch, tokens) ids and mask → (batch, dim), for the
-    exporter to trace."""
+def _pipeline(st_model: Any, output: str = "sentence_embedding"):
+    """The SentenceTransformer as a module of two tensors for the exporter to trace: (batch, tokens) ids and mask →
+    (batch, dim) sentence vectors, or with output="token_embeddings" (batch, tokens, dim) unit token vectors."""
     import torch
 
     class Pipeline(torch.nn.Module):
@@ -178,9 +188,32 @@ def _pipeline(st_model: Any):
             self.st = st_model
 
         def forward(self, input_ids, attention_mask):
-            return self.st({"input_ids": input_ids, "attention_mask": attention_mask})["sentence_embedding"]
+            out = self.st({"input_ids": input_ids, "attention_mask": attention_mask})[output]
+            return out if output == "sentence_embedding" else torch.nn.functional.normalize(out, p=2, dim=-1)
 
     return Pipeline().eval()
+
+
+def export_graph(st_model: Any, sample: dict, path: Path, output: str = "sentence_embedding") -> None:
+    """Trace `st_model` on the tokenized `sample` into an ONNX graph at `path` (batch and tokens dynamic)."""
+    import torch
+
+    axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+            "embedding": {0: "batch", 1: "tokens"} if output != "sentence_embedding" else {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(_pipeline(st_model, output), (sample["input_ids"], sample["attention_mask"]), str(path),
+                          dynamo=False, input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                          opset_version=17, dynamic_axes=axes)
+
+
+def session(path: Path, threads: int | None = None):
+    """An ONNX Runtime session of the graph at `path` on the CPU (`threads`: 0 or None, one per core)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _prompt(st_model: Any, kind: str) -> str:
@@ -201,7 +234,6 @@ class OnnxEncoder:
 
     def __init__(self, folder: Path, meta: dict[str, Any] | None = None, int8: bool = False,
                  threads: int | None = None) -> None:
-        import onnxruntime
         from tokenizers import Tokenizer
 
         self.folder = folder
@@ -213,11 +245,7 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_tokens)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: one per core
-        options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(str(folder / (MODEL_INT8 if int8 else MODEL)), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = session(folder / (MODEL_INT8 if int8 else MODEL), threads)
 
     @classmethod
     def cached(cls, model: str, revision: str, int8: bool) -> "OnnxEncoder | None":
