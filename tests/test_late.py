@@ -228,7 +228,7 @@ def test_pooled_index_recomputes_evidence_from_the_hits_text(tmp_path, minilm, m
     pooled = Index(tmp_path / "pooled", settings.replace(pool_factor=3))
     plain.add(tmp_path / "docs")
     pooled.add(tmp_path / "docs")
-    encoder = pooled.searcher.late_encoder
+    encoder = pooled.searcher.late_document_encoder  # the model itself: the query encoder is its ONNX export
     encoded: list[str] = []
     real_encode = encoder.encode_documents
     monkeypatch.setattr(encoder, "encode_documents",

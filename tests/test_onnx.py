@@ -101,6 +101,8 @@ def test_the_backend_is_part_of_the_dense_fingerprint(tmp_path, docs, tiny_encod
     same = Index(tmp_path / "i", settings)  # the backend is kept when not named again
     assert same.add(docs).encoded_chunks == 0
     assert same.searcher.encoder.backend == "onnx-int8" and same.search("oil crisis", k=1, mode="dense")
+    status = CliRunner().invoke(app, ["status", "--index", str(tmp_path / "i")])
+    assert "onnx-int8" in " ".join(status.stdout.split())
     report = Index(tmp_path / "i", settings.replace(dense_backend="onnx")).add(docs)
     assert report.encoded_chunks == report.chunks
 

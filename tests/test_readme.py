@@ -139,3 +139,14 @@ def test_the_serve_command_serves_the_index_it_was_pointed_at(workdir):
         server.terminate()
         _, stderr = server.communicate(timeout=30)
     assert f"at http://localhost:{port}/" in stderr and "Traceback" not in stderr
+
+
+def test_the_speed_commands_run_as_written(workdir):
+    import json
+
+    commands = [line.split("#")[0].strip() for line in block("### Speed on a CPU", "bash").splitlines()]
+    outputs = [shell(command, workdir) for command in filter(None, commands)]
+    assert all(r.returncode == 0 and "Traceback" not in r.stderr for r in outputs), [r.stderr for r in outputs]
+    assert "4 added" in outputs[0].stdout and "1973_oil_crisis.txt" in outputs[1].stdout
+    manifest = json.loads(next((workdir / ".ragkit").glob("gen-*/manifest.json")).read_text())
+    assert manifest["models"]["dense"]["backend"] == "onnx-int8"

@@ -276,7 +276,8 @@ def status(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
             ("files", f"{info['files']:,}"),
             ("chunks", f"{info['chunks']:,}"),
             ("tokens", f"{info['tokens']:,}"),
-            ("dense model", f"{dense['model']} ({dense['dim']}-d, ≤{dense['max_tokens']} tokens)" + (
+            ("dense model", f"{dense['model']} ({dense['dim']}-d, ≤{dense['max_tokens']} tokens, "
+                            f"{dense.get('backend', 'torch')})" + (
                 f"; the embedded model, as the default could not be loaded: {info['settings']['dense_fallback']}"
                 if info["settings"].get("dense_fallback") else "")),
             ("late model", _late_summary(info["models"].get("late"), info["settings"])),
