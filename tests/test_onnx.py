@@ -169,3 +169,17 @@ def test_a_cache_that_cannot_be_written_costs_only_the_fast_start(tmp_path, docs
     report = idx.add(docs)
     assert any("cannot be written" in w for w in report.warnings)
     assert idx.search("oil crisis", k=1, mode="dense")
+
+
+def test_the_onnx_backends_refuse_chunks_too_long_for_their_attention(tmp_path, docs, tiny_encoder, monkeypatch):
+    from ragkit import store
+    from ragkit.encoders import dense
+
+    monkeypatch.setattr(dense, "ONNX_MAX_TOKENS", 8)  # the tiny model's chunks are longer than that
+    settings = Settings(dense_model=str(tiny_encoder), late=False, dense_backend="onnx")
+    with pytest.raises(Exception, match="encodes chunks of at most 8 tokens.*chunk_tokens=8 or dense_backend=torch"):
+        Index(tmp_path / "i", settings).add(docs)
+    assert not (tmp_path / "i" / store.CURRENT).exists()  # nothing half-written
+    result = CliRunner().invoke(app, ["index", str(docs), "--index", str(tmp_path / "i"), "--dense-model",
+                                      str(tiny_encoder), "--no-late", "--dense-backend", "onnx"])
+    assert result.exit_code == 1 and "--chunk-tokens 8 or --dense-backend torch" in " ".join(result.stderr.split())

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ragkit.encoders.onnx import MAX_TOKENS as ONNX_MAX_TOKENS
 from ragkit.models import load_model, model_revision, resolve_model_name
 from ragkit.tokens import quiet_transformers, token_batches, token_starts
 
@@ -46,11 +47,11 @@ class DenseEncoder:
         failure = self.export_for_queries()
         if failure:
             raise ModelLoadError(f"the dense model '{self.name}' cannot run on the {backend} backend ({failure}); "
-                                 "use dense_backend=torch")
+                                 "use dense_backend=torch", settings=("dense_backend",))
         encoder = OnnxEncoder.cached(self.name, self.revision, int8)
         if encoder is None:
             raise ModelLoadError(f"the int8 export of the dense model '{self.name}' strays too far from its "
-                                 "vectors; use dense_backend=onnx or torch")
+                                 "vectors; use dense_backend=onnx or torch", settings=("dense_backend",))
         return encoder
 
     def export_for_queries(self) -> str | None:
@@ -98,6 +99,13 @@ class DenseEncoder:
         progress: EncodeProgress | None = None,
     ) -> np.ndarray:
         """Unit vectors (n, dim) float32; batches are length-sorted and bounded by padded tokens."""
+        if self._onnx is not None and max(n_tokens, default=0) > ONNX_MAX_TOKENS:
+            from ragkit.errors import RagkitError
+
+            raise RagkitError(f"the {self.backend} backend encodes chunks of at most {ONNX_MAX_TOKENS:,} tokens "
+                              f"(this run has chunks of {max(n_tokens):,}; ONNX Runtime's attention would hold "
+                              f"tokens² scores per head); index with chunk_tokens={ONNX_MAX_TOKENS} or "
+                              "dense_backend=torch", settings=("chunk_tokens", "dense_backend"))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: n_tokens[i], reverse=True)
         done = tokens = 0

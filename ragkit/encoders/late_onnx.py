@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.encoders.onnx import FLOAT32_TOLERANCE, META, MODEL, TOKENIZER, ExportError, ready_export, session
+from ragkit.encoders.onnx import (FLOAT32_TOLERANCE, META, MODEL, TOKENIZER, ExportError, export_graph, ready_export,
+                                  session)
 
 KIND = "late-query"
 PROBES = ("What is the capital of France?", "revenue growth in fiscal 2023, by segment",
@@ -42,8 +43,6 @@ def export_late_query(encoder: Any, work: Path) -> dict[str, Any]:
         "lower_case": bool(getattr(first, "do_lower_case", False)),
     }
     encoder.tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
-    from ragkit.encoders.onnx import export_graph
-
     sample = colbert.tokenize(list(PROBES), is_query=True)
     device = next(colbert.parameters()).device
     export_graph(colbert, {k: v.to(device) for k, v in sample.items()}, work / MODEL, output="token_embeddings")

@@ -1,6 +1,7 @@
 """Dense encoding through ONNX Runtime, without torch: an export of the sentence-transformers model made here.
 
-The export lives in ragkit's cache (`cache_dir("onnx")`), one folder per model and revision:
+Exports live in ragkit's cache (`cache_dir("onnx")`), one folder per kind (dense, or late-query: the query side of
+a ColBERT model, ragkit.encoders.late_onnx), model and revision. A dense export holds:
     model.onnx       the whole sentence-transformers pipeline (transformer, pooling, normalisation), float32,
                      inputs input_ids and attention_mask (batch, tokens), output embedding (batch, dim)
     model.int8.onnx  the same with int8 weights (dynamic quantisation per channel), when it checks out
@@ -31,6 +32,7 @@ import numpy as np
 from ragkit.models import cache_dir
 
 EXPORT_VERSION = 1
+MAX_TOKENS = 2048  # longest text the ONNX backends encode: unfused attention holds tokens² scores per head
 FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
 INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
 MODEL, MODEL_INT8, TOKENIZER, META, FAILED = (
@@ -163,7 +165,8 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
     tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
     device = next(st_model.parameters()).device
     export_graph(st_model, tokenizer(list(PROBES), padding=True, return_tensors="pt").to(device), work / MODEL)
-    probes = [*PROBES, " ".join(["evidence"] * (meta["max_tokens"] + 16))]  # the last one is truncated
+    long = min(meta["max_tokens"] + 16, MAX_TOKENS)  # past the model's limit when that is short: truncation
+    probes = [*PROBES, " ".join(["evidence"] * long)]
     reference = _torch_vectors(st_model, probes)
     float32 = OnnxEncoder(work, meta, int8=False).encode_texts(probes)
     if float(np.abs(float32 - reference).max()) > FLOAT32_TOLERANCE:
