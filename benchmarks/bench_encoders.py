@@ -10,8 +10,9 @@ Model: the embedded all-MiniLM-L6-v2 (chunks of at most 256 tokens, as ragkit cu
   vectors, so its index is not built again: its largest difference to torch's vectors is reported instead).
 Long chunks: the same three backends on a ModernBERT-base-shaped encoder (22 layers, 768 wide, 8,192 positions) with
 random weights, built here (no long-context model can be downloaded; weights do not change the work), on texts of
-512 and 2,048 tokens, the longest the ONNX backends take (their unfused attention holds tokens² scores per head: at
-8,192 tokens a first run of this benchmark ran out of 24 GiB), and torch alone at 8,192.
+512 and 2,048 tokens (ONNX Runtime's unfused attention holds tokens² scores per head: at 8,192 tokens a first run
+ran out of 24 GiB while checking its export, and a second one reached 22 GiB at 2,048; the ONNX backends now take
+chunks of at most MAX_TOKENS).
 Cold query: wall time and peak memory of `ragkit search` (hybrid, the default) and `ragkit ask --reader extractive`
 in a fresh process, query through ONNX Runtime against RAGKIT_ONNX_QUERIES=false (torch), median of 5 runs each.
 """
@@ -75,7 +76,7 @@ def quality(dataset: Path, model: str, backend: str, workdir: Path, n_questions:
     return out
 
 
-def long_chunk_rates(workdir: Path, lengths=(512, 2048, 8192), budget_tokens: int = 16384) -> dict[int, dict]:
+def long_chunk_rates(workdir: Path, lengths=(512, 2048), budget_tokens: int = 16384) -> dict[int, dict]:
     """Tokens/s of each backend on a ModernBERT-base-shaped model with random weights, per text length."""
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, ModernBertConfig, ModernBertModel
@@ -116,17 +117,16 @@ def long_chunk_rates(workdir: Path, lengths=(512, 2048, 8192), budget_tokens: in
 
 
 def cold_runs(args: list[str], env: dict[str, str], runs: int = 5) -> dict[str, float]:
-    """Median wall seconds and peak resident memory (MiB) of a fresh `ragkit` process."""
+    """Median wall seconds and peak resident memory (MiB, as GNU time reports it) of a fresh `ragkit` process."""
     seconds, peaks = [], []
     for _ in range(runs):
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "ragkit.cli", *args], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(process.pid, 0)
+        done = subprocess.run(["/usr/bin/time", "-f", "peak-kb %M", sys.executable, "-m", "ragkit.cli", *args],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seconds.append(time.perf_counter() - started)
-        peaks.append(usage.ru_maxrss / 1024)
-        if status != 0:
-            raise RuntimeError(f"ragkit {' '.join(args)} failed: {process.stderr.read().decode()[-500:]}")
+        if done.returncode != 0:
+            raise RuntimeError(f"ragkit {' '.join(args)} failed: {done.stderr[-500:]}")
+        peaks.append(int(done.stderr.rsplit("peak-kb ", 1)[1].split()[0]) / 1024)
     return {"seconds": statistics.median(seconds), "peak_mib": statistics.median(peaks)}
 
 
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--parts", default="sets,long,cold", help="what to measure, comma-separated")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     import torch
@@ -159,7 +160,8 @@ def main() -> None:
     model = minilm_model()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-encoders-"))
     raw: dict = {"model": model, "threads": args.threads, "questions": args.questions, "sets": {}}
-    for name in args.sets:
+    parts = args.parts.split(",")
+    for name in args.sets if "sets" in parts else ():
         dataset = DATA / name
         entry = {backend: quality(dataset, model, backend, workdir, args.questions)
                  for backend in ("torch", "onnx-int8")}
@@ -168,10 +170,12 @@ def main() -> None:
         entry["rates"] = encoding_rates(model, texts, n_tokens)
         raw["sets"][name] = entry
         print(name, entry, flush=True)
-    raw["long_chunks"] = long_chunk_rates(workdir)
-    print("long", raw["long_chunks"], flush=True)
-    raw["cold"] = cold_queries(workdir / "squad-v1.1-dev-torch")
-    print("cold", raw["cold"], flush=True)
+    if "long" in parts:
+        raw["long_chunks"] = long_chunk_rates(workdir)
+        print("long", raw["long_chunks"], flush=True)
+    if "cold" in parts:
+        raw["cold"] = cold_queries(workdir / "squad-v1.1-dev-torch")
+        print("cold", raw["cold"], flush=True)
     if not args.no_record:
         record("bench_encoders", "Dense encoder backends (torch, ONNX, ONNX int8) and the cold start of a query",
                raw, tables(raw), command="python benchmarks/bench_encoders.py")
