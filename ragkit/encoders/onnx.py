@@ -216,6 +216,8 @@ def session(path: Path, threads: int | None = None):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.log_severity_level = 3
+    # no busy-waiting between runs: the MaxSim product that follows a query's encoding needs those cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
