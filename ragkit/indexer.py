@@ -3,8 +3,8 @@
 Three stages, each with its own fingerprint in the manifest:
 - chunks: chunk size, the tokens of context (document name and heading path) read before each chunk, and the
   tokenizers that measure them; a change re-chunks and re-encodes every file;
-- dense: the single-vector model, and its backend when that changes the vectors (int8); a change re-encodes the
-  dense vectors of every chunk, nothing else;
+- dense: the single-vector model, and its backend when not torch (onnx, onnx-int8); a change re-encodes the dense
+  vectors of every chunk, nothing else;
 - late: the ColBERT model and token pooling; a change re-encodes the token vectors of every chunk.
 Within a stage, content hashes decide which files are parsed and encoded again.
 

@@ -70,7 +70,7 @@ class Searcher:
         self._encoder = encoder if encoder is not None and encoder.matches(self.manifest["models"]["dense"]) else None
         late_info = self.manifest["models"].get("late")
         self._late_encoder = late_encoder if late_info and late_encoder is not None and \
-            late_encoder.name == late_info["model"] else None
+            (late_encoder.name, late_encoder.revision) == (late_info["model"], late_info.get("revision")) else None
         self.timings: dict[str, float] = {}  # seconds per stage of the last search
         self._paths: list[str] | None = None
         self._names = None

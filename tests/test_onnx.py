@@ -19,13 +19,17 @@ from ragkit.errors import ConfigError, ModelLoadError
 TEXTS = ["alpha beta gamma", "  the quick brown fox jumps over the lazy dog  ", "delta " * 200]  # last: truncated
 
 
+DOCS = {"oil.txt": "The oil crisis began in October 1973.\nPrices rose fourfold.\n",
+        "fox.md": "# Animals\n\nThe quick brown fox jumps over the lazy dog.\n",
+        "tea.txt": "Green tea is steamed; black tea is oxidised before drying.\n"}
+
+
 @pytest.fixture
 def docs(tmp_path) -> Path:
     folder = tmp_path / "docs"
     folder.mkdir()
-    (folder / "oil.txt").write_text("The oil crisis began in October 1973.\nPrices rose fourfold.\n")
-    (folder / "fox.md").write_text("# Animals\n\nThe quick brown fox jumps over the lazy dog.\n")
-    (folder / "tea.txt").write_text("Green tea is steamed; black tea is oxidised before drying.\n")
+    for name, text in DOCS.items():
+        (folder / name).write_text(text)
     return folder
 
 
@@ -171,15 +175,22 @@ def test_a_cache_that_cannot_be_written_costs_only_the_fast_start(tmp_path, docs
     assert idx.search("oil crisis", k=1, mode="dense")
 
 
-def test_the_onnx_backends_refuse_chunks_too_long_for_their_attention(tmp_path, docs, tiny_encoder, monkeypatch):
+def test_the_onnx_backends_cut_chunks_to_fit_their_attention(tmp_path, docs, tiny_encoder, monkeypatch):
     from ragkit import store
     from ragkit.encoders import dense
+    from ragkit.errors import RagkitError
 
-    monkeypatch.setattr(dense, "ONNX_MAX_TOKENS", 8)  # the tiny model's chunks are longer than that
-    settings = Settings(dense_model=str(tiny_encoder), late=False, dense_backend="onnx")
-    with pytest.raises(Exception, match="encodes chunks of at most 8 tokens.*chunk_tokens=8 or dense_backend=torch"):
-        Index(tmp_path / "i", settings).add(docs)
-    assert not (tmp_path / "i" / store.CURRENT).exists()  # nothing half-written
-    result = CliRunner().invoke(app, ["index", str(docs), "--index", str(tmp_path / "i"), "--dense-model",
-                                      str(tiny_encoder), "--no-late", "--dense-backend", "onnx"])
-    assert result.exit_code == 1 and "--chunk-tokens 8 or --dense-backend torch" in " ".join(result.stderr.split())
+    monkeypatch.setattr(dense, "ONNX_MAX_TOKENS", 12)  # the tiny model reads 64
+    settings = Settings(dense_model=str(tiny_encoder), late=False)
+    Index(tmp_path / "i", settings).add(docs)
+    live = (tmp_path / "i" / store.CURRENT).read_text()
+    lengths = store.load_chunks(store.current_generation(tmp_path / "i")).column("n_tokens").to_pylist()
+    assert max(lengths) > 12
+    with pytest.raises(RagkitError, match="reads at most .* --rebuild"):  # kept chunks are too long for it
+        Index(tmp_path / "i", settings.replace(dense_backend="onnx")).add(docs)
+    assert (tmp_path / "i" / store.CURRENT).read_text() == live  # the previous generation stays live
+    fresh = Index(tmp_path / "j", settings.replace(dense_backend="onnx"))
+    fresh.add(docs)
+    assert fresh.manifest()["models"]["dense"]["max_tokens"] == 12
+    lengths = store.load_chunks(store.current_generation(tmp_path / "j")).column("n_tokens").to_pylist()
+    assert max(lengths) <= 12 - 2 and fresh.search("oil crisis", k=1, mode="dense")

@@ -59,18 +59,21 @@ class DenseEncoder:
         made, or None when it is there."""
         from ragkit.encoders.onnx import ensure_export
 
-        return ensure_export(self.model, self.name, self.revision)
+        return ensure_export(self.model, self.name, self.revision, device=str(self.model.device))
 
     def matches(self, info: dict) -> bool:
         """Whether this encoder makes the query vectors of an index whose dense stage is `info`."""
         from ragkit.encoders.onnx import same_vectors
 
-        return info["model"] == self.name and same_vectors(self.backend, info.get("backend", "torch"))
+        return (info["model"], info.get("revision")) == (self.name, self.revision) and \
+            same_vectors(self.backend, info.get("backend", "torch"))
 
     @property
     def max_tokens(self) -> int:
-        """The longest input, special tokens included, the model reads without truncation."""
-        return int(self.model.max_seq_length)
+        """The longest input, special tokens included, the model reads without truncation (on the ONNX backends at
+        most ONNX_MAX_TOKENS, so that chunks are cut to fit them)."""
+        limit = int(self.model.max_seq_length)
+        return min(limit, ONNX_MAX_TOKENS) if self.backend != "torch" else limit
 
     @property
     def special_tokens(self) -> int:

@@ -83,7 +83,7 @@ class LateEncoder:
         from ragkit.encoders.late_onnx import KIND, export_late_query
         from ragkit.encoders.onnx import ensure_export
 
-        return ensure_export(self, self.name, self.revision, KIND, export_late_query)
+        return ensure_export(self, self.name, self.revision, KIND, export_late_query, device=str(self.model.device))
 
     def encode_queries(self, queries: Sequence[str]) -> list[np.ndarray]:
         """(query tokens, dim) float32 per query, unit rows. Through an identity projection only the query's

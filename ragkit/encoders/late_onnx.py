@@ -64,6 +64,7 @@ class OnnxLateQueryEncoder:
 
         self.meta = meta or json.loads((folder / META).read_text())
         self.name = self.meta["model"]
+        self.revision = self.meta.get("revision")
         self.projection = self.meta["projection"]
         self.dim = int(self.meta["dim"])
         self._prefix = int(self.meta["prefix_id"] is not None)
@@ -75,7 +76,10 @@ class OnnxLateQueryEncoder:
     @classmethod
     def cached(cls, model: str, revision: str) -> "OnnxLateQueryEncoder | None":
         folder = ready_export(model, revision, kind=KIND)
-        return cls(folder) if folder else None
+        try:
+            return cls(folder) if folder else None
+        except Exception:  # a damaged cache: the model serves
+            return None
 
     def encode_queries(self, queries: Sequence[str]) -> list[np.ndarray]:
         """(query tokens, dim) float32 per query, unit rows, as LateEncoder.encode_queries gives them."""

@@ -96,6 +96,9 @@ def export(source: Any, model: str, revision: str, kind: str = "dense",
             meta = (build or export_dense)(source, work)
         meta.update(model=model, revision=revision)
         (work / META).write_text(json.dumps(meta, indent=2))
+        if ready_export(model, revision, kind=kind):  # another thread or worker finished first: keep theirs
+            shutil.rmtree(work, ignore_errors=True)
+            return folder
         shutil.rmtree(folder, ignore_errors=True)  # a failure recorded before, or an export of an older version
         try:
             os.replace(work, folder)
@@ -106,8 +109,8 @@ def export(source: Any, model: str, revision: str, kind: str = "dense",
     except Exception as e:
         shutil.rmtree(work, ignore_errors=True)
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-        if not isinstance(e, OSError):  # the model's failure, not the disk's: do not try again at every run
-            with contextlib.suppress(OSError):
+        if isinstance(e, ExportError) or not isinstance(e, (OSError, MemoryError)):  # the model's own failure:
+            with contextlib.suppress(OSError):  # recorded, so that the next run does not try again
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / FAILED).write_text(json.dumps({"version": EXPORT_VERSION, "reason": reason}))
         raise ExportError(reason) from e
@@ -115,10 +118,13 @@ def export(source: Any, model: str, revision: str, kind: str = "dense",
 
 
 def ensure_export(source: Any, model: str, revision: str, kind: str = "dense",
-                  build: Callable[[Any, Path], dict[str, Any]] | None = None) -> str | None:
-    """Make the export of `model` unless it is cached (see `export`); returns why it cannot be made, or None."""
+                  build: Callable[[Any, Path], dict[str, Any]] | None = None, device: str = "cpu") -> str | None:
+    """Make the export of `model` unless it is cached (see `export`); returns why it cannot be made, or None.
+    Exports are made from a model on the CPU, where they run and where their check is exact."""
     if ready_export(model, revision, kind=kind):
         return None
+    if device != "cpu":
+        return f"the model is on {device}; its export is made by a run on the CPU"
     if export_failure(model, revision, kind):
         return export_failure(model, revision, kind)
     try:
@@ -168,9 +174,13 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
     long = min(meta["max_tokens"] + 16, MAX_TOKENS)  # past the model's limit when that is short: truncation
     probes = [*PROBES, " ".join(["evidence"] * long)]
     reference = _torch_vectors(st_model, probes)
-    float32 = OnnxEncoder(work, meta, int8=False).encode_texts(probes)
-    if float(np.abs(float32 - reference).max()) > FLOAT32_TOLERANCE:
-        raise ExportError("the exported model's vectors differ from torch's")
+    exported = OnnxEncoder(work, meta, int8=False)
+    float32 = exported.encode_texts(probes)
+    for ours, theirs in ((float32, reference),
+                         (exported.encode_queries(probes), _torch_vectors(st_model, probes, "encode_query")),
+                         (exported.encode_documents(probes), _torch_vectors(st_model, probes, "encode_document"))):
+        if float(np.abs(ours - theirs).max()) > FLOAT32_TOLERANCE:
+            raise ExportError("the exported model's vectors (or its prompts) differ from torch's")
     quantize_dynamic(str(work / MODEL), str(work / MODEL_INT8), weight_type=QuantType.QInt8, per_channel=True)
     int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
     meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
@@ -222,15 +232,21 @@ def session(path: Path, threads: int | None = None):
 
 
 def _prompt(st_model: Any, kind: str) -> str:
-    """The prompt sentence-transformers puts before a query or document (encode_query / encode_document)."""
+    """The prompt sentence-transformers puts before a query or document (encode_query / encode_document look for
+    these names in turn; the export's check confirms it)."""
     prompts = getattr(st_model, "prompts", None) or {}
-    return prompts.get(kind) or ""
+    names = ("query",) if kind == "query" else ("document", "passage", "corpus")
+    found = next((prompts[name] for name in names if name in prompts), None)
+    if found is None and getattr(st_model, "default_prompt_name", None):
+        found = prompts.get(st_model.default_prompt_name)
+    return found or ""
 
 
-def _torch_vectors(st_model: Any, texts: list[str]) -> np.ndarray:
-    """`texts` as sentence-transformers encodes them, unit length, with no prompt."""
-    vectors = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
-                              show_progress_bar=False)
+def _torch_vectors(st_model: Any, texts: list[str], method: str = "encode") -> np.ndarray:
+    """`texts` as sentence-transformers encodes them, unit length: with no prompt (encode), or as queries or
+    documents (encode_query, encode_document: their prompts)."""
+    vectors = getattr(st_model, method)(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                        show_progress_bar=False)
     return np.asarray(vectors, dtype=np.float32)
 
 
@@ -256,7 +272,10 @@ class OnnxEncoder:
     def cached(cls, model: str, revision: str, int8: bool) -> "OnnxEncoder | None":
         """The encoder of the checked export of `model` at `revision`, or None when there is none."""
         folder = ready_export(model, revision, int8)
-        return cls(folder, int8=int8) if folder else None
+        try:
+            return cls(folder, int8=int8) if folder else None
+        except Exception:  # a damaged cache (a file removed by hand, a half-copied folder): the model serves
+            return None
 
     @property
     def backend(self) -> str:
@@ -264,7 +283,8 @@ class OnnxEncoder:
 
     def matches(self, info: dict) -> bool:
         """Whether this encoder makes the query vectors of an index whose dense stage is `info`."""
-        return info["model"] == self.name and same_vectors(self.backend, info.get("backend", "torch"))
+        return (info["model"], info.get("revision")) == (self.name, self.meta.get("revision")) and \
+            same_vectors(self.backend, info.get("backend", "torch"))
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         """Unit vectors (n, dim) float32 for queries, the model's query prompt before each."""

@@ -116,10 +116,17 @@ class LateIndex:
         if len(filled) == 0:
             return scores
         source = self._resident if self._resident_rows == len(self) else self.tokens
-        gathered = np.concatenate([source[self.offsets[r] : self.offsets[r + 1]] for r in rows[filled]])
-        starts = np.concatenate([[0], np.cumsum(lengths[filled])[:-1]])
-        similarities = np.asarray(gathered, dtype=np.float32) @ np.asarray(query, dtype=np.float32).T
-        scores[filled] = np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
+        query = np.asarray(query, dtype=np.float32)
+        ends = np.cumsum(lengths[filled])
+        first = 0
+        while first < len(filled):  # groups of about BLOCK_TOKENS tokens bound the memory of a wide filter
+            last = max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + BLOCK_TOKENS)))
+            group = filled[first:last]
+            gathered = np.concatenate([source[self.offsets[r] : self.offsets[r + 1]] for r in rows[group]])
+            starts = np.concatenate([[0], np.cumsum(lengths[group])[:-1]])
+            similarities = np.asarray(gathered, dtype=np.float32) @ query.T  # (group tokens, q_tokens)
+            scores[group] = np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
+            first = last
         return scores
 
     def maxsim_all(self, query: np.ndarray) -> np.ndarray:
