@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.encoders.onnx import (FLOAT32_TOLERANCE, META, MODEL, TOKENIZER, ExportError, export_graph, ready_export,
-                                  session)
+from ragkit.encoders.onnx import (FLOAT32_TOLERANCE, META, MODEL, TOKENIZER, ExportError, export_graph, padded,
+                                  ready_export, session)
 
 KIND = "late-query"
 PROBES = ("What is the capital of France?", "revenue growth in fiscal 2023, by segment",
@@ -86,11 +86,7 @@ class OnnxLateQueryEncoder:
         if not queries:
             return []
         rows = [self._ids(q) for q in queries]
-        width = max(len(ids) for ids, _ in rows)
-        ids = np.full((len(rows), width), self.meta["pad_id"], dtype=np.int64)  # (batch, tokens)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, (row_ids, row_mask) in enumerate(rows):
-            ids[i, : len(row_ids)], mask[i, : len(row_mask)] = row_ids, row_mask
+        ids, mask = padded(rows, self.meta["pad_id"])  # (batch, tokens)
         (vectors,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})  # (batch, tokens, dim)
         out = []
         for q, (row_ids, _), v in zip(queries, rows, np.asarray(vectors, dtype=np.float32)):

@@ -302,15 +302,20 @@ class OnnxEncoder:
         if self.meta["lower_case"]:
             cleaned = [t.lower() for t in cleaned]
         encodings = self.tokenizer.encode_batch(cleaned)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), dtype=np.int64)  # (batch, tokens); padding is masked out
-        mask = np.zeros((len(texts), width), dtype=np.int64)
-        for i, e in enumerate(encodings):
-            ids[i, : len(e.ids)] = e.ids
-            mask[i, : len(e.ids)] = 1
+        ids, mask = padded([(e.ids, [1] * len(e.ids)) for e in encodings], pad_id=0)  # padding is masked out
         (vectors,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})  # (batch, dim)
         vectors = np.asarray(vectors, dtype=np.float32)
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def padded(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) of a batch, each (batch, tokens) int64, from each row's (ids, mask), padded at the end."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (row_ids, row_mask) in enumerate(rows):
+        ids[i, : len(row_ids)], mask[i, : len(row_mask)] = row_ids, row_mask
+    return ids, mask
 
 
 def same_vectors(backend: str, other: str) -> bool:
