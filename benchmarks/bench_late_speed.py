@@ -1,14 +1,16 @@
 """Late-interaction search speed: ragkit's exact MaxSim (float32 copy kept in memory, or blocks converted per search)
-against PLAID (fast-plaid, as PyLate uses it) and PyLate's exhaustive rerank, at 294k and at 10M tokens, in one run.
+and its centroid candidate stage (centroid interaction + exact re-rank) against PLAID (fast-plaid, as PyLate uses it)
+and PyLate's exhaustive rerank, at 294k and at 10M tokens, in one run.
 
-    python benchmarks/bench_late_speed.py [--queries 100] [--scale 34]
+    python benchmarks/bench_late_speed.py [--queries 100] [--scale 34] [--workdir DIR]
 
 Vectors: SQuAD v1.1 dev articles chunked by ragkit and encoded by a PyLate ColBERT over all-MiniLM-L6-v2 with an
 untrained 128-d projection (the usual ColBERT width; no trained ColBERT can be downloaded here), queries from the
 dev questions. The large collection repeats those chunks `scale` times with small noise (real token vectors, each
 chunk made distinct), so that its ranking is as hard as the small one's; PLAID is trained on it like on any index.
 
-Measured: p50/p95 latency and QPS of one query at a time, recall@10 against exact MaxSim, bytes per token held; the
+Measured: p50/p95 latency and QPS of one query at a time, recall@10 against exact MaxSim, bytes per token held, the
+time to build each candidate stage (the centroid stage over a grid of probes and candidate counts); the
 memory-bandwidth limit (the token matrix read once per query at the bandwidth a numpy sum reaches here); and the
 time of each stage of a hybrid query (dense + BM25 + late, fused, re-ranked) at 294k tokens.
 """
@@ -56,8 +58,12 @@ def bandwidth_gb_s() -> float:
     return data.nbytes / best / 1e9
 
 
+GRID = [(probe, candidates) for probe in (2, 4, 8, 16) for candidates in (64, 128, 256, 512, 1024)]
+
+
 def measure(late, queries, with_pylate: bool) -> dict:
     """Every late search method on one LateIndex, against exact MaxSim."""
+    from ragkit.config import Settings
     from ragkit.indexes import late as late_module
 
     n = len(queries)
@@ -73,11 +79,21 @@ def measure(late, queries, with_pylate: bool) -> dict:
     found, times = latencies(lambda q: [r for r, _ in streamed.search([q], 10, exact_max_tokens=10**12)[0]], queries)
     late_module.RESIDENT_MAX_BYTES = saved
     out["exact_streamed"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    if late.has_centroids:
+        default = Settings()
+        grid = {}
+        for probe, candidates in GRID:
+            found, times = latencies(lambda q: [r for r, _ in late.search(
+                [q], 10, exact_max_tokens=0, candidates=candidates, probe=probe)[0]], queries)
+            grid[f"probe={probe} candidates={candidates}"] = {**percentiles(times), "recall@10":
+                                                              recall_at_10(found, exact)}
+        out["centroids_grid"] = grid
+        out["centroids"] = dict(grid[f"probe={default.late_probe} candidates={default.late_rerank_candidates}"])
     if late.has_plaid:
         late.plaid_search(queries[:1], 10)  # opens PLAID
         found, times = latencies(lambda q: [r for r, _ in late.plaid_search([q], 10)[0]], queries)
         out["plaid"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
-        found, times = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=0)[0]], queries)
+        found, times = latencies(lambda q: [r for r, _ in late.candidate_search([q], 10, stage="plaid")[0]], queries)
         out["plaid_rerank"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
     if with_pylate:
         from pylate import rank
@@ -87,15 +103,39 @@ def measure(late, queries, with_pylate: bool) -> dict:
         found, times = latencies(lambda q: [int(r["id"]) for r in rank.rerank(
             documents_ids=[ids], queries_embeddings=[q], documents_embeddings=[documents])[0][:10]], queries)
         out["pylate_rerank"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
-    for name in ("exact", "exact_streamed", "plaid", "plaid_rerank", "pylate_rerank"):
+    for name in METHODS:
         if name in out:
             out[name]["qps"] = 1000 / out[name]["p50_ms"]
     out["queries"] = n
     return out
 
 
-def scaled_copy(source: Path, target: Path, scale: int, plaid: bool = True, seed: int = 0) -> Path:
-    """A late folder of `scale` noisy copies of every chunk of `source`, with PLAID trained on it if `plaid`."""
+METHODS = ("exact", "exact_streamed", "centroids", "plaid", "plaid_rerank", "pylate_rerank")
+
+
+def add_candidate_stages(folder: Path, plaid: bool) -> dict:
+    """Build the centroid stage of a late folder afresh and, with `plaid`, PLAID when it has none; their seconds."""
+    from ragkit.indexes import late as late_module
+    from ragkit.indexes.late_centroids import write_centroids
+
+    index = late_module.LateIndex.load(folder)
+    params = dict(index.params)
+    seconds = {}
+    started = time.perf_counter()
+    params["centroids"] = vars(write_centroids(folder, index.tokens, index.offsets, {}, None))
+    seconds["centroids"] = time.perf_counter() - started
+    if plaid and not index.has_plaid:
+        started = time.perf_counter()
+        parts = [index.stored(row) for row in range(len(index))]
+        late_module._update_plaid(folder, parts, [f"c{i}" for i in range(len(parts))], None, None)
+        seconds["plaid"] = time.perf_counter() - started
+        params["plaid"] = {"trained_docs": len(parts), "added_since_training": 0}
+    (folder / late_module.PARAMS).write_text(json.dumps(params, indent=2))
+    return seconds
+
+
+def scaled_copy(source: Path, target: Path, scale: int, seed: int = 0) -> Path:
+    """A late folder of `scale` noisy copies of every chunk of `source` (no candidate stage yet)."""
     import numpy as np
 
     from ragkit.indexes.late import LateIndex, write_late_index
@@ -110,7 +150,7 @@ def scaled_copy(source: Path, target: Path, scale: int, plaid: bool = True, seed
             noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
             parts.append((noisy.astype(np.float16), np.full((len(noisy), 2), -1, dtype=np.int32)))
     write_late_index(target, parts, [f"c{i}" for i in range(len(parts))], dict(small.params), None, None,
-                     plaid=plaid)
+                     plaid=False, centroids=False)
     return target
 
 
@@ -139,9 +179,7 @@ def main() -> None:
     idx.add(DATA / "squad-v1.1-dev" / "docs")
     searcher = idx.searcher
     queries = searcher.late_encoder.encode_queries(questions)
-    raw: dict = {"questions": len(questions), "threads": args.threads, "bandwidth_GB_s": bandwidth_gb_s()}
-    raw["small"] = measure(searcher.late, queries, with_pylate=True)
-    print("small", raw["small"], flush=True)
+    raw: dict = {"questions": len(questions), "threads": args.threads, "bandwidth_GB_s": bandwidth_gb_s(), "small": {}}
 
     for q in questions[:5]:
         idx.search(q, k=10, mode="hybrid")
@@ -157,23 +195,32 @@ def main() -> None:
     print("hybrid", raw["hybrid"], flush=True)
 
     from ragkit.indexes.late import LateIndex
+    from ragkit.indexes.late_centroids import CENTROIDS, CODES, IVF, IVF_OFFSETS
 
     sizes = ("small", "large") if args.scale > 1 else ("small",)
+    small_dir = store.current_generation(idx.path) / "late"
     big_dir = work / f"late-x{args.scale}"
-    started = time.perf_counter()
     if "large" in sizes and not (big_dir / "params.json").is_file():
         shutil.rmtree(big_dir, ignore_errors=True)
-        scaled_copy(store.current_generation(idx.path) / "late", big_dir, args.scale, plaid=args.large_plaid)
+        started = time.perf_counter()
+        scaled_copy(small_dir, big_dir, args.scale)
+        raw["large_copy_seconds"] = time.perf_counter() - started
+    raw["small"]["build_seconds"] = add_candidate_stages(small_dir, plaid=True)
+    raw["small"].update(measure(LateIndex.load(small_dir), queries, with_pylate=True))
+    print("small", raw["small"], flush=True)
     if "large" in sizes:
-        raw["large_build_seconds"] = time.perf_counter() - started
-        raw["large"] = measure(LateIndex.load(big_dir), queries[: max(10, args.queries // 5)], with_pylate=False)
+        raw["large"] = {"build_seconds": add_candidate_stages(big_dir, plaid=args.large_plaid)}
+        raw["large"].update(measure(LateIndex.load(big_dir), queries[: max(10, args.queries // 5)],
+                                    with_pylate=False))
         print("large", raw["large"], flush=True)
     for size in sizes:
-        late_dir = store.current_generation(idx.path) / "late" if size == "small" else big_dir
+        late_dir = small_dir if size == "small" else big_dir
         tokens = raw[size]["tokens"]
         float16 = (late_dir / "tokens.npy").stat().st_size / tokens
         raw[size]["bytes_per_token"] = {
             "float16_matrix": float16,
+            "centroids": sum((late_dir / name).stat().st_size for name in (CENTROIDS, CODES, IVF, IVF_OFFSETS))
+            / tokens,
             "plaid": sum(p.stat().st_size for p in (late_dir / "plaid").rglob("*") if p.is_file()) / tokens
             if (late_dir / "plaid").is_dir() else None,
             "float32_copy_in_memory": 2 * float16 if raw[size]["exact"]["resident"] else 0}
@@ -181,8 +228,8 @@ def main() -> None:
             "float16": 1000 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9),
             "float32": 1000 * 2 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9)}
     if not args.no_record:
-        record("bench_late_speed", "Late-interaction search speed: exact MaxSim against PLAID and PyLate's rerank, "
-               "294k and 10M tokens", raw, table(raw), command="python benchmarks/bench_late_speed.py")
+        record("bench_late_speed", "Late-interaction search speed: exact MaxSim and centroid candidates against PLAID "
+               "and PyLate's rerank, 294k and 10M tokens", raw, table(raw), command="python benchmarks/bench_late_speed.py")
 
 
 def table(raw: dict) -> str:
@@ -190,7 +237,7 @@ def table(raw: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for size in ("small", "large") if "large" in raw else ("small",):
         entry = raw[size]
-        for method in ("exact", "exact_streamed", "plaid", "plaid_rerank", "pylate_rerank"):
+        for method in METHODS:
             if method in entry:
                 m = entry[method]
                 versus = f"{m['qps'] / entry['plaid']['qps']:.2f}×" if "plaid" in entry else "–"

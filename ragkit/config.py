@@ -15,6 +15,7 @@ MODES = ("dense", "bm25", "late", "hybrid")
 BACKENDS = ("local", "qdrant")
 DENSE_BACKENDS = ("torch", "onnx", "onnx-int8")  # how the dense encoder runs (ragkit.encoders.onnx)
 FUSIONS = ("rrf", "convex")
+LATE_CANDIDATES = ("centroids", "plaid")  # candidate stages of late search over large collections
 READERS = ("extractive", "generate", "infini", "hmt")
 DEFAULT_DENSE_MODEL = "Alibaba-NLP/gte-modernbert-base"
 DEFAULT_LATE_MODEL = "lightonai/GTE-ModernColBERT-v1"
@@ -28,6 +29,7 @@ INDEX_DEFAULTS: dict[str, Any] = {
     "late": True,
     "late_model": DEFAULT_LATE_MODEL,
     "pool_factor": 1,
+    "late_candidates": "centroids",
     "follow_links": False,
 }
 
@@ -56,9 +58,11 @@ class Settings:
     late: bool | None = None  # build the late-interaction (ColBERT) stage [index's, or True]
     late_model: str | None = None  # PyLate model id or local path [index's, or DEFAULT_LATE_MODEL]
     pool_factor: int | None = None  # token pooling of document vectors (2 halves the late index) [index's, or 1]
-    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, PLAID candidates beyond
-    plaid_min_tokens: int = 0  # build PLAID for collections above this many tokens (raise it to save CPU time)
-    plaid_candidates: int = 256  # PLAID candidates re-scored exactly, when PLAID is used
+    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, a candidate stage beyond
+    late_candidates: str | None = None  # that candidate stage: centroids | plaid [index's, or centroids]
+    late_rerank_candidates: int = 256  # candidates of that stage re-scored by exact MaxSim
+    late_probe: int = 8  # centroids each query token probes in the centroid stage
+    plaid_min_tokens: int = 0  # with late_candidates = plaid: build PLAID only above this many tokens
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)
     fusion: str = "rrf"  # rrf (reciprocal rank) or convex (weighted sum of min-max normalised scores)
@@ -197,10 +201,13 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{settings.backend}'")
     if settings.dense_backend is not None and settings.dense_backend not in DENSE_BACKENDS:
         raise ConfigError(f"dense_backend must be one of {', '.join(DENSE_BACKENDS)}, got '{settings.dense_backend}'")
+    if settings.late_candidates is not None and settings.late_candidates not in LATE_CANDIDATES:
+        raise ConfigError(f"late_candidates must be one of {', '.join(LATE_CANDIDATES)}, got "
+                          f"'{settings.late_candidates}'")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "plaid_candidates", "reader_segment", "answer_tokens", "reader_window", "reader_passages"):
+                 "late_rerank_candidates", "late_probe", "reader_segment", "answer_tokens", "reader_window", "reader_passages"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens is not None and settings.chunk_tokens < 16:

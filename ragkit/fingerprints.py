@@ -51,5 +51,7 @@ def recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
         "late": settings.get("late"),
         "late_model": settings.get("late_model") or (models.get("late") or {}).get("model"),
         "pool_factor": settings.get("pool_factor"),
+        # indexes made before the centroid stage built PLAID
+        "late_candidates": settings.get("late_candidates") or ("plaid" if models.get("late") else None),
         "follow_links": settings.get("follow_links"),
     }

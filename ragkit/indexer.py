@@ -167,7 +167,10 @@ def build_index(
         skipped_json = [{"path": s.path, "reason": s.reason} for s in report.skipped]
         nothing_to_do = not new_chunks and not report.removed and not plan.dense_all and not plan.late_all
         manifest = old["manifest"] if old else {}
-        if old and nothing_to_do and manifest.get("skipped") == skipped_json and manifest["fingerprint"] == new_fp:
+        same_stage = not new_fp["late"] or recorded_settings(manifest)["late_candidates"] == \
+            encoders.settings.late_candidates  # another candidate stage is a new generation (vectors reused)
+        if old and nothing_to_do and manifest.get("skipped") == skipped_json and manifest["fingerprint"] == new_fp \
+                and same_stage:
             report.chunks = manifest["stats"]["chunks"]
             report.seconds = time.perf_counter() - started
             return report
@@ -467,6 +470,7 @@ def _recorded(settings: Settings, encoders: _Encoders) -> dict[str, Any]:
         "late_model": resolve_model_name(settings.late_model),
         "late_skipped": encoders.late_skipped,
         "pool_factor": settings.pool_factor,
+        "late_candidates": settings.late_candidates,
         "dense_exact_max": settings.dense_exact_max,
         "follow_links": settings.follow_links,
     }
@@ -553,7 +557,8 @@ def _write_late(folder: Path, settings, old, plan: _Plan, sources, texts, n_toke
     params = {"model": info["model"], "dim": info["dim"], "pool_factor": settings.pool_factor}
     total_tokens = sum(len(vectors) for vectors, _ in parts)
     write_late_index(folder, parts, chunk_ids, params, previous, old_ids if previous is not None else None,
-                     plaid=total_tokens > settings.plaid_min_tokens)
+                     plaid=settings.late_candidates == "plaid" and total_tokens > settings.plaid_min_tokens,
+                     centroids=settings.late_candidates == "centroids")
     return info
 
 

@@ -215,7 +215,8 @@ class Searcher:
             runs["late"] = self._timed("late", qdrant.late, late_queries, depth, rows)
         elif late_queries is not None:
             runs["late"] = self._timed("late", self.late.search, late_queries, depth, rows,
-                                       self.settings.late_exact_max_tokens, self.settings.plaid_candidates)
+                                       self.settings.late_exact_max_tokens, self.settings.late_rerank_candidates,
+                                       self.settings.late_probe)
         return runs
 
     @property

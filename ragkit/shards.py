@@ -192,8 +192,8 @@ class ShardedLate(_Sharded):
         return self.parts[0].params
 
     def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
-               exact_max_tokens: int = 4_000_000, plaid_candidates: int = 256) -> SearchResults:
-        return self._search(lambda part, qs, k, local: part.search(qs, k, local, exact_max_tokens, plaid_candidates),
+               exact_max_tokens: int = 4_000_000, candidates: int = 256, probe: int = 8) -> SearchResults:
+        return self._search(lambda part, qs, k, local: part.search(qs, k, local, exact_max_tokens, candidates, probe),
                             queries, k, rows)
 
     def maxsim(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -153,12 +153,12 @@ def test_plaid_collects_garbage_over_a_frozen_heap_and_leaves_gc_as_it_was(tmp_p
 
 def test_index_builds_all_three_stages(tmp_path, settings):
     write_corpus(tmp_path / "docs")
-    idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0))  # large enough for PLAID
+    idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0, late_candidates="plaid"))
     report = idx.add(tmp_path / "docs")
     assert report.late_encoded_chunks == report.chunks == report.encoded_chunks
     generation = store.current_generation(idx.path)
     assert (generation / "late" / "plaid" / "metadata.json").is_file()
-    small = Index(tmp_path / "small", settings.replace(plaid_min_tokens=10**9))  # PLAID skipped: exact MaxSim
+    small = Index(tmp_path / "small", settings.replace(plaid_min_tokens=10**9, late_candidates="plaid"))  # no PLAID
     small.add(tmp_path / "docs")
     assert not (store.current_generation(small.path) / "late" / "plaid").exists()
     assert small.search("harpsichord", k=3, mode="late")
@@ -173,10 +173,11 @@ def test_index_builds_all_three_stages(tmp_path, settings):
             assert all(0 <= e.start < e.end <= len(h.chunk.text) for e in h.evidence)
 
 
-def test_deleted_files_never_come_back_in_any_mode(tmp_path, settings):
+@pytest.mark.parametrize("stage", ["centroids", "plaid"])
+def test_deleted_files_never_come_back_in_any_mode(tmp_path, settings, stage):
     write_corpus(tmp_path / "docs")
-    # PLAID serves late search here (exact_max_tokens=0), so its delete semantics are what is tested
-    idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0))
+    # the candidate stage serves late search here (exact_max_tokens=0), so its delete semantics are what is tested
+    idx = Index(tmp_path / "index", settings.replace(late_exact_max_tokens=0, late_candidates=stage))
     idx.add(tmp_path / "docs")
     gone = {f"doc{i:02d}.txt" for i in (2, 10, 18)}  # all about "harpsichord"
     for name in gone:

@@ -155,7 +155,8 @@ def test_a_pickle_written_by_fast_plaid_fails_the_write(tmp_path, monkeypatch):
 
 def test_index_folder_holds_no_pickle_after_files_change(tmp_path, tiny_encoder, tiny_colbert):
     write_corpus(tmp_path / "docs")
-    settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), late_exact_max_tokens=0)
+    settings = Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert), late_exact_max_tokens=0,
+                        late_candidates="plaid")
     idx = Index(tmp_path / "index", settings)  # PLAID serves late search
     idx.add(tmp_path / "docs")
     assert_plain(store.current_generation(idx.path))

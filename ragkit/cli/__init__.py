@@ -105,6 +105,10 @@ def index(
     pool_factor: Annotated[Optional[int], typer.Option(
         help="Pool document token vectors by this factor (2 halves the late index) [default: the index's; 1].",
         min=1)] = None,
+    late_candidates: Annotated[Optional[str], typer.Option(
+        help="Candidate stage of late search over collections above late_exact_max_tokens (4M tokens), re-ranked "
+             "by exact MaxSim: centroids (centroid interaction) | plaid (fast-plaid) [default: the index's; "
+             "centroids].")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(
         help="Largest chunk in tokens, bounded by the models [default: the index's; 8192].")] = None,
     context_tokens: Annotated[Optional[int], typer.Option(
@@ -133,7 +137,7 @@ def index(
         from ragkit.engines import open_engine
 
         idx = _open(index, dense_model=dense_model, dense_backend=dense_backend, late_model=late_model, late=late,
-                    pool_factor=pool_factor,
+                    pool_factor=pool_factor, late_candidates=late_candidates,
                     chunk_tokens=chunk_tokens, context_tokens=context_tokens, follow_links=follow_links,
                     device=device)
         with open_engine(engine, address, workers) as runner, _progress_bar(enabled=not as_json) as progress:
@@ -373,10 +377,11 @@ def _late_summary(late: dict[str, Any] | None, settings: dict[str, Any]) -> str:
     if not late:
         skipped = settings.get("late_skipped")
         return f"none (skipped: {skipped})" if skipped else "none (built with --no-late)"
-    pooled = f", pool factor {settings['pool_factor']}" if (settings.get("pool_factor") or 1) > 1 else ""
+    details = f", pool factor {settings['pool_factor']}" if (settings.get("pool_factor") or 1) > 1 else ""
+    details += f", {settings.get('late_candidates') or 'plaid'} candidates for large collections"
     identity = ", no ColBERT head: its own token vectors (identity projection)" \
         if late.get("projection") == "identity" else ""
-    return f"{late['model']} ({late['dim']}-d per token, ≤{late['document_length']} tokens{pooled}{identity})"
+    return f"{late['model']} ({late['dim']}-d per token, ≤{late['document_length']} tokens{details}{identity})"
 
 
 def _render_index_report(report, index_path: Path) -> None:

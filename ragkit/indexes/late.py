@@ -1,19 +1,20 @@
-"""Late interaction: every chunk's token vectors, scored by exact MaxSim, with PLAID for large collections.
+"""Late interaction: every chunk's token vectors, scored by exact MaxSim, with a candidate stage for large collections.
 
 Folder layout (all plain files):
     tokens.npy      float16 (T, dim): token vectors of all chunks, row after row, unit length
     spans.npy       int32 (T, 2): char span of each token in its chunk's text (-1: none)
     offsets.npy     int64 (n + 1): chunk row r owns tokens offsets[r]:offsets[r + 1]
-    params.json     model, dim, pool factor, counts, PLAID bookkeeping
+    params.json     model, dim, pool factor, counts, centroid and PLAID bookkeeping
+    centroids.npy, codes.npy, ivf.npy, ivf_offsets.npy: the centroid candidate stage (ragkit.indexes.late_centroids)
     plaid/          fast-plaid index (centroids, codes, residuals; plain npy + json, never its pickled caches)
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
-MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over the token matrix beats PLAID up to a few million
-tokens (faster and exact): search uses PLAID only above `exact_max_tokens`, where it proposes candidates and exact
-MaxSim re-ranks them. The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits
+MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over the token matrix is fast up to a few million tokens:
+search uses a candidate stage only above `exact_max_tokens`, where it proposes candidates and exact MaxSim re-ranks
+them: centroid interaction (late_centroids) when the folder has its lists, else PLAID when it has one. The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits
 RESIDENT_MAX_BYTES keeps that copy in memory after its first search (made while that search streams the blocks,
-so it costs the first query nothing), larger ones are converted block by block at every search. PLAID is kept up to date in every generation (unless the caller
-skips it for small collections), so it is ready when the collection grows past that size.
+so it costs the first query nothing), larger ones are converted block by block at every search. The candidate stage
+is kept up to date in every generation, so it is ready when the collection grows past that size.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ragkit.indexes.base import SearchResults
+from ragkit.indexes.late_centroids import CENTROIDS, IVF_OFFSETS, CentroidLists, CentroidState, write_centroids
 
 TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
     "tokens.npy", "spans.npy", "offsets.npy", "params.json", "plaid", "plaid_rows.npy")
@@ -68,6 +70,7 @@ class LateIndex:
         self.offsets = offsets
         self.params = params
         self._plaid = None
+        self._centroids: CentroidLists | None = None
         self._resident: np.ndarray | None = None  # (T, dim) float32 copy of `tokens`, filled up to _resident_rows
         self._resident_rows = 0  # chunk rows whose tokens the copy holds (blocks are whole chunks)
         self._resident_lock = threading.Lock()
@@ -92,19 +95,33 @@ class LateIndex:
     # ---------------------------------------------------------------------------------------------- search
 
     def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
-               exact_max_tokens: int = 4_000_000, plaid_candidates: int = 256) -> SearchResults:
-        """Top `k` rows by MaxSim for each query (tokens, dim), among `rows` when given."""
+               exact_max_tokens: int = 4_000_000, candidates: int = 256, probe: int = 8) -> SearchResults:
+        """Top `k` rows by MaxSim for each query (tokens, dim), among `rows` when given. Above `exact_max_tokens`,
+        exact MaxSim re-ranks the best `candidates` rows of the candidate stage (`probe`: centroids per query token)."""
         if len(self) == 0 or k == 0:
             return [[] for _ in queries]
         if rows is not None:
             return [_top(self.maxsim(q, rows), rows, k) for q in queries]
-        if self.total_tokens <= exact_max_tokens or not self.has_plaid:
-            all_rows = np.arange(len(self))
-            return [_top(scores, all_rows, k) for scores in self.maxsim_all_many(queries)]
+        if self.total_tokens > exact_max_tokens and (self.has_centroids or self.has_plaid):
+            return self.candidate_search(queries, k, candidates, probe)
+        all_rows = np.arange(len(self))
+        return [_top(scores, all_rows, k) for scores in self.maxsim_all_many(queries)]
+
+    def candidate_search(self, queries: Sequence[np.ndarray], k: int, candidates: int = 256, probe: int = 8,
+                         stage: str | None = None) -> SearchResults:
+        """Top `k` rows per query: the best `candidates` rows of a candidate stage (`stage`: "centroids" or "plaid";
+        None: centroids when built, else PLAID), re-scored by exact MaxSim."""
+        stage = stage or ("centroids" if self.has_centroids else "plaid")
+        count = max(k, candidates)
+        if stage == "centroids":
+            lists = self._centroid_lists()
+            found = [lists.candidates(q, count, probe) for q in queries]
+        else:
+            found = [[row for row, _ in hits] for hits in self.plaid_search(queries, count)]
         out = []
-        for q, candidates in zip(queries, self.plaid_search(queries, max(k, plaid_candidates))):
-            candidate_rows = np.array(sorted({row for row, _ in candidates}), dtype=np.int64)
-            out.append(_top(self.maxsim(q, candidate_rows), candidate_rows, k))
+        for q, rows in zip(queries, found):
+            rows = np.unique(np.asarray(rows, dtype=np.int64))
+            out.append(_top(self.maxsim(q, rows), rows, k))
         return out
 
     def maxsim(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -177,7 +194,17 @@ class LateIndex:
                 return np.asarray(self.tokens[a:b], dtype=np.float32)
         return self._resident[a:b]
 
-    # ----------------------------------------------------------------------------------------------- PLAID
+    # ------------------------------------------------------------------------------------- candidate stages
+
+    @property
+    def has_centroids(self) -> bool:
+        return self.folder is not None and (self.folder / IVF_OFFSETS).is_file()
+
+    def _centroid_lists(self) -> CentroidLists:
+        if self._centroids is None:
+            self._centroids = CentroidLists.load(self.folder, len(self))
+        return self._centroids
+
 
     @property
     def has_plaid(self) -> bool:
@@ -209,8 +236,12 @@ class LateIndex:
 
 def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]], chunk_ids: Sequence[str],
                      params: dict, previous: "LateIndex | None", previous_chunk_ids: Sequence[str] | None,
-                     plaid: bool = True) -> dict:
-    """Write token vectors of every row and, with `plaid`, bring PLAID up to date; returns the params written.
+                     plaid: bool = True, centroids: bool = False) -> dict:
+    """Write token vectors of every row and bring the candidate stages asked for up to date (`centroids`: centroid
+    interaction, `plaid`: PLAID); returns the params written.
+
+    The centroids keep the tokens of chunks carried over from `previous` where they were, and are trained again
+    when K changes or more than RETRAIN_SHARE of the tokens arrived after the last training.
 
     PLAID is carried over from `previous` when it was built by the same model: the documents of removed
     chunks are deleted, new chunks appended, and the centroids retrained from scratch once more than
@@ -227,13 +258,32 @@ def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]
         spans[a:b] = token_spans
     tokens.flush()
     spans.flush()
-    del tokens, spans
     np.save(folder / OFFSETS, offsets)
+    centroid_state = CentroidState()
+    if centroids:
+        centroid_state = write_centroids(folder, tokens, offsets, *_carried_centroids(previous, previous_chunk_ids,
+                                                                                      chunk_ids))
+    del tokens, spans
     state = _update_plaid(folder, parts, list(chunk_ids), previous, previous_chunk_ids) if plaid else PlaidState()
     params = {**params, "count": len(parts), "tokens": int(offsets[-1]),
               "plaid": {"trained_docs": state.trained_docs, "added_since_training": state.added_since_training}}
+    if centroids:
+        params["centroids"] = vars(centroid_state)
     (folder / PARAMS).write_text(json.dumps(params, indent=2))
     return params
+
+
+def _carried_centroids(previous: LateIndex | None, previous_chunk_ids: Sequence[str] | None,
+                       chunk_ids: Sequence[str]) -> tuple[dict[int, tuple[int, int]], tuple[Path, CentroidState] | None]:
+    """(row → token range in `previous` of each chunk carried over, (previous folder, its centroid state)) for
+    write_centroids; nothing carried when `previous` has no centroids of its own."""
+    if previous is None or previous_chunk_ids is None or not previous.has_centroids or not (
+            previous.folder / CENTROIDS).is_file() or "centroids" not in previous.params:
+        return {}, None
+    old_row = {cid: row for row, cid in enumerate(previous_chunk_ids)}
+    carried = {row: (int(previous.offsets[old]), int(previous.offsets[old + 1]))
+               for row, cid in enumerate(chunk_ids) if (old := old_row.get(cid)) is not None}
+    return carried, (previous.folder, CentroidState(**previous.params["centroids"]))
 
 
 def _update_plaid(folder: Path, parts, chunk_ids: list[str], previous: LateIndex | None,

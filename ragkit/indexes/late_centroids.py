@@ -1,0 +1,174 @@
+"""Centroid candidates for late search over large collections: centroid interaction, then exact MaxSim.
+
+Every token vector is assigned the nearest of K spherical k-means centroids. For a query, each query token q_i
+probes its `probe` nearest centroids; a chunk's approximate MaxSim is Σ_i max_c q_i · c over the probed centroids
+of q_i that hold a token of the chunk, and q_i's lowest probed score where none does (no unprobed centroid scores
+higher). The best `candidates` chunks by that score are then scored exactly from the token matrix. The work per
+query is the product q · Cᵀ and the probed lists, not the token matrix: it grows with the square root of the
+collection (K does), where exact MaxSim grows with the collection.
+
+Files (in the late folder, plain npy):
+    centroids.npy    float32 (K, dim): unit-length centroids
+    codes.npy        int32 (T,): the centroid of each token (carried over with its chunk between generations)
+    ivf.npy          int32 (E,): for each centroid in turn, the sorted chunk rows with a token there
+    ivf_offsets.npy  int64 (K + 1,): centroid c holds ivf[ivf_offsets[c]:ivf_offsets[c + 1]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CENTROIDS, CODES, IVF, IVF_OFFSETS = "centroids.npy", "codes.npy", "ivf.npy", "ivf_offsets.npy"
+RETRAIN_SHARE = 0.05  # train the centroids again once this share of tokens arrived after training
+SAMPLE_PER_CENTROID = 64  # k-means trains on at most this many sampled tokens per centroid
+KMEANS_ITERATIONS = 10
+ASSIGN_BLOCK = 1 << 16  # tokens assigned to centroids per step (bounds memory)
+
+
+@dataclass
+class CentroidState:
+    """What the centroids were trained on, to know when to train them again."""
+
+    count: int = 0
+    trained_tokens: int = 0
+    added_since_training: int = 0
+
+    def needs_training(self, new_tokens: int, total_tokens: int) -> bool:
+        return (self.count != centroid_count(total_tokens)
+                or self.added_since_training + new_tokens > RETRAIN_SHARE * max(self.trained_tokens, 1))
+
+
+def centroid_count(tokens: int) -> int:
+    """K for a collection of `tokens` token vectors: the power of two nearest below 2·√T, at least 8, at most T."""
+    if tokens < 1:
+        return 0
+    return max(1, min(tokens, 1 << max(3, int(math.log2(2 * math.sqrt(tokens))))))
+
+
+class CentroidLists:
+    """The centroids, the centroid of every token and, per centroid, the chunk rows that hold one of its tokens."""
+
+    def __init__(self, centroids: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray, rows: int) -> None:
+        self.centroids = centroids
+        self.ivf = ivf
+        self.ivf_offsets = ivf_offsets
+        self.rows = rows
+
+    @classmethod
+    def load(cls, folder: Path, rows: int) -> "CentroidLists":
+        return cls(np.load(folder / CENTROIDS), np.load(folder / IVF, mmap_mode="r"), np.load(folder / IVF_OFFSETS),
+                   rows)
+
+    def candidates(self, query: np.ndarray, count: int, probe: int) -> np.ndarray:
+        """The `count` chunk rows of best approximate MaxSim for one query (q_tokens, dim), best first."""
+        scores = self.approximate_scores(query, probe)
+        count = min(count, self.rows)
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        top = np.argpartition(-scores, count - 1)[:count]
+        return top[np.argsort(-scores[top], kind="stable")].astype(np.int64)
+
+    def approximate_scores(self, query: np.ndarray, probe: int) -> np.ndarray:
+        """Approximate MaxSim of every chunk row (rows,), less Σ_i of q_i's floor (the same for every row)."""
+        similarities = np.asarray(query, dtype=np.float32) @ self.centroids.T  # (q_tokens, K)
+        count = similarities.shape[1]
+        probe = min(max(probe, 1), count)
+        # each token's `probe` nearest centroids, then the next one, whose score is the floor (none: the lowest)
+        order = (np.argpartition(-similarities, probe, axis=1)[:, : probe + 1] if probe < count
+                 else np.argsort(-similarities, axis=1))
+        best = np.zeros(self.rows, dtype=np.float32)  # Σ_i of each row's best probed score above q_i's floor
+        token_best = np.zeros(self.rows, dtype=np.float32)  # q_i's best probed score above its floor, per row
+        for token, nearest in zip(similarities, order):
+            nearest = nearest[np.argsort(token[nearest])]  # lowest first: a higher score overwrites a lower one
+            floor = token[nearest[0]] if probe < count else min(0.0, float(token[nearest[0]]))
+            probed = nearest[1:] if probe < count else nearest
+            touched = []
+            for c in probed:
+                rows = self.ivf[self.ivf_offsets[c] : self.ivf_offsets[c + 1]]
+                token_best[rows] = token[c] - floor
+                touched.append(rows)
+            touched = np.concatenate(touched)
+            best[touched] += token_best[touched]  # a row listed twice gets the same sum twice: added once
+            token_best[touched] = 0.0
+        return best
+
+
+def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray, carried: dict[int, tuple[int, int]],
+                    previous: "tuple[Path, CentroidState] | None", seed: int = 0) -> CentroidState:
+    """Write the centroid files of a late folder whose token matrix is `tokens` (T, dim) and `offsets` (n + 1).
+
+    `carried` maps a chunk row to the token range (a, b) of the same chunk in `previous`'s folder: those tokens keep
+    their centroid there, unless the centroids are trained again (K changes with the collection's size, or more than
+    RETRAIN_SHARE of the tokens are new since they were trained)."""
+    total = int(offsets[-1])
+    for name in (CENTROIDS, CODES, IVF, IVF_OFFSETS):
+        (folder / name).unlink(missing_ok=True)
+    if total == 0:
+        return CentroidState()
+    carried_tokens = sum(b - a for a, b in carried.values())
+    if previous is not None and not previous[1].needs_training(total - carried_tokens, total):
+        old_folder, state = previous
+        centroids = np.load(old_folder / CENTROIDS)
+        old_codes = np.load(old_folder / CODES, mmap_mode="r")
+        codes = np.full(total, -1, dtype=np.int32)
+        for row, (a, b) in carried.items():
+            codes[offsets[row] : offsets[row + 1]] = old_codes[a:b]
+        state = CentroidState(state.count, state.trained_tokens, state.added_since_training + total - carried_tokens)
+    else:
+        centroids = train_centroids(tokens, centroid_count(total), seed)
+        codes = np.full(total, -1, dtype=np.int32)
+        state = CentroidState(len(centroids), total, 0)
+    missing = np.flatnonzero(codes < 0)
+    for start in range(0, len(missing), ASSIGN_BLOCK):
+        part = missing[start : start + ASSIGN_BLOCK]
+        codes[part] = assign(tokens[part], centroids)
+    ivf, ivf_offsets = inverted_lists(codes, offsets, len(centroids))
+    np.save(folder / CENTROIDS, centroids)
+    np.save(folder / CODES, codes)
+    np.save(folder / IVF, ivf)
+    np.save(folder / IVF_OFFSETS, ivf_offsets)
+    return state
+
+
+def train_centroids(tokens: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Spherical k-means (FAISS) on at most SAMPLE_PER_CENTROID·count tokens drawn evenly: (count, dim) float32."""
+    import faiss
+
+    total = len(tokens)
+    sample_size = min(total, SAMPLE_PER_CENTROID * count)
+    sample = np.sort(np.random.default_rng(seed).choice(total, sample_size, replace=False))
+    vectors = np.ascontiguousarray(tokens[sample], dtype=np.float32)
+    kmeans = faiss.Kmeans(vectors.shape[1], count, niter=KMEANS_ITERATIONS, spherical=True, seed=seed,
+                          max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1, verbose=False)
+    kmeans.train(vectors)
+    return _unit(np.asarray(kmeans.centroids, dtype=np.float32))
+
+
+def assign(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The centroid of highest inner product of each vector (t, dim): (t,) int32."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    _, nearest = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return nearest[:, 0].astype(np.int32)
+
+
+def inverted_lists(codes: np.ndarray, offsets: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per centroid, the sorted unique chunk rows holding one of its tokens: (ivf int32 (E,), ivf_offsets (K + 1,))."""
+    rows = len(offsets) - 1
+    row_of_token = np.repeat(np.arange(rows, dtype=np.int64), np.diff(offsets))
+    pairs = np.unique(codes.astype(np.int64) * rows + row_of_token)  # sorted by centroid, then row
+    ivf = (pairs % rows).astype(np.int32)
+    ivf_offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // rows, minlength=count))]).astype(np.int64)
+    return ivf, ivf_offsets
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
