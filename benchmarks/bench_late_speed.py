@@ -58,7 +58,7 @@ def bandwidth_gb_s() -> float:
     return data.nbytes / best / 1e9
 
 
-GRID = [(probe, candidates) for probe in (2, 4, 8, 16) for candidates in (64, 128, 256, 512, 1024)]
+GRID = [(probe, candidates) for probe in (8, 16, 32, 64) for candidates in (128, 256, 512, 1024, 2048)]
 
 
 def measure(late, queries, with_pylate: bool) -> dict:
@@ -73,12 +73,14 @@ def measure(late, queries, with_pylate: bool) -> dict:
     out["first_query_ms"] = 1000 * (time.perf_counter() - first)  # fills the float32 copy when it fits
     exact, times = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=10**12)[0]], queries)
     out["exact"] = {**percentiles(times), "recall@10": 1.0, "resident": late._resident_rows == len(late)}
-    saved = late_module.RESIDENT_MAX_BYTES
-    late_module.RESIDENT_MAX_BYTES = 0  # blocks converted at every search, as before the copy
-    streamed = type(late).load(late.folder)
-    found, times = latencies(lambda q: [r for r, _ in streamed.search([q], 10, exact_max_tokens=10**12)[0]], queries)
-    late_module.RESIDENT_MAX_BYTES = saved
-    out["exact_streamed"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    if out["exact"]["resident"]:  # (a collection without the copy was just measured streaming)
+        saved = late_module.RESIDENT_MAX_BYTES
+        late_module.RESIDENT_MAX_BYTES = 0  # blocks converted at every search, as before the copy
+        streamed = type(late).load(late.folder)
+        found, times = latencies(lambda q: [r for r, _ in streamed.search([q], 10, exact_max_tokens=10**12)[0]],
+                                 queries)
+        late_module.RESIDENT_MAX_BYTES = saved
+        out["exact_streamed"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
     if late.has_centroids:
         default = Settings()
         grid = {}
@@ -113,8 +115,23 @@ def measure(late, queries, with_pylate: bool) -> dict:
 METHODS = ("exact", "exact_streamed", "centroids", "plaid", "plaid_rerank", "pylate_rerank")
 
 
+def eval_seconds(idx, limit: int) -> dict:
+    """Seconds per question of `ragkit eval` (hybrid) on the first `limit` SQuAD dev questions: retrieval and its
+    scoring alone, and with the extractive reader's answers."""
+    from ragkit.evaluate import evaluate, load_questions
+
+    dataset = DATA / "squad-v1.1-dev"
+    questions = load_questions(dataset / "questions.jsonl", dataset / "docs", limit)
+    out = {"questions": len(questions)}
+    for label, answer in (("retrieval", False), ("extractive_answers", True)):
+        started = time.perf_counter()
+        evaluate(idx, questions, "hybrid", answer=answer, reader="extractive" if answer else None)
+        out[label] = (time.perf_counter() - started) / len(questions)
+    return out
+
+
 def add_candidate_stages(folder: Path, plaid: bool) -> dict:
-    """Build the centroid stage of a late folder afresh and, with `plaid`, PLAID when it has none; their seconds."""
+    """Build the centroid stage of a late folder afresh and, with `plaid`, PLAID too; their seconds."""
     from ragkit.indexes import late as late_module
     from ragkit.indexes.late_centroids import write_centroids
 
@@ -124,7 +141,8 @@ def add_candidate_stages(folder: Path, plaid: bool) -> dict:
     started = time.perf_counter()
     params["centroids"] = vars(write_centroids(folder, index.tokens, index.offsets, {}, None))
     seconds["centroids"] = time.perf_counter() - started
-    if plaid and not index.has_plaid:
+    if plaid:
+        shutil.rmtree(folder / late_module.PLAID, ignore_errors=True)
         started = time.perf_counter()
         parts = [index.stored(row) for row in range(len(index))]
         late_module._update_plaid(folder, parts, [f"c{i}" for i in range(len(parts))], None, None)
@@ -159,7 +177,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--scale", type=int, default=34, help="copies of the collection in the large one (1: none)")
     parser.add_argument("--large-plaid", action=argparse.BooleanOptionalAction, default=True,
-                        help="train PLAID on the large collection (on two cores it did not finish in 20 minutes)")
+                        help="train PLAID on the large collection (on two cores it takes longer than 20 minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-record", action="store_true")
@@ -193,9 +211,11 @@ def main() -> None:
             stages[stage] = stages.get(stage, 0.0) + seconds
     raw["hybrid"] = {**percentiles(hybrid), "stage_ms": {s: 1000 * v / len(questions) for s, v in stages.items()}}
     print("hybrid", raw["hybrid"], flush=True)
+    raw["eval_seconds_per_question"] = eval_seconds(idx, args.queries)
+    print("eval", raw["eval_seconds_per_question"], flush=True)
 
     from ragkit.indexes.late import LateIndex
-    from ragkit.indexes.late_centroids import CENTROIDS, CODES, IVF, IVF_OFFSETS
+    from ragkit.indexes.late_centroids import FILES
 
     sizes = ("small", "large") if args.scale > 1 else ("small",)
     small_dir = store.current_generation(idx.path) / "late"
@@ -210,7 +230,7 @@ def main() -> None:
     print("small", raw["small"], flush=True)
     if "large" in sizes:
         raw["large"] = {"build_seconds": add_candidate_stages(big_dir, plaid=args.large_plaid)}
-        raw["large"].update(measure(LateIndex.load(big_dir), queries[: max(10, args.queries // 5)],
+        raw["large"].update(measure(LateIndex.load(big_dir), queries[: max(10, args.queries // 2)],
                                     with_pylate=False))
         print("large", raw["large"], flush=True)
     for size in sizes:
@@ -219,7 +239,7 @@ def main() -> None:
         float16 = (late_dir / "tokens.npy").stat().st_size / tokens
         raw[size]["bytes_per_token"] = {
             "float16_matrix": float16,
-            "centroids": sum((late_dir / name).stat().st_size for name in (CENTROIDS, CODES, IVF, IVF_OFFSETS))
+            "centroids": sum((late_dir / name).stat().st_size for name in FILES)
             / tokens,
             "plaid": sum(p.stat().st_size for p in (late_dir / "plaid").rglob("*") if p.is_file()) / tokens
             if (late_dir / "plaid").is_dir() else None,

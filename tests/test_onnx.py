@@ -128,6 +128,8 @@ def test_a_hybrid_search_from_the_shell_imports_no_torch_and_finds_the_same(tmp_
 
     fast, imported = run()
     assert imported == ["False", "False"]
+    large, imported = run(RAGKIT_LATE_EXACT_MAX_TOKENS="0")  # the centroid stage serves late search: no torch either
+    assert imported == ["False", "False"] and [h["chunk_id"] for h in large] == [h["chunk_id"] for h in fast]
     slow, imported = run(RAGKIT_ONNX_QUERIES="false")  # the models themselves, when asked
     assert imported == ["True", "True"]
     assert [h["chunk_id"] for h in fast] == [h["chunk_id"] for h in slow] and fast[0]["evidence"]

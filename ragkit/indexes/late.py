@@ -5,16 +5,19 @@ Folder layout (all plain files):
     spans.npy       int32 (T, 2): char span of each token in its chunk's text (-1: none)
     offsets.npy     int64 (n + 1): chunk row r owns tokens offsets[r]:offsets[r + 1]
     params.json     model, dim, pool factor, counts, centroid and PLAID bookkeeping
-    centroids.npy, codes.npy, ivf.npy, ivf_offsets.npy: the centroid candidate stage (ragkit.indexes.late_centroids)
+    centroids.npy, coarse.npy, coarse_offsets.npy, codes.npy, ivf.npy, ivf_offsets.npy: the centroid candidate
+                    stage (ragkit.indexes.late_centroids)
     plaid/          fast-plaid index (centroids, codes, residuals; plain npy + json, never its pickled caches)
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
 MaxSim(q, d) = Σ_i max_j q_i · d_j. On a CPU, exact MaxSim over the token matrix is fast up to a few million tokens:
 search uses a candidate stage only above `exact_max_tokens`, where it proposes candidates and exact MaxSim re-ranks
-them: centroid interaction (late_centroids) when the folder has its lists, else PLAID when it has one. The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits
-RESIDENT_MAX_BYTES keeps that copy in memory after its first search (made while that search streams the blocks,
-so it costs the first query nothing), larger ones are converted block by block at every search. The candidate stage
-is kept up to date in every generation, so it is ready when the collection grows past that size.
+them: centroid interaction (late_centroids) when the folder has its lists, else PLAID when it has one. The
+candidate stage is kept up to date in every generation, so it is ready when the collection grows past that size.
+
+The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits RESIDENT_MAX_BYTES
+keeps that copy in memory after its first search (made while that search streams the blocks, so it costs the first
+query nothing), larger ones are converted block by block at every search.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ragkit.indexes.base import SearchResults
-from ragkit.indexes.late_centroids import CENTROIDS, IVF_OFFSETS, CentroidLists, CentroidState, write_centroids
+from ragkit.indexes.late_centroids import COARSE, IVF_OFFSETS, CentroidLists, CentroidState, write_centroids
 
 TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
     "tokens.npy", "spans.npy", "offsets.npy", "params.json", "plaid", "plaid_rows.npy")
@@ -95,7 +98,7 @@ class LateIndex:
     # ---------------------------------------------------------------------------------------------- search
 
     def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
-               exact_max_tokens: int = 4_000_000, candidates: int = 256, probe: int = 8) -> SearchResults:
+               exact_max_tokens: int = 4_000_000, candidates: int = 1024, probe: int = 32) -> SearchResults:
         """Top `k` rows by MaxSim for each query (tokens, dim), among `rows` when given. Above `exact_max_tokens`,
         exact MaxSim re-ranks the best `candidates` rows of the candidate stage (`probe`: centroids per query token)."""
         if len(self) == 0 or k == 0:
@@ -107,7 +110,7 @@ class LateIndex:
         all_rows = np.arange(len(self))
         return [_top(scores, all_rows, k) for scores in self.maxsim_all_many(queries)]
 
-    def candidate_search(self, queries: Sequence[np.ndarray], k: int, candidates: int = 256, probe: int = 8,
+    def candidate_search(self, queries: Sequence[np.ndarray], k: int, candidates: int = 1024, probe: int = 32,
                          stage: str | None = None) -> SearchResults:
         """Top `k` rows per query: the best `candidates` rows of a candidate stage (`stage`: "centroids" or "plaid";
         None: centroids when built, else PLAID), re-scored by exact MaxSim."""
@@ -278,7 +281,7 @@ def _carried_centroids(previous: LateIndex | None, previous_chunk_ids: Sequence[
     """(row → token range in `previous` of each chunk carried over, (previous folder, its centroid state)) for
     write_centroids; nothing carried when `previous` has no centroids of its own."""
     if previous is None or previous_chunk_ids is None or not previous.has_centroids or not (
-            previous.folder / CENTROIDS).is_file() or "centroids" not in previous.params:
+            previous.folder / COARSE).is_file() or "centroids" not in previous.params:
         return {}, None
     old_row = {cid: row for row, cid in enumerate(previous_chunk_ids)}
     carried = {row: (int(previous.offsets[old]), int(previous.offsets[old + 1]))

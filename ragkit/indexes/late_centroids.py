@@ -1,6 +1,8 @@
 """Centroid candidates for late search over large collections: centroid interaction, then exact MaxSim.
 
-Every token vector is assigned the nearest of K spherical k-means centroids. For a query, each query token q_i
+Every token vector is assigned one of K centroids of a two-level spherical k-means: √K coarse centroids, and
+within each coarse cell about √K fine ones (so that training and assigning cost √K products per token, not K, and
+K can be as fine as PLAID's); a token goes to the nearest fine centroid of its nearest coarse cell. For a query, each query token q_i
 probes its `probe` nearest centroids; a chunk's approximate MaxSim is Σ_i max_c q_i · c over the probed centroids
 of q_i that hold a token of the chunk, and q_i's lowest probed score where none does (no unprobed centroid scores
 higher). The best `candidates` chunks by that score are then scored exactly from the token matrix. The work per
@@ -8,7 +10,9 @@ query is the product q · Cᵀ and the probed lists, not the token matrix: it gr
 collection (K does), where exact MaxSim grows with the collection.
 
 Files (in the late folder, plain npy):
-    centroids.npy    float32 (K, dim): unit-length centroids
+    centroids.npy    float32 (K, dim): unit-length fine centroids, grouped by coarse cell
+    coarse.npy       float32 (K1, dim): unit-length coarse centroids
+    coarse_offsets.npy int64 (K1 + 1,): the fine centroids of coarse cell c are rows coarse_offsets[c]:[c + 1]
     codes.npy        int32 (T,): the centroid of each token (carried over with its chunk between generations)
     ivf.npy          int32 (E,): for each centroid in turn, the sorted chunk rows with a token there
     ivf_offsets.npy  int64 (K + 1,): centroid c holds ivf[ivf_offsets[c]:ivf_offsets[c + 1]]
@@ -22,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-CENTROIDS, CODES, IVF, IVF_OFFSETS = "centroids.npy", "codes.npy", "ivf.npy", "ivf_offsets.npy"
+CENTROIDS, COARSE, COARSE_OFFSETS = "centroids.npy", "coarse.npy", "coarse_offsets.npy"
+CODES, IVF, IVF_OFFSETS = "codes.npy", "ivf.npy", "ivf_offsets.npy"
+FILES = (CENTROIDS, COARSE, COARSE_OFFSETS, CODES, IVF, IVF_OFFSETS)
 RETRAIN_SHARE = 0.05  # train the centroids again once this share of tokens arrived after training
-SAMPLE_PER_CENTROID = 64  # k-means trains on at most this many sampled tokens per centroid
+SAMPLE_PER_CENTROID = 32  # k-means trains on at most this many sampled tokens per fine centroid
 KMEANS_ITERATIONS = 10
 ASSIGN_BLOCK = 1 << 16  # tokens assigned to centroids per step (bounds memory)
 
@@ -33,7 +39,7 @@ ASSIGN_BLOCK = 1 << 16  # tokens assigned to centroids per step (bounds memory)
 class CentroidState:
     """What the centroids were trained on, to know when to train them again."""
 
-    count: int = 0
+    count: int = 0  # K asked for (a coarse cell with few sampled tokens gets fewer fine centroids)
     trained_tokens: int = 0
     added_since_training: int = 0
 
@@ -43,10 +49,60 @@ class CentroidState:
 
 
 def centroid_count(tokens: int) -> int:
-    """K for a collection of `tokens` token vectors: the power of two nearest below 2·√T, at least 8, at most T."""
+    """K for a collection of T = `tokens` token vectors: the power of two at or below 16·√T (PLAID's choice), at
+    most T."""
     if tokens < 1:
         return 0
-    return max(1, min(tokens, 1 << max(3, int(math.log2(2 * math.sqrt(tokens))))))
+    return min(tokens, 1 << int(math.log2(16 * math.sqrt(tokens))))
+
+
+@dataclass
+class Codebook:
+    """Two-level centroids: coarse (K1, dim); fine (K, dim) grouped by coarse cell, cell c's at rows
+    offsets[c]:offsets[c + 1]."""
+
+    coarse: np.ndarray
+    centroids: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def train(cls, tokens: np.ndarray, count: int, seed: int) -> "Codebook":
+        """Spherical k-means (FAISS) on at most SAMPLE_PER_CENTROID·count tokens drawn evenly: 2^⌈log2(K)/2⌉
+        coarse centroids, then as many fine ones in each coarse cell as K asks for and its sampled tokens allow."""
+        total = len(tokens)
+        sample = np.sort(np.random.default_rng(seed).choice(total, min(total, SAMPLE_PER_CENTROID * count),
+                                                            replace=False))
+        vectors = np.ascontiguousarray(tokens[sample], dtype=np.float32)
+        coarse_count = min(len(vectors), 1 << math.ceil(math.log2(max(count, 1)) / 2))
+        coarse = _kmeans(vectors, coarse_count, seed)
+        cell = _nearest(vectors, coarse)
+        fine_count = max(1, count // coarse_count)
+        fine = [_kmeans(vectors[cell == c], min(fine_count, int(np.sum(cell == c))), seed) for c in range(len(coarse))]
+        offsets = np.concatenate([[0], np.cumsum([len(f) for f in fine])]).astype(np.int64)
+        return cls(coarse, np.concatenate(fine), offsets)
+
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        """The code of each vector (t, dim): the nearest fine centroid of its nearest coarse cell; (t,) int32."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        cell = _nearest(vectors, self.coarse)
+        codes = np.empty(len(vectors), dtype=np.int32)
+        for c in np.unique(cell):
+            members = np.flatnonzero(cell == c)
+            a, b = self.offsets[c], self.offsets[c + 1]
+            if a == b:  # a coarse cell that got no sampled token: the nearest fine centroid of any cell
+                codes[members] = _nearest(vectors[members], self.centroids)
+            else:
+                codes[members] = a + np.argmax(vectors[members] @ self.centroids[a:b].T, axis=1)
+        return codes
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / COARSE, self.coarse)
+        np.save(folder / CENTROIDS, self.centroids)
+        np.save(folder / COARSE_OFFSETS, self.offsets)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Codebook":
+        return cls(np.load(folder / COARSE), np.load(folder / CENTROIDS), np.load(folder / COARSE_OFFSETS))
 
 
 class CentroidLists:
@@ -105,57 +161,55 @@ def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray, carri
     their centroid there, unless the centroids are trained again (K changes with the collection's size, or more than
     RETRAIN_SHARE of the tokens are new since they were trained)."""
     total = int(offsets[-1])
-    for name in (CENTROIDS, CODES, IVF, IVF_OFFSETS):
+    for name in FILES:
         (folder / name).unlink(missing_ok=True)
     if total == 0:
         return CentroidState()
     carried_tokens = sum(b - a for a, b in carried.values())
     if previous is not None and not previous[1].needs_training(total - carried_tokens, total):
         old_folder, state = previous
-        centroids = np.load(old_folder / CENTROIDS)
+        codebook = Codebook.load(old_folder)
         old_codes = np.load(old_folder / CODES, mmap_mode="r")
         codes = np.full(total, -1, dtype=np.int32)
         for row, (a, b) in carried.items():
             codes[offsets[row] : offsets[row + 1]] = old_codes[a:b]
         state = CentroidState(state.count, state.trained_tokens, state.added_since_training + total - carried_tokens)
     else:
-        centroids = train_centroids(tokens, centroid_count(total), seed)
+        codebook = Codebook.train(tokens, centroid_count(total), seed)
         codes = np.full(total, -1, dtype=np.int32)
-        state = CentroidState(len(centroids), total, 0)
+        state = CentroidState(centroid_count(total), total, 0)
     missing = np.flatnonzero(codes < 0)
     for start in range(0, len(missing), ASSIGN_BLOCK):
         part = missing[start : start + ASSIGN_BLOCK]
-        codes[part] = assign(tokens[part], centroids)
-    ivf, ivf_offsets = inverted_lists(codes, offsets, len(centroids))
-    np.save(folder / CENTROIDS, centroids)
+        codes[part] = codebook.assign(tokens[part])
+    ivf, ivf_offsets = inverted_lists(codes, offsets, len(codebook.centroids))
+    codebook.save(folder)
     np.save(folder / CODES, codes)
     np.save(folder / IVF, ivf)
     np.save(folder / IVF_OFFSETS, ivf_offsets)
     return state
 
 
-def train_centroids(tokens: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Spherical k-means (FAISS) on at most SAMPLE_PER_CENTROID·count tokens drawn evenly: (count, dim) float32."""
+def _kmeans(vectors: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` unit-length spherical k-means centroids of `vectors` (FAISS); the vectors themselves when they are
+    no more than `count`."""
     import faiss
 
-    total = len(tokens)
-    sample_size = min(total, SAMPLE_PER_CENTROID * count)
-    sample = np.sort(np.random.default_rng(seed).choice(total, sample_size, replace=False))
-    vectors = np.ascontiguousarray(tokens[sample], dtype=np.float32)
+    if count >= len(vectors):
+        return _unit(vectors.copy())
     kmeans = faiss.Kmeans(vectors.shape[1], count, niter=KMEANS_ITERATIONS, spherical=True, seed=seed,
                           max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1, verbose=False)
     kmeans.train(vectors)
     return _unit(np.asarray(kmeans.centroids, dtype=np.float32))
 
 
-def assign(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The centroid of highest inner product of each vector (t, dim): (t,) int32."""
+def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The centroid of highest inner product of each vector (t, dim): (t,) int64."""
     import faiss
 
     index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    _, nearest = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    return nearest[:, 0].astype(np.int32)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index.search(vectors, 1)[1][:, 0]
 
 
 def inverted_lists(codes: np.ndarray, offsets: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
