@@ -58,7 +58,7 @@ class Settings:
     late: bool | None = None  # build the late-interaction (ColBERT) stage [index's, or True]
     late_model: str | None = None  # PyLate model id or local path [index's, or DEFAULT_LATE_MODEL]
     pool_factor: int | None = None  # token pooling of document vectors (2 halves the late index) [index's, or 1]
-    late_exact_max_tokens: int = 4_000_000  # exact MaxSim over all tokens up to this size, a candidate stage beyond
+    late_exact_max_tokens: int = 1_000_000  # exact MaxSim over all tokens up to this size, a candidate stage beyond
     late_candidates: str | None = None  # that candidate stage: centroids | plaid [index's, or centroids]
     late_rerank_candidates: int = 1024  # candidates of that stage re-scored by exact MaxSim
     late_probe: int = 32  # centroids each query token probes in the centroid stage

@@ -106,7 +106,7 @@ def index(
         help="Pool document token vectors by this factor (2 halves the late index) [default: the index's; 1].",
         min=1)] = None,
     late_candidates: Annotated[Optional[str], typer.Option(
-        help="Candidate stage of late search over collections above late_exact_max_tokens (4M tokens), re-ranked "
+        help="Candidate stage of late search over collections above late_exact_max_tokens (1M tokens), re-ranked "
              "by exact MaxSim: centroids (centroid interaction) | plaid (fast-plaid) [default: the index's; "
              "centroids].")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(

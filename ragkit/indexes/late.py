@@ -98,7 +98,7 @@ class LateIndex:
     # ---------------------------------------------------------------------------------------------- search
 
     def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
-               exact_max_tokens: int = 4_000_000, candidates: int = 1024, probe: int = 32) -> SearchResults:
+               exact_max_tokens: int = 1_000_000, candidates: int = 1024, probe: int = 32) -> SearchResults:
         """Top `k` rows by MaxSim for each query (tokens, dim), among `rows` when given. Above `exact_max_tokens`,
         exact MaxSim re-ranks the best `candidates` rows of the candidate stage (`probe`: centroids per query token)."""
         if len(self) == 0 or k == 0:
