@@ -130,8 +130,9 @@ def eval_seconds(idx, limit: int) -> dict:
     return out
 
 
-def add_candidate_stages(folder: Path, plaid: bool) -> dict:
-    """Build the centroid stage of a late folder afresh and, with `plaid`, PLAID too; their seconds."""
+def add_candidate_stages(folder: Path, plaid: bool, kmeans_docs: int | None = None) -> dict:
+    """Build the centroid stage of a late folder afresh and, with `plaid`, PLAID too (its k-means on `kmeans_docs`
+    sampled documents; None: fast-plaid's default); their seconds."""
     from ragkit.indexes import late as late_module
     from ragkit.indexes.late_centroids import write_centroids
 
@@ -145,7 +146,17 @@ def add_candidate_stages(folder: Path, plaid: bool) -> dict:
         shutil.rmtree(folder / late_module.PLAID, ignore_errors=True)
         started = time.perf_counter()
         parts = [index.stored(row) for row in range(len(index))]
-        late_module._update_plaid(folder, parts, [f"c{i}" for i in range(len(parts))], None, None)
+        create = None
+        if kmeans_docs is not None:
+            from fast_plaid.search import FastPlaid
+
+            create = FastPlaid.create
+            FastPlaid.create = lambda self, *a, **kw: create(self, *a, **{**kw, "n_samples_kmeans": kmeans_docs})
+        try:
+            late_module._update_plaid(folder, parts, [f"c{i}" for i in range(len(parts))], None, None)
+        finally:
+            if create is not None:
+                FastPlaid.create = create
         seconds["plaid"] = time.perf_counter() - started
         params["plaid"] = {"trained_docs": len(parts), "added_since_training": 0}
     (folder / late_module.PARAMS).write_text(json.dumps(params, indent=2))
@@ -178,6 +189,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=34, help="copies of the collection in the large one (1: none)")
     parser.add_argument("--large-plaid", action=argparse.BooleanOptionalAction, default=True,
                         help="train PLAID on the large collection (on two cores it takes longer than 20 minutes)")
+    parser.add_argument("--large-plaid-kmeans-docs", type=int, default=None,
+                        help="documents PLAID's k-means samples on the large collection [default: fast-plaid's, "
+                             "16·√(120·documents): over an hour of k-means on two cores at 10M tokens]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-record", action="store_true")
@@ -229,7 +243,8 @@ def main() -> None:
     raw["small"].update(measure(LateIndex.load(small_dir), queries, with_pylate=True))
     print("small", raw["small"], flush=True)
     if "large" in sizes:
-        raw["large"] = {"build_seconds": add_candidate_stages(big_dir, plaid=args.large_plaid)}
+        raw["large"] = {"build_seconds": add_candidate_stages(big_dir, args.large_plaid, args.large_plaid_kmeans_docs),
+                        "plaid_kmeans_docs": args.large_plaid_kmeans_docs}
         raw["large"].update(measure(LateIndex.load(big_dir), queries[: max(10, args.queries // 2)],
                                     with_pylate=False))
         print("large", raw["large"], flush=True)
