@@ -208,7 +208,6 @@ class LateIndex:
             self._centroids = CentroidLists.load(self.folder, len(self))
         return self._centroids
 
-
     @property
     def has_plaid(self) -> bool:
         return self.folder is not None and (self.folder / PLAID_ROWS).is_file()

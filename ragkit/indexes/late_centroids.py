@@ -106,7 +106,7 @@ class Codebook:
 
 
 class CentroidLists:
-    """The centroids, the centroid of every token and, per centroid, the chunk rows that hold one of its tokens."""
+    """The fine centroids and, per centroid, the chunk rows that hold one of its tokens: what a query searches."""
 
     def __init__(self, centroids: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray, rows: int) -> None:
         self.centroids = centroids
