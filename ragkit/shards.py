@@ -252,6 +252,8 @@ class ShardedSearcher(Searcher):
         return manifest, pa.concat_tables([table for _, table in parts])
 
     def _load(self, part: str):
-        loaded = _in_parallel(lambda s: load_structure(self.generation[s], part), len(self.generation))
+        # one after another: np.load parses each header with ast.literal_eval, which CPython 3.11 may fail
+        # ("AST constructor recursion depth mismatch") when threads parse at once
+        loaded = [load_structure(generation, part) for generation in self.generation]
         view = {"dense": ShardedDense, "bm25": ShardedLexical, "late": ShardedLate}[part]
         return view(loaded, self._sizes)

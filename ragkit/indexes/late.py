@@ -48,6 +48,9 @@ RESIDENT_MAX_BYTES = 1 << 30  # largest float32 copy of the token matrix kept in
 PLAID_FILE = re.compile(r"(metadata|plan|doclens\.\d+|\d+\.metadata|merged_(codes|residuals)\.manifest)\.json"
                         r"|(centroids|avg_residual|bucket_cutoffs|bucket_weights|cluster_threshold|ivf|ivf_lengths"
                         r"|\d+\.codes|\d+\.residuals|merged_codes|merged_residuals)\.npy")
+# np.load parses headers with ast.literal_eval, which CPython 3.11 may fail when threads (shards searched at once)
+# parse together: lazy loads during search take this lock
+_LOAD_LOCK = threading.Lock()
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -204,8 +207,9 @@ class LateIndex:
         return self.folder is not None and (self.folder / IVF_OFFSETS).is_file()
 
     def _centroid_lists(self) -> CentroidLists:
-        if self._centroids is None:
-            self._centroids = CentroidLists.load(self.folder, len(self))
+        with _LOAD_LOCK:
+            if self._centroids is None:
+                self._centroids = CentroidLists.load(self.folder, len(self))
         return self._centroids
 
     @property
@@ -216,7 +220,8 @@ class LateIndex:
         """PLAID's approximate top `k` rows per query."""
         import torch
 
-        plaid_rows = np.load(self.folder / PLAID_ROWS)
+        with _LOAD_LOCK:
+            plaid_rows = np.load(self.folder / PLAID_ROWS)
         batch = torch.from_numpy(np.stack(_pad(queries)))
         results = self._plaid_handle().search(queries_embeddings=batch, top_k=min(k, len(plaid_rows)),
                                               show_progress=False)
