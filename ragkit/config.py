@@ -207,7 +207,8 @@ def _validated(settings: Settings) -> Settings:
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{settings.mode}'")
     for name in ("chunk_tokens", "k", "candidates", "encode_batch_tokens", "answer_sentences", "pool_factor",
-                 "late_rerank_candidates", "late_probe", "reader_segment", "answer_tokens", "reader_window", "reader_passages"):
+                 "late_rerank_candidates", "late_probe", "reader_segment", "answer_tokens", "reader_window",
+                 "reader_passages"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if settings.chunk_tokens is not None and settings.chunk_tokens < 16:

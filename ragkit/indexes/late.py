@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from ragkit.indexes.base import SearchResults
-from ragkit.indexes.late_centroids import COARSE, IVF_OFFSETS, CentroidLists, CentroidState, write_centroids
+from ragkit.indexes.late_centroids import (COARSE, IVF_OFFSETS, RETRAIN_SHARE, CentroidLists, CentroidState,
+                                           write_centroids)
 
 TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
     "tokens.npy", "spans.npy", "offsets.npy", "params.json", "plaid", "plaid_rows.npy")
 MIN_PLAID_TOKENS = 1000  # below this PLAID may not train its codec; exact search serves such tiny indexes
-RETRAIN_SHARE = 0.05  # retrain PLAID's centroids once this share of documents arrived after training
 BLOCK_TOKENS = 1 << 16  # tokens scored per block in exhaustive search (bounds memory)
 MAX_BLOCK_SCORES = 1 << 25  # similarities held at once in exhaustive search (128 MiB of float32)
 RESIDENT_MAX_BYTES = 1 << 30  # largest float32 copy of the token matrix kept in memory between searches
@@ -280,8 +280,8 @@ def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]
     return params
 
 
-def _carried_centroids(previous: LateIndex | None, previous_chunk_ids: Sequence[str] | None,
-                       chunk_ids: Sequence[str]) -> tuple[dict[int, tuple[int, int]], tuple[Path, CentroidState] | None]:
+def _carried_centroids(previous: LateIndex | None, previous_chunk_ids: Sequence[str] | None, chunk_ids: Sequence[str]
+                       ) -> tuple[dict[int, tuple[int, int]], tuple[Path, CentroidState] | None]:
     """(row → token range in `previous` of each chunk carried over, (previous folder, its centroid state)) for
     write_centroids; nothing carried when `previous` has no centroids of its own."""
     if previous is None or previous_chunk_ids is None or not previous.has_centroids or not (

@@ -2,12 +2,12 @@
 
 Every token vector is assigned one of K centroids of a two-level spherical k-means: √K coarse centroids, and
 within each coarse cell about √K fine ones (so that training and assigning cost √K products per token, not K, and
-K can be as fine as PLAID's); a token goes to the nearest fine centroid of its nearest coarse cell. For a query, each query token q_i
-probes its `probe` nearest centroids; a chunk's approximate MaxSim is Σ_i max_c q_i · c over the probed centroids
-of q_i that hold a token of the chunk, and q_i's lowest probed score where none does (no unprobed centroid scores
-higher). The best `candidates` chunks by that score are then scored exactly from the token matrix. The work per
-query is the product q · Cᵀ and the probed lists, not the token matrix: it grows with the square root of the
-collection (K does), where exact MaxSim grows with the collection.
+K can be as fine as PLAID's); a token goes to the nearest fine centroid of its nearest coarse cell. For a query,
+each query token q_i probes its `probe` nearest centroids; a chunk's approximate MaxSim is Σ_i max_c q_i · c over
+the probed centroids of q_i that hold a token of the chunk, and q_i's score with its next (unprobed) centroid where
+none does (no unprobed centroid scores higher). The best `candidates` chunks by that score are then scored exactly
+from the token matrix. The work per query is the product q · Cᵀ and the probed lists, not the token matrix: it
+grows with the square root of the collection (K does), where exact MaxSim grows with the collection.
 
 Files (in the late folder, plain npy):
     centroids.npy    float32 (K, dim): unit-length fine centroids, grouped by coarse cell
@@ -29,7 +29,7 @@ import numpy as np
 CENTROIDS, COARSE, COARSE_OFFSETS = "centroids.npy", "coarse.npy", "coarse_offsets.npy"
 CODES, IVF, IVF_OFFSETS = "codes.npy", "ivf.npy", "ivf_offsets.npy"
 FILES = (CENTROIDS, COARSE, COARSE_OFFSETS, CODES, IVF, IVF_OFFSETS)
-RETRAIN_SHARE = 0.05  # train the centroids again once this share of tokens arrived after training
+RETRAIN_SHARE = 0.05  # train a candidate stage again once this share of it arrived after training (centroids, PLAID)
 SAMPLE_PER_CENTROID = 32  # k-means trains on at most this many sampled tokens per fine centroid
 KMEANS_ITERATIONS = 10
 ASSIGN_BLOCK = 1 << 16  # tokens assigned to centroids per step (bounds memory)
