@@ -13,21 +13,39 @@ def function(argument): return value  # code is text too
 
 
 def build_tokenizer(folder: Path):
-    """A small WordPiece tokenizer (BERT-style specials) trained on TRAINING_TEXT, saved to `folder`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A small WordPiece tokenizer (BERT-style specials) over TRAINING_TEXT, saved to `folder`. Its vocabulary is
+    chosen here rather than trained: the trainer breaks ties between equally frequent pieces differently from run
+    to run, and every tiny model built on it would then differ too."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator([TRAINING_TEXT], trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok = Tokenizer(models.WordPiece(tiny_vocabulary(normalizer, pre_tokenizer, specials), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
                                                    ("[CLS]", tok.token_to_id("[CLS]")))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(folder)
     return fast
+
+
+def tiny_vocabulary(normalizer, pre_tokenizer, specials: list[str], size: int = 232) -> dict[str, int]:
+    """Specials, every character alone and as a continuation, TRAINING_TEXT's words, then its most frequent word
+    endings as continuations (ties by spelling) up to `size` entries."""
+    from collections import Counter
+
+    words = [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(TRAINING_TEXT))]
+    chars = sorted(set("".join(words)))
+    endings = Counter("##" + w[i:] for w in words for i in range(1, len(w) - 1))
+    pieces = [*specials, *chars, *("##" + c for c in chars), *by_count(Counter(words)), *by_count(endings)]
+    return {piece: i for i, piece in enumerate(list(dict.fromkeys(pieces))[:size])}
+
+
+def by_count(counts) -> list[str]:
+    """The keys of a Counter, most frequent first, ties by spelling."""
+    return [key for key, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
 
 
 def build_modernbert_encoder(folder: Path, max_seq_length: int = 64, seed: int = 0) -> Path:

@@ -42,18 +42,33 @@ def hits() -> list[Hit]:
             hit("Contracts, filings, papers, source code and transcripts are long documents.", "docs.txt", 1)]
 
 
-def manual_greedy(model, prompt: list[int], steps: int, stop: set[int]) -> list[int]:
-    """Greedy decoding without any cache: the whole sequence re-read at every step."""
+TIE = 1e-4  # a cached and an uncached pass may round differently: logits this close count as equal
+
+
+def assert_greedy(model, prompt: list[int], new: list[int], budget: int, stop: set[int], ended: bool) -> None:
+    """`new` is greedy decoding of `prompt` re-read whole at every step (no cache), up to near ties: each id is the
+    step's best, and a run that stopped before `budget` without its text having `ended` stopped at a stop id."""
     import torch
 
     seq = list(prompt)
     with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-            if token in stop:
-                break
+        for token in new:
+            logits = model(torch.tensor([seq])).logits[0, -1]  # (V,)
+            assert float(logits[token]) >= float(logits.max()) - TIE, f"step {len(seq) - len(prompt)}"
             seq.append(token)
-    return seq[len(prompt) :]
+        if len(new) < budget and not ended:
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            assert max(float(logits[s]) for s in stop) >= float(logits.max()) - TIE, "stopped without a stop id"
+
+
+def recording_greedy(monkeypatch) -> list[list[int]]:
+    """Patches the reader's decoder to keep each list of ids it returns."""
+    from ragkit.readers import generate
+
+    runs = []
+    decode = generate.greedy
+    monkeypatch.setattr(generate, "greedy", lambda *a, **kw: runs.append(decode(*a, **kw)) or runs[-1])
+    return runs
 
 
 def test_the_answer_is_greedy_decoding_of_exactly_the_window(tiny, monkeypatch):
@@ -67,10 +82,12 @@ def test_the_answer_is_greedy_decoding_of_exactly_the_window(tiny, monkeypatch):
     complete = GenerativeReader.complete
     monkeypatch.setattr(GenerativeReader, "complete",
                         lambda self, ids, *a, **kw: seen.append(ids) or complete(self, ids, *a, **kw))
+    runs = recording_greedy(monkeypatch)
     answer = reader.answer(QUESTION, hits())
     window = fit_window(tok, QUESTION, hits(), 400 - 12, ANSWER_STYLE)
     assert seen == [window.ids] and window.tokens <= 388 and window.passages[0].trimmed
-    new = manual_greedy(model, window.ids, 12, reader.stop_ids)
+    [new] = runs
+    assert_greedy(model, window.ids, new, 12, reader.stop_ids, ended=False)
     assert answer.answer == tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
     assert "\n\n" not in answer.answer  # else the answer would stop at it (tested below)
     assert (answer.reader, answer.model, answer.prompt_tokens, answer.generated_tokens) == \
@@ -130,7 +147,7 @@ def test_a_factual_answer_ends_after_its_first_sentence_an_account_at_its_first_
     assert (text[:end] if end is not None else None) == answer
 
 
-def test_a_yes_no_answer_opens_with_the_label_the_model_prefers_then_goes_on_greedily(tiny):
+def test_a_yes_no_answer_opens_with_the_label_the_model_prefers_then_goes_on_greedily(tiny, monkeypatch):
     import torch
 
     from ragkit.readers.generate import LABELS
@@ -139,14 +156,18 @@ def test_a_yes_no_answer_opens_with_the_label_the_model_prefers_then_goes_on_gre
     reader = GenerativeReader(model, tok, "tiny", context_length=400, answer_tokens=10)
     question = "Did oil prices rise sharply?"
     window = reader.window(question, hits())
-    logits = model(torch.tensor([window.ids])).logits[0, -1]
+    with torch.no_grad():
+        logits = model(torch.tensor([window.ids])).logits[0, -1]  # (V,)
     labels = [encode(tok, " " + label) for label in LABELS]  # the tiny tokenizer has no chat template
-    best = max(labels, key=lambda ids: float(logits[ids[0]]))
+    runs = recording_greedy(monkeypatch)
     answer = reader.answer(question, hits())
-    rest = manual_greedy(model, window.ids + best, 10 - len(best), reader.stop_ids)
-    expected = tok.decode(best + rest, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-    assert answer.answer == expected[: answer_end_of(question, expected)]
-    assert answer.generated_tokens <= len(best) + len(rest)
+    [rest] = runs
+    label = reader.label(window.ids)
+    assert label in labels and float(logits[label[0]]) >= max(float(logits[ids[0]]) for ids in labels) - TIE
+    text = tok.decode(label + rest, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+    end = answer_end_of(question, text)
+    assert_greedy(model, window.ids + label, rest, 10 - len(label), reader.stop_ids, ended=end < len(text))
+    assert answer.answer == text[:end] and answer.generated_tokens == len(label) + len(rest)
 
 
 def answer_end_of(question: str, text: str) -> int:
