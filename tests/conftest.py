@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -54,10 +55,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def _reader_cache(tmp_path_factory) -> Path:
-    """One converted-model cache for the whole session (a GGUF converts once, not once per test)."""
-    return tmp_path_factory.mktemp("ragkit-cache")
+@pytest.fixture(scope="session", autouse=True)
+def _reader_cache(tmp_path_factory) -> Iterator[Path]:
+    """One cache for the whole session (a GGUF converts once, not once per test), in place from its start: the
+    session's and modules' own indexes write their ONNX exports there too, not into the user's cache."""
+    folder = tmp_path_factory.mktemp("ragkit-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAGKIT_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)
