@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ragkit.config import Settings
+from ragkit.encoders.int8 import backend_fingerprint
 from ragkit.models import model_revision, resolve_model_name, tokenizer_fingerprint
 
 CHUNKER_VERSION = 2  # bump when chunk boundaries change for the same input
@@ -14,9 +15,7 @@ def fingerprints(settings: Settings) -> dict[str, Any]:
     """Per stage, everything that shapes its output (see ragkit.indexer); `settings` are resolved
     (`Settings.for_index`). A hub model not downloaded yet has revision "unknown" until it is loaded."""
     dense_name = resolve_model_name(settings.dense_model)
-    dense = {"model": dense_name, "revision": model_revision(dense_name)}
-    if settings.dense_backend != "torch":  # indexes from before backends were torch's and say nothing
-        dense["backend"] = settings.dense_backend
+    dense = {"model": dense_name, "revision": model_revision(dense_name), **backend_fingerprint(settings.dense_backend)}
     late = None
     if settings.late:
         late_name = resolve_model_name(settings.late_model)

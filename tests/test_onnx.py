@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from ragkit.api import Index
 from ragkit.cli import app
 from ragkit.config import Settings
+from ragkit.encoders.int8 import RECIPE
 from ragkit.errors import ConfigError, ModelLoadError
 
 TEXTS = ["alpha beta gamma", "  the quick brown fox jumps over the lazy dog  ", "delta " * 200]  # last: truncated
@@ -101,7 +102,8 @@ def test_the_backend_is_part_of_the_dense_fingerprint(tmp_path, docs, tiny_encod
     assert "backend" not in idx.manifest()["models"]["dense"]  # as indexes made before backends existed
     report = Index(tmp_path / "i", settings.replace(dense_backend="onnx-int8")).add(docs)
     assert report.encoded_chunks == report.chunks and "dense" in report.rebuilt
-    assert Index(tmp_path / "i").manifest()["models"]["dense"]["backend"] == "onnx-int8"
+    dense = Index(tmp_path / "i").manifest()["models"]["dense"]
+    assert dense["backend"] == "onnx-int8" and dense["int8"] == RECIPE  # another recipe's vectors are re-encoded
     same = Index(tmp_path / "i", settings)  # the backend is kept when not named again
     assert same.add(docs).encoded_chunks == 0
     assert same.searcher.encoder.backend == "onnx-int8" and same.search("oil crisis", k=1, mode="dense")

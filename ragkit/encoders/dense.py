@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ragkit.encoders.int8 import backend_fingerprint
 from ragkit.encoders.onnx import MAX_TOKENS as ONNX_MAX_TOKENS
 from ragkit.models import load_model, model_revision, resolve_model_name
 from ragkit.tokens import quiet_transformers, token_batches, token_starts
@@ -90,9 +91,8 @@ class DenseEncoder:
 
     def fingerprint(self) -> dict[str, object]:
         """What identifies the vectors this encoder makes."""
-        backend = {} if self.backend == "torch" else {"backend": self.backend}  # as indexes before backends
         return {"model": self.name, "revision": self.revision, "dim": self.dim, "max_tokens": self.max_tokens,
-                **backend}
+                **backend_fingerprint(self.backend)}
 
     def encode_documents(
         self,

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.encoders.onnx import (FLOAT32_TOLERANCE, META, MODEL, TOKENIZER, ExportError, export_graph, padded,
-                                  ready_export, session)
+from ragkit.encoders.onnx import (EXPORT_VERSION, FLOAT32_TOLERANCE, META, MODEL, TOKENIZER, ExportError, export_graph,
+                                  padded, ready_export, session)
 
 KIND = "late-query"
 PROBES = ("What is the capital of France?", "revenue growth in fiscal 2023, by segment",
@@ -31,7 +31,7 @@ def export_late_query(encoder: Any, work: Path) -> dict[str, Any]:
     if not getattr(encoder.tokenizer, "is_fast", False):
         raise ExportError("the late model has no fast tokenizer")
     meta = {
-        "version": 1,
+        "version": EXPORT_VERSION,
         "model": encoder.name,
         "projection": encoder.projection,
         "dim": encoder.dim,

@@ -4,7 +4,8 @@ Exports live in ragkit's cache (`cache_dir("onnx")`), one folder per kind (dense
 a ColBERT model, ragkit.encoders.late_onnx), model and revision. A dense export holds:
     model.onnx       the whole sentence-transformers pipeline (transformer, pooling, normalisation), float32,
                      inputs input_ids and attention_mask (batch, tokens), output embedding (batch, dim)
-    model.int8.onnx  the same with int8 weights (dynamic quantisation per channel), when it checks out
+    model.int8.onnx  the same with int8 weights (dynamic quantisation per channel; ragkit.encoders.int8 keeps the
+                     products whose inputs carry outliers in float32), when it checks out
     tokenizer.json   the model's fast tokenizer
     encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing) and the check made at export
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from ragkit.models import cache_dir
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: int8 keeps the MatMuls whose inputs carry outliers in float32
 MAX_TOKENS = 1024  # longest chunk the ONNX backends encode: their unfused attention holds tokens² scores per head
 FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
 INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
@@ -152,7 +153,7 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
     """Write model.onnx, model.int8.onnx and tokenizer.json of `st_model` into `work`; returns encoder.json's
     fields. Only the usual pipeline is exported: a transformer whose fast tokenizer makes every input, then
     modules that read its output (pooling, dense layers, normalisation)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from ragkit.encoders.int8 import quantize_int8
 
     first = st_model[0]
     tokenizer = getattr(first, "tokenizer", None)
@@ -181,7 +182,9 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
                          (exported.encode_documents(probes), _torch_vectors(st_model, probes, "encode_document"))):
         if float(np.abs(ours - theirs).max()) > FLOAT32_TOLERANCE:
             raise ExportError("the exported model's vectors (or its prompts) differ from torch's")
-    quantize_dynamic(str(work / MODEL), str(work / MODEL_INT8), weight_type=QuantType.QInt8, per_channel=True)
+    sample = tokenizer(list(PROBES), padding=True, return_tensors="np")
+    feeds = {name: sample[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+    meta["int8_float32_matmuls"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds)
     int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
     meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
     meta["int8"] = meta["int8_min_cosine"] >= INT8_MIN_COSINE

@@ -1,0 +1,101 @@
+"""int8 quantisation of an export: the products whose inputs carry outliers stay float32, the rest become int8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragkit.encoders.int8 import outlier_matmuls, quantize_int8, step_ratio
+
+
+def test_the_step_ratio_is_the_range_an_8_bit_scale_covers_over_the_rms():
+    assert step_ratio(np.array([0.0] * 99 + [100.0])) == pytest.approx(100 / 10)
+    assert step_ratio(np.array([1.0, 1.0])) == pytest.approx(1.0)  # zero is always in the range
+    assert step_ratio(np.array([-3.0, 3.0])) == pytest.approx(2.0)
+    assert step_ratio(np.zeros(4)) == 0.0
+
+
+def two_products(folder: Path) -> Path:
+    """x (n, 512) → plain = x @ A; spiky = (x · s) @ B, where s multiplies one channel of 512 by 1,000."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    spike = np.ones(512, dtype=np.float32)
+    spike[7] = 1000.0
+    weights = [numpy_helper.from_array(rng.standard_normal((512, 32)).astype(np.float32), name) for name in "AB"]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["plain"], "plain_product"),
+         helper.make_node("Mul", ["x", "s"], ["spiky_x"], "spike"),
+         helper.make_node("MatMul", ["spiky_x", "B"], ["spiky"], "spiky_product")],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 512])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 32]) for name in ("plain", "spiky")],
+        [*weights, numpy_helper.from_array(spike, "s")])
+    path = folder / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def run(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_only_the_product_whose_input_has_an_outlier_stays_float32(tmp_path):
+    import onnx
+
+    source = two_products(tmp_path)
+    x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
+    assert outlier_matmuls(source, {"x": x}) == ["spiky_product"]
+    assert outlier_matmuls(source, {"x": x}, ratio=1e9) == []
+    kept = quantize_int8(source, tmp_path / "int8.onnx", {"x": x})
+    assert kept == ["spiky_product"]
+    ops = {node.name: node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert ops["spiky_product"] == "MatMul" and "MatMulInteger" in ops.values()
+    exact = run(source, x)
+    mixed = run(tmp_path / "int8.onnx", x)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(tmp_path / "all.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    every = run(tmp_path / "all.onnx", x)
+
+    signal = float(np.sqrt(np.mean(exact[0] ** 2)))  # what 511 ordinary channels add up to in either product
+
+    def error(ours, theirs):
+        return float(np.abs(ours - theirs).max()) / signal
+
+    assert error(mixed[1], exact[1]) < 1e-5  # float32 as before
+    assert error(mixed[0], exact[0]) < 0.1  # the plain product is int8 and close
+    assert error(every[1], exact[1]) > 0.5  # quantised, the spike's 8-bit step swamps the ordinary channels
+
+
+def test_the_minilm_export_keeps_its_spiky_feed_forward_outputs_in_float32(minilm, tmp_path, monkeypatch):
+    """On the real all-MiniLM-L6-v2: the first layers' feed-forward output projections (whose GELU inputs reach
+    about 80× their RMS) are left float32, and the int8 vectors of a meeting transcript come closer to float32's
+    than those of quantising every product."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ragkit.encoders.dense import DenseEncoder
+    from ragkit.encoders.onnx import MODEL, OnnxEncoder, session
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    encoder = DenseEncoder(str(minilm), backend="onnx-int8")
+    export = encoder._onnx
+    kept = export.meta["int8_float32_matmuls"]
+    assert "/layer.0/output/dense/MatMul" in " ".join(kept) and 0 < len(kept) <= 6
+    assert all("/output/dense/" in name and "attention" not in name for name in kept)
+    transcript = ["Um, yeah, so I think we should uh talk about the remote control design first. "
+                  "The buttons, I mean the big ones, they should be, uh, rubber. Okay. Right. " * 4,
+                  "Project manager: So we agreed on the yellow case and the kinetic battery, and the budget is "
+                  "twelve fifty per unit; marketing will check the trend watchers' report before Friday."]
+    folder = Path(export.folder)
+    quantize_dynamic(str(folder / MODEL), str(tmp_path / "all.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    reference = OnnxEncoder(folder, export.meta, int8=False).encode_texts(transcript)
+    ours = export.encode_texts(transcript)
+    every = OnnxEncoder(folder, export.meta, int8=False)
+    every.session = session(tmp_path / "all.onnx")
+    theirs = every.encode_texts(transcript)
+    assert ((ours * reference).sum(axis=1) > (theirs * reference).sum(axis=1)).all()
