@@ -5,7 +5,7 @@ a ColBERT model, ragkit.encoders.late_onnx), model and revision. A dense export 
     model.onnx       the whole sentence-transformers pipeline (transformer, pooling, normalisation), float32,
                      inputs input_ids and attention_mask (batch, tokens), output embedding (batch, dim)
     model.int8.onnx  the same with int8 weights (dynamic quantisation per channel; ragkit.encoders.int8 keeps the
-                     products whose inputs carry outliers in float32), when it checks out
+                     few input channels that carry outliers in float32), when it checks out
     tokenizer.json   the model's fast tokenizer
     encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing) and the check made at export
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from ragkit.models import cache_dir
 
-EXPORT_VERSION = 2  # 2: int8 keeps the MatMuls whose inputs carry outliers in float32
+EXPORT_VERSION = 2  # 2: int8 keeps the input channels that carry outliers in float32
 MAX_TOKENS = 1024  # longest chunk the ONNX backends encode: their unfused attention holds tokens² scores per head
 FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
 INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
@@ -184,7 +184,7 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
             raise ExportError("the exported model's vectors (or its prompts) differ from torch's")
     sample = tokenizer(list(PROBES), padding=True, return_tensors="np")
     feeds = {name: sample[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
-    meta["int8_float32_matmuls"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds)
+    meta["int8_outlier_channels"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds)
     int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
     meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
     meta["int8"] = meta["int8_min_cosine"] >= INT8_MIN_COSINE
