@@ -61,6 +61,23 @@ def test_the_onnx_backend_and_the_query_encoder_make_torch_s_vectors(prompted_en
     assert np.abs(queries - documents).max() > 1e-3  # the prompts differ, and both are applied
 
 
+def test_the_export_traces_eager_attention_and_gives_the_model_back_as_it_was(minilm, tmp_path, monkeypatch):
+    """The traced graph adds the padding mask to the scores once (no IsNaN / Where guard over every score tensor),
+    and the model keeps its own attention for torch's encoding afterwards."""
+    import onnx
+
+    from ragkit.encoders.dense import DenseEncoder
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))  # exported here, not found from another test
+    encoder = DenseEncoder(str(minilm))
+    before = encoder.model[0].auto_model.config._attn_implementation
+    assert before != "eager" and encoder.export_for_queries() is None
+    graph = onnx.load(str(DenseEncoder(str(minilm), backend="onnx")._onnx.folder / "model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert "IsNaN" not in ops and ops.count("Softmax") == 6
+    assert encoder.model[0].auto_model.config._attn_implementation == before
+
+
 @pytest.mark.parametrize("late_model", ["tiny_colbert", "tiny_encoder"])  # [Q] and [MASK] expansion; identity
 def test_the_late_query_export_makes_pylate_s_query_vectors(request, late_model):
     from ragkit.encoders.late import LateEncoder

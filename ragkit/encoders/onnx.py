@@ -32,7 +32,7 @@ import numpy as np
 
 from ragkit.models import cache_dir
 
-EXPORT_VERSION = 3  # 3: int8 keeps the few input channels that carry outliers in float32
+EXPORT_VERSION = 4  # 3: int8 keeps the few input channels with outliers in float32; 4: eager attention
 MAX_TOKENS = 1024  # longest chunk the ONNX backends encode: their unfused attention holds tokens² scores per head
 FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
 INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
@@ -216,10 +216,31 @@ def export_graph(st_model: Any, sample: dict, path: Path, output: str = "sentenc
 
     axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
             "embedding": {0: "batch", 1: "tokens"} if output != "sentence_embedding" else {0: "batch"}}
-    with torch.no_grad():
+    with torch.no_grad(), eager_attention(st_model):
         torch.onnx.export(_pipeline(st_model, output), (sample["input_ids"], sample["attention_mask"]), str(path),
                           dynamo=False, input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                           opset_version=17, dynamic_axes=axes)
+
+
+@contextlib.contextmanager
+def eager_attention(st_model: Any) -> Iterator[None]:
+    """The transformer's eager attention while it is traced: it adds the padding mask to the scores once, where
+    the traced SDPA path guards every score tensor with elementwise IsNaN and Where (a fifth of an int8 graph's
+    time). The implementation it had is restored after; the export's check against torch covers the switch."""
+    model = getattr(st_model[0], "auto_model", None)
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        try:
+            model.set_attn_implementation("eager")
+        except (ValueError, ImportError, AttributeError):  # a model without an eager path keeps its own
+            switch = False
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
 
 
 def session(path: Path, threads: int | None = None):
