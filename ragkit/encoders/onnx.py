@@ -171,7 +171,8 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
     }
     tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
     device = next(st_model.parameters()).device
-    export_graph(st_model, tokenizer(list(PROBES), padding=True, return_tensors="pt").to(device), work / MODEL)
+    sample = tokenizer(list(PROBES), padding=True, return_tensors="pt")
+    export_graph(st_model, {name: tensor.to(device) for name, tensor in sample.items()}, work / MODEL)
     long = min(meta["max_tokens"] + 16, MAX_TOKENS)  # past the model's limit when that is short: truncation
     probes = [*PROBES, " ".join(["evidence"] * long)]
     reference = _torch_vectors(st_model, probes)
@@ -182,8 +183,7 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
                          (exported.encode_documents(probes), _torch_vectors(st_model, probes, "encode_document"))):
         if float(np.abs(ours - theirs).max()) > FLOAT32_TOLERANCE:
             raise ExportError("the exported model's vectors (or its prompts) differ from torch's")
-    sample = tokenizer(list(PROBES), padding=True, return_tensors="np")
-    feeds = {name: sample[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+    feeds = {name: sample[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
     meta["int8_outlier_channels"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds)
     int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
     meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
