@@ -74,7 +74,7 @@ def test_a_product_whose_input_has_an_outlier_channel_splits_it_off_in_float32(t
     mixed = run(tmp_path / "int8.onnx", x)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(tmp_path / "all.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(source), str(tmp_path / "all.onnx"), weight_type=QuantType.QUInt8, per_channel=True)
     every = run(tmp_path / "all.onnx", x)
     signal = float(np.sqrt(np.mean(exact[0] ** 2)))  # what 511 ordinary channels add up to in either product
 
@@ -83,6 +83,29 @@ def test_a_product_whose_input_has_an_outlier_channel_splits_it_off_in_float32(t
 
     assert error(mixed[0], exact[0]) < 0.1 and error(mixed[1], exact[1]) < 0.1  # both int8 and close
     assert error(every[1], exact[1]) > 0.5  # quantised whole, the spike's 8-bit step swamps the ordinary channels
+
+
+def test_an_int8_product_is_exact_integer_arithmetic_on_any_cpu(tmp_path):
+    """The int8 product equals x's 8-bit codes times the weight's, summed in 32 bits, then scaled. Signed weights
+    would fail this on CPUs without VNNI, where ONNX Runtime adds pairs of u8·s8 products into saturating 16 bits."""
+    import onnx
+    from onnx import numpy_helper
+
+    source = two_products(tmp_path)
+    x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
+    x[:, 3] += 3.0  # codes far from the zero point, where 16-bit pair sums would saturate
+    quantize_int8(source, tmp_path / "int8.onnx", {"x": x})
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer}
+    codes, scale, zero = stored["A_quantized"], stored["A_scale"], stored["A_zero_point"]
+    assert codes.dtype == np.uint8 and zero.dtype == np.uint8
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)  # DynamicQuantizeLinear, as ONNX defines it
+    x_scale = np.float32((high - low) / 255)
+    x_zero = np.clip(np.rint(-low / x_scale), 0, 255)
+    x_codes = np.clip(np.rint(x / x_scale) + x_zero, 0, 255)
+    exact = (x_codes - x_zero).astype(np.int64) @ (codes.astype(np.int64) - zero.astype(np.int64))
+    expected = exact * (x_scale * scale)
+    plain = run(tmp_path / "int8.onnx", x)[0]
+    assert np.abs(plain - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 def test_the_minilm_export_keeps_its_outlier_channels_in_float32(minilm, tmp_path, monkeypatch):
@@ -105,7 +128,7 @@ def test_the_minilm_export_keeps_its_outlier_channels_in_float32(minilm, tmp_pat
                   "Project manager: So we agreed on the yellow case and the kinetic battery, and the budget is "
                   "twelve fifty per unit; marketing will check the trend watchers' report before Friday."]
     folder = Path(export.folder)
-    quantize_dynamic(str(folder / MODEL), str(tmp_path / "all.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(folder / MODEL), str(tmp_path / "all.onnx"), weight_type=QuantType.QUInt8, per_channel=True)
     reference = OnnxEncoder(folder, export.meta, int8=False).encode_texts(transcript)
     ours = export.encode_texts(transcript)
     every = OnnxEncoder(folder, export.meta, int8=False)

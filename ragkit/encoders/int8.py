@@ -5,8 +5,13 @@ few values are far larger than the rest (in a BERT, a handful of hidden channels
 is a large share of a typical value, and the product loses much of its precision. Such a MatMul, found on probe
 inputs, is split in two (as LLM.int8() splits its products): x·W = (x ⊙ m)·W + x[:, c]·W[c], where c are the
 fewest channels whose removal brings the rest's range under SPLIT_RATIO × its RMS and m zeroes them. The first
-product is quantised like every other MatMul with a constant weight (int8 weights per output channel, 8-bit
+product is quantised like every other MatMul with a constant weight (8-bit weights per output channel, 8-bit
 activations); the second, a few channels wide, stays float32.
+
+Weights are unsigned 8-bit (asymmetric per channel), not signed: on x86 CPUs without VNNI (AVX2 only), ONNX Runtime
+multiplies unsigned activations by signed weights with an instruction that adds pairs of products into 16 bits and
+saturates there, so a product's result depended on the CPU. Unsigned-by-unsigned products are summed in 32 bits on
+every CPU: the same vectors everywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 OUTLIER_RATIO = 40.0  # range / RMS of a MatMul's input above which its 8-bit step exceeds a sixth of the RMS: split
 SPLIT_RATIO = 18.0  # range / RMS the channels left in the int8 product may have
 MAX_SPLIT_SHARE = 1 / 64  # most channels of an input kept in float32
-RECIPE = "dynamic-per-channel-outlier-channels-float32"  # part of an int8 index's dense fingerprint
+RECIPE = "dynamic-u8u8-per-channel-outlier-channels-float32"  # part of an int8 index's dense fingerprint
 
 
 def backend_fingerprint(backend: str) -> dict[str, str]:
@@ -120,7 +125,7 @@ def quantize_int8(source: Path, target: Path, feeds: dict[str, np.ndarray]) -> d
     staged = target.with_name(target.name + ".split.onnx")
     onnx.save(model, str(staged))
     try:
-        quantize_dynamic(str(staged), str(target), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(str(staged), str(target), weight_type=QuantType.QUInt8, per_channel=True,
                          nodes_to_exclude=list(split))
     finally:
         staged.unlink(missing_ok=True)

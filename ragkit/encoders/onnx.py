@@ -4,7 +4,7 @@ Exports live in ragkit's cache (`cache_dir("onnx")`), one folder per kind (dense
 a ColBERT model, ragkit.encoders.late_onnx), model and revision. A dense export holds:
     model.onnx       the whole sentence-transformers pipeline (transformer, pooling, normalisation), float32,
                      inputs input_ids and attention_mask (batch, tokens), output embedding (batch, dim)
-    model.int8.onnx  the same with int8 weights (dynamic quantisation per channel; ragkit.encoders.int8 keeps the
+    model.int8.onnx  the same with 8-bit weights (dynamic quantisation per channel; ragkit.encoders.int8 keeps the
                      few input channels that carry outliers in float32), when it checks out
     tokenizer.json   the model's fast tokenizer
     encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing) and the check made at export
@@ -32,7 +32,7 @@ import numpy as np
 
 from ragkit.models import cache_dir
 
-EXPORT_VERSION = 4  # 3: int8 keeps the few input channels with outliers in float32; 4: eager attention
+EXPORT_VERSION = 5  # 3: int8 keeps outlier channels in float32; 4: eager attention; 5: unsigned int8 weights
 MAX_TOKENS = 1024  # longest chunk the ONNX backends encode: their unfused attention holds tokens² scores per head
 FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
 INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
