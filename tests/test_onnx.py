@@ -130,6 +130,23 @@ def test_the_backend_is_part_of_the_dense_fingerprint(tmp_path, docs, tiny_encod
     assert report.encoded_chunks == report.chunks
 
 
+def test_an_int8_index_of_an_earlier_recipe_is_searched_with_a_warning(tmp_path, docs, tiny_encoder):
+    import warnings
+
+    from ragkit.encoders.onnx import query_encoder
+    from ragkit.errors import RagkitWarning
+
+    idx = Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False, dense_backend="onnx-int8"))
+    idx.add(docs)
+    dense = idx.manifest()["models"]["dense"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert query_encoder(dense, None).backend == "onnx-int8"  # the current recipe: no warning
+    with pytest.warns(RagkitWarning, match="re-encode"):
+        assert query_encoder({**dense, "int8": "dynamic-per-channel-outlier-channels-float32"}, None).backend \
+            == "onnx-int8"
+
+
 def test_a_hybrid_search_from_the_shell_imports_no_torch_and_finds_the_same(tmp_path, docs, tiny_encoder,
                                                                             tiny_colbert):
     Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late_model=str(tiny_colbert))).add(docs)
