@@ -20,15 +20,21 @@ RESULTS_MD = HERE / "RESULTS.md"
 
 
 def machine() -> str:
-    """CPU model, cores, memory and torch version, in one line."""
+    """CPU model (with its 8-bit dot-product instructions on x86), cores, memory and torch version, in one line."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor's lines
+        for line in first.splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if "avx2" in flags:  # int8 encoding speed depends on them
+        vnni = sorted(flag for flag in flags if "vnni" in flag)
+        cpu += f" ({', '.join(vnni) if vnni else 'AVX2, no VNNI'})"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
