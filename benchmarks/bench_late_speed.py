@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--name", default="bench_late_speed", help="raw numbers go to benchmarks/results/NAME.json")
     args = parser.parse_args()
     import torch
 
@@ -263,8 +264,10 @@ def main() -> None:
             "float16": 1000 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9),
             "float32": 1000 * 2 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9)}
     if not args.no_record:
-        record("bench_late_speed", "Late-interaction search speed: exact MaxSim and centroid candidates against PLAID "
-               "and PyLate's rerank, 294k and 10M tokens", raw, table(raw), command="python benchmarks/bench_late_speed.py")
+        sizes_text = " and ".join(f"{raw[size]['tokens'] / 1e6:.2f}M" for size in sizes)
+        record(args.name, "Late-interaction search speed: exact MaxSim and centroid candidates against PLAID "
+               f"and PyLate's rerank, {sizes_text} tokens", raw, table(raw),
+               command=f"python benchmarks/bench_late_speed.py {' '.join(sys.argv[1:])}".strip())
 
 
 def table(raw: dict) -> str:

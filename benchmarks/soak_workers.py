@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ragkit import store
+from ragkit.models import CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("oil prices rose sharply in october the embargo lasted months retrieval augmented generation cites lines "
@@ -88,8 +89,9 @@ class MarkedCorpus(Corpus):
 # ------------------------------------------------------------------------------------------- child processes
 
 def child_env(pause: float | None = None) -> dict[str, str]:
-    """The environment of every ragkit child: offline, this checkout first on the path, no stray RAGKIT_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGKIT_")}
+    """The environment of every ragkit child: offline, this checkout first on the path, no stray RAGKIT_* setting
+    (the cache folder is kept: it says where exports go, not how to index)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGKIT_") or k == CACHE_ENV}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     if pause:

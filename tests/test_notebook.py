@@ -60,7 +60,7 @@ def test_quickstart_is_stored_without_outputs():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, _reader_cache):
     """The quickstart executed by a kernel of this interpreter, from the notebooks folder."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
@@ -81,12 +81,14 @@ def executed(tmp_path_factory):
     probe.metadata["tags"] = ["probe"]
     nb.cells.insert(0, probe)
 
-    # The kernel inherits this environment: conftest.py sets HF_HUB_OFFLINE=1; temp folders go under pytest's.
+    # The kernel inherits this environment: conftest.py sets HF_HUB_OFFLINE=1; temp folders and caches go under
+    # pytest's.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("notebook-tmp")))
         mp.setenv("MPLBACKEND", "Agg")
         for key in [k for k in os.environ if k.startswith("RAGKIT_")]:
             mp.delenv(key)
+        mp.setenv("RAGKIT_CACHE_DIR", str(_reader_cache))  # the notebook's ONNX exports stay out of the user's cache
         NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     return nb
 
