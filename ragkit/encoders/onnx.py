@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ragkit.encoders.int8 import RECIPE
+from ragkit.encoders.int8 import backend_fingerprint
 from ragkit.errors import warn
 from ragkit.models import cache_dir
 
@@ -354,7 +354,7 @@ def query_encoder(info: dict, device: str | None, onnx_queries: bool = True):
     (ONNX Runtime starts in a fraction of the time torch takes to import), else the model itself, which then
     makes the export for the next query."""
     backend = info.get("backend", "torch")
-    if backend == "onnx-int8" and info.get("int8") != RECIPE:
+    if any(info.get(key) != value for key, value in backend_fingerprint(backend).items()):
         warn("this index's int8 vectors were made by an earlier quantisation recipe than its queries will be (the "
              "two differ slightly); run `ragkit index` on its folders again to re-encode them")
     usable = onnx_queries and device in (None, "cpu") and info.get("revision", "unknown") != "unknown"
