@@ -130,7 +130,7 @@ def test_centroids_are_carried_over_and_trained_again_when_much_is_new(tmp_path)
     assert np.array_equal(codes2[: second.offsets[397]], codes1[first.offsets[3] :])
     new_tokens = int(second.offsets[-1] - second.offsets[397])
     state = json.loads((tmp_path / "g2" / "params.json").read_text())["centroids"]
-    assert state == {"count": len(np.load(tmp_path / "g1" / CENTROIDS)), "trained_tokens": first.total_tokens,
+    assert state == {"count": centroid_count(first.total_tokens), "trained_tokens": first.total_tokens,
                      "added_since_training": new_tokens}
     for row in (397, 398):  # the new chunks are found through the lists
         query = second.token_data(row)[0]

@@ -2,7 +2,7 @@
 
 Every token vector is assigned one of K centroids of a two-level spherical k-means: √K coarse centroids, and
 within each coarse cell about √K fine ones (so that training and assigning cost √K products per token, not K, and
-K can be as fine as PLAID's); a token goes to the nearest fine centroid of its nearest coarse cell. For a query,
+K can be finer than PLAID's); a token goes to the nearest fine centroid of its nearest coarse cell. For a query,
 each query token q_i probes its `probe` nearest centroids; a chunk's approximate MaxSim is Σ_i max_c q_i · c over
 the probed centroids of q_i that hold a token of the chunk, and q_i's score with its next (unprobed) centroid where
 none does (no unprobed centroid scores higher). The best `candidates` chunks by that score are then scored exactly
@@ -30,9 +30,11 @@ CENTROIDS, COARSE, COARSE_OFFSETS = "centroids.npy", "coarse.npy", "coarse_offse
 CODES, IVF, IVF_OFFSETS = "codes.npy", "ivf.npy", "ivf_offsets.npy"
 FILES = (CENTROIDS, COARSE, COARSE_OFFSETS, CODES, IVF, IVF_OFFSETS)
 RETRAIN_SHARE = 0.05  # train a candidate stage again once this share of it arrived after training (centroids, PLAID)
+CENTROIDS_PER_ROOT_TOKEN = 64  # K ≈ 64·√T (see centroid_count)
 SAMPLE_PER_CENTROID = 32  # k-means trains on at most this many sampled tokens per fine centroid
 KMEANS_ITERATIONS = 10
 ASSIGN_BLOCK = 1 << 16  # tokens assigned to centroids per step (bounds memory)
+SCORE_CELLS = 1 << 22  # (query token, chunk row) maxima held at once when scoring (bounds memory)
 
 
 @dataclass
@@ -49,11 +51,13 @@ class CentroidState:
 
 
 def centroid_count(tokens: int) -> int:
-    """K for a collection of T = `tokens` token vectors: the power of two at or below 16·√T (PLAID's choice), at
-    most T."""
+    """K for a collection of T = `tokens` token vectors: the power of two at or below 64·√T, at most T.
+
+    Four times PLAID's 16·√T: PLAID corrects a token's centroid with its stored residual, centroid interaction has
+    only the centroid, and finer centroids bring its scores nearer the exact ones."""
     if tokens < 1:
         return 0
-    return min(tokens, 1 << int(math.log2(16 * math.sqrt(tokens))))
+    return min(tokens, 1 << int(math.log2(CENTROIDS_PER_ROOT_TOKEN * math.sqrt(tokens))))
 
 
 @dataclass
@@ -131,26 +135,39 @@ class CentroidLists:
     def approximate_scores(self, query: np.ndarray, probe: int) -> np.ndarray:
         """Approximate MaxSim of every chunk row (rows,), less Σ_i of q_i's floor (the same for every row)."""
         similarities = np.asarray(query, dtype=np.float32) @ self.centroids.T  # (q_tokens, K)
-        count = similarities.shape[1]
+        q_tokens, count = similarities.shape
         probe = min(max(probe, 1), count)
-        # each token's `probe` nearest centroids, then the next one, whose score is the floor (none: the lowest)
-        order = (np.argpartition(-similarities, probe, axis=1)[:, : probe + 1] if probe < count
-                 else np.argsort(-similarities, axis=1))
-        best = np.zeros(self.rows, dtype=np.float32)  # Σ_i of each row's best probed score above q_i's floor
-        token_best = np.zeros(self.rows, dtype=np.float32)  # q_i's best probed score above its floor, per row
-        for token, nearest in zip(similarities, order):
-            nearest = nearest[np.argsort(token[nearest])]  # lowest first: a higher score overwrites a lower one
-            floor = token[nearest[0]] if probe < count else min(0.0, float(token[nearest[0]]))
-            probed = nearest[1:] if probe < count else nearest
-            touched = []
-            for c in probed:
-                rows = self.ivf[self.ivf_offsets[c] : self.ivf_offsets[c + 1]]
-                token_best[rows] = token[c] - floor
-                touched.append(rows)
-            touched = np.concatenate(touched)
-            best[touched] += token_best[touched]  # a row listed twice gets the same sum twice: added once
-            token_best[touched] = 0.0
+        token = np.arange(q_tokens)[:, None]
+        if probe < count:  # each token's `probe` nearest centroids, and the next one, whose score is the floor
+            nearest = np.argpartition(-similarities, probe, axis=1)[:, : probe + 1]  # (q_tokens, probe + 1)
+            lowest = similarities[token, nearest].argmin(axis=1)
+            floors = similarities[token[:, 0], nearest[token[:, 0], lowest]]
+            keep = np.ones(nearest.shape, dtype=bool)
+            keep[token[:, 0], lowest] = False
+            probed = nearest[keep].reshape(q_tokens, probe)
+        else:  # every centroid probed: the floor is the lowest score, or 0 when none is negative
+            probed = np.broadcast_to(np.arange(count), similarities.shape)
+            floors = np.minimum(0.0, similarities.min(axis=1))
+        gains = similarities[token, probed] - floors[:, None]  # (q_tokens, probe), ≥ 0
+        best = np.zeros(self.rows, dtype=np.float32)
+        group = max(1, SCORE_CELLS // max(self.rows, 1))  # query tokens whose (token, row) maxima are held at once
+        for first in range(0, q_tokens, group):
+            best += self._token_maxima(probed[first : first + group], gains[first : first + group]).sum(axis=0)
         return best
+
+    def _token_maxima(self, probed: np.ndarray, gains: np.ndarray) -> np.ndarray:
+        """(tokens, rows): for each query token, each row's highest gain among the probed centroids holding one
+        of its tokens (0 where none does), from the tokens' probed centroids and gains, both (tokens, probe)."""
+        tokens, probe = probed.shape
+        starts = self.ivf_offsets[probed.ravel()]
+        lengths = self.ivf_offsets[probed.ravel() + 1] - starts
+        # the concatenated lists of every probed centroid: position j of list p is ivf[starts[p] + j]
+        positions = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        keys = np.repeat(np.repeat(np.arange(tokens, dtype=np.int64) * self.rows, probe), lengths)
+        keys += self.ivf[positions]
+        maxima = np.zeros(tokens * self.rows, dtype=np.float32)
+        np.maximum.at(maxima, keys, np.repeat(gains.ravel(), lengths))
+        return maxima.reshape(tokens, self.rows)
 
 
 def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray, carried: dict[int, tuple[int, int]],
