@@ -115,6 +115,21 @@ def measure(late, queries, with_pylate: bool) -> dict:
 METHODS = ("exact", "exact_streamed", "centroids", "plaid", "plaid_rerank", "pylate_rerank")
 
 
+def hybrid_latency(idx, questions: list[str]) -> dict:
+    """p50/p95 of a whole hybrid query and the mean milliseconds of each of its stages."""
+    for q in questions[:5]:
+        idx.search(q, k=10, mode="hybrid")
+    stages: dict[str, float] = {}
+    hybrid = []
+    for q in questions:
+        started = time.perf_counter()
+        idx.search(q, k=10, mode="hybrid")
+        hybrid.append(time.perf_counter() - started)
+        for stage, seconds in idx.searcher.timings.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    return {**percentiles(hybrid), "stage_ms": {s: 1000 * v / len(questions) for s, v in stages.items()}}
+
+
 def eval_seconds(idx, limit: int) -> dict:
     """Seconds per question of `ragkit eval` (hybrid) on the first `limit` SQuAD dev questions: retrieval and its
     scoring alone, and with the extractive reader's answers."""
@@ -192,6 +207,8 @@ def main() -> None:
     parser.add_argument("--large-plaid-kmeans-docs", type=int, default=None,
                         help="documents PLAID's k-means samples on the large collection [default: fast-plaid's, "
                              "16·√(120·documents): over an hour of k-means on two cores at 10M tokens]")
+    parser.add_argument("--large-only", action="store_true",
+                        help="measure the large collection alone (no hybrid, eval or 294k-token measurements)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-record", action="store_true")
@@ -214,25 +231,16 @@ def main() -> None:
     queries = searcher.late_encoder.encode_queries(questions)
     raw: dict = {"questions": len(questions), "threads": args.threads, "bandwidth_GB_s": bandwidth_gb_s(), "small": {}}
 
-    for q in questions[:5]:
-        idx.search(q, k=10, mode="hybrid")
-    stages: dict[str, float] = {}
-    hybrid = []
-    for q in questions:
-        started = time.perf_counter()
-        idx.search(q, k=10, mode="hybrid")
-        hybrid.append(time.perf_counter() - started)
-        for stage, seconds in searcher.timings.items():
-            stages[stage] = stages.get(stage, 0.0) + seconds
-    raw["hybrid"] = {**percentiles(hybrid), "stage_ms": {s: 1000 * v / len(questions) for s, v in stages.items()}}
-    print("hybrid", raw["hybrid"], flush=True)
-    raw["eval_seconds_per_question"] = eval_seconds(idx, args.queries)
-    print("eval", raw["eval_seconds_per_question"], flush=True)
+    if not args.large_only:
+        raw["hybrid"] = hybrid_latency(idx, questions)
+        print("hybrid", raw["hybrid"], flush=True)
+        raw["eval_seconds_per_question"] = eval_seconds(idx, args.queries)
+        print("eval", raw["eval_seconds_per_question"], flush=True)
 
     from ragkit.indexes.late import LateIndex
     from ragkit.indexes.late_centroids import FILES
 
-    sizes = ("small", "large") if args.scale > 1 else ("small",)
+    sizes = ("large",) if args.large_only else ("small", "large") if args.scale > 1 else ("small",)
     small_dir = store.current_generation(idx.path) / "late"
     big_dir = work / f"late-x{args.scale}"
     if "large" in sizes and not (big_dir / "params.json").is_file():
@@ -240,9 +248,10 @@ def main() -> None:
         started = time.perf_counter()
         scaled_copy(small_dir, big_dir, args.scale)
         raw["large_copy_seconds"] = time.perf_counter() - started
-    raw["small"]["build_seconds"] = add_candidate_stages(small_dir, plaid=True)
-    raw["small"].update(measure(LateIndex.load(small_dir), queries, with_pylate=True))
-    print("small", raw["small"], flush=True)
+    if "small" in sizes:
+        raw["small"]["build_seconds"] = add_candidate_stages(small_dir, plaid=True)
+        raw["small"].update(measure(LateIndex.load(small_dir), queries, with_pylate=True))
+        print("small", raw["small"], flush=True)
     if "large" in sizes:
         raw["large"] = {"build_seconds": add_candidate_stages(big_dir, args.large_plaid, args.large_plaid_kmeans_docs),
                         "plaid_kmeans_docs": args.large_plaid_kmeans_docs}
@@ -273,7 +282,7 @@ def main() -> None:
 def table(raw: dict) -> str:
     lines = ["| collection | method | p50 ms | p95 ms | QPS | recall@10 vs exact | QPS vs PLAID |",
              "|---|---|---|---|---|---|---|"]
-    for size in ("small", "large") if "large" in raw else ("small",):
+    for size in [size for size in ("small", "large") if raw.get(size)]:
         entry = raw[size]
         for method in METHODS:
             if method in entry:
@@ -281,7 +290,7 @@ def table(raw: dict) -> str:
                 versus = f"{m['qps'] / entry['plaid']['qps']:.2f}×" if "plaid" in entry else "–"
                 lines.append(f"| {entry['tokens']:,} tokens | {method} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} | "
                              f"{m['qps']:.1f} | {m['recall@10']:.3f} | {versus} |")
-    for size in ("small", "large") if "large" in raw else ("small",):
+    for size in [size for size in ("small", "large") if raw.get(size)]:
         grid = raw[size].get("centroids_grid", {})
         counts = sorted({int(key.split("candidates=")[1]) for key in grid})
         lines += ["", f"Centroid stage at {raw[size]['tokens']:,} tokens, recall@10 vs exact / p50 ms, by probe "
