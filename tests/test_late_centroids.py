@@ -55,7 +55,10 @@ def reference_scores(late: LateIndex, query: np.ndarray, probe: int) -> np.ndarr
     codes = np.load(late.folder / CODES)
     similarities = query @ centroids.T
     ranked = np.argsort(-similarities, axis=1)
-    floors = similarities[np.arange(len(query)), ranked[:, probe]]
+    if probe < len(centroids):
+        floors = similarities[np.arange(len(query)), ranked[:, probe]]
+    else:  # every centroid probed: the floor is the lowest score, or 0 when none is negative
+        floors = np.minimum(0.0, similarities.min(axis=1))
     out = np.zeros(len(late))
     for row in range(len(late)):
         held = set(codes[late.offsets[row] : late.offsets[row + 1]].tolist())
@@ -70,10 +73,24 @@ def test_approximate_scores_are_centroid_interaction_with_the_next_centroid_as_f
     parts = topical_parts(rng, 150)
     late = write(tmp_path / "late", parts)
     lists = CentroidLists.load(late.folder, len(late))
-    for probe in (1, 3, 8):
+    for probe in (1, 3, 8, len(lists.centroids)):
         for query in queries_from(rng, parts, 3):
             np.testing.assert_allclose(lists.approximate_scores(query, probe), reference_scores(late, query, probe),
                                        atol=1e-5)
+
+
+def test_approximate_scores_are_the_same_when_query_tokens_are_scored_in_groups(tmp_path, monkeypatch):
+    from ragkit.indexes import late_centroids
+
+    rng = np.random.default_rng(4)
+    parts = topical_parts(rng, 150)
+    late = write(tmp_path / "late", parts)
+    lists = CentroidLists.load(late.folder, len(late))
+    query = queries_from(rng, parts, 1)[0]
+    whole = lists.approximate_scores(query, 4)
+    monkeypatch.setattr(late_centroids, "SCORE_CELLS", 3 * len(late))  # 8 query tokens in groups of 3
+    np.testing.assert_allclose(lists.approximate_scores(query, 4), whole, rtol=1e-6)
+    np.testing.assert_allclose(whole, reference_scores(late, query, 4), atol=1e-5)
 
 
 def test_every_token_sits_under_the_nearest_fine_centroid_of_its_nearest_coarse_cell(tmp_path):
