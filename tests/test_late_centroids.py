@@ -205,3 +205,12 @@ def test_an_unknown_stage_is_refused():
 
     with pytest.raises(ConfigError, match="late_candidates"):
         Settings(late_candidates="warp").replace()
+
+
+def test_the_centroid_count_is_the_largest_power_of_two_under_64_root_t_and_t_over_16():
+    for tokens in (1, 100, 10_000, 294_965, 1_179_860, 9_957_952):
+        count = centroid_count(tokens)
+        bound = max(1.0, min(64 * tokens**0.5, tokens / 16))
+        assert count & (count - 1) == 0 and count <= bound < 2 * count
+    assert centroid_count(1_179_860) == 65_536  # 64·√T binds above a million tokens, where the stage is searched
+    assert centroid_count(294_965) == 16_384  # T/16 binds below: at most 32 bytes of 128-d centroids per token

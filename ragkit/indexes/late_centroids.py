@@ -31,6 +31,7 @@ CODES, IVF, IVF_OFFSETS = "codes.npy", "ivf.npy", "ivf_offsets.npy"
 FILES = (CENTROIDS, COARSE, COARSE_OFFSETS, CODES, IVF, IVF_OFFSETS)
 RETRAIN_SHARE = 0.05  # train a candidate stage again once this share of it arrived after training (centroids, PLAID)
 CENTROIDS_PER_ROOT_TOKEN = 64  # K ≈ 64·√T (see centroid_count)
+MIN_TOKENS_PER_CENTROID = 16  # and K ≤ T/16
 SAMPLE_PER_CENTROID = 32  # k-means trains on at most this many sampled tokens per fine centroid
 KMEANS_ITERATIONS = 10
 ASSIGN_BLOCK = 1 << 16  # tokens assigned to centroids per step (bounds memory)
@@ -51,13 +52,15 @@ class CentroidState:
 
 
 def centroid_count(tokens: int) -> int:
-    """K for a collection of T = `tokens` token vectors: the power of two at or below 64·√T, at most T.
+    """K for a collection of T = `tokens` token vectors: the power of two at or below 64·√T and T/16 (at least 1).
 
     Four times PLAID's 16·√T: PLAID corrects a token's centroid with its stored residual, centroid interaction has
-    only the centroid, and finer centroids bring its scores nearer the exact ones."""
+    only the centroid, and finer centroids bring its scores nearer the exact ones. T/16 bounds what the centroids
+    cost per token in collections under a million tokens, which exact search serves while the stage waits."""
     if tokens < 1:
         return 0
-    return min(tokens, 1 << int(math.log2(CENTROIDS_PER_ROOT_TOKEN * math.sqrt(tokens))))
+    return 1 << int(math.log2(max(1.0, min(CENTROIDS_PER_ROOT_TOKEN * math.sqrt(tokens),
+                                           tokens / MIN_TOKENS_PER_CENTROID))))
 
 
 @dataclass
