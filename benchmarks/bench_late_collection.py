@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_late_speed import latencies, recall_at_10  # noqa: E402
+from benchmarks.bench_late_speed import grid_table, latencies, recall_at_10  # noqa: E402
 from benchmarks.common import DATA, minilm_colbert, minilm_model, percentiles, record  # noqa: E402
 
 SETS = ("squad-v1.1-dev", "qmsum", "pubmedqa-pqal", "leval-longdoc", "pydocs", "financebench")
@@ -184,14 +184,8 @@ def table(raw: dict) -> str:
              + f"). Exact MaxSim: {raw['exact']['p50_ms']:.0f} ms p50.", ""]
     for label, entry in raw["centroids"].items():
         grid = {key: cell for key, cell in entry.items() if key.startswith("probe=")}
-        counts = sorted({int(key.split("candidates=")[1]) for key in grid})
         lines += [f"Centroids {label}: K = {entry['centroids']:,}, built in {entry['build_seconds']:.0f} s. "
-                  "Recall@10 vs exact / p50 ms, by probe (rows) and candidates (columns):", "",
-                  "| probe | " + " | ".join(str(c) for c in counts) + " |", "|---" * (len(counts) + 1) + "|"]
-        for probe in sorted({int(key.split()[0].split("=")[1]) for key in grid}):
-            cells = [grid[f"probe={probe} candidates={c}"] for c in counts]
-            lines.append(f"| {probe} | " + " | ".join(f"{c['recall@10']:.3f} / {c['p50_ms']:.0f}" for c in cells)
-                         + " |")
+                  "Recall@10 vs exact / p50 ms, by probe (rows) and candidates (columns):", "", *grid_table(grid)]
         default = grid.get("probe=32 candidates=1024")
         if default:
             lines += ["", "Per set at probe 32, 1,024 candidates: " + ", ".join(

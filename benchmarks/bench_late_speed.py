@@ -291,15 +291,19 @@ def table(raw: dict) -> str:
                 lines.append(f"| {entry['tokens']:,} tokens | {method} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} | "
                              f"{m['qps']:.1f} | {m['recall@10']:.3f} | {versus} |")
     for size in [size for size in ("small", "large") if raw.get(size)]:
-        grid = raw[size].get("centroids_grid", {})
-        counts = sorted({int(key.split("candidates=")[1]) for key in grid})
         lines += ["", f"Centroid stage at {raw[size]['tokens']:,} tokens, recall@10 vs exact / p50 ms, by probe "
-                  "(rows) and candidates re-ranked (columns):", "",
-                  "| probe | " + " | ".join(str(c) for c in counts) + " |", "|---" * (len(counts) + 1) + "|"]
-        for probe in sorted({int(key.split()[0].split("=")[1]) for key in grid}):
-            cells = [grid[f"probe={probe} candidates={c}"] for c in counts]
-            lines.append(f"| {probe} | " + " | ".join(f"{c['recall@10']:.3f} / {c['p50_ms']:.0f}" for c in cells) + " |")
+                  "(rows) and candidates re-ranked (columns):", "", *grid_table(raw[size].get("centroids_grid", {}))]
     return "\n".join(lines)
+
+
+def grid_table(grid: dict) -> list[str]:
+    """Markdown rows of a centroid-stage grid keyed "probe=P candidates=C": recall@10 / p50 ms per cell."""
+    counts = sorted({int(key.split("candidates=")[1]) for key in grid})
+    lines = ["| probe | " + " | ".join(str(c) for c in counts) + " |", "|---" * (len(counts) + 1) + "|"]
+    for probe in sorted({int(key.split()[0].split("=")[1]) for key in grid}):
+        cells = [grid[f"probe={probe} candidates={c}"] for c in counts]
+        lines.append(f"| {probe} | " + " | ".join(f"{c['recall@10']:.3f} / {c['p50_ms']:.0f}" for c in cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

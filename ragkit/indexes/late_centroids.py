@@ -143,8 +143,9 @@ class CentroidLists:
         token = np.arange(q_tokens)[:, None]
         if probe < count:  # each token's `probe` nearest centroids, and the next one, whose score is the floor
             nearest = np.argpartition(-similarities, probe, axis=1)[:, : probe + 1]  # (q_tokens, probe + 1)
-            lowest = similarities[token, nearest].argmin(axis=1)
-            floors = similarities[token[:, 0], nearest[token[:, 0], lowest]]
+            scores = similarities[token, nearest]
+            lowest = scores.argmin(axis=1)
+            floors = scores[token[:, 0], lowest]
             keep = np.ones(nearest.shape, dtype=bool)
             keep[token[:, 0], lowest] = False
             probed = nearest[keep].reshape(q_tokens, probe)
