@@ -17,7 +17,7 @@ candidate stage is kept up to date in every generation, so it is ready when the 
 
 The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits RESIDENT_MAX_BYTES
 keeps that copy in memory after its first search (made while that search streams the blocks, so it costs the first
-query nothing), larger ones are converted block by block at every search.
+query nothing); larger ones are scored from float16 (ragkit.indexes.token_products).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 from ragkit.indexes.base import SearchResults
 from ragkit.indexes.late_centroids import (COARSE, IVF_OFFSETS, RETRAIN_SHARE, CentroidLists, CentroidState,
                                            write_centroids)
+from ragkit.indexes.token_products import chunk_maxsim, token_products
 
 TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
     "tokens.npy", "spans.npy", "offsets.npy", "params.json", "plaid", "plaid_rows.npy")
@@ -145,10 +146,11 @@ class LateIndex:
         while first < len(filled):  # groups of about BLOCK_TOKENS tokens bound the memory of a wide filter
             last = max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + BLOCK_TOKENS)))
             group = filled[first:last]
-            gathered = np.concatenate([source[self.offsets[r] : self.offsets[r + 1]] for r in rows[group]])
-            starts = np.concatenate([[0], np.cumsum(lengths[group])[:-1]])
-            similarities = np.asarray(gathered, dtype=np.float32) @ query.T  # (group tokens, q_tokens)
-            scores[group] = np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
+            group_lengths = lengths[group]
+            starts = np.cumsum(group_lengths) - group_lengths
+            positions = np.arange(int(group_lengths.sum())) + np.repeat(self.offsets[rows[group]] - starts,
+                                                                        group_lengths)
+            scores[group] = chunk_maxsim(token_products(query, source[positions]), starts)
             first = last
         return scores
 
@@ -174,30 +176,30 @@ class LateIndex:
         while row < n:
             end = int(np.searchsorted(self.offsets, self.offsets[row] + BLOCK_TOKENS, side="right")) - 1
             end = min(max(end, row + 1), n)
-            block = self._float32_block(row, end)  # (block tokens, dim)
+            block = self._block(row, end)  # (block tokens, dim), float32 or float16
             filled = row + np.flatnonzero(np.diff(self.offsets[row : end + 1]))  # rows with tokens; the rest score 0
             starts = self.offsets[filled] - self.offsets[row]
             for g, stacked, bounds in groups if len(filled) else ():
-                best = np.maximum.reduceat(block @ stacked.T, starts, axis=0)  # (filled rows, Σ q_tokens)
+                best = np.maximum.reduceat(token_products(stacked, block), starts, axis=1)  # (Σ q_tokens, filled)
                 for i in range(len(bounds) - 1):
-                    out[g + i][filled] = best[:, bounds[i] : bounds[i + 1]].sum(axis=1)
+                    out[g + i][filled] = best[bounds[i] : bounds[i + 1]].sum(axis=0)
             row = end
         return out
 
-    def _float32_block(self, row: int, end: int) -> np.ndarray:
-        """The token vectors of chunk rows row..end-1 as float32: from the resident copy, converted into it now
-        (blocks come in row order, from row 0), or converted for this search alone when the copy would not fit."""
+    def _block(self, row: int, end: int) -> np.ndarray:
+        """The token vectors of chunk rows row..end-1: float32 from the resident copy, or converted into it now
+        (blocks come in row order, from row 0); as stored (float16) when the copy would not fit."""
         a, b = int(self.offsets[row]), int(self.offsets[end])
         if self.tokens.size * 4 > RESIDENT_MAX_BYTES:
-            return np.asarray(self.tokens[a:b], dtype=np.float32)
+            return self.tokens[a:b]
         with self._resident_lock:
             if self._resident is None:
                 self._resident = np.empty(self.tokens.shape, dtype=np.float32)
             if self._resident_rows == row:
                 self._resident[a:b] = self.tokens[a:b]
                 self._resident_rows = end
-            elif self._resident_rows < end:  # another search is filling the copy: convert this block alone
-                return np.asarray(self.tokens[a:b], dtype=np.float32)
+            elif self._resident_rows < end:  # another search is filling the copy: score this block as stored
+                return self.tokens[a:b]
         return self._resident[a:b]
 
     # ------------------------------------------------------------------------------------- candidate stages

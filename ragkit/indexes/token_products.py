@@ -1,0 +1,54 @@
+"""Query-token × document-token similarity products for exact MaxSim, with float16 token matrices read as stored.
+
+numpy converts float16 to float32 element by element, slower than the product itself; ONNX Runtime's Cast uses
+the CPU's half-precision instructions, so a float16 block goes through a two-node graph (Cast, then Gemm) instead.
+The products come out query-token-major, (q_tokens, tokens), so that each chunk's maximum is a reduction over
+contiguous memory (np.maximum.reduceat along axis 1).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_SESSION = None
+_SESSION_LOCK = threading.Lock()
+
+
+def token_products(queries: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """queries (m, dim) · tokensᵀ for tokens (n, dim) float16 or float32: (m, n) float32."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if tokens.dtype != np.float16 or len(tokens) == 0 or len(queries) == 0:
+        return queries @ np.asarray(tokens, dtype=np.float32).T
+    return _half_session().run(None, {"queries": queries, "tokens": np.ascontiguousarray(tokens)})[0]
+
+
+def chunk_maxsim(products: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """MaxSim per chunk from products (q_tokens, tokens) whose chunks begin at columns `starts` (each non-empty)."""
+    return np.maximum.reduceat(products, starts, axis=1).sum(axis=0)
+
+
+def _half_session():
+    """One ONNX Runtime session per process: float32 (m, dim) queries, float16 (n, dim) tokens → (m, n) float32."""
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            import onnxruntime
+            from onnx import TensorProto, helper
+
+            graph = helper.make_graph(
+                [helper.make_node("Cast", ["tokens"], ["tokens32"], to=TensorProto.FLOAT),
+                 helper.make_node("Gemm", ["queries", "tokens32"], ["products"], transB=1)],
+                "token_products",
+                [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["m", "dim"]),
+                 helper.make_tensor_value_info("tokens", TensorProto.FLOAT16, ["n", "dim"])],
+                [helper.make_tensor_value_info("products", TensorProto.FLOAT, ["m", "n"])])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8  # readable by every onnxruntime the project allows
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy reduces next
+            _SESSION = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
+        return _SESSION

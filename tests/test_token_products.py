@@ -1,0 +1,46 @@
+"""Similarity products of query tokens with stored token vectors, and MaxSim per chunk from them."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from ragkit.indexes.token_products import chunk_maxsim, token_products
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_products_equal_the_float64_reference_for_stored_float16_and_float32(dtype):
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(7, 128)).astype(np.float32)
+    tokens = rng.normal(size=(1000, 128)).astype(dtype)
+    products = token_products(queries, tokens)
+    assert products.shape == (7, 1000) and products.dtype == np.float32
+    reference = queries.astype(np.float64) @ tokens.astype(np.float64).T
+    assert np.abs(products - reference).max() < 1e-3
+
+
+def test_products_with_no_tokens_or_no_queries_are_empty():
+    queries = np.ones((3, 16), dtype=np.float32)
+    assert token_products(queries, np.zeros((0, 16), dtype=np.float16)).shape == (3, 0)
+    assert token_products(queries[:0], np.ones((5, 16), dtype=np.float16)).shape == (0, 5)
+
+
+def test_threads_share_the_half_precision_session():
+    rng = np.random.default_rng(1)
+    tokens = rng.normal(size=(500, 32)).astype(np.float16)
+    queries = [rng.normal(size=(4, 32)).astype(np.float32) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda q: token_products(q, tokens), queries))
+    for query, products in zip(queries, results):
+        assert np.allclose(products, query @ tokens.astype(np.float32).T, atol=1e-4)
+
+
+def test_chunk_maxsim_sums_each_query_token_maximum_within_each_chunk():
+    rng = np.random.default_rng(2)
+    lengths = [3, 1, 5, 2]
+    products = rng.normal(size=(4, sum(lengths))).astype(np.float32)
+    starts = np.cumsum(lengths) - lengths
+    expected = [products[:, a : a + n].max(axis=1).sum() for a, n in zip(starts, lengths)]
+    assert np.allclose(chunk_maxsim(products, starts), expected)
