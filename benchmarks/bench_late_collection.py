@@ -35,7 +35,7 @@ from benchmarks.bench_late_speed import grid_table, latencies, recall_at_10  # n
 from benchmarks.common import DATA, minilm_colbert, minilm_model, percentiles, record  # noqa: E402
 
 SETS = ("squad-v1.1-dev", "qmsum", "pubmedqa-pqal", "leval-longdoc", "pydocs", "financebench")
-GRID = [(probe, candidates) for probe in (16, 32, 64) for candidates in (256, 512, 1024, 2048)]
+GRID = [(probe, candidates) for probe in (32, 64, 128) for candidates in (256, 512, 1024, 2048)]
 COUNTS = {"ragkit (64·√T)": 64, "PLAID's (16·√T)": 16}
 
 
@@ -177,6 +177,8 @@ def main() -> None:
 
 
 def table(raw: dict) -> str:
+    from ragkit.config import Settings
+
     lines = [f"{raw['tokens']:,} tokens in {raw['chunks']:,} chunks ("
              + ", ".join(f"{name} {count:,}" for name, count in raw["chunks_per_set"].items())
              + f" chunks); {sum(raw['questions'].values())} questions ("
@@ -186,9 +188,11 @@ def table(raw: dict) -> str:
         grid = {key: cell for key, cell in entry.items() if key.startswith("probe=")}
         lines += [f"Centroids {label}: K = {entry['centroids']:,}, built in {entry['build_seconds']:.0f} s. "
                   "Recall@10 vs exact / p50 ms, by probe (rows) and candidates (columns):", "", *grid_table(grid)]
-        default = grid.get("probe=32 candidates=1024")
+        settings = Settings()
+        default = grid.get(f"probe={settings.late_probe} candidates={settings.late_rerank_candidates}")
         if default:
-            lines += ["", "Per set at probe 32, 1,024 candidates: " + ", ".join(
+            lines += ["", f"Per set at the defaults (probe {settings.late_probe}, {settings.late_rerank_candidates:,} "
+                      "candidates): " + ", ".join(
                 f"{name} {value:.3f}" for name, value in default["recall@10_per_set"].items()), ""]
     return "\n".join(lines)
 

@@ -58,7 +58,7 @@ def bandwidth_gb_s() -> float:
     return data.nbytes / best / 1e9
 
 
-GRID = [(probe, candidates) for probe in (8, 16, 32, 64) for candidates in (128, 256, 512, 1024, 2048)]
+GRID = [(probe, candidates) for probe in (16, 32, 64, 128) for candidates in (128, 256, 512, 1024, 2048)]
 
 
 def measure(late, queries, with_pylate: bool) -> dict:

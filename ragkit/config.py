@@ -61,7 +61,7 @@ class Settings:
     late_exact_max_tokens: int = 1_000_000  # exact MaxSim over all tokens up to this size, a candidate stage beyond
     late_candidates: str | None = None  # that candidate stage: centroids | plaid [index's, or centroids]
     late_rerank_candidates: int = 1024  # candidates of that stage re-scored by exact MaxSim
-    late_probe: int = 32  # centroids each query token probes in the centroid stage
+    late_probe: int = 128  # centroids each query token probes in the centroid stage
     plaid_min_tokens: int = 0  # with late_candidates = plaid: build PLAID only above this many tokens
     rerank_depth: int = 32  # fused candidates re-ranked by exact MaxSim in hybrid mode (0: none)
     evidence_hits: int = 10  # hits that get evidence spans (the ones a user reads)

@@ -192,7 +192,7 @@ class ShardedLate(_Sharded):
         return self.parts[0].params
 
     def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
-               exact_max_tokens: int = 1_000_000, candidates: int = 1024, probe: int = 32) -> SearchResults:
+               exact_max_tokens: int = 1_000_000, candidates: int = 1024, probe: int = 128) -> SearchResults:
         return self._search(lambda part, qs, k, local: part.search(qs, k, local, exact_max_tokens, candidates, probe),
                             queries, k, rows)
 

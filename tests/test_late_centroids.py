@@ -12,8 +12,8 @@ from ragkit.api import Index
 from ragkit.config import Settings
 from ragkit.fingerprints import recorded_settings
 from ragkit.indexes.late import LateIndex, write_late_index
-from ragkit.indexes.late_centroids import (CENTROIDS, CODES, COARSE, COARSE_OFFSETS, IVF, IVF_OFFSETS, CentroidLists,
-                                           centroid_count)
+from ragkit.indexes.late_centroids import (CENTROIDS, CODES, COARSE, COARSE_OFFSETS, DIRECTIONS, IVF, IVF_OFFSETS,
+                                           CentroidLists, centroid_count)
 from test_late import write_corpus
 
 DIM = 16
@@ -91,6 +91,40 @@ def test_approximate_scores_are_the_same_when_query_tokens_are_scored_in_groups(
     monkeypatch.setattr(late_centroids, "SCORE_CELLS", 3 * len(late))  # 8 query tokens in groups of 3
     np.testing.assert_allclose(lists.approximate_scores(query, 4), whole, rtol=1e-6)
     np.testing.assert_allclose(whole, reference_scores(late, query, 4), atol=1e-5)
+
+
+def test_each_chunk_direction_is_its_mean_token_vector_at_unit_length(tmp_path, monkeypatch):
+    from ragkit.indexes import late_centroids
+
+    monkeypatch.setattr(late_centroids, "ASSIGN_BLOCK", 50)  # directions summed over several blocks of chunks
+    parts = topical_parts(np.random.default_rng(5), 40)
+    parts[3] = (np.zeros((0, DIM), dtype=np.float16), np.zeros((0, 2), dtype=np.int32))
+    late = write(tmp_path / "late", parts)
+    directions = np.load(late.folder / DIRECTIONS)
+    assert directions.shape == (40, DIM) and directions.dtype == np.float16
+    assert not directions[3].any()  # no tokens, no direction
+    for row, (vectors, _) in enumerate(parts):
+        if len(vectors):
+            mean = vectors.astype(np.float64).mean(axis=0)
+            np.testing.assert_allclose(directions[row], mean / np.linalg.norm(mean), atol=2e-3)
+
+
+def test_candidates_add_the_standardised_centroid_and_direction_scores(tmp_path):
+    rng = np.random.default_rng(6)
+    parts = topical_parts(rng, 150)
+    late = write(tmp_path / "late", parts)
+    lists = CentroidLists.load(late.folder, len(late))
+    query = queries_from(rng, parts, 1)[0]
+    approximate = lists.approximate_scores(query, 4)
+    closeness = np.load(late.folder / DIRECTIONS).astype(np.float32) @ query.sum(axis=0)
+    blended = (approximate - approximate.mean()) / approximate.std() + (closeness - closeness.mean()) / closeness.std()
+    found = lists.candidates(query, 20, 4)
+    np.testing.assert_allclose(blended[found], np.sort(blended)[::-1][:20], rtol=1e-5)
+    assert set(found) != set(np.argsort(-approximate, kind="stable")[:20])  # the directions change the candidates
+    (late.folder / DIRECTIONS).unlink()  # a folder written before the directions: the centroid score alone
+    before = CentroidLists.load(late.folder, len(late))
+    assert before.directions is None
+    np.testing.assert_allclose(approximate[before.candidates(query, 20, 4)], np.sort(approximate)[::-1][:20])
 
 
 def test_every_token_sits_under_the_nearest_fine_centroid_of_its_nearest_coarse_cell(tmp_path):

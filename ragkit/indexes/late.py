@@ -102,7 +102,7 @@ class LateIndex:
     # ---------------------------------------------------------------------------------------------- search
 
     def search(self, queries: Sequence[np.ndarray], k: int, rows: np.ndarray | None = None,
-               exact_max_tokens: int = 1_000_000, candidates: int = 1024, probe: int = 32) -> SearchResults:
+               exact_max_tokens: int = 1_000_000, candidates: int = 1024, probe: int = 128) -> SearchResults:
         """Top `k` rows by MaxSim for each query (tokens, dim), among `rows` when given. Above `exact_max_tokens`,
         exact MaxSim re-ranks the best `candidates` rows of the candidate stage (`probe`: centroids per query token)."""
         if len(self) == 0 or k == 0:
@@ -114,7 +114,7 @@ class LateIndex:
         all_rows = np.arange(len(self))
         return [_top(scores, all_rows, k) for scores in self.maxsim_all_many(queries)]
 
-    def candidate_search(self, queries: Sequence[np.ndarray], k: int, candidates: int = 1024, probe: int = 32,
+    def candidate_search(self, queries: Sequence[np.ndarray], k: int, candidates: int = 1024, probe: int = 128,
                          stage: str | None = None) -> SearchResults:
         """Top `k` rows per query: the best `candidates` rows of a candidate stage (`stage`: "centroids" or "plaid";
         None: centroids when built, else PLAID), re-scored by exact MaxSim."""

@@ -5,9 +5,13 @@ within each coarse cell about √K fine ones (so that training and assigning cos
 K can be finer than PLAID's); a token goes to the nearest fine centroid of its nearest coarse cell. For a query,
 each query token q_i probes its `probe` nearest centroids; a chunk's approximate MaxSim is Σ_i max_c q_i · c over
 the probed centroids of q_i that hold a token of the chunk, and q_i's score with its next (unprobed) centroid where
-none does (no unprobed centroid scores higher). The best `candidates` chunks by that score are then scored exactly
-from the token matrix. The work per query is the product q · Cᵀ and the probed lists, not the token matrix: it
-grows with the square root of the collection (K does), where exact MaxSim grows with the collection.
+none does (no unprobed centroid scores higher). A chunk none of whose tokens lies in q_i's probed lists gets that
+floor whatever it holds, so the stage also scores every chunk's mean token direction d̄ against the sum of the query
+tokens, Σ_i q_i · d̄, which ranks those chunks by their overall closeness to the query; the candidate score is the
+sum of the two scores, each standardised over the collection. The best `candidates` chunks by it are then scored
+exactly from the token matrix. The work per query is the product q · Cᵀ, the probed lists and one product with the
+chunk directions, not the token matrix: it grows with the square root of the collection (K does) and with its
+number of chunks, where exact MaxSim grows with its tokens.
 
 Files (in the late folder, plain npy):
     centroids.npy    float32 (K, dim): unit-length fine centroids, grouped by coarse cell
@@ -16,6 +20,8 @@ Files (in the late folder, plain npy):
     codes.npy        int32 (T,): the centroid of each token (carried over with its chunk between generations)
     ivf.npy          int32 (E,): for each centroid in turn, the sorted chunk rows with a token there
     ivf_offsets.npy  int64 (K + 1,): centroid c holds ivf[ivf_offsets[c]:ivf_offsets[c + 1]]
+    directions.npy   float16 (n, dim): each chunk row's mean token vector, unit length (zeros for a chunk without
+                     tokens); absent in folders written before it, whose candidates use the centroid score alone
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 CENTROIDS, COARSE, COARSE_OFFSETS = "centroids.npy", "coarse.npy", "coarse_offsets.npy"
-CODES, IVF, IVF_OFFSETS = "codes.npy", "ivf.npy", "ivf_offsets.npy"
-FILES = (CENTROIDS, COARSE, COARSE_OFFSETS, CODES, IVF, IVF_OFFSETS)
+CODES, IVF, IVF_OFFSETS, DIRECTIONS = "codes.npy", "ivf.npy", "ivf_offsets.npy", "directions.npy"
+FILES = (CENTROIDS, COARSE, COARSE_OFFSETS, CODES, IVF, IVF_OFFSETS, DIRECTIONS)
 RETRAIN_SHARE = 0.05  # train a candidate stage again once this share of it arrived after training (centroids, PLAID)
 CENTROIDS_PER_ROOT_TOKEN = 64  # K ≈ 64·√T (see centroid_count)
 MIN_TOKENS_PER_CENTROID = 16  # and K ≤ T/16
@@ -115,20 +121,26 @@ class Codebook:
 class CentroidLists:
     """The fine centroids and, per centroid, the chunk rows that hold one of its tokens: what a query searches."""
 
-    def __init__(self, centroids: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray, rows: int) -> None:
+    def __init__(self, centroids: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray, rows: int,
+                 directions: np.ndarray | None = None) -> None:
         self.centroids = centroids
         self.ivf = ivf
         self.ivf_offsets = ivf_offsets
         self.rows = rows
+        self.directions = directions  # (rows, dim) float32, or None in a folder written before them
 
     @classmethod
     def load(cls, folder: Path, rows: int) -> "CentroidLists":
+        directions = np.load(folder / DIRECTIONS).astype(np.float32) if (folder / DIRECTIONS).is_file() else None
         return cls(np.load(folder / CENTROIDS), np.load(folder / IVF, mmap_mode="r"), np.load(folder / IVF_OFFSETS),
-                   rows)
+                   rows, directions)
 
     def candidates(self, query: np.ndarray, count: int, probe: int) -> np.ndarray:
-        """The `count` chunk rows of best approximate MaxSim for one query (q_tokens, dim), best first."""
-        scores = self.approximate_scores(query, probe)
+        """The `count` chunk rows of best candidate score for one query (q_tokens, dim), best first: the
+        standardised approximate MaxSim plus the standardised closeness of the chunk's direction to the query."""
+        scores = _standardised(self.approximate_scores(query, probe))
+        if self.directions is not None:
+            scores += _standardised(self.directions @ np.asarray(query, dtype=np.float32).sum(axis=0))
         count = min(count, self.rows)
         if count == 0:
             return np.zeros(0, dtype=np.int64)
@@ -208,7 +220,29 @@ def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray, carri
     np.save(folder / CODES, codes)
     np.save(folder / IVF, ivf)
     np.save(folder / IVF_OFFSETS, ivf_offsets)
+    np.save(folder / DIRECTIONS, chunk_directions(tokens, offsets))
     return state
+
+
+def chunk_directions(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each chunk row's mean token vector scaled to unit length (zeros for a chunk without tokens): (n, dim) float16."""
+    rows = len(offsets) - 1
+    out = np.zeros((rows, tokens.shape[1]), dtype=np.float32)
+    row = 0
+    while row < rows:  # blocks of whole chunks, about ASSIGN_BLOCK tokens each
+        end = min(max(int(np.searchsorted(offsets, offsets[row] + ASSIGN_BLOCK, side="right")) - 1, row + 1), rows)
+        filled = row + np.flatnonzero(np.diff(offsets[row : end + 1]))
+        if len(filled):
+            block = np.asarray(tokens[offsets[row] : offsets[end]], dtype=np.float32)
+            out[filled] = np.add.reduceat(block, offsets[filled] - offsets[row], axis=0)
+        row = end
+    return _unit(out).astype(np.float16)
+
+
+def _standardised(scores: np.ndarray) -> np.ndarray:
+    """(scores − mean) / standard deviation; zeros when every score is the same."""
+    deviation = float(scores.std())
+    return (scores - scores.mean()) / deviation if deviation > 0 else np.zeros_like(scores)
 
 
 def _kmeans(vectors: np.ndarray, count: int, seed: int) -> np.ndarray:
