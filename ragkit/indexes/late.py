@@ -5,8 +5,8 @@ Folder layout (all plain files):
     spans.npy       int32 (T, 2): char span of each token in its chunk's text (-1: none)
     offsets.npy     int64 (n + 1): chunk row r owns tokens offsets[r]:offsets[r + 1]
     params.json     model, dim, pool factor, counts, centroid and PLAID bookkeeping
-    centroids.npy, coarse.npy, coarse_offsets.npy, codes.npy, ivf.npy, ivf_offsets.npy: the centroid candidate
-                    stage (ragkit.indexes.late_centroids)
+    centroids.npy, coarse.npy, coarse_offsets.npy, codes.npy, ivf.npy, ivf_offsets.npy, directions.npy: the candidate
+                    centroid stage (ragkit.indexes.late_centroids)
     plaid/          fast-plaid index (centroids, codes, residuals; plain npy + json, never its pickled caches)
     plaid_rows.npy  int64: chunk row of each PLAID document id
 
