@@ -13,7 +13,7 @@ untrained 128-d projection as bench_late_speed (no trained ColBERT can be downlo
 
 Measured: recall@10 against exact MaxSim, overall and per set, and p50/p95 of one query at a time, over a grid of
 probes and candidates, for ragkit's centroid count (64·√T) and for PLAID's (16·√T); the time to build each; exact
-MaxSim's own latency (the float16 matrix converted block by block, as it is above the resident size).
+MaxSim's own latency.
 """
 
 from __future__ import annotations

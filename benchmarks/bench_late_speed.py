@@ -1,6 +1,6 @@
-"""Late-interaction search speed: ragkit's exact MaxSim (float32 copy kept in memory, or blocks converted per search)
-and its centroid candidate stage (centroid interaction + exact re-rank) against PLAID (fast-plaid, as PyLate uses it)
-and PyLate's exhaustive rerank, at 294k and at 10M tokens, in one run.
+"""Late-interaction search speed: ragkit's exact MaxSim (the float16 token matrix scored as stored) and its centroid
+candidate stage (centroid interaction + exact re-rank) against PLAID (fast-plaid, as PyLate uses it) and PyLate's
+exhaustive rerank, at 294k and at 10M tokens, in one run.
 
     python benchmarks/bench_late_speed.py [--queries 100] [--scale 34] [--workdir DIR]
 
@@ -64,23 +64,14 @@ GRID = [(probe, candidates) for probe in (16, 32, 64, 128) for candidates in (12
 def measure(late, queries, with_pylate: bool) -> dict:
     """Every late search method on one LateIndex, against exact MaxSim."""
     from ragkit.config import Settings
-    from ragkit.indexes import late as late_module
 
     n = len(queries)
     out: dict = {"tokens": late.total_tokens, "chunks": len(late)}
     first = time.perf_counter()
     exact, _ = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=10**12)[0]], queries[:1])
-    out["first_query_ms"] = 1000 * (time.perf_counter() - first)  # fills the float32 copy when it fits
+    out["first_query_ms"] = 1000 * (time.perf_counter() - first)
     exact, times = latencies(lambda q: [r for r, _ in late.search([q], 10, exact_max_tokens=10**12)[0]], queries)
-    out["exact"] = {**percentiles(times), "recall@10": 1.0, "resident": late._resident_rows == len(late)}
-    if out["exact"]["resident"]:  # (a collection without the copy was just measured streaming)
-        saved = late_module.RESIDENT_MAX_BYTES
-        late_module.RESIDENT_MAX_BYTES = 0  # blocks converted at every search, as before the copy
-        streamed = type(late).load(late.folder)
-        found, times = latencies(lambda q: [r for r, _ in streamed.search([q], 10, exact_max_tokens=10**12)[0]],
-                                 queries)
-        late_module.RESIDENT_MAX_BYTES = saved
-        out["exact_streamed"] = {**percentiles(times), "recall@10": recall_at_10(found, exact)}
+    out["exact"] = {**percentiles(times), "recall@10": 1.0}
     if late.has_centroids:
         default = Settings()
         grid = {}
@@ -112,7 +103,7 @@ def measure(late, queries, with_pylate: bool) -> dict:
     return out
 
 
-METHODS = ("exact", "exact_streamed", "centroids", "plaid", "plaid_rerank", "pylate_rerank")
+METHODS = ("exact", "centroids", "plaid", "plaid_rerank", "pylate_rerank")
 
 
 def hybrid_latency(idx, questions: list[str]) -> dict:
@@ -264,11 +255,10 @@ def main() -> None:
         float16 = (late_dir / "tokens.npy").stat().st_size / tokens
         raw[size]["bytes_per_token"] = {
             "float16_matrix": float16,
-            "centroids": sum((late_dir / name).stat().st_size for name in FILES)
+            "centroids": sum((late_dir / name).stat().st_size for name in FILES if (late_dir / name).is_file())
             / tokens,
             "plaid": sum(p.stat().st_size for p in (late_dir / "plaid").rglob("*") if p.is_file()) / tokens
-            if (late_dir / "plaid").is_dir() else None,
-            "float32_copy_in_memory": 2 * float16 if raw[size]["exact"]["resident"] else 0}
+            if (late_dir / "plaid").is_dir() else None}
         raw[size]["bandwidth_limit_ms"] = {
             "float16": 1000 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9),
             "float32": 1000 * 2 * (late_dir / "tokens.npy").stat().st_size / (raw["bandwidth_GB_s"] * 1e9)}

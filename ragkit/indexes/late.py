@@ -15,9 +15,8 @@ search uses a candidate stage only above `exact_max_tokens`, where it proposes c
 them: centroid interaction (late_centroids) when the folder has its lists, else PLAID when it has one. The
 candidate stage is kept up to date in every generation, so it is ready when the collection grows past that size.
 
-The matrix is stored as float16 and scored in float32: a collection whose float32 copy fits RESIDENT_MAX_BYTES
-keeps that copy in memory after its first search (made while that search streams the blocks, so it costs the first
-query nothing); larger ones are scored from float16 (ragkit.indexes.token_products).
+The matrix is stored as float16 and scored as stored, without a float32 copy: the products go through ONNX
+Runtime, whose conversion uses the CPU's half-precision instructions (ragkit.indexes.token_products).
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
 MIN_PLAID_TOKENS = 1000  # below this PLAID may not train its codec; exact search serves such tiny indexes
 BLOCK_TOKENS = 1 << 16  # tokens scored per block in exhaustive search (bounds memory)
 MAX_BLOCK_SCORES = 1 << 25  # similarities held at once in exhaustive search (128 MiB of float32)
-RESIDENT_MAX_BYTES = 1 << 30  # largest float32 copy of the token matrix kept in memory between searches
 # The files of a fast-plaid folder that a generation carries over to the next (see docs/index-format.md)
 PLAID_FILE = re.compile(r"(metadata|plan|doclens\.\d+|\d+\.metadata|merged_(codes|residuals)\.manifest)\.json"
                         r"|(centroids|avg_residual|bucket_cutoffs|bucket_weights|cluster_threshold|ivf|ivf_lengths"
@@ -78,9 +76,6 @@ class LateIndex:
         self.params = params
         self._plaid = None
         self._centroids: CentroidLists | None = None
-        self._resident: np.ndarray | None = None  # (T, dim) float32 copy of `tokens`, filled up to _resident_rows
-        self._resident_rows = 0  # chunk rows whose tokens the copy holds (blocks are whole chunks)
-        self._resident_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -139,7 +134,6 @@ class LateIndex:
         filled = np.flatnonzero(lengths)  # a chunk with no token vectors scores 0
         if len(filled) == 0:
             return scores
-        source = self._resident if self._resident_rows == len(self) else self.tokens
         query = np.asarray(query, dtype=np.float32)
         ends = np.cumsum(lengths[filled])
         first = 0
@@ -150,7 +144,7 @@ class LateIndex:
             starts = np.cumsum(group_lengths) - group_lengths
             positions = np.arange(int(group_lengths.sum())) + np.repeat(self.offsets[rows[group]] - starts,
                                                                         group_lengths)
-            scores[group] = chunk_maxsim(token_products(query, source[positions]), starts)
+            scores[group] = chunk_maxsim(token_products(query, self.tokens[positions]), starts)
             first = last
         return scores
 
@@ -160,7 +154,7 @@ class LateIndex:
 
     def maxsim_all_many(self, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Exact MaxSim of each query (q_tokens, dim) against every row. The token matrix is streamed in blocks
-        of whole chunks, each converted to float32 once and scored against a group of queries at a time."""
+        of whole chunks, each scored as stored against a group of queries at a time."""
         n = len(self)
         out = [np.zeros(n, dtype=np.float32) for _ in queries]
         if not queries:
@@ -176,7 +170,7 @@ class LateIndex:
         while row < n:
             end = int(np.searchsorted(self.offsets, self.offsets[row] + BLOCK_TOKENS, side="right")) - 1
             end = min(max(end, row + 1), n)
-            block = self._block(row, end)  # (block tokens, dim), float32 or float16
+            block = self.tokens[self.offsets[row] : self.offsets[end]]  # (block tokens, dim) float16
             filled = row + np.flatnonzero(np.diff(self.offsets[row : end + 1]))  # rows with tokens; the rest score 0
             starts = self.offsets[filled] - self.offsets[row]
             for g, stacked, bounds in groups if len(filled) else ():
@@ -185,22 +179,6 @@ class LateIndex:
                     out[g + i][filled] = best[bounds[i] : bounds[i + 1]].sum(axis=0)
             row = end
         return out
-
-    def _block(self, row: int, end: int) -> np.ndarray:
-        """The token vectors of chunk rows row..end-1: float32 from the resident copy, or converted into it now
-        (blocks come in row order, from row 0); as stored (float16) when the copy would not fit."""
-        a, b = int(self.offsets[row]), int(self.offsets[end])
-        if self.tokens.size * 4 > RESIDENT_MAX_BYTES:
-            return self.tokens[a:b]
-        with self._resident_lock:
-            if self._resident is None:
-                self._resident = np.empty(self.tokens.shape, dtype=np.float32)
-            if self._resident_rows == row:
-                self._resident[a:b] = self.tokens[a:b]
-                self._resident_rows = end
-            elif self._resident_rows < end:  # another search is filling the copy: score this block as stored
-                return self.tokens[a:b]
-        return self._resident[a:b]
 
     # ------------------------------------------------------------------------------------- candidate stages
 
