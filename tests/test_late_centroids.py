@@ -49,6 +49,14 @@ def write(folder, parts, ids=None, previous=None, previous_ids=None) -> LateInde
     return LateIndex.load(folder)
 
 
+def stage_and_query(tmp_path, seed: int) -> tuple[LateIndex, CentroidLists, np.ndarray]:
+    """A centroid stage over 150 topical chunks, and one query drawn from them."""
+    rng = np.random.default_rng(seed)
+    parts = topical_parts(rng, 150)
+    late = write(tmp_path / "late", parts)
+    return late, CentroidLists.load(late.folder, len(late)), queries_from(rng, parts, 1)[0]
+
+
 def reference_scores(late: LateIndex, query: np.ndarray, probe: int) -> np.ndarray:
     """Centroid interaction written out per chunk: Σ_i max(floor_i, max over its probed centroids of q_i · c)."""
     centroids = np.load(late.folder / CENTROIDS)
@@ -82,11 +90,7 @@ def test_approximate_scores_are_centroid_interaction_with_the_next_centroid_as_f
 def test_approximate_scores_are_the_same_when_query_tokens_are_scored_in_groups(tmp_path, monkeypatch):
     from ragkit.indexes import late_centroids
 
-    rng = np.random.default_rng(4)
-    parts = topical_parts(rng, 150)
-    late = write(tmp_path / "late", parts)
-    lists = CentroidLists.load(late.folder, len(late))
-    query = queries_from(rng, parts, 1)[0]
+    late, lists, query = stage_and_query(tmp_path, seed=4)
     whole = lists.approximate_scores(query, 4)
     monkeypatch.setattr(late_centroids, "SCORE_CELLS", 3 * len(late))  # 8 query tokens in groups of 3
     np.testing.assert_allclose(lists.approximate_scores(query, 4), whole, rtol=1e-6)
@@ -110,11 +114,7 @@ def test_each_chunk_direction_is_its_mean_token_vector_at_unit_length(tmp_path, 
 
 
 def test_candidates_add_the_standardised_centroid_and_direction_scores(tmp_path):
-    rng = np.random.default_rng(6)
-    parts = topical_parts(rng, 150)
-    late = write(tmp_path / "late", parts)
-    lists = CentroidLists.load(late.folder, len(late))
-    query = queries_from(rng, parts, 1)[0]
+    late, lists, query = stage_and_query(tmp_path, seed=6)
     approximate = lists.approximate_scores(query, 4)
     closeness = np.load(late.folder / DIRECTIONS).astype(np.float32) @ query.sum(axis=0)
     blended = (approximate - approximate.mean()) / approximate.std() + (closeness - closeness.mean()) / closeness.std()
