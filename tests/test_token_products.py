@@ -44,3 +44,19 @@ def test_chunk_maxsim_sums_each_query_token_maximum_within_each_chunk():
     starts = np.cumsum(lengths) - lengths
     expected = [products[:, a : a + n].max(axis=1).sum() for a, n in zip(starts, lengths)]
     assert np.allclose(chunk_maxsim(products, starts), expected)
+
+
+def test_the_shipped_graph_is_the_one_products_model_writes():
+    from ragkit.indexes.token_products import MODEL, products_model
+
+    assert MODEL.read_bytes() == products_model()
+
+
+def test_a_query_path_that_scores_products_does_not_import_onnx():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from ragkit.indexes.token_products import token_products; "
+            "token_products(np.ones((2, 8), np.float32), np.ones((3, 8), np.float16)); print('onnx' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,17 +1,20 @@
 """Query-token × document-token similarity products for exact MaxSim, with float16 token matrices read as stored.
 
-numpy converts float16 to float32 element by element, slower than the product itself; ONNX Runtime's Cast uses
-the CPU's half-precision instructions, so a float16 block goes through a two-node graph (Cast, then Gemm) instead.
-The products come out query-token-major, (q_tokens, tokens), so that each chunk's maximum is a reduction over
-contiguous memory (np.maximum.reduceat along axis 1).
+numpy's float16 → float32 conversion costs more than the product itself; ONNX Runtime's Cast uses the CPU's
+half-precision instructions, so a float16 block goes through a two-node graph (Cast, then Gemm) instead. The graph
+ships as token_products.onnx (written by `products_model`, which the tests compare with it), so that a query does not
+import the onnx package. The products come out query-token-major, (q_tokens, tokens), so that each chunk's maximum
+is a reduction over contiguous memory (np.maximum.reduceat along axis 1).
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 
+MODEL = Path(__file__).with_name("token_products.onnx")
 _SESSION = None
 _SESSION_LOCK = threading.Lock()
 
@@ -29,26 +32,31 @@ def chunk_maxsim(products: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(products, starts, axis=1).sum(axis=0)
 
 
+def products_model() -> bytes:
+    """The serialized graph: float32 (m, dim) queries, float16 (n, dim) tokens → (m, n) float32 products."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["tokens"], ["tokens32"], to=TensorProto.FLOAT),
+         helper.make_node("Gemm", ["queries", "tokens32"], ["products"], transB=1)],
+        "token_products",
+        [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["m", "dim"]),
+         helper.make_tensor_value_info("tokens", TensorProto.FLOAT16, ["n", "dim"])],
+        [helper.make_tensor_value_info("products", TensorProto.FLOAT, ["m", "n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ragkit")
+    model.ir_version = 8  # readable by every onnxruntime the project allows
+    return model.SerializeToString()
+
+
 def _half_session():
-    """One ONNX Runtime session per process: float32 (m, dim) queries, float16 (n, dim) tokens → (m, n) float32."""
+    """One ONNX Runtime session of the shipped graph per process."""
     global _SESSION
     with _SESSION_LOCK:
         if _SESSION is None:
             import onnxruntime
-            from onnx import TensorProto, helper
 
-            graph = helper.make_graph(
-                [helper.make_node("Cast", ["tokens"], ["tokens32"], to=TensorProto.FLOAT),
-                 helper.make_node("Gemm", ["queries", "tokens32"], ["products"], transB=1)],
-                "token_products",
-                [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["m", "dim"]),
-                 helper.make_tensor_value_info("tokens", TensorProto.FLOAT16, ["n", "dim"])],
-                [helper.make_tensor_value_info("products", TensorProto.FLOAT, ["m", "n"])])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8  # readable by every onnxruntime the project allows
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy reduces next
-            _SESSION = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                                    providers=["CPUExecutionProvider"])
+            _SESSION = onnxruntime.InferenceSession(MODEL.read_bytes(), options, providers=["CPUExecutionProvider"])
         return _SESSION
