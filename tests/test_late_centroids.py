@@ -127,6 +127,19 @@ def test_candidates_add_the_standardised_centroid_and_direction_scores(tmp_path)
     np.testing.assert_allclose(approximate[before.candidates(query, 20, 4)], np.sort(approximate)[::-1][:20])
 
 
+def test_a_chunk_without_tokens_comes_last_among_the_candidates(tmp_path):
+    rng = np.random.default_rng(7)
+    parts = topical_parts(rng, 80)
+    parts[5] = (np.zeros((0, DIM), dtype=np.float16), np.zeros((0, 2), dtype=np.int32))
+    late = write(tmp_path / "late", parts)
+    lists = CentroidLists.load(late.folder, len(late))
+    query = -np.asarray(parts[9][0][:6], dtype=np.float32)  # far from most chunks: their closeness is below 0
+    closeness = lists.directions @ query.sum(axis=0)
+    assert closeness[5] == 0 and np.mean(closeness) < 0  # the empty chunk's direction alone would rank it high
+    assert 5 not in lists.candidates(query, len(late) - 1, 4)
+    assert lists.candidates(query, len(late), 4)[-1] == 5
+
+
 def test_every_token_sits_under_the_nearest_fine_centroid_of_its_nearest_coarse_cell(tmp_path):
     parts = topical_parts(np.random.default_rng(1), 120)
     late = write(tmp_path / "late", parts)

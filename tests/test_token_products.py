@@ -7,16 +7,19 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from ragkit.indexes import token_products as token_products_module
 from ragkit.indexes.token_products import chunk_maxsim, token_products
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_products_equal_the_float64_reference_for_stored_float16_and_float32(dtype):
+def test_products_equal_the_float64_reference_for_stored_float16_and_float32(dtype, monkeypatch):
+    monkeypatch.setattr(token_products_module, "_SESSION", None)  # made again only if this call needs it
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(7, 128)).astype(np.float32)
     tokens = rng.normal(size=(1000, 128)).astype(dtype)
     products = token_products(queries, tokens)
     assert products.shape == (7, 1000) and products.dtype == np.float32
+    assert (token_products_module._SESSION is not None) == (dtype == np.float16)  # float16 goes through the graph
     reference = queries.astype(np.float64) @ tokens.astype(np.float64).T
     assert np.abs(products - reference).max() < 1e-3
 

@@ -128,6 +128,7 @@ class CentroidLists:
         self.ivf_offsets = ivf_offsets
         self.rows = rows
         self.directions = directions  # (rows, dim) float32, or None in a folder written before them
+        self._empty = None if directions is None else ~directions.any(axis=1)  # rows without tokens
 
     @classmethod
     def load(cls, folder: Path, rows: int) -> "CentroidLists":
@@ -141,6 +142,7 @@ class CentroidLists:
         scores = _standardised(self.approximate_scores(query, probe))
         if self.directions is not None:
             scores += _standardised(self.directions @ np.asarray(query, dtype=np.float32).sum(axis=0))
+            scores[self._empty] = -np.inf  # a chunk without tokens matches nothing: last, whatever the standardising
         count = min(count, self.rows)
         if count == 0:
             return np.zeros(0, dtype=np.int64)

@@ -4,7 +4,10 @@ numpy's float16 → float32 conversion costs more than the product itself; ONNX 
 half-precision instructions, so a float16 block goes through a two-node graph (Cast, then Gemm) instead. The graph
 ships as token_products.onnx (written by `products_model`, which the tests compare with it), so that a query does not
 import the onnx package. The products come out query-token-major, (q_tokens, tokens), so that each chunk's maximum
-is a reduction over contiguous memory (np.maximum.reduceat along axis 1).
+is a reduction over contiguous memory (np.maximum.reduceat along axis 1). ONNX Runtime's memory arena stays on: it
+keeps the most that concurrent searches used at once (per exhaustive search, one block's float32 cast and products,
+bounded by BLOCK_TOKENS and MAX_BLOCK_SCORES of ragkit.indexes.late), where without it every block's buffers would be
+allocated and paged in afresh.
 """
 
 from __future__ import annotations
