@@ -56,10 +56,7 @@ def _half_session():
     global _SESSION
     with _SESSION_LOCK:
         if _SESSION is None:
-            import onnxruntime
+            from ragkit.encoders.onnx import session
 
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy reduces next
-            _SESSION = onnxruntime.InferenceSession(MODEL.read_bytes(), options, providers=["CPUExecutionProvider"])
+            _SESSION = session(MODEL)
         return _SESSION
