@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--parts", default="sets,long,cold", help="what to measure, comma-separated")
+    parser.add_argument("--name", default="bench_encoders", help="the raw numbers' file: results/NAME.json")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     import torch
@@ -177,8 +178,8 @@ def main() -> None:
         raw["cold"] = cold_queries(workdir / "squad-v1.1-dev-torch")
         print("cold", raw["cold"], flush=True)
     if not args.no_record:
-        record("bench_encoders", "Dense encoder backends (torch, ONNX, ONNX int8) and the cold start of a query",
-               raw, tables(raw), command="python benchmarks/bench_encoders.py")
+        record(args.name, "Dense encoder backends (torch, ONNX, ONNX int8) and the cold start of a query",
+               raw, tables(raw), command=" ".join(["python benchmarks/bench_encoders.py", *sys.argv[1:]]))
 
 
 def tables(raw: dict) -> str:

@@ -111,11 +111,13 @@ def test_an_int8_product_is_exact_integer_arithmetic_on_any_cpu(tmp_path):
 def test_the_minilm_export_keeps_its_outlier_channels_in_float32(minilm, tmp_path, monkeypatch):
     """On the real all-MiniLM-L6-v2: a few channels of the first layer's feed-forward output projection (whose GELU
     inputs reach about 80× their RMS) are left float32, and the int8 vectors of a meeting transcript come closer to
-    float32's than those of quantising every product whole."""
+    float32's than those of quantising every product whole. Each layer's attention is fused into one QAttention
+    node with unsigned 8-bit weights; the embeddings stay float32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from ragkit.encoders.dense import DenseEncoder
-    from ragkit.encoders.onnx import MODEL, OnnxEncoder, session
+    from ragkit.encoders.onnx import MODEL, MODEL_INT8, OnnxEncoder, session
 
     monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
     encoder = DenseEncoder(str(minilm), backend="onnx-int8")
@@ -135,3 +137,34 @@ def test_the_minilm_export_keeps_its_outlier_channels_in_float32(minilm, tmp_pat
     every.session = session(tmp_path / "all.onnx")
     theirs = every.encode_texts(transcript)
     assert ((ours * reference).sum(axis=1) > (theirs * reference).sum(axis=1)).all()
+    assert (ours * reference).sum(axis=1).min() > 0.99
+    graph = onnx.load(str(folder / MODEL_INT8)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("QAttention") == 6 and ops.count("SkipLayerNormalization") == 12 and "Softmax" not in ops
+    assert "EmbedLayerNormalization" in ops and "QEmbedLayerNormalization" not in ops
+    weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    assert all(weights[node.input[1]] == onnx.TensorProto.UINT8 for node in graph.node if node.op_type == "QAttention")
+
+
+def test_a_graph_the_fusions_do_not_know_is_quantised_as_exported(tiny_encoder, tmp_path, monkeypatch):
+    """The tiny ModernBERT is no BERT: it is not offered to the fusions, and forced through them its rotary
+    embedding becomes a node ONNX Runtime refuses on a batch of three, so `fused` gives the exported graph back."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoConfig
+
+    from ragkit.encoders.dense import DenseEncoder
+    from ragkit.encoders.int8 import fused, fusion_shape
+    from ragkit.encoders.onnx import MODEL, padded
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    config = AutoConfig.from_pretrained(str(tiny_encoder))
+    assert config.model_type == "modernbert" and fusion_shape(config) == (0, 0)
+    export = DenseEncoder(str(tiny_encoder), backend="onnx")._onnx
+    source = Path(export.folder) / MODEL
+    heads, width = config.num_attention_heads, config.hidden_size
+    forced = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0).model
+    assert any(node.domain == "com.microsoft" for node in forced.graph.node)  # the fusions did match something
+    ids, mask = padded([(e.ids, [1] * len(e.ids)) for e in export.tokenizer.encode_batch(["a b", "c", "d e f"])], 0)
+    kept = fused(source, {"input_ids": ids, "attention_mask": mask}, heads, width)
+    assert [node.op_type for node in kept.graph.node] == [node.op_type for node in onnx.load(str(source)).graph.node]

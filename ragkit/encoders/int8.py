@@ -12,6 +12,11 @@ Weights are unsigned 8-bit (asymmetric per channel), not signed: on x86 CPUs wit
 multiplies unsigned activations by signed weights with an instruction that adds pairs of products into 16 bits and
 saturates there, so a product's result depended on the CPU. Unsigned-by-unsigned products are summed in 32 bits on
 every CPU: the same vectors everywhere.
+
+Before quantising, a BERT-shaped graph gets ONNX Runtime's transformer fusions (each layer's attention one Attention
+node, which quantises as QAttention; residual + LayerNorm and bias + GELU one node each): fewer, larger kernels and
+no (batch, heads, tokens, head width) reshapes between them. A graph the fusions do not recognise is quantised as
+it was exported.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import numpy as np
 OUTLIER_RATIO = 40.0  # range / RMS of a MatMul's input above which its 8-bit step exceeds a sixth of the RMS: split
 SPLIT_RATIO = 18.0  # range / RMS the channels left in the int8 product may have
 MAX_SPLIT_SHARE = 1 / 64  # most channels of an input kept in float32
-RECIPE = "dynamic-u8u8-per-channel-outlier-channels-float32"  # part of an int8 index's dense fingerprint
+# part of an int8 index's dense fingerprint
+RECIPE = "dynamic-u8u8-per-channel-outlier-channels-float32-fused-attention"
 
 
 def backend_fingerprint(backend: str) -> dict[str, str]:
@@ -59,7 +65,6 @@ def outlier_channels(values: np.ndarray) -> np.ndarray:
 def matmul_inputs(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per MatMul with a constant weight in `model` (an onnx ModelProto, left as it was), its input on `feeds`."""
     import onnx
-    import onnxruntime
 
     weights = {tensor.name for tensor in model.graph.initializer}
     matmuls = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
@@ -68,10 +73,7 @@ def matmul_inputs(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     probe.CopyFrom(model)
     outputs = {output.name for output in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in inputs if name not in outputs)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    values = dict(zip(inputs, session.run(inputs, feeds)))
+    values = dict(zip(inputs, run_graph(probe, feeds, inputs)))
     return {node.name: values[node.input[0]] for node in matmuls}
 
 
@@ -114,19 +116,71 @@ def split_outliers(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, int]:
     return split
 
 
-def quantize_int8(source: Path, target: Path, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-    """Write the int8 graph of the float32 graph at `source` to `target` (outlier channels split off in float32);
-    returns the float32 products, each with its number of channels."""
+FUSION_TOLERANCE = 1e-4  # largest difference in any output the fusions may make on the probe inputs
+FUSED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")  # the transformers whose graphs ONNX Runtime's fusions know
+
+
+def fusion_shape(config: Any) -> tuple[int, int]:
+    """(attention heads, hidden width) of a transformers `config` whose graph the fusions know, else (0, 0)."""
+    if getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return 0, 0
+    return int(getattr(config, "num_attention_heads", 0) or 0), int(getattr(config, "hidden_size", 0) or 0)
+
+
+def fused(source: Path, feeds: dict[str, np.ndarray], heads: int, width: int) -> Any:
+    """The float32 graph at `source` (an onnx ModelProto) with ONNX Runtime's BERT fusions, given the model's number
+    of attention `heads` and hidden `width`. The graph as it was when either is unknown (0), or when the fused
+    graph fails or its outputs on `feeds` differ from the original's: a pattern matched where it should not have
+    been."""
+    import onnx
+
+    model = onnx.load(str(source))
+    if heads <= 0 or width <= 0:
+        return model
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimizer = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0)
+    optimizer.topological_sort()
+    fusion = optimizer.model
+    if any(node.domain == "com.microsoft" for node in fusion.graph.node) and \
+            not any(opset.domain == "com.microsoft" for opset in fusion.opset_import):
+        fusion.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # the fused nodes' domain
+    try:
+        pairs = list(zip(run_graph(model, feeds), run_graph(fusion, feeds)))
+    except Exception:  # ONNX Runtime refuses the fused graph (onnxruntime's own error types)
+        return model
+    for before, after in pairs:
+        if before.shape != after.shape or float(np.abs(before - after).max()) > FUSION_TOLERANCE:
+            return model
+    return fusion
+
+
+def run_graph(model: Any, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    """The `outputs` (default: the graph's own) of an onnx ModelProto on `feeds`, through ONNX Runtime on the CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # a graph it refuses raises; its error log line would only repeat that
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(outputs, feeds)
+
+
+def quantize_int8(source: Path, target: Path, feeds: dict[str, np.ndarray], heads: int = 0,
+                  width: int = 0) -> dict[str, int]:
+    """Write the int8 graph of the float32 graph at `source` to `target`: fused (see `fused`), outlier channels
+    split off in float32, then every product with a constant weight (and each fused attention's projections) in
+    8 bits; embeddings stay float32. Returns the float32 products, each with its number of channels."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(source))
+    model = fused(source, feeds, heads, width)
     split = split_outliers(model, feeds)
     staged = target.with_name(target.name + ".split.onnx")
     onnx.save(model, str(staged))
-    try:
+    try:  # fused nodes come from ONNX Runtime's own domain, where shape inference finds no types: float32
         quantize_dynamic(str(staged), str(target), weight_type=QuantType.QUInt8, per_channel=True,
-                         nodes_to_exclude=list(split))
+                         nodes_to_exclude=list(split), op_types_to_quantize=["MatMul", "Attention"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         staged.unlink(missing_ok=True)
     return split

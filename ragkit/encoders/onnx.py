@@ -4,8 +4,9 @@ Exports live in ragkit's cache (`cache_dir("onnx")`), one folder per kind (dense
 a ColBERT model, ragkit.encoders.late_onnx), model and revision. A dense export holds:
     model.onnx       the whole sentence-transformers pipeline (transformer, pooling, normalisation), float32,
                      inputs input_ids and attention_mask (batch, tokens), output embedding (batch, dim)
-    model.int8.onnx  the same with 8-bit weights (dynamic quantisation per channel; ragkit.encoders.int8 keeps the
-                     few input channels that carry outliers in float32), when it checks out
+    model.int8.onnx  the same with 8-bit weights (dynamic quantisation per channel of a graph whose attention is
+                     fused; ragkit.encoders.int8 keeps the few input channels that carry outliers in float32), when
+                     it checks out
     tokenizer.json   the model's fast tokenizer
     encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing) and the check made at export
 
@@ -34,8 +35,8 @@ from ragkit.encoders.int8 import backend_fingerprint
 from ragkit.errors import warn
 from ragkit.models import cache_dir
 
-EXPORT_VERSION = 5  # 3: int8 keeps outlier channels in float32; 4: eager attention; 5: unsigned int8 weights
-MAX_TOKENS = 1024  # longest chunk the ONNX backends encode: their unfused attention holds tokens² scores per head
+EXPORT_VERSION = 6  # 3: int8 outlier channels in float32; 4: eager attention; 5: unsigned int8; 6: fused int8
+MAX_TOKENS = 1024  # longest chunk the ONNX backends encode: their attention holds tokens² scores per head at once
 FLOAT32_TOLERANCE = 1e-4  # largest difference in any coordinate of a unit vector, ONNX float32 against torch
 INT8_MIN_COSINE = 0.95  # least cosine of an int8 vector with torch's, on every probe
 MODEL, MODEL_INT8, TOKENIZER, META, FAILED = (
@@ -155,7 +156,7 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
     """Write model.onnx, model.int8.onnx and tokenizer.json of `st_model` into `work`; returns encoder.json's
     fields. Only the usual pipeline is exported: a transformer whose fast tokenizer makes every input, then
     modules that read its output (pooling, dense layers, normalisation)."""
-    from ragkit.encoders.int8 import quantize_int8
+    from ragkit.encoders.int8 import fusion_shape, quantize_int8
 
     first = st_model[0]
     tokenizer = getattr(first, "tokenizer", None)
@@ -186,7 +187,8 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
         if float(np.abs(ours - theirs).max()) > FLOAT32_TOLERANCE:
             raise ExportError("the exported model's vectors (or its prompts) differ from torch's")
     feeds = {name: sample[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
-    meta["int8_outlier_channels"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds)
+    heads, width = fusion_shape(getattr(getattr(first, "auto_model", None), "config", None))
+    meta["int8_outlier_channels"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds, heads, width)
     int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
     meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
     meta["int8"] = meta["int8_min_cosine"] >= INT8_MIN_COSINE
