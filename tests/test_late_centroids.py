@@ -13,7 +13,7 @@ from ragkit.config import Settings
 from ragkit.fingerprints import recorded_settings
 from ragkit.indexes.late import LateIndex, write_late_index
 from ragkit.indexes.late_centroids import (CENTROIDS, CODES, COARSE, COARSE_OFFSETS, DIRECTIONS, IVF, IVF_OFFSETS,
-                                           CentroidLists, centroid_count)
+                                           CentroidLists, centroid_count, chunk_directions)
 from test_late import write_corpus
 
 DIM = 16
@@ -111,6 +111,9 @@ def test_each_chunk_direction_is_its_mean_token_vector_at_unit_length(tmp_path, 
         if len(vectors):
             mean = vectors.astype(np.float64).mean(axis=0)
             np.testing.assert_allclose(directions[row], mean / np.linalg.norm(mean), atol=2e-3)
+    some = np.array([0, 2, 3, 4, 9, 10, 11, 30, 39])  # runs of chunks, gaps, the empty chunk
+    part = late_centroids.chunk_directions(late.tokens, late.offsets, some)
+    assert np.array_equal(part[some], directions[some]) and not np.delete(part, some, axis=0).any()
 
 
 def test_candidates_add_the_standardised_centroid_and_direction_scores(tmp_path):
@@ -192,6 +195,7 @@ def test_centroids_are_carried_over_and_trained_again_when_much_is_new(tmp_path)
     assert np.array_equal(np.load(tmp_path / "g1" / CENTROIDS), np.load(tmp_path / "g2" / CENTROIDS))
     codes1, codes2 = np.load(tmp_path / "g1" / CODES), np.load(tmp_path / "g2" / CODES)
     assert np.array_equal(codes2[: second.offsets[397]], codes1[first.offsets[3] :])
+    assert np.array_equal(np.load(tmp_path / "g2" / DIRECTIONS), chunk_directions(second.tokens, second.offsets))
     new_tokens = int(second.offsets[-1] - second.offsets[397])
     state = json.loads((tmp_path / "g2" / "params.json").read_text())["centroids"]
     assert state == {"count": centroid_count(first.total_tokens), "trained_tokens": first.total_tokens,
@@ -199,11 +203,18 @@ def test_centroids_are_carried_over_and_trained_again_when_much_is_new(tmp_path)
     for row in (397, 398):  # the new chunks are found through the lists
         query = second.token_data(row)[0]
         assert second.search([query], 1, exact_max_tokens=0, candidates=5)[0][0][0] == row
-    # a quarter new: trained again on everything
+    # a quarter new: trained again on everything; kept chunks' directions are still read, not computed again
+    directions2 = np.load(tmp_path / "g2" / DIRECTIONS)
+    marked = directions2.copy()
+    marked[5] = -marked[5]  # a mark only a copy of g2's file carries
+    np.save(tmp_path / "g2" / DIRECTIONS, marked)
     parts3 = parts2 + topical_parts(rng, 100)
-    write(tmp_path / "g3", parts3, ids2 + [f"m{i}" for i in range(100)], second, ids2)
+    third = write(tmp_path / "g3", parts3, ids2 + [f"m{i}" for i in range(100)], second, ids2)
     state = json.loads((tmp_path / "g3" / "params.json").read_text())["centroids"]
     assert state["added_since_training"] == 0 and state["trained_tokens"] == sum(len(v) for v, _ in parts3)
+    directions3 = np.load(tmp_path / "g3" / DIRECTIONS)
+    assert np.array_equal(directions3[5], -directions2[5]) and np.array_equal(directions3[:5], directions2[:5])
+    assert np.array_equal(directions3[399:], chunk_directions(third.tokens, third.offsets)[399:])  # the new ones
 
 
 def test_an_empty_chunk_and_an_empty_collection(tmp_path):

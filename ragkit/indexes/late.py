@@ -261,14 +261,14 @@ def write_late_index(folder: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]
 
 
 def _carried_centroids(previous: LateIndex | None, previous_chunk_ids: Sequence[str] | None, chunk_ids: Sequence[str]
-                       ) -> tuple[dict[int, tuple[int, int]], tuple[Path, CentroidState] | None]:
-    """(row → token range in `previous` of each chunk carried over, (previous folder, its centroid state)) for
+                       ) -> tuple[dict[int, tuple[int, int, int]], tuple[Path, CentroidState] | None]:
+    """(row → (row, token range) in `previous` of each chunk carried over, (previous folder, its centroid state)) for
     write_centroids; nothing carried when `previous` has no centroids of its own."""
     if previous is None or previous_chunk_ids is None or not previous.has_centroids or not (
             previous.folder / COARSE).is_file() or "centroids" not in previous.params:
         return {}, None
     old_row = {cid: row for row, cid in enumerate(previous_chunk_ids)}
-    carried = {row: (int(previous.offsets[old]), int(previous.offsets[old + 1]))
+    carried = {row: (old, int(previous.offsets[old]), int(previous.offsets[old + 1]))
                for row, cid in enumerate(chunk_ids) if (old := old_row.get(cid)) is not None}
     return carried, (previous.folder, CentroidState(**previous.params["centroids"]))
 

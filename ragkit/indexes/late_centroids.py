@@ -21,7 +21,8 @@ Files (in the late folder, plain npy):
     ivf.npy          int32 (E,): for each centroid in turn, the sorted chunk rows with a token there
     ivf_offsets.npy  int64 (K + 1,): centroid c holds ivf[ivf_offsets[c]:ivf_offsets[c + 1]]
     directions.npy   float16 (n, dim): each chunk row's mean token vector, unit length (zeros for a chunk without
-                     tokens); absent in folders written before it, whose candidates use the centroid score alone
+                     tokens; carried over with its chunk); absent in folders written before it, whose candidates use
+                     the centroid score alone
 """
 
 from __future__ import annotations
@@ -188,25 +189,27 @@ class CentroidLists:
         return maxima.reshape(tokens, self.rows)
 
 
-def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray, carried: dict[int, tuple[int, int]],
-                    previous: "tuple[Path, CentroidState] | None", seed: int = 0) -> CentroidState:
+def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray,
+                    carried: dict[int, tuple[int, int, int]], previous: "tuple[Path, CentroidState] | None",
+                    seed: int = 0) -> CentroidState:
     """Write the centroid files of a late folder whose token matrix is `tokens` (T, dim) and `offsets` (n + 1).
 
-    `carried` maps a chunk row to the token range (a, b) of the same chunk in `previous`'s folder: those tokens keep
-    their centroid there, unless the centroids are trained again (K changes with the collection's size, or more than
-    RETRAIN_SHARE of the tokens are new since they were trained)."""
+    `carried` maps a chunk row to (its row, its token range a, b) of the same chunk in `previous`'s folder: those
+    tokens keep their centroid there, unless the centroids are trained again (K changes with the collection's size,
+    or more than RETRAIN_SHARE of the tokens are new since they were trained), and the chunk keeps its direction."""
     total = int(offsets[-1])
     for name in FILES:
         (folder / name).unlink(missing_ok=True)
     if total == 0:
         return CentroidState()
-    carried_tokens = sum(b - a for a, b in carried.values())
+    np.save(folder / DIRECTIONS, carried_directions(tokens, offsets, carried, previous and previous[0]))
+    carried_tokens = sum(b - a for _, a, b in carried.values())
     if previous is not None and not previous[1].needs_training(total - carried_tokens, total):
         old_folder, state = previous
         codebook = Codebook.load(old_folder)
         old_codes = np.load(old_folder / CODES, mmap_mode="r")
         codes = np.full(total, -1, dtype=np.int32)
-        for row, (a, b) in carried.items():
+        for row, (_, a, b) in carried.items():
             codes[offsets[row] : offsets[row + 1]] = old_codes[a:b]
         state = CentroidState(state.count, state.trained_tokens, state.added_since_training + total - carried_tokens)
     else:
@@ -222,22 +225,46 @@ def write_centroids(folder: Path, tokens: np.ndarray, offsets: np.ndarray, carri
     np.save(folder / CODES, codes)
     np.save(folder / IVF, ivf)
     np.save(folder / IVF_OFFSETS, ivf_offsets)
-    np.save(folder / DIRECTIONS, chunk_directions(tokens, offsets))
     return state
 
 
-def chunk_directions(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Each chunk row's mean token vector scaled to unit length (zeros for a chunk without tokens): (n, dim) float16."""
-    rows = len(offsets) - 1
-    out = np.zeros((rows, tokens.shape[1]), dtype=np.float32)
-    row = 0
-    while row < rows:  # blocks of whole chunks, about ASSIGN_BLOCK tokens each
-        end = min(max(int(np.searchsorted(offsets, offsets[row] + ASSIGN_BLOCK, side="right")) - 1, row + 1), rows)
-        filled = row + np.flatnonzero(np.diff(offsets[row : end + 1]))
-        if len(filled):
-            block = np.asarray(tokens[offsets[row] : offsets[end]], dtype=np.float32)
-            out[filled] = np.add.reduceat(block, offsets[filled] - offsets[row], axis=0)
-        row = end
+def carried_directions(tokens: np.ndarray, offsets: np.ndarray, carried: dict[int, tuple[int, int, int]],
+                       old_folder: Path | None) -> np.ndarray:
+    """`chunk_directions`, with each carried chunk's direction read from `old_folder`'s file where it has one."""
+    if old_folder is None or not carried or not (old_folder / DIRECTIONS).is_file():
+        return chunk_directions(tokens, offsets)
+    rows = np.fromiter(carried, dtype=np.int64, count=len(carried))
+    old_rows = np.array([carried[row][0] for row in rows.tolist()], dtype=np.int64)
+    todo = np.ones(len(offsets) - 1, dtype=bool)
+    todo[rows] = False
+    out = chunk_directions(tokens, offsets, np.flatnonzero(todo))
+    out[rows] = np.load(old_folder / DIRECTIONS, mmap_mode="r")[old_rows]
+    return out
+
+
+def chunk_directions(tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each chunk row's mean token vector scaled to unit length (zeros for a chunk without tokens): (n, dim) float16.
+    Only the sorted `rows` are computed when given; the others stay zero."""
+    n = len(offsets) - 1
+    out = np.zeros((n, tokens.shape[1]), dtype=np.float32)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    rows = rows[offsets[rows + 1] > offsets[rows]]  # chunks with tokens
+    sizes = offsets[rows + 1] - offsets[rows]
+    ends = np.cumsum(sizes)
+    start = 0
+    while start < len(rows):  # blocks of whole chunks, about ASSIGN_BLOCK tokens each
+        before = ends[start - 1] if start else 0
+        end = min(max(int(np.searchsorted(ends, before + ASSIGN_BLOCK, side="right")), start + 1), len(rows))
+        block_rows = rows[start:end]
+        first, last = int(offsets[block_rows[0]]), int(offsets[block_rows[-1] + 1])
+        if last - first == ends[end - 1] - before:  # whole consecutive chunks: one slice of the matrix
+            block = np.asarray(tokens[first:last], dtype=np.float32)
+        else:
+            block = np.asarray(tokens[np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in block_rows])],
+                               dtype=np.float32)
+        starts = np.concatenate([[0], np.cumsum(sizes[start:end])[:-1]])
+        out[block_rows] = np.add.reduceat(block, starts, axis=0)
+        start = end
     return _unit(out).astype(np.float16)
 
 
