@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ragkit.indexes import token_products as token_products_module
-from ragkit.indexes.token_products import chunk_maxsim, token_products
+from ragkit.indexes.token_products import chunk_maxima, chunk_maxsim, token_products
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -43,10 +43,39 @@ def test_threads_share_the_half_precision_session():
 def test_chunk_maxsim_sums_each_query_token_maximum_within_each_chunk():
     rng = np.random.default_rng(2)
     lengths = [3, 1, 5, 2]
-    products = rng.normal(size=(4, sum(lengths))).astype(np.float32)
+    queries = rng.normal(size=(4, 16)).astype(np.float32)
+    tokens = rng.normal(size=(sum(lengths), 16)).astype(np.float16)
+    products = queries.astype(np.float64) @ tokens.astype(np.float64).T
     starts = np.cumsum(lengths) - lengths
-    expected = [products[:, a : a + n].max(axis=1).sum() for a, n in zip(starts, lengths)]
-    assert np.allclose(chunk_maxsim(products, starts), expected)
+    maxima = [[products[i, a : a + n].max() for a, n in zip(starts, lengths)] for i in range(4)]
+    assert np.allclose(chunk_maxima(queries, tokens, starts), maxima, atol=1e-4)
+    assert np.allclose(chunk_maxsim(queries, tokens, starts), np.sum(maxima, axis=0), atol=1e-4)
+
+
+def test_concurrent_searches_score_one_block_at_a_time(monkeypatch):
+    """Each call holds a block's products; threads take turns, so memory does not grow with concurrent searches."""
+    import threading
+    import time
+
+    from ragkit.indexes import token_products as module
+
+    inside, most, guard = [0], [0], threading.Lock()
+
+    def slow_products(queries, tokens):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        with guard:
+            inside[0] -= 1
+        return queries @ tokens.astype(np.float32).T
+
+    monkeypatch.setattr(module, "token_products", slow_products)
+    tokens = np.ones((6, 8), dtype=np.float16)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: module.chunk_maxima(np.ones((2, 8), np.float32), tokens, np.array([0, 3])),
+                                range(8)))
+    assert most[0] == 1 and all(np.allclose(r, 8.0) for r in results)
 
 
 def test_the_shipped_graph_is_the_one_products_model_writes():

@@ -36,7 +36,7 @@ import numpy as np
 from ragkit.indexes.base import SearchResults
 from ragkit.indexes.late_centroids import (COARSE, IVF_OFFSETS, RETRAIN_SHARE, CentroidLists, CentroidState,
                                            write_centroids)
-from ragkit.indexes.token_products import chunk_maxsim, token_products
+from ragkit.indexes.token_products import chunk_maxima, chunk_maxsim
 
 TOKENS, SPANS, OFFSETS, PARAMS, PLAID, PLAID_ROWS = (
     "tokens.npy", "spans.npy", "offsets.npy", "params.json", "plaid", "plaid_rows.npy")
@@ -144,7 +144,7 @@ class LateIndex:
             starts = np.cumsum(group_lengths) - group_lengths
             positions = np.arange(int(group_lengths.sum())) + np.repeat(self.offsets[rows[group]] - starts,
                                                                         group_lengths)
-            scores[group] = chunk_maxsim(token_products(query, self.tokens[positions]), starts)
+            scores[group] = chunk_maxsim(query, self.tokens[positions], starts)
             first = last
         return scores
 
@@ -174,7 +174,7 @@ class LateIndex:
             filled = row + np.flatnonzero(np.diff(self.offsets[row : end + 1]))  # rows with tokens; the rest score 0
             starts = self.offsets[filled] - self.offsets[row]
             for g, stacked, bounds in groups if len(filled) else ():
-                best = np.maximum.reduceat(token_products(stacked, block), starts, axis=1)  # (Σ q_tokens, filled)
+                best = chunk_maxima(stacked, block, starts)  # (Σ q_tokens, filled)
                 for i in range(len(bounds) - 1):
                     out[g + i][filled] = best[bounds[i] : bounds[i + 1]].sum(axis=0)
             row = end

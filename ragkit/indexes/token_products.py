@@ -4,10 +4,12 @@ numpy's float16 → float32 conversion costs more than the product itself; ONNX 
 half-precision instructions, so a float16 block goes through a two-node graph (Cast, then Gemm) instead. The graph
 ships as token_products.onnx (written by `products_model`, which the tests compare with it), so that a query does not
 import the onnx package. The products come out query-token-major, (q_tokens, tokens), so that each chunk's maximum
-is a reduction over contiguous memory (np.maximum.reduceat along axis 1). ONNX Runtime's memory arena stays on: it
-keeps the most that concurrent searches used at once (per exhaustive search, one block's float32 cast and products,
-bounded by BLOCK_TOKENS and MAX_BLOCK_SCORES of ragkit.indexes.late), where without it every block's buffers would be
-allocated and paged in afresh.
+is a reduction over contiguous memory (np.maximum.reduceat along axis 1).
+
+One block is scored at a time per process (`chunk_maxima`): a product already runs on every core, so concurrent
+searches gain no speed from overlapping theirs, and each would hold a block's float32 cast and products at once
+(bounded by BLOCK_TOKENS and MAX_BLOCK_SCORES of ragkit.indexes.late). ONNX Runtime's memory arena stays on: it
+keeps what one block needed, where without it every block's buffers would be allocated and paged in afresh.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 MODEL = Path(__file__).with_name("token_products.onnx")
 _SESSION = None
 _SESSION_LOCK = threading.Lock()
+_SCORING = threading.Lock()  # one block's products at a time (see above)
 
 
 def token_products(queries: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -30,9 +33,16 @@ def token_products(queries: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return _half_session().run(None, {"queries": queries, "tokens": np.ascontiguousarray(tokens)})[0]
 
 
-def chunk_maxsim(products: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """MaxSim per chunk from products (q_tokens, tokens) whose chunks begin at columns `starts` (each non-empty)."""
-    return np.maximum.reduceat(products, starts, axis=1).sum(axis=0)
+def chunk_maxima(queries: np.ndarray, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Each query token's best product in each chunk, (m, chunks) float32, for queries (m, dim) and the tokens
+    (n, dim) of chunks beginning at rows `starts` (each non-empty). One call at a time per process."""
+    with _SCORING:
+        return np.maximum.reduceat(token_products(queries, tokens), starts, axis=1)
+
+
+def chunk_maxsim(queries: np.ndarray, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """MaxSim per chunk of one query (q_tokens, dim) against chunks as in `chunk_maxima`: (chunks,) float32."""
+    return chunk_maxima(queries, tokens, starts).sum(axis=0)
 
 
 def products_model() -> bytes:
