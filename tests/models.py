@@ -72,6 +72,30 @@ def build_modernbert_encoder(folder: Path, max_seq_length: int = 64, seed: int =
     return encoder_dir
 
 
+def build_bert_encoder(folder: Path, spike: float = 1.0, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT (128 wide, 4 heads) saved as a sentence-transformers model in `folder`.
+    `spike` multiplies one channel of the embeddings' LayerNorm, so that the first attention's input carries an
+    outlier channel as real BERTs' do."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    backbone = folder / "backbone"
+    tokenizer = build_tokenizer(backbone)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    model = BertModel(config)
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight[5] *= spike
+    model.save_pretrained(backbone)
+    transformer = models.Transformer(str(backbone), max_seq_length=64)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    encoder_dir = folder / "encoder"
+    SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(encoder_dir))
+    return encoder_dir
+
+
 def build_colbert(folder: Path, backbone: Path, document_length: int = 64, seed: int = 0,
                   identity: bool = False) -> Path:
     """A PyLate ColBERT over a saved backbone, saved to `folder`.

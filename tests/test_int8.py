@@ -166,5 +166,49 @@ def test_a_graph_the_fusions_do_not_know_is_quantised_as_exported(tiny_encoder, 
     forced = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0).model
     assert any(node.domain == "com.microsoft" for node in forced.graph.node)  # the fusions did match something
     ids, mask = padded([(e.ids, [1] * len(e.ids)) for e in export.tokenizer.encode_batch(["a b", "c", "d e f"])], 0)
-    kept = fused(source, {"input_ids": ids, "attention_mask": mask}, heads, width)
-    assert [node.op_type for node in kept.graph.node] == [node.op_type for node in onnx.load(str(source)).graph.node]
+    exported = onnx.load(str(source))
+    assert fused(exported, source, {"input_ids": ids, "attention_mask": mask}, heads, width) is exported
+
+
+def bert_export(folder: Path, spike: float) -> tuple[Path, dict]:
+    """A tiny BERT's ONNX export (float32 and int8) and probe feeds of three texts padded at the end."""
+    from models import build_bert_encoder
+
+    from ragkit.encoders.dense import DenseEncoder
+    from ragkit.encoders.onnx import padded
+
+    export = DenseEncoder(str(build_bert_encoder(folder, spike)), backend="onnx-int8")._onnx
+    rows = export.tokenizer.encode_batch(["the quick brown fox", "a", "jumps over the lazy dog and the cat"])
+    ids, mask = padded([(e.ids, [1] * len(e.ids)) for e in rows], 0)
+    return Path(export.folder), {"input_ids": ids, "attention_mask": mask}
+
+
+def test_fusions_are_kept_only_when_they_give_the_exported_graph_s_outputs(tmp_path, monkeypatch):
+    import onnx
+
+    from ragkit.encoders import int8
+    from ragkit.encoders.onnx import MODEL
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    folder, feeds = bert_export(tmp_path / "bert", spike=1.0)
+    exported = onnx.load(str(folder / MODEL))
+    fusion = int8.fused(exported, folder / MODEL, feeds, 4, 128)
+    assert [node.op_type for node in fusion.graph.node].count("Attention") == 2
+    monkeypatch.setattr(int8, "FUSION_TOLERANCE", -1.0)  # as if the fused outputs differed
+    assert int8.fused(exported, folder / MODEL, feeds, 4, 128) is exported
+
+
+def test_a_fused_attention_whose_input_has_an_outlier_channel_stays_float32(tmp_path, monkeypatch):
+    """One channel of the embeddings' LayerNorm × 50: the first layer's attention reads it and is left float32
+    whole; the second layer's is quantised."""
+    import onnx
+
+    from ragkit.encoders.onnx import MODEL_INT8, OnnxEncoder
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    folder, _ = bert_export(tmp_path / "bert", spike=50.0)
+    meta = OnnxEncoder(folder).meta
+    attentions = {name: channels for name, channels in meta["int8_outlier_channels"].items() if "Attention" in name}
+    assert list(attentions.values()) == [128], meta["int8_outlier_channels"]
+    ops = [node.op_type for node in onnx.load(str(folder / MODEL_INT8)).graph.node]
+    assert ops.count("Attention") == 1 and ops.count("QAttention") == 1 and meta["int8"]

@@ -64,17 +64,25 @@ def outlier_channels(values: np.ndarray) -> np.ndarray:
 
 def matmul_inputs(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per MatMul with a constant weight in `model` (an onnx ModelProto, left as it was), its input on `feeds`."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    return first_inputs(model, feeds, [node for node in model.graph.node
+                                       if node.op_type == "MatMul" and node.input[1] in weights])
+
+
+def first_inputs(model: Any, feeds: dict[str, np.ndarray], nodes: list) -> dict[str, np.ndarray]:
+    """Per node of `nodes` (of `model`, an onnx ModelProto, left as it was), the value of its first input on
+    `feeds`."""
     import onnx
 
-    weights = {tensor.name for tensor in model.graph.initializer}
-    matmuls = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
-    inputs = list(dict.fromkeys(node.input[0] for node in matmuls))
+    inputs = list(dict.fromkeys(node.input[0] for node in nodes))
+    if not inputs:
+        return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     outputs = {output.name for output in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in inputs if name not in outputs)
     values = dict(zip(inputs, run_graph(probe, feeds, inputs)))
-    return {node.name: values[node.input[0]] for node in matmuls}
+    return {node.name: values[node.input[0]] for node in nodes}
 
 
 def split_outliers(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, int]:
@@ -127,27 +135,28 @@ def fusion_shape(config: Any) -> tuple[int, int]:
     return int(getattr(config, "num_attention_heads", 0) or 0), int(getattr(config, "hidden_size", 0) or 0)
 
 
-def fused(source: Path, feeds: dict[str, np.ndarray], heads: int, width: int) -> Any:
-    """The float32 graph at `source` (an onnx ModelProto) with ONNX Runtime's BERT fusions, given the model's number
-    of attention `heads` and hidden `width`. The graph as it was when either is unknown (0), or when the fused
-    graph fails or its outputs on `feeds` differ from the original's: a pattern matched where it should not have
-    been."""
+def fused(model: Any, source: Path, feeds: dict[str, np.ndarray], heads: int, width: int) -> Any:
+    """`model`, the float32 graph at `source` (an onnx ModelProto), with ONNX Runtime's BERT fusions, given the
+    model's number of attention `heads` and hidden `width`. `model` itself when either is unknown (0), when the
+    fusions fail, or when the fused graph fails or its outputs on `feeds` differ from the original's: a pattern
+    matched where it should not have been.
+
+    The fused attention reads each row's attention mask as a length (padding at the end, as `padded` makes it)."""
     import onnx
 
-    model = onnx.load(str(source))
     if heads <= 0 or width <= 0:
         return model
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    optimizer = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0)
-    optimizer.topological_sort()
-    fusion = optimizer.model
-    if any(node.domain == "com.microsoft" for node in fusion.graph.node) and \
-            not any(opset.domain == "com.microsoft" for opset in fusion.opset_import):
-        fusion.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # the fused nodes' domain
     try:
-        pairs = list(zip(run_graph(model, feeds), run_graph(fusion, feeds)))
-    except Exception:  # ONNX Runtime refuses the fused graph (onnxruntime's own error types)
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        optimizer = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0)
+        optimizer.topological_sort()
+        fusion = optimizer.model
+        if any(node.domain == "com.microsoft" for node in fusion.graph.node) and \
+                not any(opset.domain == "com.microsoft" for opset in fusion.opset_import):
+            fusion.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # the fused nodes' domain
+        pairs = list(zip(run_graph(model, feeds), run_graph(fusion, feeds), strict=True))
+    except Exception:  # the optimiser's or ONNX Runtime's own errors, or an output lost: the graph as exported
         return model
     for before, after in pairs:
         if before.shape != after.shape or float(np.abs(before - after).max()) > FUSION_TOLERANCE:
@@ -169,18 +178,36 @@ def quantize_int8(source: Path, target: Path, feeds: dict[str, np.ndarray], head
                   width: int = 0) -> dict[str, int]:
     """Write the int8 graph of the float32 graph at `source` to `target`: fused (see `fused`), outlier channels
     split off in float32, then every product with a constant weight (and each fused attention's projections) in
-    8 bits; embeddings stay float32. Returns the float32 products, each with its number of channels."""
+    8 bits; embeddings stay float32. A fused attention whose input carries outliers stays float32 whole. When the
+    fused graph does not quantise, the exported one is. Returns the products kept in float32, each with its number
+    of float32 input channels."""
+    import onnx
+
+    model = onnx.load(str(source))
+    fusion = fused(model, source, feeds, heads, width)
+    try:
+        return _quantize(fusion, target, feeds)
+    except Exception:
+        if fusion is model:
+            raise
+        return _quantize(model, target, feeds)
+
+
+def _quantize(model: Any, target: Path, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """quantize_int8 of an onnx ModelProto (changed in place by the outlier split)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = fused(source, feeds, heads, width)
-    split = split_outliers(model, feeds)
+    attentions = [node for node in model.graph.node if node.op_type == "Attention"]
+    kept = {name: int(values.shape[-1]) for name, values in first_inputs(model, feeds, attentions).items()
+            if step_ratio(values) > OUTLIER_RATIO}
+    kept.update(split_outliers(model, feeds))
     staged = target.with_name(target.name + ".split.onnx")
     onnx.save(model, str(staged))
     try:  # fused nodes come from ONNX Runtime's own domain, where shape inference finds no types: float32
         quantize_dynamic(str(staged), str(target), weight_type=QuantType.QUInt8, per_channel=True,
-                         nodes_to_exclude=list(split), op_types_to_quantize=["MatMul", "Attention"],
+                         nodes_to_exclude=list(kept), op_types_to_quantize=["MatMul", "Attention"],
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         staged.unlink(missing_ok=True)
-    return split
+    return kept

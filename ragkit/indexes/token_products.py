@@ -6,10 +6,12 @@ ships as token_products.onnx (written by `products_model`, which the tests compa
 import the onnx package. The products come out query-token-major, (q_tokens, tokens), so that each chunk's maximum
 is a reduction over contiguous memory (np.maximum.reduceat along axis 1).
 
-One block is scored at a time per process (`chunk_maxima`): a product already runs on every core, so concurrent
-searches gain no speed from overlapping theirs, and each would hold a block's float32 cast and products at once
-(bounded by BLOCK_TOKENS and MAX_BLOCK_SCORES of ragkit.indexes.late). ONNX Runtime's memory arena stays on: it
-keeps what one block needed, where without it every block's buffers would be allocated and paged in afresh.
+One block is scored at a time per process (`chunk_maxima`): a product already runs on every core (ONNX Runtime's
+threads), so concurrent searches gained no speed from overlapping theirs (measured on two cores), and each held a
+block's float32 cast and products at once (bounded by BLOCK_TOKENS and MAX_BLOCK_SCORES of ragkit.indexes.late).
+A search's re-ranking of its candidates may so wait for other searches' blocks, a block at a time. ONNX Runtime's
+memory arena stays on: it keeps what one block needed, where without it every block's buffers would be allocated
+and paged in afresh.
 """
 
 from __future__ import annotations
