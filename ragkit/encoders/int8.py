@@ -62,18 +62,14 @@ def outlier_channels(values: np.ndarray) -> np.ndarray:
     return np.sort(order[:taken])
 
 
-def matmul_inputs(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per MatMul with a constant weight in `model` (an onnx ModelProto, left as it was), its input on `feeds`."""
-    weights = {tensor.name for tensor in model.graph.initializer}
-    return first_inputs(model, feeds, [node for node in model.graph.node
-                                       if node.op_type == "MatMul" and node.input[1] in weights])
-
-
-def first_inputs(model: Any, feeds: dict[str, np.ndarray], nodes: list) -> dict[str, np.ndarray]:
-    """Per node of `nodes` (of `model`, an onnx ModelProto, left as it was), the value of its first input on
-    `feeds`."""
+def quantised_inputs(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per node of `model` (an onnx ModelProto, left as it was) that the quantiser makes 8-bit (a MatMul with a
+    constant weight, a fused Attention), the value of its first input on `feeds`, from one run of the graph."""
     import onnx
 
+    weights = {tensor.name for tensor in model.graph.initializer}
+    nodes = [node for node in model.graph.node
+             if node.op_type == "Attention" or (node.op_type == "MatMul" and node.input[1] in weights)]
     inputs = list(dict.fromkeys(node.input[0] for node in nodes))
     if not inputs:
         return {}
@@ -85,17 +81,16 @@ def first_inputs(model: Any, feeds: dict[str, np.ndarray], nodes: list) -> dict[
     return {node.name: values[node.input[0]] for node in nodes}
 
 
-def split_outliers(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-    """Split, in place, every MatMul of `model` whose input's `step_ratio` on `feeds` (the graph's inputs, as ONNX
-    Runtime would quantise them: the whole batch, padding included) exceeds OUTLIER_RATIO. Returns the float32
-    products' node names, each with its number of channels."""
+def split_outliers(model: Any, inputs: dict[str, np.ndarray]) -> dict[str, int]:
+    """Split, in place, every MatMul of `model` whose input in `inputs` (`quantised_inputs` on the probe feeds: the
+    whole batch, padding included, as ONNX Runtime would quantise it) has a `step_ratio` above OUTLIER_RATIO.
+    Returns the float32 products' node names, each with its number of channels."""
     from onnx import helper, numpy_helper
 
     weights = {tensor.name: tensor for tensor in model.graph.initializer}
-    inputs = matmul_inputs(model, feeds)
     nodes, split = [], {}
     for node in model.graph.node:
-        values = inputs.get(node.name)
+        values = inputs.get(node.name) if node.op_type == "MatMul" else None
         if values is None or step_ratio(values) <= OUTLIER_RATIO:
             nodes.append(node)
             continue
@@ -198,10 +193,10 @@ def _quantize(model: Any, target: Path, feeds: dict[str, np.ndarray]) -> dict[st
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    attentions = [node for node in model.graph.node if node.op_type == "Attention"]
-    kept = {name: int(values.shape[-1]) for name, values in first_inputs(model, feeds, attentions).items()
-            if step_ratio(values) > OUTLIER_RATIO}
-    kept.update(split_outliers(model, feeds))
+    inputs = quantised_inputs(model, feeds)
+    kept = {node.name: int(inputs[node.name].shape[-1]) for node in model.graph.node
+            if node.op_type == "Attention" and step_ratio(inputs[node.name]) > OUTLIER_RATIO}
+    kept.update(split_outliers(model, inputs))
     staged = target.with_name(target.name + ".split.onnx")
     onnx.save(model, str(staged))
     try:  # fused nodes come from ONNX Runtime's own domain, where shape inference finds no types: float32

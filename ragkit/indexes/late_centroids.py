@@ -255,14 +255,14 @@ def chunk_directions(tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray |
     while start < len(rows):  # blocks of whole chunks, about ASSIGN_BLOCK tokens each
         before = ends[start - 1] if start else 0
         end = min(max(int(np.searchsorted(ends, before + ASSIGN_BLOCK, side="right")), start + 1), len(rows))
-        block_rows = rows[start:end]
-        first, last = int(offsets[block_rows[0]]), int(offsets[block_rows[-1] + 1])
-        if last - first == ends[end - 1] - before:  # whole consecutive chunks: one slice of the matrix
-            block = np.asarray(tokens[first:last], dtype=np.float32)
+        block_rows, count = rows[start:end], int(ends[end - 1] - before)
+        starts = ends[start:end] - before - sizes[start:end]  # each chunk's first row in the block
+        first = int(offsets[block_rows[0]])
+        if int(offsets[block_rows[-1] + 1]) - first == count:  # whole consecutive chunks: one slice of the matrix
+            block = np.asarray(tokens[first : first + count], dtype=np.float32)
         else:
-            block = np.asarray(tokens[np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in block_rows])],
-                               dtype=np.float32)
-        starts = np.concatenate([[0], np.cumsum(sizes[start:end])[:-1]])
+            positions = np.arange(count) + np.repeat(offsets[block_rows] - starts, sizes[start:end])
+            block = np.asarray(tokens[positions], dtype=np.float32)
         out[block_rows] = np.add.reduceat(block, starts, axis=0)
         start = end
     return _unit(out).astype(np.float16)
