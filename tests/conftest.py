@@ -12,8 +12,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # A parallel run's workers share the cores: torch's OpenMP threads busy-wait, so two workers each running as
+    # many threads as there are cores (and the processes they start) slow each other down several times over.
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """Workers of `-n auto` (the default): one per core, at most four, as each loads torch and the models."""
+    return max(1, min(4, available_cores()))
 
 
 @pytest.fixture(scope="session")
@@ -74,14 +90,3 @@ def _isolated_settings(monkeypatch, tmp_path, _reader_cache):
             monkeypatch.delenv(key)
     monkeypatch.setenv("RAGKIT_CACHE_DIR", str(_reader_cache))
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="session")
-def squad_index(tmp_path_factory, minilm, shared_data):
-    """The SQuAD v1.1 dev articles indexed once with MiniLM (about a minute on two cores)."""
-    from ragkit.api import Index
-    from ragkit.config import Settings
-
-    idx = Index(tmp_path_factory.mktemp("squad") / "index", Settings(dense_model=str(minilm), late=False))
-    idx.add(shared_data / "squad-v1.1-dev" / "docs")
-    return idx

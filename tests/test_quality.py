@@ -21,6 +21,18 @@ def questions(shared_data) -> list[dict]:
     return [json.loads(line) for line in lines[:QUESTIONS]]
 
 
+@pytest.fixture(scope="module")
+def squad_index(tmp_path_factory, minilm, shared_data):
+    """The SQuAD v1.1 dev articles indexed once with MiniLM (about a minute on two cores); every test of it is in
+    this module, so that a parallel run builds it once."""
+    from ragkit.api import Index
+    from ragkit.config import Settings
+
+    idx = Index(tmp_path_factory.mktemp("squad") / "index", Settings(dense_model=str(minilm), late=False))
+    idx.add(shared_data / "squad-v1.1-dev" / "docs")
+    return idx
+
+
 @pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
 def test_document_recall_at_5(squad_index, questions, mode):
     results = squad_index.search_many([q["question"] for q in questions], k=5, mode=mode)
@@ -93,3 +105,17 @@ def test_a_plain_model_as_late_model_ranks_by_meaning_not_noise(tmp_path_factory
         recall[mode] = sum(any(h.chunk.path == q["doc"] for h in hits)
                            for q, hits in zip(late_questions, results)) / len(late_questions)
     assert recall["late"] >= 0.9 and recall["hybrid"] >= 0.9, recall
+
+
+def test_eval_on_real_squad_questions(squad_index, shared_data):
+    from ragkit.evaluate import evaluate, load_questions
+
+    questions = load_questions(shared_data / "squad-v1.1-dev" / "questions.jsonl",
+                               shared_data / "squad-v1.1-dev" / "docs", limit=40)
+    summary = evaluate(squad_index, questions, "hybrid", reader="extractive").summary
+    # floors a little below what these questions score, so that only a real regression fails
+    assert summary["recall@5"] >= 0.95 and summary["evidence_hit@5"] >= 0.85
+    assert summary["answer_in_citations"] >= 0.6
+    # a gold inside the top sentence (whole words) is a gold inside the citations; every citation is cited
+    assert summary["answer_contains_gold"] <= summary["answer_in_citations"]
+    assert summary["citation_support"] == summary["answer_in_citations"]
