@@ -63,8 +63,8 @@ def test_a_product_whose_input_has_an_outlier_channel_splits_it_off_in_float32(t
 
     source = two_products(tmp_path)
     x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
-    kept = quantize_int8(source, tmp_path / "int8.onnx", {"x": x})
-    assert kept == {"spiky_product/outlier_matmul": 1}
+    kept, fused = quantize_int8(source, tmp_path / "int8.onnx", {"x": x})
+    assert kept == {"spiky_product/outlier_matmul": 1} and not fused  # no attention shape given: nothing to fuse
     assert not (tmp_path / "int8.onnx.split.onnx").exists()
     ops = {node.name: node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
     assert ops["spiky_product/outlier_matmul"] == "MatMul" and ops["spiky_product/gather"] == "Gather"
@@ -123,6 +123,7 @@ def test_the_minilm_export_keeps_its_outlier_channels_in_float32(minilm, tmp_pat
     encoder = DenseEncoder(str(minilm), backend="onnx-int8")
     export = encoder._onnx
     kept = export.meta["int8_outlier_channels"]
+    assert export.meta["int8_fused"] is True
     assert any(name.endswith("/layer.0/output/dense/MatMul/outlier_matmul") for name in kept)
     assert all(0 < channels <= 1536 // 64 for channels in kept.values())
     transcript = ["Um, yeah, so I think we should uh talk about the remote control design first. "
@@ -183,19 +184,49 @@ def bert_export(folder: Path, spike: float) -> tuple[Path, dict]:
     return Path(export.folder), {"input_ids": ids, "attention_mask": mask}
 
 
-def test_fusions_are_kept_only_when_they_give_the_exported_graph_s_outputs(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def plain_bert(tmp_path_factory) -> tuple[Path, dict]:
+    """`bert_export` of a tiny BERT without outliers, in a cache of its own."""
+    folder = tmp_path_factory.mktemp("plain-bert")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAGKIT_CACHE_DIR", str(folder / "cache"))
+        return bert_export(folder / "bert", spike=1.0)
+
+
+def test_fusions_are_kept_only_when_they_give_the_exported_graph_s_outputs(plain_bert, tmp_path, monkeypatch):
     import onnx
 
     from ragkit.encoders import int8
     from ragkit.encoders.onnx import MODEL
 
-    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
-    folder, feeds = bert_export(tmp_path / "bert", spike=1.0)
+    folder, feeds = plain_bert
     exported = onnx.load(str(folder / MODEL))
     fusion = int8.fused(exported, folder / MODEL, feeds, 4, 128)
     assert [node.op_type for node in fusion.graph.node].count("Attention") == 2
+    assert int8.quantize_int8(folder / MODEL, tmp_path / "fused.onnx", feeds, 4, 128).fused
     monkeypatch.setattr(int8, "FUSION_TOLERANCE", -1.0)  # as if the fused outputs differed
     assert int8.fused(exported, folder / MODEL, feeds, 4, 128) is exported
+    assert not int8.quantize_int8(folder / MODEL, tmp_path / "exported.onnx", feeds, 4, 128).fused
+
+
+def test_a_fused_graph_the_quantiser_refuses_is_quantised_as_exported(plain_bert, tmp_path, monkeypatch):
+    import onnx
+
+    from ragkit.encoders import int8
+    from ragkit.encoders.onnx import MODEL
+
+    folder, feeds = plain_bert
+    quantise = int8._quantize
+
+    def refusing_fused_nodes(model, target, feeds):
+        if any(node.op_type == "Attention" for node in model.graph.node):
+            raise ValueError("no quantised form of this node")
+        return quantise(model, target, feeds)
+
+    monkeypatch.setattr(int8, "_quantize", refusing_fused_nodes)
+    made = int8.quantize_int8(folder / MODEL, tmp_path / "int8.onnx", feeds, 4, 128)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert not made.fused and "QAttention" not in ops and "Attention" not in ops and "MatMulInteger" in ops
 
 
 def test_a_fused_attention_whose_input_has_an_outlier_channel_stays_float32(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ it was exported.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -169,23 +169,30 @@ def run_graph(model: Any, feeds: dict[str, np.ndarray], outputs: list[str] | Non
     return session.run(outputs, feeds)
 
 
+class Quantised(NamedTuple):
+    """What `quantize_int8` made: the products kept in float32, each with its number of float32 input channels,
+    and whether the int8 graph is the fused one."""
+
+    outlier_channels: dict[str, int]
+    fused: bool
+
+
 def quantize_int8(source: Path, target: Path, feeds: dict[str, np.ndarray], heads: int = 0,
-                  width: int = 0) -> dict[str, int]:
+                  width: int = 0) -> Quantised:
     """Write the int8 graph of the float32 graph at `source` to `target`: fused (see `fused`), outlier channels
     split off in float32, then every product with a constant weight (and each fused attention's projections) in
     8 bits; embeddings stay float32. A fused attention whose input carries outliers stays float32 whole. When the
-    fused graph does not quantise, the exported one is. Returns the products kept in float32, each with its number
-    of float32 input channels."""
+    fused graph does not quantise, the exported one is."""
     import onnx
 
     model = onnx.load(str(source))
     fusion = fused(model, source, feeds, heads, width)
-    try:
-        return _quantize(fusion, target, feeds)
-    except Exception:
-        if fusion is model:
-            raise
-        return _quantize(model, target, feeds)
+    if fusion is not model:
+        try:
+            return Quantised(_quantize(fusion, target, feeds), fused=True)
+        except Exception:  # ONNX Runtime's quantiser on a fused node it cannot handle: the graph as exported
+            pass
+    return Quantised(_quantize(model, target, feeds), fused=False)
 
 
 def _quantize(model: Any, target: Path, feeds: dict[str, np.ndarray]) -> dict[str, int]:

@@ -8,7 +8,8 @@ a ColBERT model, ragkit.encoders.late_onnx), model and revision. A dense export 
                      fused; ragkit.encoders.int8 keeps the few input channels that carry outliers in float32), when
                      it checks out
     tokenizer.json   the model's fast tokenizer
-    encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing) and the check made at export
+    encoder.json     what the runtime needs (maximum tokens, prompts, lower-casing), the check made at export
+                     and how the int8 graph was made (int8_fused, int8_outlier_channels)
 
 An export is used only after its vectors were compared with torch's on probe texts at export time: float32 must
 agree to within FLOAT32_TOLERANCE (the same vectors, so an index encoded by torch is searched through it), int8
@@ -188,7 +189,8 @@ def export_dense(st_model: Any, work: Path) -> dict[str, Any]:
             raise ExportError("the exported model's vectors (or its prompts) differ from torch's")
     feeds = {name: sample[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
     heads, width = fusion_shape(getattr(getattr(first, "auto_model", None), "config", None))
-    meta["int8_outlier_channels"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds, heads, width)
+    meta["int8_outlier_channels"], meta["int8_fused"] = quantize_int8(work / MODEL, work / MODEL_INT8, feeds, heads,
+                                                                      width)
     int8 = OnnxEncoder(work, meta, int8=True).encode_texts(probes)
     meta["int8_min_cosine"] = round(float((int8 * reference).sum(axis=1).min()), 6)
     meta["int8"] = meta["int8_min_cosine"] >= INT8_MIN_COSINE
