@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def available_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -27,8 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """Workers of `-n auto` (the default): one per core, at most four, as each loads torch and the models."""
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """Workers of `-n auto` (the default): one per core, at most four, as each loads torch and the models; a count
+    in PYTEST_XDIST_AUTO_NUM_WORKERS is left to pytest-xdist."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     return max(1, min(4, available_cores()))
 
 
