@@ -98,6 +98,7 @@ def test_an_int8_product_is_exact_integer_arithmetic_on_any_cpu(tmp_path):
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer}
     codes, scale, zero = stored["A_quantized"], stored["A_scale"], stored["A_zero_point"]
     assert codes.dtype == np.uint8 and zero.dtype == np.uint8
+    assert scale.shape == zero.shape == (32,)  # one scale and zero point per output channel
     low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)  # DynamicQuantizeLinear, as ONNX defines it
     x_scale = np.float32((high - low) / 255)
     x_zero = np.clip(np.rint(-low / x_scale), 0, 255)
@@ -139,9 +140,14 @@ def test_the_minilm_export_keeps_its_outlier_channels_in_float32(minilm, tmp_pat
     theirs = every.encode_texts(transcript)
     assert ((ours * reference).sum(axis=1) > (theirs * reference).sum(axis=1)).all()
     assert (ours * reference).sum(axis=1).min() > 0.99
+    assert np.abs(ours - reference).max() > 1e-4  # the int8 graph made them, not the float32 one
     graph = onnx.load(str(folder / MODEL_INT8)).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("QAttention") == 6 and ops.count("SkipLayerNormalization") == 12 and "Softmax" not in ops
+    # every other product with a weight is 8-bit (attention output, feed-forward in and out: three per layer);
+    # the only float32 ones are the outlier channels' small products
+    assert ops.count("MatMulInteger") == 18
+    assert sorted(node.name for node in graph.node if node.op_type == "MatMul") == sorted(kept)
     assert "EmbedLayerNormalization" in ops and "QEmbedLayerNormalization" not in ops
     weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
     assert all(weights[node.input[1]] == onnx.TensorProto.UINT8 for node in graph.node if node.op_type == "QAttention")
@@ -156,7 +162,7 @@ def test_a_graph_the_fusions_do_not_know_is_quantised_as_exported(tiny_encoder, 
 
     from ragkit.encoders.dense import DenseEncoder
     from ragkit.encoders.int8 import fused, fusion_shape
-    from ragkit.encoders.onnx import MODEL, padded
+    from ragkit.encoders.onnx import MODEL, MODEL_INT8, padded
 
     monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
     config = AutoConfig.from_pretrained(str(tiny_encoder))
@@ -169,6 +175,9 @@ def test_a_graph_the_fusions_do_not_know_is_quantised_as_exported(tiny_encoder, 
     ids, mask = padded([(e.ids, [1] * len(e.ids)) for e in export.tokenizer.encode_batch(["a b", "c", "d e f"])], 0)
     exported = onnx.load(str(source))
     assert fused(exported, source, {"input_ids": ids, "attention_mask": mask}, heads, width) is exported
+    int8 = DenseEncoder(str(tiny_encoder), backend="onnx-int8")._onnx
+    ops = [node.op_type for node in onnx.load(str(Path(int8.folder) / MODEL_INT8)).graph.node]
+    assert int8.meta["int8_fused"] is False and "QAttention" not in ops and "MatMulInteger" in ops
 
 
 def bert_export(folder: Path, spike: float) -> tuple[Path, dict]:
@@ -242,4 +251,4 @@ def test_a_fused_attention_whose_input_has_an_outlier_channel_stays_float32(tmp_
     attentions = {name: channels for name, channels in meta["int8_outlier_channels"].items() if "Attention" in name}
     assert list(attentions.values()) == [128], meta["int8_outlier_channels"]
     ops = [node.op_type for node in onnx.load(str(folder / MODEL_INT8)).graph.node]
-    assert ops.count("Attention") == 1 and ops.count("QAttention") == 1 and meta["int8"]
+    assert [op for op in ops if op in ("Attention", "QAttention")] == ["Attention", "QAttention"] and meta["int8"]

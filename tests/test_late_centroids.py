@@ -13,7 +13,7 @@ from ragkit.config import Settings
 from ragkit.fingerprints import recorded_settings
 from ragkit.indexes.late import LateIndex, write_late_index
 from ragkit.indexes.late_centroids import (CENTROIDS, CODES, COARSE, COARSE_OFFSETS, DIRECTIONS, IVF, IVF_OFFSETS,
-                                           CentroidLists, centroid_count, chunk_directions)
+                                           Codebook, CentroidLists, centroid_count, chunk_directions)
 from test_late import write_corpus
 
 DIM = 16
@@ -149,7 +149,8 @@ def test_every_token_sits_under_the_nearest_fine_centroid_of_its_nearest_coarse_
     centroids, codes = np.load(late.folder / CENTROIDS), np.load(late.folder / CODES)
     coarse, cells = np.load(late.folder / COARSE), np.load(late.folder / COARSE_OFFSETS)
     tokens = np.asarray(late.tokens, dtype=np.float32)
-    assert len(centroids) <= centroid_count(late.total_tokens) and len(coarse) > 1 and cells[-1] == len(centroids)
+    # the sample covers every token here, so every cell gets the fine centroids K asks of it
+    assert len(centroids) == centroid_count(late.total_tokens) and len(coarse) > 1 and cells[-1] == len(centroids)
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     cell_of_code = np.searchsorted(cells, codes, side="right") - 1
     nearest_cell = np.argmax(tokens @ coarse.T, axis=1)
@@ -212,6 +213,9 @@ def test_centroids_are_carried_over_and_trained_again_when_much_is_new(tmp_path)
     third = write(tmp_path / "g3", parts3, ids2 + [f"m{i}" for i in range(100)], second, ids2)
     state = json.loads((tmp_path / "g3" / "params.json").read_text())["centroids"]
     assert state["added_since_training"] == 0 and state["trained_tokens"] == sum(len(v) for v, _ in parts3)
+    assert not np.array_equal(np.load(tmp_path / "g3" / CENTROIDS), np.load(tmp_path / "g2" / CENTROIDS))
+    codes3 = np.load(tmp_path / "g3" / CODES)
+    assert np.mean(codes3 == Codebook.load(tmp_path / "g3").assign(np.asarray(third.tokens))) > 0.99  # ties aside
     directions3 = np.load(tmp_path / "g3" / DIRECTIONS)
     assert np.array_equal(directions3[5], -directions2[5]) and np.array_equal(directions3[:5], directions2[:5])
     assert np.array_equal(directions3[399:], chunk_directions(third.tokens, third.offsets)[399:])  # the new ones

@@ -54,7 +54,13 @@ def test_the_onnx_backend_and_the_query_encoder_make_torch_s_vectors(prompted_en
     lengths = [reference.count_tokens(t) for t in TEXTS]
     assert max(lengths) > reference.max_tokens  # the truncation of a long text is checked too
     documents = reference.encode_documents(TEXTS, lengths)
+
+    def torch_encodes(*args, **kwargs):
+        raise AssertionError("the onnx backend encoded through torch")
+
+    onnx.model.encode_document = onnx.model.encode_query = torch_encodes
     assert np.abs(onnx.encode_documents(TEXTS, lengths) - documents).max() < 1e-5
+    assert np.abs(onnx.encode_queries(TEXTS) - reference.encode_queries(TEXTS)).max() < 1e-5
     light = OnnxEncoder.cached(reference.name, reference.revision, int8=False)  # what a query uses: no torch
     queries = reference.encode_queries(TEXTS)
     assert np.abs(light.encode_queries(TEXTS) - queries).max() < 1e-5
@@ -130,7 +136,7 @@ def test_the_backend_is_part_of_the_dense_fingerprint(tmp_path, docs, tiny_encod
     assert report.encoded_chunks == report.chunks
 
 
-def test_an_int8_index_of_an_earlier_recipe_is_searched_with_a_warning(tmp_path, docs, tiny_encoder):
+def test_an_int8_index_of_an_earlier_recipe_gets_its_query_encoder_with_a_warning(tmp_path, docs, tiny_encoder):
     import warnings
 
     from ragkit.encoders.onnx import query_encoder
@@ -232,3 +238,38 @@ def test_the_onnx_backends_cut_chunks_to_fit_their_attention(tmp_path, docs, tin
     assert fresh.manifest()["models"]["dense"]["max_tokens"] == 12
     lengths = store.load_chunks(store.current_generation(tmp_path / "j")).column("n_tokens").to_pylist()
     assert max(lengths) <= 12 - 2 and fresh.search("oil crisis", k=1, mode="dense")
+
+
+def test_an_export_whose_vectors_differ_from_torch_s_is_refused_and_torch_serves(tmp_path, docs, tiny_encoder,
+                                                                                 monkeypatch):
+    from ragkit.encoders import onnx
+    from ragkit.encoders.dense import DenseEncoder
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx, "FLOAT32_TOLERANCE", -1.0)  # as if the traced graph computed something else
+    with pytest.raises(ModelLoadError, match="cannot run on the onnx backend .*differ from torch"):
+        DenseEncoder(str(tiny_encoder), backend="onnx")
+    failed = list((tmp_path / "cache" / "onnx").glob("*/failed.json"))
+    assert len(failed) == 1 and "differ from torch" in json.loads(failed[0].read_text())["reason"]
+    assert not list((tmp_path / "cache" / "onnx").glob("*/model.onnx"))
+    idx = Index(tmp_path / "i", Settings(dense_model=str(tiny_encoder), late=False))
+    idx.add(docs)
+    assert isinstance(idx.searcher.encoder, DenseEncoder) and idx.search("oil crisis", k=1, mode="dense")
+
+
+def test_an_int8_graph_too_far_from_torch_is_dropped_and_the_float32_export_still_serves(tiny_encoder, tmp_path,
+                                                                                       monkeypatch):
+    from ragkit.encoders import onnx
+    from ragkit.encoders.dense import DenseEncoder
+
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx, "INT8_MIN_COSINE", 1.01)  # no int8 vector can be this close
+    with pytest.raises(ModelLoadError, match="strays too far"):
+        DenseEncoder(str(tiny_encoder), backend="onnx-int8")
+    (folder,) = [meta.parent for meta in (tmp_path / "cache" / "onnx").glob("*/encoder.json")]
+    meta = json.loads((folder / onnx.META).read_text())
+    assert meta["int8"] is False and meta["int8_min_cosine"] < 1.01 and not (folder / onnx.MODEL_INT8).exists()
+    reference = DenseEncoder(str(tiny_encoder))
+    lengths = [reference.count_tokens(t) for t in TEXTS]
+    float32 = DenseEncoder(str(tiny_encoder), backend="onnx")
+    assert np.abs(float32.encode_documents(TEXTS, lengths) - reference.encode_documents(TEXTS, lengths)).max() < 1e-5

@@ -30,12 +30,25 @@ def test_products_with_no_tokens_or_no_queries_are_empty():
     assert token_products(queries[:0], np.ones((5, 16), dtype=np.float16)).shape == (0, 5)
 
 
-def test_threads_share_the_half_precision_session():
+def test_threads_share_the_half_precision_session(monkeypatch):
+    from ragkit.encoders import onnx
+    from ragkit.indexes import token_products as module
+
+    opened = []
+
+    def counted(path, threads=None):
+        opened.append(path)
+        return session(path, threads)
+
+    session = onnx.session
+    monkeypatch.setattr(module, "_SESSION", None)  # as in a fresh process
+    monkeypatch.setattr(onnx, "session", counted)
     rng = np.random.default_rng(1)
     tokens = rng.normal(size=(500, 32)).astype(np.float16)
     queries = [rng.normal(size=(4, 32)).astype(np.float32) for _ in range(8)]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda q: token_products(q, tokens), queries))
+    assert len(opened) == 1
     for query, products in zip(queries, results):
         assert np.allclose(products, query @ tokens.astype(np.float32).T, atol=1e-4)
 
