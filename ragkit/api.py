@@ -65,6 +65,7 @@ class Index:
 
         `paths` are paths relative to the indexed folder or glob patterns ("contracts/*.pdf").
         """
+        _check_query(query)
         return self.searcher.search(query, k or self.settings.k, self._mode(mode), paths)
 
     def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None) -> list[list]:
@@ -84,17 +85,17 @@ class Index:
         streamed to `on_token` piece by piece as it is written.
         """
         mode = self._mode(mode)
-        hits = self.search(question, k or min(self.settings.k, 5), mode, paths)
+        hits = self.search(question, k or min(self.settings.k, 5), mode, paths)  # an empty question stops here
         return self.answer_from_hits(question, hits, mode, reader=reader, on_token=on_token)
 
     def answer_from_hits(self, question: str, hits: list, mode: str | None = None, reader: str | None = None,
                          on_token: Callable[[str], None] | None = None):
         """The reader's answer to `question` from the given hits (see `ask`)."""
-        kind = self.reader_kind(reader)
+        kind = self.reader_kind(reader) if hits else "extractive"  # no reader model answers from nothing
         if kind == "extractive":
             from ragkit.readers.extractive import ExtractiveReader
 
-            encoder = self.searcher.encoder if self._mode(mode) != "bm25" else None
+            encoder = self.searcher.encoder if self._mode(mode) != "bm25" and hits else None
             return ExtractiveReader(encoder, self.settings.answer_sentences).answer(question, hits)
         hits = hits[: self.settings.reader_passages]  # a small model answers better from fewer passages
         if kind == "generate":
@@ -255,3 +256,8 @@ def summarize_file(path: str | Path, settings: Settings | None = None, reader: s
     idx = Index(settings=settings)
     summarizer = idx.generative_reader() if kind == "generate" else idx.memory_reader(kind)
     return {"summary": summarizer.summarize(text, on_token), "source": str(source.resolve())}
+
+
+def _check_query(query: str) -> None:
+    if not query or not query.strip():
+        raise RagkitError("the query is empty; say what to search for")

@@ -126,6 +126,8 @@ def build_index(
     index_dir = index_dir.expanduser().resolve()
     if not folder.is_dir():
         raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
+    if accept is None:  # a shard's folder is checked with its index's (ragkit.shards)
+        store.check_index_folder(index_dir, folder)
     with store.write_lock(index_dir):
         previous = _previous(index_dir)
         if previous and previous["manifest"]["root"] != str(folder) and not rebuild:

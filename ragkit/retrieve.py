@@ -176,6 +176,10 @@ class Searcher:
         """
         self.timings = {}
         if mode == "late" and not self.has_late:
+            skipped = self.manifest.get("settings", {}).get("late_skipped")
+            if skipped:
+                raise RagkitError(f"this index has no late-interaction stage: it was skipped when the index was "
+                                  f"built ({skipped}); run `ragkit index` with --late-model PATH to add it")
             raise RagkitError("this index has no late-interaction stage (built with --no-late); "
                               "run `ragkit index` without --no-late to add it")
         rows = self.rows_of(paths) if paths else None

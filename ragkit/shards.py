@@ -62,6 +62,7 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
                           "make a sharded one")
     if not Path(folder).expanduser().is_dir():
         raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
+    store.check_index_folder(index_dir, Path(folder).expanduser().resolve(), own=_is_own_name)
     written = existing is not None and any((shard / store.CURRENT).is_file() for shard in shard_dirs(index_dir,
                                                                                                       existing))
     if written and count is not None and count != existing:  # unwritten shards may still change their number
@@ -86,6 +87,12 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
         total.warnings.append(f"no documents to index in {folder}")
     _write_atomically(index_dir / LAST_RUN, json.dumps(total.to_json()))
     return total
+
+
+def _is_own_name(name: str) -> bool:
+    """Whether a sharded index folder's entry `name` is one ragkit writes there."""
+    return name in (SHARDS, LAST_RUN, LAST_RUN + ".tmp") or \
+        (name.startswith("shard-") and name[len("shard-"):].isdigit())
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -16,8 +16,10 @@ Layout (all plain files; see docs/index-format.md):
       gen-000008.tmp/   a generation being written (renamed to gen-000008/ when complete)
 
 Rules: only the holder of write.lock changes the folder. A new generation is numbered above every one present. On
-taking the lock and again after its switch, the writer removes every `*.tmp` entry and every generation but the
-live one and the one before it (the one it replaced, kept for readers that opened it just before the switch).
+taking the lock and again after its switch, the writer removes its own unfinished entries (gen-N.tmp, CURRENT.tmp)
+and every generation but the live one and the one before it (the one it replaced, kept for readers that opened it
+just before the switch). Nothing else in the folder is touched, and a folder that holds anything else and no index
+is refused as an index folder.
 
 Test hook: RAGKIT_DEBUG_COMMIT_PAUSE=SECONDS makes `GenerationWriter.commit` sleep that long after the rename and
 again after the switch, so that a test can kill a writer inside those windows.
@@ -32,7 +34,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ragkit.errors import IndexLockedError, IndexNotFoundError, RagkitError
 from ragkit.ingest.document import Chunk
@@ -55,6 +57,8 @@ def current_generation(root: Path) -> Path:
         name = pointer.read_text().strip()
     except FileNotFoundError:
         raise IndexNotFoundError(f"no index at {root} (run `ragkit index FOLDER` first, or pass --index)") from None
+    except NotADirectoryError:
+        raise IndexNotFoundError(f"{root} is a file, not an index folder (pass --index with a folder)") from None
     folder = root / name
     if not (folder / MANIFEST).is_file():
         raise RagkitError(f"the index at {root} is damaged: generation {name} is missing; run `ragkit index` again")
@@ -77,8 +81,14 @@ def write_lock(root: Path) -> Iterator[None]:
     The lock file says "pid N" only while N holds the lock. Taking it, the holder first removes what a killed
     writer left behind (`prune_generations`).
     """
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK, "a+") as handle:  # closing releases the lock, also when the process dies
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK, "a+")  # closing releases the lock, also when the process dies
+    except FileExistsError:
+        raise RagkitError(f"{root} is a file, not an index folder; pass --index with a folder") from None
+    except PermissionError as e:
+        raise RagkitError(f"cannot write the index at {root} ({e.strerror.lower()}: {e.filename})") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,6 +100,34 @@ def write_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             _write_holder(handle, "")
+
+
+def check_index_folder(root: Path, documents: Path, own: Callable[[str], bool] | None = None) -> None:
+    """Refuse `root` as the index folder of `documents` when it is that folder, or a file, or a folder that holds
+    something else and no index (an index writes only its own names there: `own(name)`, default `is_own_name`)."""
+    if root == documents:
+        raise RagkitError(f"the index folder cannot be the folder it indexes ({root}); pass --index with another "
+                          "folder (one inside it is fine: it is skipped)")
+    if root.exists() and not root.is_dir():
+        raise RagkitError(f"{root} is a file, not an index folder; pass --index with a folder")
+    if not root.is_dir():
+        return
+    own = own or is_own_name
+    try:
+        foreign = sorted(p.name for p in root.iterdir() if not own(p.name))
+    except PermissionError as e:
+        raise RagkitError(f"cannot read the index folder {root} ({e.strerror.lower()})") from None
+    if foreign and not (root / CURRENT).is_file():
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise RagkitError(f"{root} holds other files ({shown}) and no ragkit index; pass --index with a new or "
+                          "empty folder, so that nothing of yours is overwritten")
+
+
+def is_own_name(name: str) -> bool:
+    """Whether an index folder's entry `name` is one ragkit writes there."""
+    stem = name[: -len(TMP_SUFFIX)] if name.endswith(TMP_SUFFIX) else name
+    return name in (CURRENT, LOCK, CURRENT + TMP_SUFFIX) or \
+        (stem.startswith(GEN_PREFIX) and stem[len(GEN_PREFIX):].isdigit())
 
 
 def _write_holder(handle, text: str) -> None:
@@ -128,8 +166,10 @@ def prune_generations(root: Path) -> None:
     every one present, so one numbered above the live one was renamed into place but never switched to (no
     reader can have opened it), and one below the one before has had a whole run to be released by readers.
     """
-    for path in root.glob("*" + TMP_SUFFIX):
-        _remove(path)
+    for path in root.glob(GEN_PREFIX + "*" + TMP_SUFFIX):
+        if path.name[len(GEN_PREFIX):-len(TMP_SUFFIX)].isdigit():
+            _remove(path)
+    (root / (CURRENT + TMP_SUFFIX)).unlink(missing_ok=True)
     live = _live_name(root)
     if live is None and (root / CURRENT).exists():
         return  # a damaged pointer: leave the generations for the user to inspect

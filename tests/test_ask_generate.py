@@ -79,6 +79,16 @@ def test_ask_streams_the_answer_then_lists_the_citations_by_their_numbers(indexe
                                                  for n, c in given.numbered()]
 
 
+def test_with_nothing_retrieved_no_reader_model_is_asked_and_nothing_is_cited(indexed, monkeypatch):
+    """A question whose search finds nothing (here: a path filter that matches no file) gets the plain "no
+    answer", not a model's invention citing passages that do not exist."""
+    monkeypatch.setattr(Index, "generative_reader", lambda self: pytest.fail("a reader model was asked"))
+    result = ask(indexed, "--reader", "generate", "--path", "none-such/*", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["answer"].startswith("No answer found") and data["citations"] == []
+
+
 def test_the_stream_writes_each_piece_and_ends_the_line(capsys):
     stream = _Stream()
     assert stream.finish() is False and capsys.readouterr().out == ""

@@ -258,3 +258,38 @@ def test_a_damaged_pdf_is_indexed_with_a_warning_that_names_it(tmp_path, tiny_en
     assert code == 0 and "1 added" in " ".join(stdout.split())
     warnings = [line for line in " ".join(stderr.split()).split("Warning:")[1:]]
     assert any(w.strip().startswith("damaged.pdf: ") and "EOF marker not found" in w for w in warnings), stderr
+
+
+def test_an_index_folder_that_is_a_file_or_holds_the_user_s_files_is_refused_with_a_message(tmp_path, docs,
+                                                                                           tiny_encoder):
+    (tmp_path / "a-file").write_text("")
+    for command in (["status"], ["search", "oil"], ["ask", "oil"]):
+        code, stdout, stderr = run(*command, "--index", str(tmp_path / "a-file"), "--json")
+        assert code == 1 and "is a file, not an index folder" in json.loads(stdout)["error"], (command, stderr)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "draft.tmp").write_text("keep")
+    code, _, stderr = run("index", str(docs), "--index", str(mine), "--dense-model", str(tiny_encoder), "--no-late")
+    assert code == 1 and "holds other files (draft.tmp)" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["draft.tmp"]  # nothing written, nothing removed
+    code, _, stderr = run("index", str(docs), "--index", str(docs), "--dense-model", str(tiny_encoder), "--no-late")
+    assert code == 1 and "cannot be the folder it indexes" in stderr
+    code, _, stderr = run("index", str(docs), "--index", str(tmp_path / "a-file"), "--no-late")
+    assert code == 1 and "is a file, not an index folder" in stderr and "Traceback" not in stderr
+
+
+def test_an_empty_query_is_refused(indexed):
+    for command in ("search", "ask"):
+        code, stdout, _ = run(command, "  ", "--index", str(indexed), "--json")
+        assert code == 1 and "the query is empty" in json.loads(stdout)["error"]
+
+
+def test_eval_checks_its_output_file_before_any_work(tmp_path, monkeypatch):
+    dataset = tmp_path / "set"
+    (dataset / "docs").mkdir(parents=True)
+    (dataset / "docs" / "a.txt").write_text("Alpha.\n")
+    (dataset / "questions.jsonl").write_text(json.dumps({"id": "1", "question": "alpha?", "doc": "a.txt"}) + "\n")
+    monkeypatch.setattr("ragkit.evaluate.run_dataset", lambda *args, **kwargs: pytest.fail("the evaluation ran"))
+    for out_file, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.jsonl", "does not exist")):
+        code, stdout, _ = run("eval", str(dataset), "--out", str(out_file), "--json")
+        assert code == 1 and message in json.loads(stdout)["error"]

@@ -319,6 +319,9 @@ def test_default_late_model_out_of_reach_falls_back_with_a_warning(tmp_path, doc
     assert "late" not in idx.status()["models"]
     assert idx.status()["settings"]["late_skipped"].startswith("Could not load the late model")
     assert idx.search("oil crisis", k=1)  # hybrid uses what the index has
+    with pytest.raises(RagkitError, match=r"skipped when the index was built \(Could not load the late model.*"
+                                          r"--late-model PATH"):
+        idx.search("oil crisis", mode="late")
 
 
 def test_without_model_settings_offline_the_embedded_models_serve(tmp_path, docs, minilm):

@@ -75,6 +75,49 @@ def test_taking_the_lock_removes_orphans_and_tmp_leftovers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([store.CURRENT, store.LOCK, first, second])
 
 
+def test_only_ragkit_s_own_unfinished_entries_are_removed(tmp_path):
+    """A user's *.tmp files beside the index are not ragkit's to remove."""
+    complete_run(tmp_path)
+    (tmp_path / "notes.tmp").write_text("mine")
+    (tmp_path / "gen-photos.tmp").mkdir()
+    (tmp_path / "gen-000009.tmp").mkdir()
+    with store.write_lock(tmp_path):
+        pass
+    assert (tmp_path / "notes.tmp").read_text() == "mine" and (tmp_path / "gen-photos.tmp").is_dir()
+    assert not (tmp_path / "gen-000009.tmp").exists()
+
+
+def test_an_index_folder_is_refused_when_it_is_the_documents_a_file_or_someone_else_s_folder(tmp_path):
+    from ragkit.errors import RagkitError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    with pytest.raises(RagkitError, match="cannot be the folder it indexes"):
+        store.check_index_folder(docs, docs)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RagkitError, match="is a file, not an index folder"):
+        store.check_index_folder(tmp_path / "a-file", docs)
+    with pytest.raises(RagkitError, match="is a file, not an index folder"):
+        store.current_generation(tmp_path / "a-file")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.txt").write_text("keep me")
+    with pytest.raises(RagkitError, match=r"holds other files \(report.txt\) and no ragkit index"):
+        store.check_index_folder(theirs, docs)
+    for fine in (tmp_path / "new", tmp_path / "empty"):  # a new folder, an empty one
+        store.check_index_folder(fine, docs)
+    (tmp_path / "empty").mkdir()
+    store.check_index_folder(tmp_path / "empty", docs)
+    index = tmp_path / "index"
+    complete_run(index)
+    (index / "a-note-of-the-user.txt").write_text("")  # an index stays an index, whatever sits beside it
+    store.check_index_folder(index, docs)
+    half = tmp_path / "half"  # what a first run that failed leaves: the lock file only
+    with store.write_lock(half):
+        pass
+    store.check_index_folder(half, docs)
+
+
 def test_a_run_killed_after_its_switch_leaves_generations_the_next_run_removes(tmp_path, monkeypatch):
     names = [complete_run(tmp_path) for _ in range(2)]
     monkeypatch.setattr(store, "prune_generations", lambda root: None)  # killed before it pruned

@@ -218,6 +218,20 @@ def ask(
                       + (f"  [dim]{escape(c.hit.chunk.heading)}[/]" if c.hit.chunk.heading else ""))
 
 
+def _check_output_file(path: Path, option: str) -> None:
+    """Stop before any work when `path` cannot be written as a file."""
+    import os
+
+    from ragkit.errors import RagkitError
+
+    if path.is_dir():
+        raise RagkitError(f"{option} {path} is a folder; give the name of a file")
+    if not path.parent.is_dir():
+        raise RagkitError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise RagkitError(f"{option} {path} cannot be written (permission denied)")
+
+
 class _Stream:
     """Prints a generated answer's pieces on stdout as they come."""
 
@@ -328,6 +342,8 @@ def eval_(
         from ragkit.config import load_settings
         from ragkit.evaluate import run_dataset
 
+        if out_file is not None:
+            _check_output_file(out_file, "--out")
         settings = load_settings(dense_model=dense_model, dense_backend=dense_backend, late_model=late_model,
                                  late=late, mode=mode, fusion=fusion,
                                  reader=reader, reader_model=reader_model, reader_window=reader_window,
