@@ -145,7 +145,8 @@ class Searcher:
 
     def _load(self, part: str):
         """The generation's search structure `part`: dense, bm25 or late."""
-        return load_structure(self.generation, part)
+        with store.reading(self.generation):
+            return load_structure(self.generation, part)
 
     @property
     def qdrant(self):

@@ -65,8 +65,24 @@ def current_generation(root: Path) -> Path:
     return folder
 
 
+@contextmanager
+def reading(generation: Path) -> Iterator[None]:
+    """Read a generation's files: a file missing, cut short or garbled becomes one message that says the index is
+    damaged and how to rebuild it (a file that cannot be read for its permissions says so)."""
+    try:
+        yield
+    except PermissionError as e:
+        raise RagkitError(f"cannot read the index at {generation.parent} ({e.strerror.lower()}: {e.filename})") \
+            from None
+    except (OSError, ValueError) as e:  # pyarrow's and json's errors on a damaged file are ValueErrors
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RagkitError(f"the index at {generation.parent} is damaged ({generation.name}: {detail}); rebuild it "
+                          "with `ragkit index FOLDER --rebuild`") from None
+
+
 def read_manifest(generation: Path) -> dict[str, Any]:
-    manifest = json.loads((generation / MANIFEST).read_text())
+    with reading(generation):
+        manifest = json.loads((generation / MANIFEST).read_text())
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise RagkitError(
             f"the index at {generation.parent} has schema version {manifest.get('schema_version')}, "
@@ -237,7 +253,8 @@ def load_chunks(generation: Path):
     """The chunk table of a generation as a pyarrow Table."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(generation / CHUNKS)
+    with reading(generation):
+        return pq.read_table(generation / CHUNKS)
 
 
 def chunk_record(table, row: int) -> dict[str, Any]:

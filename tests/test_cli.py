@@ -293,3 +293,29 @@ def test_eval_checks_its_output_file_before_any_work(tmp_path, monkeypatch):
     for out_file, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.jsonl", "does not exist")):
         code, stdout, _ = run("eval", str(dataset), "--out", str(out_file), "--json")
         assert code == 1 and message in json.loads(stdout)["error"]
+
+
+def test_with_json_a_usage_error_is_a_json_error_too():
+    for args in (["search", "oil", "-k", "0"], ["ask", "oil", "--no-such-option"]):
+        result = subprocess.run([sys.executable, "-m", "ragkit.cli", *args, "--json"], capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        error = json.loads(result.stdout)["error"]
+        assert ("-k" in error) if "-k" in args else ("--no-such-option" in error)
+
+
+def test_a_damaged_index_says_so_and_rebuilds(tmp_path, docs, tiny_encoder):
+    index = tmp_path / "index"
+    run_json("index", str(docs), "--index", str(index), "--dense-model", str(tiny_encoder), "--no-late")
+    generation = store.current_generation(index)
+    chunks = generation / store.CHUNKS
+    chunks.write_bytes(chunks.read_bytes()[:100])  # cut short, as a full disk or a bad copy leaves it
+    (generation / "dense" / "vectors.npy").unlink()
+    for command in (["search", "oil"], ["ask", "oil", "--reader", "extractive"]):
+        code, stdout, stderr = run(*command, "--index", str(index), "--json")
+        assert code == 1 and "Traceback" not in stderr
+        assert "is damaged" in json.loads(stdout)["error"] and "--rebuild" in json.loads(stdout)["error"]
+    run_json("index", str(docs), "--index", str(index), "--rebuild")
+    assert run_json("search", "oil crisis", "--index", str(index), "--mode", "dense")["hits"]
+    (store.current_generation(index) / store.MANIFEST).write_text("{ not json")
+    code, stdout, _ = run("status", "--index", str(index), "--json")
+    assert code == 1 and "is damaged" in json.loads(stdout)["error"]

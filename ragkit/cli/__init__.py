@@ -64,9 +64,24 @@ LateOpt = Annotated[Optional[bool], typer.Option(
                              "on for a new index].")]
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main() -> int | None:
+    """Console-script entry point. With --json, a usage error (an unknown option, a value out of range) is also
+    printed as a JSON error object on stdout; it exits 2, as usage errors do."""
+    if "--json" not in sys.argv[1:]:
+        return app()
+    from typer.main import get_command
+
+    # click's ClickException, or that of the copy of click a newer typer carries
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        return get_command(app).main(standalone_mode=False)
+    except click_exception as e:
+        print(json.dumps({"error": e.format_message()}))
+        e.show()
+        return e.exit_code
+    except typer.Abort:
+        err.print("[yellow]Aborted.[/]")
+        return 1
 
 
 def _show_version(value: bool) -> None:
