@@ -299,9 +299,12 @@ def load_questions(path: Path, docs: Path, limit: int | None = None) -> list[Que
             record = json.loads(line)
             question = Question(str(record["id"]), record["question"], list(record.get("answers") or []),
                                 record["doc"], doc_scoped=bool(record.get("doc_scoped", False)))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except KeyError as e:
+            raise RagkitError(f"{path}:{number}: the question record has no {e} field; each line needs "
+                              "{\"id\", \"question\", \"doc\"} (and optionally \"answers\", \"evidence\")") from None
+        except (json.JSONDecodeError, TypeError) as e:
             raise RagkitError(f"{path}:{number}: not a question record ({e}); "
-                              "expected {\"id\", \"question\", \"answers\", \"doc\"}") from None
+                              "expected {\"id\", \"question\", \"doc\"} (and optionally \"answers\")") from None
         question.evidence_spans = _evidence_spans(record, docs / question.doc)
         questions.append(question)
         if limit and len(questions) >= limit:

@@ -124,6 +124,8 @@ def build_index(
     engine = engine or LocalEngine()
     folder = folder.expanduser().resolve()
     index_dir = index_dir.expanduser().resolve()
+    if not folder.exists():
+        raise RagkitError(f"{folder} does not exist; ragkit indexes folders of documents")
     if not folder.is_dir():
         raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
     if accept is None:  # a shard's folder is checked with its index's (ragkit.shards)

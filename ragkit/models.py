@@ -31,6 +31,25 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know, or one this machine lacks, before a model is blamed for it."""
+    if device is None:
+        return
+    import torch
+
+    from ragkit.errors import ConfigError
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={device} is not a device torch knows (cpu, cuda, cuda:1, mps, …)",
+                          settings=("device",)) from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    if not available():
+        raise ConfigError(f"device={device}: this machine has no {kind.upper()} device; use device=cpu",
+                          settings=("device",))
+
+
 def load_model(kind: str, name: str, loader: Callable[[str], T]) -> T:
     """Call `loader` on the resolved name; turn any failure into a ModelLoadError that says what to do.
 

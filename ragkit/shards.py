@@ -60,6 +60,8 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
     if existing is None and store.CURRENT in {p.name for p in index_dir.glob("*")}:
         raise ConfigError(f"the index at {index_dir} is not sharded; index into another folder (--index DIR) to "
                           "make a sharded one")
+    if not Path(folder).expanduser().exists():
+        raise RagkitError(f"{folder} does not exist; ragkit indexes folders of documents")
     if not Path(folder).expanduser().is_dir():
         raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
     store.check_index_folder(index_dir, Path(folder).expanduser().resolve(), own=_is_own_name)

@@ -319,3 +319,16 @@ def test_a_damaged_index_says_so_and_rebuilds(tmp_path, docs, tiny_encoder):
     (store.current_generation(index) / store.MANIFEST).write_text("{ not json")
     code, stdout, _ = run("status", "--index", str(index), "--json")
     assert code == 1 and "is damaged" in json.loads(stdout)["error"]
+
+
+def test_a_device_that_is_not_there_is_named_not_the_model(tmp_path, docs, tiny_encoder):
+    import torch
+
+    cases = [("foo", "--device foo is not a device torch knows")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "this machine has no CUDA device; use --device cpu"))
+    for device, message in cases:
+        code, stdout, _ = run("index", str(docs), "--index", str(tmp_path / device), "--dense-model",
+                              str(tiny_encoder), "--no-late", "--device", device, "--json")
+        error = json.loads(stdout)["error"]
+        assert code == 1 and message in error and "dense model" not in error

@@ -311,6 +311,9 @@ def test_eval_reuses_its_index(tmp_path, tiny_encoder, tiny_colbert):
 
 def test_bad_questions_file_is_a_clear_error(tmp_path):
     (tmp_path / "q.jsonl").write_text('{"id": 1, "question": "x"}\n')
+    with pytest.raises(RagkitError, match=r"q.jsonl:1: the question record has no 'doc' field"):
+        load_questions(tmp_path / "q.jsonl", tmp_path)
+    (tmp_path / "q.jsonl").write_text('["x"]\n')
     with pytest.raises(RagkitError, match=r"q.jsonl:1: not a question record"):
         load_questions(tmp_path / "q.jsonl", tmp_path)
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "nothing")])

@@ -210,8 +210,11 @@ def test_unreadable_model_gives_one_clear_message(tmp_path, docs):
 def test_missing_index_and_missing_folder(tmp_path, idx):
     with pytest.raises(IndexNotFoundError):
         idx.search("anything")
-    with pytest.raises(RagkitError, match="not a folder"):
+    with pytest.raises(RagkitError, match="nope does not exist"):
         idx.add(tmp_path / "nope")
+    (tmp_path / "a-file.txt").write_text("text")
+    with pytest.raises(RagkitError, match="a-file.txt is not a folder"):
+        idx.add(tmp_path / "a-file.txt")
 
 
 def test_second_writer_is_refused(idx, docs):

@@ -144,7 +144,7 @@ def test_status_tells_the_last_run_over_all_shards(corpus, tmp_path):
 def test_a_failed_first_run_does_not_fix_the_number_of_shards(corpus, tmp_path):
     root, settings = corpus
     index = Index(tmp_path / "index", settings)
-    with pytest.raises(Exception, match="is not a folder"):
+    with pytest.raises(Exception, match="missing does not exist"):
         index.add(tmp_path / "missing", shards=2)
     assert not index.exists()
     assert index.add(root / "docs", shards=3).added == ARTICLES and index.shards == 3

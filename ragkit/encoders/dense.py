@@ -8,7 +8,7 @@ import numpy as np
 
 from ragkit.encoders.int8 import backend_fingerprint
 from ragkit.encoders.onnx import MAX_TOKENS as ONNX_MAX_TOKENS
-from ragkit.models import load_model, model_revision, resolve_model_name
+from ragkit.models import check_device, load_model, model_revision, resolve_model_name
 from ragkit.tokens import quiet_transformers, token_batches, token_starts
 
 # (chunks done, chunks total, tokens done)
@@ -26,6 +26,7 @@ class DenseEncoder:
         from sentence_transformers import SentenceTransformer
 
         quiet_transformers()
+        check_device(device)
         self.name = resolve_model_name(name)
         self.model = load_model("dense", name, lambda n: SentenceTransformer(n, device=device))
         self.tokenizer = self.model.tokenizer

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ragkit.errors import ModelLoadError
-from ragkit.models import load_model, model_revision, resolve_model_name
+from ragkit.models import check_device, load_model, model_revision, resolve_model_name
 from ragkit.tokens import quiet_transformers, token_batches, token_starts
 
 NO_SPAN = -1  # span of a token that stands for no text (CLS, SEP, the [D] prefix)
@@ -36,6 +36,7 @@ class LateEncoder:
 
     def __init__(self, name: str, document_length: int, device: str | None = None) -> None:
         quiet_transformers()
+        check_device(device)
         self.name = resolve_model_name(name)
         self.projection = "trained" if load_model("late", name, has_colbert_head) else "identity"
         self.model = load_model("late", name, lambda n: _load_colbert(n, document_length, device, self.projection))

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import ModelLoadError
-from ragkit.models import cache_dir, embedded_reader_model, is_gguf, load_model, reader_model_path, resolve_model_name
+from ragkit.models import (cache_dir, check_device, embedded_reader_model, is_gguf, load_model, reader_model_path,
+                           resolve_model_name)
 
 DEFAULT_READER_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 CACHE_FORMAT = 1  # version of a cache entry's layout; an entry of another version is rebuilt
@@ -67,6 +68,7 @@ def load_reader_lm(name: str | None = None, device: str | None = None) -> Reader
     """The reader model `name` (HF id, local folder or .gguf file) ready to generate; None means the default,
     which falls back to the embedded SmolLM2 when it cannot be loaded. A named model never falls back: it loads or
     raises ModelLoadError."""
+    check_device(device)
     if name is None:
         return _load_default(device)
     name = reader_model_path(name)
