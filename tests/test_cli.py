@@ -332,3 +332,18 @@ def test_a_device_that_is_not_there_is_named_not_the_model(tmp_path, docs, tiny_
                               str(tiny_encoder), "--no-late", "--device", device, "--json")
         error = json.loads(stdout)["error"]
         assert code == 1 and message in error and "dense model" not in error
+
+
+def test_ctrl_c_exits_130_and_speaks_of_the_index_only_where_it_was_being_written(tmp_path, indexed, docs,
+                                                                                  monkeypatch):
+    from ragkit.api import Index
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Index, "search", interrupted)
+    monkeypatch.setattr(Index, "add", interrupted)
+    code, stdout, stderr = run("search", "oil", "--index", str(indexed), "--json")
+    assert code == 130 and json.loads(stdout) == {"error": "interrupted"} and "index is as it was" not in stderr
+    code, stdout, stderr = run("index", str(docs), "--index", str(indexed))
+    assert code == 130 and "Interrupted; the index is as it was before this run." in " ".join(stderr.split())

@@ -148,7 +148,7 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Index a folder (incremental: only new and changed files are encoded)."""
-    with _user_errors(as_json):
+    with _user_errors(as_json, writes_index=True):
         from ragkit.engines import open_engine
 
         idx = _open(index, dense_model=dense_model, dense_backend=dense_backend, late_model=late_model, late=late,
@@ -353,7 +353,7 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure retrieval and answers on a dataset with gold documents and answers."""
-    with _user_errors(as_json):
+    with _user_errors(as_json, writes_index=True):
         from ragkit.config import load_settings
         from ragkit.evaluate import run_dataset
 

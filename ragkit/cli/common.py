@@ -23,8 +23,9 @@ CollectionOpt = Annotated[Optional[str], typer.Option("--collection", help="Qdra
 
 
 @contextmanager
-def user_errors(as_json: bool) -> Iterator[None]:
-    """Print a RagkitError as one clear message (or a JSON error object) and exit 1; no traceback."""
+def user_errors(as_json: bool, writes_index: bool = False) -> Iterator[None]:
+    """Print a RagkitError as one clear message (or a JSON error object) and exit 1; no traceback. Ctrl-C exits 130,
+    saying (for a command that `writes_index`) that the index is as it was."""
     from ragkit.errors import RagkitError, RagkitWarning
 
     try:
@@ -39,7 +40,10 @@ def user_errors(as_json: bool) -> Iterator[None]:
         err.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/] The index is as it was before this run.")
+        message = "interrupted" + ("; the index is as it was before this run" if writes_index else "")
+        if as_json:
+            print(json.dumps({"error": message}))
+        err.print(f"[yellow]{message[0].upper() + message[1:]}.[/]")
         raise typer.Exit(130) from None
 
 
