@@ -116,9 +116,12 @@ def _reachable(url: str, timeout: float) -> bool:
 
 def _load_failure_message(kind: str, name: str, error: Exception) -> str:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    local = Path(name).expanduser().exists()
+    path = Path(name).expanduser()
     lines = [f"Could not load the {kind} model '{name}': {reason[:300]}"]
-    if local:
+    if path.is_file():
+        lines.append("It is a file, not a model: name the model's folder" +
+                     (" or a .gguf file." if kind == "reader" else "."))
+    elif path.exists():
         lines.append("The folder exists but does not hold a model that loads; check that it is complete.")
     else:
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not _hub_checked:

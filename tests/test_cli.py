@@ -347,3 +347,12 @@ def test_ctrl_c_exits_130_and_speaks_of_the_index_only_where_it_was_being_writte
     assert code == 130 and json.loads(stdout) == {"error": "interrupted"} and "index is as it was" not in stderr
     code, stdout, stderr = run("index", str(docs), "--index", str(indexed))
     assert code == 130 and "Interrupted; the index is as it was before this run." in " ".join(stderr.split())
+
+
+def test_a_file_named_as_a_model_is_said_to_be_a_file(indexed, docs, tmp_path):
+    code, stdout, _ = run("ask", "oil", "--index", str(indexed), "--reader-model", str(docs / "oil.txt"), "--json")
+    assert code == 1 and "It is a file, not a model: name the model's folder or a .gguf file." \
+        in json.loads(stdout)["error"]
+    code, stdout, _ = run("index", str(docs), "--index", str(tmp_path / "i"), "--dense-model", str(docs / "oil.txt"),
+                          "--no-late", "--json")
+    assert code == 1 and "It is a file, not a model: name the model's folder." in json.loads(stdout)["error"]
