@@ -269,7 +269,7 @@ def test_infini_summary_of_a_document_that_fits_reads_it_all_in_the_window(tmp_p
 
 
 def test_reader_errors_are_clear(tmp_path, indexed):
-    result = runner.invoke(app, ["ask", "x", "--index", str(indexed), "--mode", "bm25", "--reader", "infini",
+    result = runner.invoke(app, ["ask", "oil", "--index", str(indexed), "--mode", "bm25", "--reader", "infini",
                                  "--reader-model", str(tmp_path / "no-model")])
     assert result.exit_code == 1 and "reader model" in result.stderr and "Traceback" not in result.stderr
     doc = tmp_path / "a.txt"
