@@ -82,7 +82,8 @@ class Index:
         first `reader_passages` hits, citing them as [n]), "infini" or "hmt" (a language model with memory reads the
         whole documents of those hits, then answers with them in its window); default: the settings' reader, else
         generate when a reader model can be loaded and extractive when none can. A generated answer's text is
-        streamed to `on_token` piece by piece as it is written.
+        streamed to `on_token` piece by piece as it is written. When nothing is retrieved, the answer says so and no
+        reader model is asked.
         """
         mode = self._mode(mode)
         hits = self.search(question, k or min(self.settings.k, 5), mode, paths)  # an empty question stops here
@@ -261,5 +262,6 @@ def summarize_file(path: str | Path, settings: Settings | None = None, reader: s
 
 
 def _check_query(query: str) -> None:
+    """Refuse a query with nothing to search for."""
     if not query or not query.strip():
         raise RagkitError("the query is empty; say what to search for")
