@@ -460,3 +460,12 @@ def test_sphinx_rst_txt_is_parsed_as_rst(tmp_path):
     path.write_text("Title\n=====\n\nBody text.\n\nSection\n-------\n\nMore.\n")
     doc = parse_file(path)
     assert [(h.level, h.title) for h in doc.headings] == [(1, "Title"), (2, "Section")]
+
+
+def test_html_heading_left_unclosed_ends_where_the_text_begins(tmp_path: Path) -> None:
+    """html.parser nests what follows `<h1>Title` inside the heading: the blocks there are the page's text."""
+    page = "<h1>Java<sup>TM</sup> guide<p>unclosed <b>bold</b> oil embargo text<h2>Next</h2><p>More text.</p>"
+    doc = parse_file(write(tmp_path, "open-heading.html", page))
+    assert doc.text == "JavaTM guide\n\nunclosed bold oil embargo text\n\nNext\n\nMore text."
+    assert [(h.level, h.title, h.start) for h in doc.headings] == [(1, "JavaTM guide", 0),
+                                                                 (2, "Next", doc.text.index("Next"))]

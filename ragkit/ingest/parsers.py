@@ -344,6 +344,7 @@ _HTML_BLOCKS = frozenset(
 )
 _HTML_LINES = frozenset({"li", "tr"})
 _HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
+_HTML_ENDS_HEADING = _HTML_BLOCKS | _HTML_LINES | _HTML_HEADINGS | {"pre"}  # what an unclosed heading cannot hold
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
 
 
@@ -427,7 +428,7 @@ def _render_html(root: Tag, builder: _TextBuilder) -> list[Heading]:
         node = stack.pop()
         if isinstance(node, Tag):
             if node.name in _HTML_HEADINGS or node.name == "pre":
-                _render_atomic(node, builder, headings)
+                stack.extend(reversed(_render_atomic(node, builder, headings)))
             else:
                 stack.extend(_html_closer(node.name, builder))
                 stack.extend(reversed(node.contents))
@@ -453,19 +454,35 @@ def _html_closer(name: str, builder: _TextBuilder) -> list[Callable[[], None]]:
     return []
 
 
-def _render_atomic(node: Tag, builder: _TextBuilder, headings: list[Heading]) -> None:
-    """A heading (collapsed, recorded) or a <pre> block (verbatim) as a block of its own."""
+def _render_atomic(node: Tag, builder: _TextBuilder, headings: list[Heading]) -> list[Any]:
+    """A heading (collapsed, recorded) or a <pre> block (verbatim) as a block of its own. Returns what follows a
+    heading left unclosed: html.parser nests the blocks after `<h1>Title` inside it, which are the page's text, not
+    its title."""
     builder.end_block()
-    content = node.get_text()
+    rest: list[Any] = []
     if node.name == "pre":
-        content = content.removeprefix("\n").rstrip()
+        content = node.get_text().removeprefix("\n").rstrip()
     else:
-        content = " ".join(content.split())
+        inside = list(node.contents)
+        cut = next((i for i, child in enumerate(inside) if getattr(child, "name", None) in _HTML_ENDS_HEADING),
+                   len(inside))
+        inside, rest = inside[:cut], inside[cut:]
+        content = " ".join("".join(_text_of(child) for child in inside).split())
     if content.strip():
         start = builder.write(content)
         if node.name != "pre":
             headings.append(Heading(start, int(node.name[1]), content))
     builder.end_block()
+    return rest
+
+
+def _text_of(node: Any) -> str:
+    """The text of a tag or a string; nothing for a comment or a doctype."""
+    from bs4.element import PreformattedString
+
+    if isinstance(node, PreformattedString):
+        return ""
+    return node.get_text() if hasattr(node, "get_text") and getattr(node, "name", None) else str(node)
 
 
 # ---------------------------------------------------------------------------------------------
