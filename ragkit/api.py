@@ -92,9 +92,12 @@ class Index:
     def answer_from_hits(self, question: str, hits: list, mode: str | None = None, reader: str | None = None,
                          on_token: Callable[[str], None] | None = None):
         """The reader's answer to `question` from the given hits (see `ask`)."""
-        if reader is not None:
-            self.reader_kind(reader)  # a reader that does not exist is an error, whatever was found
-        kind = self.reader_kind(reader) if hits else "extractive"  # no reader model answers from nothing
+        if hits:
+            kind = self.reader_kind(reader)
+        else:  # no reader model answers from nothing; a reader named must still be one that exists
+            if reader is not None:
+                self.reader_kind(reader)
+            kind = "extractive"
         if kind == "extractive":
             from ragkit.readers.extractive import ExtractiveReader
 

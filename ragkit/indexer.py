@@ -122,12 +122,8 @@ def build_index(
 
     started = time.perf_counter()
     engine = engine or LocalEngine()
-    folder = folder.expanduser().resolve()
+    folder = documents_folder(folder)
     index_dir = index_dir.expanduser().resolve()
-    if not folder.exists():
-        raise RagkitError(f"{folder} does not exist; ragkit indexes folders of documents")
-    if not folder.is_dir():
-        raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
     if accept is None:  # a shard's folder is checked with its index's (ragkit.shards)
         store.check_index_folder(index_dir, folder)
     with store.write_lock(index_dir):
@@ -231,6 +227,16 @@ def _chunks_still_valid(old: dict[str, Any] | None, new: dict[str, Any]) -> bool
     if new["late_tokenizer"] is None:
         return {**old, "late_tokenizer": None} == new
     return old == new
+
+
+def documents_folder(folder: Path) -> Path:
+    """`folder` resolved, or a clear error when it does not exist or is not a folder."""
+    folder = folder.expanduser().resolve()
+    if not folder.exists():
+        raise RagkitError(f"{folder} does not exist; ragkit indexes folders of documents")
+    if not folder.is_dir():
+        raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
+    return folder
 
 
 def _previous(index_dir: Path) -> dict[str, Any] | None:

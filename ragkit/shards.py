@@ -53,18 +53,14 @@ def build_sharded(folder: Path, index_dir: Path, settings: Any, count: int | Non
                   rebuild: bool = False, engine: Any = None):
     """Index `folder` into the shards of `index_dir` (made with `count` shards when new), shard after shard; one
     report for the whole run. `engine`: where files are parsed and chunks encoded (see ragkit.indexer)."""
-    from ragkit.indexer import IndexReport, build_index
+    from ragkit.indexer import IndexReport, build_index, documents_folder
 
     index_dir = index_dir.expanduser().resolve()
     existing = shard_count(index_dir)
     if existing is None and store.CURRENT in {p.name for p in index_dir.glob("*")}:
         raise ConfigError(f"the index at {index_dir} is not sharded; index into another folder (--index DIR) to "
                           "make a sharded one")
-    if not Path(folder).expanduser().exists():
-        raise RagkitError(f"{folder} does not exist; ragkit indexes folders of documents")
-    if not Path(folder).expanduser().is_dir():
-        raise RagkitError(f"{folder} is not a folder; ragkit indexes folders of documents")
-    store.check_index_folder(index_dir, Path(folder).expanduser().resolve(), own=_is_own_name)
+    store.check_index_folder(index_dir, documents_folder(Path(folder)), own=_is_own_name)
     written = existing is not None and any((shard / store.CURRENT).is_file() for shard in shard_dirs(index_dir,
                                                                                                       existing))
     if written and count is not None and count != existing:  # unwritten shards may still change their number

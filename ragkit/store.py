@@ -141,9 +141,7 @@ def check_index_folder(root: Path, documents: Path, own: Callable[[str], bool] |
 
 def is_own_name(name: str) -> bool:
     """Whether an index folder's entry `name` is one ragkit writes there."""
-    stem = name[: -len(TMP_SUFFIX)] if name.endswith(TMP_SUFFIX) else name
-    return name in (CURRENT, LOCK, CURRENT + TMP_SUFFIX) or \
-        (stem.startswith(GEN_PREFIX) and stem[len(GEN_PREFIX):].isdigit())
+    return name in (CURRENT, LOCK, CURRENT + TMP_SUFFIX) or _is_generation(name.removesuffix(TMP_SUFFIX))
 
 
 def _write_holder(handle, text: str) -> None:
@@ -183,7 +181,7 @@ def prune_generations(root: Path) -> None:
     reader can have opened it), and one below the one before has had a whole run to be released by readers.
     """
     for path in root.glob(GEN_PREFIX + "*" + TMP_SUFFIX):
-        if path.name[len(GEN_PREFIX):-len(TMP_SUFFIX)].isdigit():
+        if _is_generation(path.name.removesuffix(TMP_SUFFIX)):
             _remove(path)
     (root / (CURRENT + TMP_SUFFIX)).unlink(missing_ok=True)
     live = _live_name(root)
@@ -311,8 +309,7 @@ def _number(name: str) -> int:
 
 def _generation_numbers(root: Path) -> dict[str, int]:
     """Every renamed (finished) generation folder by name, with its number."""
-    return {p.name: _number(p.name) for p in root.glob(GEN_PREFIX + "*")
-            if p.is_dir() and p.name[len(GEN_PREFIX):].isdigit()}
+    return {p.name: _number(p.name) for p in root.glob(GEN_PREFIX + "*") if p.is_dir() and _is_generation(p.name)}
 
 
 def _live_name(root: Path) -> str | None:
@@ -321,7 +318,12 @@ def _live_name(root: Path) -> str | None:
         name = (root / CURRENT).read_text().strip()
     except FileNotFoundError:
         return None
-    return name if name.startswith(GEN_PREFIX) and name[len(GEN_PREFIX):].isdigit() else None
+    return name if _is_generation(name) else None
+
+
+def _is_generation(name: str) -> bool:
+    """Whether `name` is a generation's (gen-N)."""
+    return name.startswith(GEN_PREFIX) and name[len(GEN_PREFIX):].isdigit()
 
 
 def _remove(path: Path) -> None:

@@ -104,8 +104,7 @@ def test_an_index_folder_is_refused_when_it_is_the_documents_a_file_or_someone_e
     (theirs / "report.txt").write_text("keep me")
     with pytest.raises(RagkitError, match=r"holds other files \(report.txt\) and no ragkit index"):
         store.check_index_folder(theirs, docs)
-    for fine in (tmp_path / "new", tmp_path / "empty"):  # a new folder, an empty one
-        store.check_index_folder(fine, docs)
+    store.check_index_folder(tmp_path / "new", docs)  # a folder not made yet
     (tmp_path / "empty").mkdir()
     store.check_index_folder(tmp_path / "empty", docs)
     index = tmp_path / "index"

@@ -467,22 +467,13 @@ def _render_atomic(node: Tag, builder: _TextBuilder, headings: list[Heading]) ->
         cut = next((i for i, child in enumerate(inside) if getattr(child, "name", None) in _HTML_ENDS_HEADING),
                    len(inside))
         inside, rest = inside[:cut], inside[cut:]
-        content = " ".join("".join(_text_of(child) for child in inside).split())
+        content = " ".join("".join(child.get_text() for child in inside).split())  # a comment's text is ""
     if content.strip():
         start = builder.write(content)
         if node.name != "pre":
             headings.append(Heading(start, int(node.name[1]), content))
     builder.end_block()
     return rest
-
-
-def _text_of(node: Any) -> str:
-    """The text of a tag or a string; nothing for a comment or a doctype."""
-    from bs4.element import PreformattedString
-
-    if isinstance(node, PreformattedString):
-        return ""
-    return node.get_text() if hasattr(node, "get_text") and getattr(node, "name", None) else str(node)
 
 
 # ---------------------------------------------------------------------------------------------
